@@ -1,0 +1,131 @@
+"""Environment fingerprint and the environment's own reproducibility hazards."""
+
+from __future__ import annotations
+
+import os
+import platform
+from typing import Any
+
+import torch
+
+_CUBLAS_VAR = "CUBLAS_WORKSPACE_CONFIG"
+# What the variable was when opaudit was imported, which for the CLI is process
+# start: cuBLAS reads it once, so a later change does not take effect.
+_CUBLAS_AT_START = os.environ.get(_CUBLAS_VAR)
+_DETERMINISTIC_CUBLAS = (":4096:8", ":16:8")
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def fingerprint(device: str | None = None) -> dict[str, Any]:
+    """Versions, hardware and global flags that decide how ops behave.
+
+    Sorted keys, no timestamps, no paths: two fingerprints of the same setup are
+    byte-identical.
+    """
+    fp: dict[str, Any] = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": f"{platform.system()}-{platform.machine()}",
+        "cpu": _cpu_model(),
+        "threads": torch.get_num_threads(),
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "hip": getattr(torch.version, "hip", None),
+        "cublas_workspace_config": os.environ.get(_CUBLAS_VAR),
+        "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
+        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+        "tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32),
+        "tf32_cudnn": bool(torch.backends.cudnn.allow_tf32),
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "deterministic_warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
+        "fill_uninitialized_memory": bool(torch.utils.deterministic.fill_uninitialized_memory),
+    }
+    want_cuda = device is None or str(device).startswith("cuda")
+    if want_cuda and torch.cuda.is_available():
+        idx = torch.device(device).index if device and ":" in str(device) else torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(idx)
+        fp.update({
+            "gpu": props.name,
+            "gpu_count": torch.cuda.device_count(),
+            "compute_capability": f"{props.major}.{props.minor}",
+            "sm_count": props.multi_processor_count,
+            "gpu_memory_gib": round(props.total_memory / 1024**3, 1),
+            "driver": _driver_version(),
+            "cublas": _cublas_version(),
+        })
+    return dict(sorted(fp.items()))
+
+
+def _driver_version() -> str | None:
+    try:
+        import pynvml  # type: ignore[import-not-found]
+
+        pynvml.nvmlInit()
+        v = pynvml.nvmlSystemGetDriverVersion()
+        return v.decode() if isinstance(v, bytes) else str(v)
+    except Exception:  # noqa: BLE001 - optional
+        pass
+    try:
+        with open("/proc/driver/nvidia/version", encoding="utf-8") as f:
+            first = f.readline()
+        for tok in first.split():
+            if tok[:1].isdigit() and "." in tok:
+                return tok
+    except OSError:
+        pass
+    return None
+
+
+def _cublas_version() -> str | None:
+    try:
+        v = torch._C._cuda_getCompiledVersion()  # type: ignore[attr-defined]
+        return str(v)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def environment_warnings(devices: set[str], uninitialized_calls: int = 0,
+                         fill_cost_s: float | None = None) -> list[str]:
+    """Global settings that undermine reproducibility for a run on ``devices``."""
+    out: list[str] = []
+    cuda = any(d.startswith("cuda") for d in devices)
+    now = os.environ.get(_CUBLAS_VAR)
+    if cuda:
+        if now != _CUBLAS_AT_START:
+            out.append(f"{_CUBLAS_VAR} was set after the process started ({now!r}); cuBLAS reads it once, "
+                       "so set it before launching Python, e.g. CUBLAS_WORKSPACE_CONFIG=:4096:8 python train.py")
+        elif now not in _DETERMINISTIC_CUBLAS:
+            out.append(f"{_CUBLAS_VAR} is {'missing' if now is None else repr(now)}: cuBLAS matmuls may be "
+                       "nondeterministic and deterministic mode raises on them; launch with "
+                       "CUBLAS_WORKSPACE_CONFIG=:4096:8")
+        if torch.backends.cudnn.benchmark:
+            out.append("torch.backends.cudnn.benchmark=True: cuDNN picks algorithms by timing, which can differ "
+                       "between processes; set it to False for reproducible runs")
+        if torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest":
+            out.append("TF32 matmuls are enabled (allow_tf32 / float32_matmul_precision): results depend on the "
+                       "GPU generation; set torch.backends.cuda.matmul.allow_tf32=False to compare across hardware")
+        if torch.backends.cudnn.allow_tf32:
+            out.append("torch.backends.cudnn.allow_tf32=True (the default): cuDNN convolutions use TF32 on "
+                       "Ampere and newer, so results differ across GPU generations")
+    elif torch.get_float32_matmul_precision() != "highest":
+        out.append("float32_matmul_precision is not 'highest': matmuls may use reduced precision")
+    if torch.backends.cudnn.benchmark and not cuda:
+        out.append("torch.backends.cudnn.benchmark=True: harmless on CPU, but nondeterministic on CUDA")
+    if uninitialized_calls:
+        cost = f" (measured here: {fill_cost_s * 1e6:.1f} us per call)" if fill_cost_s else ""
+        out.append(f"{uninitialized_calls} call(s) return uninitialized memory: deterministic mode fills them "
+                   f"(torch.utils.deterministic.fill_uninitialized_memory=True){cost}; set it to False "
+                   "if their contents are always overwritten")
+    return out
+

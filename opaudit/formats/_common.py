@@ -1,0 +1,98 @@
+"""Row building shared by the human-readable renderers (table and Markdown)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from opaudit.classify import Verdict
+
+if TYPE_CHECKING:
+    from opaudit.report import Finding, Report, RunCheck
+
+FINDING_HEADERS = ("verdict", "op", "calls", "phase", "where", "module", "default", "determ.", "max |diff|", "det. cost")
+
+
+def where(f: "Finding", limit: int = 2) -> str:
+    """``file:line`` of the first sites, with a ``+N`` for the rest."""
+    locs = list(f.locations)
+    more = len(locs) - limit + f.sites_dropped
+    text = ", ".join(locs[:limit])
+    return f"{text} +{more}" if more > 0 else text
+
+
+def fmt_num(x: float | None) -> str:
+    """Compact number: ``-`` when missing."""
+    if x is None:
+        return "-"
+    return f"{x:.3g}"
+
+
+def finding_row(f: "Finding") -> list[Any]:
+    """One table row for a finding."""
+    cost = f.det_cost
+    return [
+        f.verdict.value + (f" ({f.reason})" if f.reason else ""),
+        f.op, f.calls, "/".join(f.phases), where(f), ", ".join(f.modules[:2]) or "-",
+        f.default_diverged or "-", f.deterministic_diverged or "-",
+        fmt_num(f.max_abs_diff) if f.diverges else "-",
+        f"{cost:.2f}x" if cost is not None else "-",
+    ]
+
+
+def notable(report: "Report") -> list["Finding"]:
+    """Findings worth a row: everything but ``stable``, worst first."""
+    return [f for f in report.results if f.verdict is not Verdict.STABLE]
+
+
+def summary_line(report: "Report") -> str:
+    """``N ops (M unique signatures): 1 raises, 2 diverges, ...``."""
+    s = report.summary
+    parts = [f"{s[v.value]} {v.value}" for v in Verdict if s[v.value]]
+    return (f"{s['total_calls']} op calls, {s['signatures']} unique signatures "
+            f"(+{s['view_calls']} view/metadata calls not replayed): " + (", ".join(parts) or "nothing recorded"))
+
+
+def crash_rows(report: "Report") -> list[list[str]]:
+    """Ops that raise under deterministic mode, in execution order, with their error."""
+    rows = []
+    for f in report.crashes():
+        err = (f.strict_error or "").splitlines()[0] if f.strict_error else ""
+        rows.append([str(f.first_call), f.op, where(f, 1), "/".join(f.phases), err])
+    return rows
+
+
+def run_check_lines(r: "RunCheck") -> list[str]:
+    """Human summary of one whole-step check."""
+    head = (f"{r.mode} mode, {r.runs} runs: "
+            + ("bitwise reproducible" if r.reproducible else "NOT reproducible"))
+    lines = [head]
+    if r.error:
+        lines.append(f"  could not run: {r.error}")
+    if r.path_split:
+        lines.append(f"  runs took different paths at op #{r.path_split.get('index')}: "
+                     f"{r.path_split.get('ops')}")
+    if r.root_cause:
+        rc = r.root_cause
+        lines.append(f"  root cause: op #{rc.get('index')} {rc.get('op')} at {rc.get('where')} "
+                     f"({rc.get('phase')}): its inputs were identical, its outputs were not")
+    if not r.reproducible and r.differing_ops:
+        lines.append(f"  {r.differing_ops} of {r.ops} ops differed")
+    for m in r.mismatches[:8]:
+        lines.append(f"  differs: {m}")
+    if len(r.mismatches) > 8:
+        lines.append(f"  ... and {len(r.mismatches) - 8} more")
+    return lines
+
+
+def remedy_rows(report: "Report") -> list[list[str]]:
+    """Distinct remedies for failing findings: op, verdict, remedy."""
+    rows, seen = [], set()
+    for f in notable(report):
+        if not f.remedy or f.verdict in (Verdict.STABLE, Verdict.UNINITIALIZED, Verdict.SKIPPED):
+            continue
+        key = (f.op, f.verdict, f.remedy)
+        if key in seen:
+            continue
+        seen.add(key)
+        rows.append([f.op, f.verdict.value, f.remedy])
+    return rows

@@ -1,0 +1,131 @@
+"""What kind of op an overload is: the one place that decides what gets replayed.
+
+Every recorded op falls in exactly one :class:`OpKind`. Only ``COMPUTE`` and
+``RANDOM`` ops are replayed; the others are accounted for in the report with the
+reason given here, never dropped.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import fnmatch
+
+import torch
+
+
+class OpKind(str, enum.Enum):
+    """How opaudit treats an op overload."""
+
+    COMPUTE = "compute"
+    """Does arithmetic or copies data: replayed and classified."""
+    RANDOM = "random"
+    """Draws from the RNG (tagged ``nondeterministic_seeded``): replayed with the RNG state restored."""
+    VIEW = "view"
+    """Metadata or view only, no arithmetic: counted in the summary, not replayed."""
+    UNINITIALIZED = "uninitialized"
+    """Returns uninitialized memory: its bits are meaningless by definition."""
+    SIDE_EFFECT = "side_effect"
+    """Has effects outside its outputs (collectives, printing, streams): not replayed."""
+
+
+# Ops that only read or rewrite tensor metadata. Their schemas do not all mark them
+# as views (``_unsafe_view`` returns a fresh tensor, ``set_`` and ``resize_`` write
+# metadata in place), so they are named here.
+_METADATA_OPS = frozenset({
+    "aten::size", "aten::sym_size", "aten::stride", "aten::sym_stride", "aten::numel",
+    "aten::sym_numel", "aten::dim", "aten::storage_offset", "aten::sym_storage_offset",
+    "aten::is_contiguous", "aten::sym_is_contiguous", "aten::is_strides_like_format",
+    "aten::is_non_overlapping_and_dense", "aten::_unsafe_view", "aten::lift_fresh",
+    "aten::lift", "aten::set_", "aten::resize_", "aten::resize_as_", "aten::_reshape_alias",
+    "aten::squeeze_", "aten::unsqueeze_", "aten::t_", "aten::transpose_", "aten::as_strided_",
+    "aten::swapaxes_", "aten::swapdims_", "aten::_version", "aten::is_same_size",
+    "aten::_has_compatible_shallow_copy_type", "aten::requires_grad_", "aten::retain_grad",
+    "aten::_nested_tensor_size", "aten::prim_layout", "aten::_is_zerotensor",
+    "aten::is_conj", "aten::is_neg", "aten::_conj", "aten::_neg_view", "aten::resolve_conj",
+    "aten::resolve_neg",
+})
+
+# Ops whose output is whatever was in memory. Under deterministic mode they look
+# "fixed" only because ``fill_uninitialized_memory`` fills them.
+_UNINITIALIZED_OPS = frozenset({
+    "aten::empty", "aten::empty_like", "aten::empty_strided", "aten::new_empty",
+    "aten::new_empty_strided", "aten::empty_permuted", "aten::_empty_affine_quantized",
+    "aten::_empty_per_channel_affine_quantized", "aten::empty_quantized",
+})
+
+# Ops with effects beyond their outputs; replaying them would repeat the effect.
+_SIDE_EFFECT_OPS = frozenset({
+    "aten::record_stream", "aten::_print", "aten::_assert_async", "aten::_assert_scalar",
+    "aten::_functional_assert_async", "aten::_functional_sym_constrain_range",
+    "aten::sym_constrain_range", "aten::sym_constrain_range_for_size",
+})
+# Whole namespaces that talk to other processes or the profiler.
+_SIDE_EFFECT_NAMESPACES = {
+    "c10d": "collective", "_c10d_functional": "collective", "c10d_functional": "collective",
+    "_dtensor": "collective", "profiler": "profiler hook", "_c10d_functional_autograd": "collective",
+}
+
+# Ops backed by cuDNN on CUDA, replayed under each cudnn.deterministic / benchmark setting.
+CUDNN_OPS = frozenset({
+    "aten::convolution", "aten::_convolution", "aten::convolution_backward",
+    "aten::cudnn_convolution", "aten::cudnn_convolution_transpose", "aten::_cudnn_rnn",
+    "aten::_cudnn_rnn_backward", "aten::cudnn_batch_norm", "aten::cudnn_batch_norm_backward",
+    "aten::native_batch_norm", "aten::native_batch_norm_backward", "aten::_native_batch_norm_legit",
+    "aten::_native_batch_norm_legit_functional", "aten::_batch_norm_with_update",
+    "aten::batch_norm_backward", "aten::_cudnn_ctc_loss", "aten::cudnn_grid_sampler",
+    "aten::cudnn_grid_sampler_backward", "aten::cudnn_affine_grid_generator",
+    "aten::_thnn_fused_lstm_cell", "aten::_thnn_fused_gru_cell", "aten::lstm", "aten::gru", "aten::rnn_tanh",
+})
+
+
+def op_name(func: torch._ops.OpOverload) -> str:
+    """``aten.index_put_.default`` style name, as users see it in traces."""
+    return str(func)
+
+
+def packet_name(func: torch._ops.OpOverload) -> str:
+    """Schema name without overload, e.g. ``aten::index_put_``."""
+    return func._schema.name
+
+
+@functools.lru_cache(maxsize=None)
+def op_kind(func: torch._ops.OpOverload) -> tuple[OpKind, str]:
+    """The kind of ``func`` and, for ops not replayed, why."""
+    name = func._schema.name
+    ns = name.split("::", 1)[0]
+    if ns in _SIDE_EFFECT_NAMESPACES:
+        return OpKind.SIDE_EFFECT, _SIDE_EFFECT_NAMESPACES[ns]
+    if name in _SIDE_EFFECT_OPS:
+        return OpKind.SIDE_EFFECT, "side effects"
+    if name in _UNINITIALIZED_OPS:
+        return OpKind.UNINITIALIZED, "returns uninitialized memory"
+    if name in _METADATA_OPS or getattr(func, "is_view", False):
+        return OpKind.VIEW, "view or metadata"
+    if torch.Tag.nondeterministic_seeded in getattr(func, "tags", ()):
+        return OpKind.RANDOM, "draws from the RNG"
+    return OpKind.COMPUTE, ""
+
+
+@functools.lru_cache(maxsize=None)
+def written_args(func: torch._ops.OpOverload) -> tuple[tuple[bool, ...], frozenset[str]]:
+    """Which positional arguments and keyword names the op writes to (schema ``Tensor(a!)``)."""
+    pos, kw = [], set()
+    for a in func._schema.arguments:
+        w = bool(a.alias_info is not None and a.alias_info.is_write)
+        if a.kwarg_only:
+            if w:
+                kw.add(a.name)
+        else:
+            pos.append(w)
+    return tuple(pos), frozenset(kw)
+
+
+def is_cudnn_op(func: torch._ops.OpOverload) -> bool:
+    """True for ops that cuDNN can back on CUDA."""
+    return func._schema.name in CUDNN_OPS
+
+
+def match_op(patterns: list[str], name: str) -> bool:
+    """Glob-match an op name (``aten.index_put*``) against any of ``patterns``."""
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
