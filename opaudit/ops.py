@@ -22,7 +22,7 @@ class OpKind(str, enum.Enum):
     RANDOM = "random"
     """Draws from the RNG (tagged ``nondeterministic_seeded``): replayed with the RNG state restored."""
     VIEW = "view"
-    """Metadata or view only, no arithmetic: counted in the summary, not replayed."""
+    """Metadata, view or annotation only, no arithmetic: counted in the summary, not replayed."""
     UNINITIALIZED = "uninitialized"
     """Returns uninitialized memory: its bits are meaningless by definition."""
     SIDE_EFFECT = "side_effect"
@@ -60,11 +60,13 @@ _SIDE_EFFECT_OPS = frozenset({
     "aten::_functional_assert_async", "aten::_functional_sym_constrain_range",
     "aten::sym_constrain_range", "aten::sym_constrain_range_for_size",
 })
-# Whole namespaces that talk to other processes or the profiler.
+# Whole namespaces that talk to other processes.
 _SIDE_EFFECT_NAMESPACES = {
     "c10d": "collective", "_c10d_functional": "collective", "c10d_functional": "collective",
-    "_dtensor": "collective", "profiler": "profiler hook", "_c10d_functional_autograd": "collective",
+    "_dtensor": "collective", "_c10d_functional_autograd": "collective",
 }
+# Bookkeeping namespaces: annotations with no tensor math, counted like views.
+_ANNOTATION_NAMESPACES = frozenset({"profiler"})
 
 # Ops backed by cuDNN on CUDA, replayed under each cudnn.deterministic / benchmark setting.
 CUDNN_OPS = frozenset({
@@ -100,7 +102,7 @@ def op_kind(func: torch._ops.OpOverload) -> tuple[OpKind, str]:
         return OpKind.SIDE_EFFECT, "side effects"
     if name in _UNINITIALIZED_OPS:
         return OpKind.UNINITIALIZED, "returns uninitialized memory"
-    if name in _METADATA_OPS or getattr(func, "is_view", False):
+    if name in _METADATA_OPS or ns in _ANNOTATION_NAMESPACES or getattr(func, "is_view", False):
         return OpKind.VIEW, "view or metadata"
     if torch.Tag.nondeterministic_seeded in getattr(func, "tags", ()):
         return OpKind.RANDOM, "draws from the RNG"

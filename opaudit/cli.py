@@ -1,0 +1,263 @@
+"""Command line: ``opaudit SCRIPT``, ``opaudit catalog``, ``opaudit diff``.
+
+The only place where errors become exit codes:
+
+* 0: clean (no finding in ``--fail-on``), or ``--exit-zero``;
+* 1: findings in ``--fail-on``;
+* 2: usage, model-load, user-code, file-format or internal errors;
+* 130: interrupted (a partial report marked ``complete: false`` is still written).
+
+Reports go to ``-o FILE`` (written atomically, only once the analysis is done)
+or to stdout; progress and the summary go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Callable, Sequence
+
+from opaudit import __version__
+
+EXIT_OK, EXIT_FINDINGS, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
+DEFAULT_FAIL_ON = "raises,diverges,diverges_deterministic"
+
+
+class UsageError(Exception):
+    """Bad command-line input (exit 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump) raised as :class:`UsageError`."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return v
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def parse_verdicts(text: str) -> tuple:
+    """``raises,diverges`` → verdicts; ``none`` or empty → no verdict fails."""
+    from opaudit.classify import Verdict
+
+    if text.strip().lower() in ("", "none"):
+        return ()
+    try:
+        return tuple(Verdict.parse(t) for t in text.split(",") if t.strip())
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _audit_parser() -> _Parser:
+    p = _Parser(
+        prog="opaudit",
+        description="Audit a PyTorch script for ops that raise, warn or give different bits under "
+                    "torch.use_deterministic_algorithms. Subcommands: 'opaudit catalog', 'opaudit diff'.",
+        epilog="Arguments after '--' are passed to the script as sys.argv[1:].",
+    )
+    p.add_argument("script", help="Python script to audit (runs as __main__, or its opaudit_step() is called)")
+    p.add_argument("--entry", metavar="NAME", help="function of the script to record instead of opaudit_step")
+    p.add_argument("--reps", type=_positive_int, default=5, metavar="N", help="replays per mode (default 5)")
+    p.add_argument("--seed", type=_int, default=0, metavar="S", help="seed set before the user's code and replays")
+    p.add_argument("-o", "--output", metavar="PATH", help="write the report here (format from the extension)")
+    p.add_argument("--format", metavar="FMT", help="yaml, json, csv, md or table (default: from -o, else table)")
+    p.add_argument("--fail-on", type=parse_verdicts, default=parse_verdicts(DEFAULT_FAIL_ON), metavar="LIST",
+                   help=f"verdicts that make the exit code 1 (default {DEFAULT_FAIL_ON}; 'none' for never)")
+    p.add_argument("--exit-zero", action="store_true", help="exit 0 even when findings match --fail-on")
+    p.add_argument("--capture-budget", type=_positive_int, default=2048, metavar="MIB",
+                   help="memory for captured op inputs, in MiB (default 2048); ops past it are skipped")
+    p.add_argument("--threads", type=_positive_int, metavar="N", help="torch.set_num_threads(N) before running")
+    p.add_argument("--no-timing", action="store_true", help="leave timings out of the report (byte-stable output)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary on stderr")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    p.add_argument("--version", action="version", version=f"opaudit {__version__}")
+    return p
+
+
+def _split_script_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1:]
+    return argv, []
+
+
+def _check_output(path: str | None) -> str | None:
+    """Absolute output path, checked writable before any work is done."""
+    if path is None:
+        return None
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        raise UsageError(f"cannot write report to {path}: it is a directory")
+    parent = os.path.dirname(path)
+    if not os.path.isdir(parent):
+        raise UsageError(f"cannot write report to {path}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise UsageError(f"cannot write report to {path}: permission denied")
+    return path
+
+
+def _progress(enabled: bool) -> tuple[Callable[[Any], None] | None, Callable[[], None]]:
+    if not enabled:
+        return None, lambda: None
+    from tqdm import tqdm
+
+    bar: dict[str, Any] = {}
+
+    def update(p: Any) -> None:
+        if "bar" not in bar:
+            bar["bar"] = tqdm(total=p.total, desc="replaying", unit="sig", file=sys.stderr, leave=False)
+        bar["bar"].set_postfix_str(p.op, refresh=False)
+        bar["bar"].update(1)
+
+    def close() -> None:
+        if "bar" in bar:
+            bar["bar"].close()
+
+    return update, close
+
+
+def _emit(report: Any, fmt_name: str | None, output: str | None, quiet: bool) -> None:
+    from opaudit.formats import Format, render
+    from opaudit.report import atomic_write
+
+    if output:
+        fmt = Format.parse(fmt_name) if fmt_name else Format.from_path(output)
+        atomic_write(output, render(report, fmt))
+        if not quiet:
+            sys.stderr.write(render(report, Format.TABLE))
+            sys.stderr.write(f"report written to {output}\n")
+        return
+    fmt = Format.parse(fmt_name) if fmt_name else Format.TABLE
+    sys.stdout.write(render(report, fmt))
+
+
+def audit_main(argv: list[str]) -> int:
+    """``opaudit SCRIPT [options] [-- args]``."""
+    own, script_args = _split_script_args(argv)
+    args = _audit_parser().parse_args(own)
+    output = _check_output(args.output)
+    if args.format:
+        from opaudit.formats import Format
+
+        Format.parse(args.format)
+    if output and not args.format:
+        from opaudit.formats import Format
+
+        Format.from_path(output)
+
+    import torch
+
+    from opaudit import loader
+    from opaudit.audit import build_report
+    from opaudit.record import Recorder
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    target = loader.load_target(args.script, args.entry, script_args)
+    rec = Recorder(capture_budget=args.capture_budget * 2**20, root=target.root)
+    loader.run(target, lambda: rec, seed=args.seed)
+
+    update, close = _progress(not args.quiet and sys.stderr.isatty())
+    settings = {"script": target.name, "entry": target.entry or "__main__", "timing": not args.no_timing}
+    try:
+        report = build_report(rec, reps=args.reps, seed=args.seed, settings=settings,
+                              timings=not args.no_timing, on_progress=update)
+    except KeyboardInterrupt as e:
+        close()
+        partial = getattr(e, "report", None)
+        if partial is not None and output:
+            _emit(partial, args.format, output, quiet=True)
+            sys.stderr.write(f"opaudit: interrupted; partial report (complete: false) written to {output}\n")
+        else:
+            sys.stderr.write("opaudit: interrupted\n")
+        return EXIT_INTERRUPTED
+    finally:
+        close()
+        rec.release()
+    _emit(report, args.format, output, args.quiet)
+    failing = [f for f in report.results if f.verdict in args.fail_on]
+    if failing and not args.exit_zero:
+        return EXIT_FINDINGS
+    return EXIT_OK
+
+
+SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {}
+"""Subcommand name → handler taking the remaining argv; filled in below."""
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from opaudit.formats import FormatError
+    from opaudit.loader import ModelLoadError, ScriptExitError
+    from opaudit.report import ReportError
+
+    errors: list[type[BaseException]] = [UsageError, ModelLoadError, ScriptExitError, ReportError, FormatError]
+    for mod, name in (("opaudit.catalog", "CatalogError"), ("opaudit.diff", "DiffError"),
+                      ("opaudit.runcheck", "RunCheckError"), ("opaudit.remedies", "KnowledgeBaseError")):
+        try:
+            errors.append(getattr(__import__(mod, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (never raises, except with ``--debug``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in _split_script_args(argv)[0]
+    from opaudit.loader import UserCodeError
+
+    try:
+        if argv and argv[0] in SUBCOMMANDS:
+            return SUBCOMMANDS[argv[0]](argv[1:])
+        return audit_main(argv)
+    except SystemExit as e:  # --help / --version
+        return int(e.code or 0) if isinstance(e.code, int) or e.code is None else EXIT_ERROR
+    except KeyboardInterrupt:
+        sys.stderr.write("opaudit: interrupted\n")
+        return EXIT_INTERRUPTED
+    except UserCodeError as e:
+        if debug:
+            raise
+        sys.stderr.write(e.user_traceback)
+        sys.stderr.write(f"opaudit: error: {e}\n")
+        return EXIT_ERROR
+    except Exception as e:  # noqa: BLE001 - every error becomes exit 2 here
+        if debug:
+            raise
+        if isinstance(e, _known_errors()):
+            sys.stderr.write(f"opaudit: error: {e}\n")
+        elif isinstance(e, OSError):
+            sys.stderr.write(f"opaudit: error: {e.strerror or e}: {e.filename or ''}\n".replace(": \n", "\n"))
+        else:
+            sys.stderr.write(f"opaudit: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)\n")
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
