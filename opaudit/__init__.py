@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 __all__ = ["Recorder", "Report", "Finding", "Verdict", "audit", "load_report", "__version__"]
 
 if TYPE_CHECKING:
-    from opaudit.audit import audit
+    from opaudit.pipeline import audit
     from opaudit.classify import Verdict
     from opaudit.record import Recorder
     from opaudit.report import Finding, Report
@@ -28,7 +28,7 @@ _LAZY = {
     "Report": ("opaudit.report", "Report"),
     "Finding": ("opaudit.report", "Finding"),
     "Verdict": ("opaudit.classify", "Verdict"),
-    "audit": ("opaudit.audit", "audit"),
+    "audit": ("opaudit.pipeline", "audit"),
     "load_report": ("opaudit.report", "load"),
 }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 
+from opaudit.isolate import NotReplayed
 from opaudit.ops import OpKind
 from opaudit.record import RecordedSignature
 from opaudit.replay import NO_DETERMINISTIC_IMPL, CUBLAS_WORKSPACE, Observation
@@ -64,7 +65,8 @@ FAILING_DEFAULT = (Verdict.RAISES, Verdict.DIVERGES, Verdict.DIVERGES_DETERMINIS
 def classify(sig: RecordedSignature, obs: Observation | None) -> tuple[Verdict, str]:
     """The verdict for ``sig`` and, for ``skipped``, the reason.
 
-    ``obs`` is ``None`` when the op was not replayed.
+    ``obs`` is ``None`` when the op was not replayed, and a
+    :class:`~opaudit.isolate.NotReplayed` when its replay crashed or timed out.
     """
     if sig.kind is OpKind.UNINITIALIZED:
         return Verdict.UNINITIALIZED, ""
@@ -72,6 +74,8 @@ def classify(sig: RecordedSignature, obs: Observation | None) -> tuple[Verdict, 
         return Verdict.SKIPPED, sig.skip_reason
     if obs is None:
         return Verdict.SKIPPED, "not replayed"
+    if isinstance(obs, NotReplayed):
+        return Verdict.SKIPPED, obs.reason
     if obs.strict_kind in (NO_DETERMINISTIC_IMPL, CUBLAS_WORKSPACE):
         return Verdict.RAISES, ""
     if obs.error is not None or obs.default is None or obs.deterministic is None:

@@ -174,7 +174,7 @@ def audit_main(argv: list[str]) -> int:
     import torch
 
     from opaudit import loader
-    from opaudit.audit import build_report
+    from opaudit.pipeline import build_report
     from opaudit.record import Recorder
 
     if args.threads:

@@ -13,7 +13,7 @@ import os
 import sys
 import sysconfig
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
@@ -32,6 +32,9 @@ MAX_SITES = 8
 """Distinct source sites kept per signature; further sites are only counted."""
 
 FORWARD, BACKWARD, OPTIMIZER = "forward", "backward", "optimizer"
+# The hot path keeps phases as bits of one int; ``signatures()`` turns them into names.
+_PHASE_BITS = ((FORWARD, 1), (BACKWARD, 2), (OPTIMIZER, 4))
+_FORWARD_BIT, _BACKWARD_BIT, _OPTIMIZER_BIT = 1, 2, 4
 
 _get_seq_nr: Callable[[], int] | None = getattr(torch._C._autograd, "_get_sequence_nr", None)
 _graph_task_id = torch._C._current_graph_task_id
@@ -89,21 +92,75 @@ class RecordedSignature:
     """Why the op cannot be replayed (capture budget, capture OOM...), else ``None``."""
 
 
-@dataclass
 class _Entry:
     """Mutable accumulator behind a :class:`RecordedSignature`."""
 
-    func: Any
-    kind: OpKind
-    key: Any
-    first_call: int
-    calls: int = 0
-    phases: dict = field(default_factory=dict)
-    sites: dict = field(default_factory=dict)
-    sites_dropped: int = 0
-    snapshot: Snapshot | None = None
-    skip_reason: str | None = None
-    text: str | None = None
+    __slots__ = ("func", "kind", "key", "first_call", "calls", "phases", "sites", "sites_dropped",
+                 "snapshot", "skip_reason", "text")
+
+    def __init__(self, func: Any, kind: OpKind, key: Any, first_call: int) -> None:
+        self.func = func
+        self.kind = kind
+        self.key = key
+        self.first_call = first_call
+        self.calls = 0
+        self.phases = 0
+        """Bits of ``_PHASE_BITS``."""
+        self.sites: dict[int, int] = {}
+        """Site id (see :meth:`SiteTracker.site`) → calls from there."""
+        self.sites_dropped = 0
+        self.snapshot: Snapshot | None = None
+        self.skip_reason: str | None = None
+        self.text: str | None = None
+
+
+class _OpInfo:
+    """What the hot path needs to know about one op overload, worked out once per process."""
+
+    __slots__ = ("func", "call", "kind", "skip_reason", "view", "name")
+
+    def __init__(self, func: Any) -> None:
+        self.func = func
+        # ``OpOverload.__call__`` is a Python frame that only forwards to ``_op``.
+        self.call = getattr(func, "_op", func)
+        self.kind, self.skip_reason = op_kind(func)
+        self.view = self.kind is OpKind.VIEW
+        self.name = str(func)
+
+
+# Keyed by ``id(func)``: ``OpOverload.__hash__`` is a Python method, and this dict is
+# read on every call. Each value holds its ``func``, so no id is ever reused.
+_OP_INFO: dict[int, _OpInfo] = {}
+
+
+def _op_info(func: Any) -> _OpInfo:
+    info = _OP_INFO.get(id(func))
+    if info is None or info.func is not func:
+        info = _OP_INFO[id(func)] = _OpInfo(func)
+    return info
+
+
+_Tensor = torch.Tensor
+_NAN_KEY = ("nan",)
+
+
+def _args_key(args: tuple) -> tuple:
+    """Signature key of a call's positional arguments: :func:`_key` unrolled for the common case.
+
+    Hashability is left to the dict lookup that uses the key; the caller falls back
+    to the signature text when it fails.
+    """
+    out = []
+    for a in args:
+        if isinstance(a, _Tensor):
+            out.append((a.dtype, a.shape, a.stride(), a.device))
+        elif isinstance(a, (list, tuple)):
+            out.append(_key(a))
+        elif a.__class__ is float and a != a:
+            out.append(_NAN_KEY)
+        else:
+            out.append(a)
+    return tuple(out)
 
 
 def _key(a: Any) -> Any:
@@ -182,22 +239,30 @@ def _is_internal(filename: str) -> bool:
     return filename.startswith(_INTERNAL_PREFIXES)
 
 
-def relative_path(filename: str, root: str | None) -> str:
-    """``filename`` relative to ``root`` or to the ``sys.path`` entry holding it: never absolute."""
+def relative_path(filename: str, root: str | None, cwd: str | None = None) -> str:
+    """``filename`` as reports show it: never absolute.
+
+    Relative to the working directory when the file is under it (clickable in a
+    terminal or IDE), else to ``root`` (the audited script's folder), else to the
+    ``sys.path`` entry holding it, else just its name.
+    """
     if filename.startswith(_EXAMPLES_DIR):
         return "opaudit/examples/" + filename[len(_EXAMPLES_DIR):].replace(os.sep, "/")
-    candidates = ([root] if root else []) + [p for p in sys.path if p]
-    best = None
-    for base in candidates:
-        base = os.path.abspath(base) + os.sep
-        if filename.startswith(base) and (best is None or len(base) > len(best)):
-            best = base
-            if base.rstrip(os.sep) == (os.path.abspath(root) if root else None):
-                break
-    if best is not None:
-        return filename[len(best):].replace(os.sep, "/")
     if not os.path.isabs(filename):
-        return filename
+        return filename.replace(os.sep, "/")
+    for base in (cwd or os.getcwd(), root):
+        if base:
+            base = os.path.abspath(base) + os.sep
+            if filename.startswith(base):
+                return filename[len(base):].replace(os.sep, "/")
+    best = ""
+    for entry in sys.path:
+        if entry:
+            base = os.path.abspath(entry) + os.sep
+            if filename.startswith(base) and len(base) > len(best):
+                best = base
+    if best:
+        return filename[len(best):].replace(os.sep, "/")
     return os.path.basename(filename)
 
 
@@ -214,14 +279,22 @@ class SiteTracker:
 
     def __init__(self, root: str | None = None) -> None:
         self.root = os.path.abspath(root) if root else None
+        # Fixed at start: the user's code may chdir while it runs.
+        self.cwd = os.getcwd()
         self._stack: list[str] = []
         self._names: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._internal: dict[Any, bool] = {}
-        self._sites: dict[tuple, Site] = {}
-        self._node_sites: dict[int, Site] = {}
+        self._site_ids: dict[tuple, int] = {}
+        self._site_list: list[Site] = []
+        self._node_sites: dict[int, int] = {}
         self._last_nr = _get_seq_nr() if _get_seq_nr else -1
         self.in_optimizer = 0
         self._handles: list[Any] = []
+        # The last forward lookup: nearest Python frame, module, line (-1 when that
+        # frame is internal) and the site found. Holding the frame keeps it alive,
+        # so ``is`` on the next call means the same activation, whose callers (and
+        # so whose user frame) cannot have changed while it runs.
+        self._last: tuple[Any, str, int, int] = (None, "", -1, -1)
 
     # -- module stack -------------------------------------------------------
     def _name(self, mod: torch.nn.Module) -> str:
@@ -266,6 +339,7 @@ class SiteTracker:
             h.remove()
         self._handles.clear()
         self._stack.clear()
+        self._last = (None, "", -1, -1)
 
     # -- sites --------------------------------------------------------------
     @property
@@ -273,9 +347,20 @@ class SiteTracker:
         """Innermost module running now, or ``""``."""
         return self._stack[-1] if self._stack else ""
 
+    def site(self, site_id: int) -> Site:
+        """The :class:`Site` behind an id returned by :meth:`current`."""
+        return self._site_list[site_id]
+
     def frame_site(self, module: str, depth: int = 2) -> Site:
         """The innermost frame of user code (not torch, not opaudit, not the stdlib)."""
-        f = sys._getframe(depth)
+        return self._site_list[self._site_id(sys._getframe(depth), module)]
+
+    def _site_id(self, f: Any, module: str) -> int:
+        """Id of the site of the innermost user frame at or above ``f``, within ``module``."""
+        last_f, last_module, last_line, last_site = self._last
+        if f is last_f and module == last_module and (last_line < 0 or f.f_lineno == last_line):
+            return last_site
+        f0 = f
         internal = self._internal
         while f is not None:
             code = f.f_code
@@ -285,51 +370,86 @@ class SiteTracker:
             if not r:
                 break
             f = f.f_back
-        if f is None:
-            key = (None, 0, module)
-        else:
-            key = (f.f_code, f.f_lineno, module)
-        site = self._sites.get(key)
-        if site is None:
+        line = f.f_lineno if f is not None else 0
+        key = (f.f_code if f is not None else None, line, module)
+        site_id = self._site_ids.get(key)
+        if site_id is None:
             if f is None:
                 site = Site("<torch>", 0, "", module)
             else:
-                site = Site(relative_path(f.f_code.co_filename, self.root), f.f_lineno, f.f_code.co_name, module)
-            self._sites[key] = site
-        return site
+                site = Site(relative_path(f.f_code.co_filename, self.root, self.cwd), line, f.f_code.co_name, module)
+            site_id = self._site_ids[key] = len(self._site_list)
+            self._site_list.append(site)
+        self._last = (f0, module, line if f is f0 else -1, site_id)
+        return site_id
 
-    def current(self) -> tuple[str, Site]:
-        """Phase and site of the op being dispatched now."""
+    def current(self) -> tuple[int, int]:
+        """Phase bit and site id of the op being dispatched now.
+
+        Called from the recording mode's ``__torch_dispatch__`` through
+        ``Recorder._on_call``: the op's caller is three frames up.
+        """
         if _graph_task_id() != -1:
             node = _current_node()
-            site = None
+            site_id = None
             if node is not None:
-                site = self._node_sites.get(node._sequence_nr())
-            if site is None:
-                site = self.frame_site("", depth=3)
-            return BACKWARD, site
-        site = self.frame_site(self.module, depth=3)
+                site_id = self._node_sites.get(node._sequence_nr())
+            if site_id is None:
+                site_id = self._site_id(sys._getframe(3), "")
+            return _BACKWARD_BIT, site_id
+        site_id = self._site_id(sys._getframe(3), self._stack[-1] if self._stack else "")
         if _get_seq_nr is not None:
             nr = _get_seq_nr()
             if nr != self._last_nr:
                 # This op's autograd layer created node ``nr - 1``: remember its site
                 # for the backward ops that node will run.
                 self._last_nr = nr
-                self._node_sites[nr - 1] = site
-        return (OPTIMIZER if self.in_optimizer else FORWARD), site
+                self._node_sites[nr - 1] = site_id
+        return (_OPTIMIZER_BIT if self.in_optimizer else _FORWARD_BIT), site_id
+
+
+def _dispatch(self: "_RecordingMode", func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+    call = self.on_call(func, args, kwargs)
+    return call(*args, **kwargs) if kwargs else call(*args)
+
+
+def _skip_dynamo(code: Any) -> bool:
+    """Tell Dynamo never to trace ``code`` nor anything it calls; ``False`` if this torch cannot.
+
+    ``TorchDispatchMode`` otherwise wraps every ``__torch_dispatch__`` in
+    ``torch._dynamo.disable``, which imports Dynamo on first use (about 1.5 s)
+    and adds two Python frames to every op. Marking the code object gives the
+    same protection (a ``torch.compile``'d function run while recording never
+    traces into the recorder) at no cost per call.
+    """
+    try:
+        from torch._C._dynamo.eval_frame import _FrameAction, _FrameExecStrategy, set_code_exec_strategy
+
+        set_code_exec_strategy(code, _FrameExecStrategy(_FrameAction.SKIP, _FrameAction.SKIP))
+    except Exception:  # noqa: BLE001 - older or newer torch: keep TorchDispatchMode's own wrapper
+        return False
+    return True
+
+
+_DYNAMO_SKIPPED = _skip_dynamo(_dispatch.__code__)
 
 
 class _RecordingMode(TorchDispatchMode):
-    """Intercepts every aten call and forwards it to the recorder before running it."""
+    """Intercepts every aten call, lets the recorder see it, then runs it.
 
-    def __init__(self, on_call: Callable[[Any, tuple, dict], None]) -> None:
+    ``on_call(func, args, kwargs)`` records the call and returns the callable
+    that runs it.
+    """
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        return not _DYNAMO_SKIPPED
+
+    __torch_dispatch__ = _dispatch
+
+    def __init__(self, on_call: Callable[[Any, tuple, dict | None], Callable[..., Any]]) -> None:
         super().__init__()
-        self._on_call = on_call
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        self._on_call(func, args, kwargs)
-        return func(*args, **kwargs)
+        self.on_call = on_call
 
 
 class Recorder:
@@ -347,7 +467,7 @@ class Recorder:
         self.capture_budget = capture_budget
         self.sites = SiteTracker(root)
         self._entries: dict[Any, _Entry] = {}
-        self._view_calls: dict[str, int] = {}
+        self._view_calls: dict[_OpInfo, int] = {}
         self.total_calls = 0
         self.captured_bytes = 0
         self._mode: _RecordingMode | None = None
@@ -358,6 +478,8 @@ class Recorder:
         if self._active:
             raise RecordError("this Recorder is already recording")
         self._active = True
+        if _DYNAMO_SKIPPED:
+            _skip_dynamo(_dispatch.__code__)  # again: ``torch._dynamo.reset()`` may have cleared it
         self.sites.start()
         self._mode = _RecordingMode(self._on_call)
         self._mode.__enter__()
@@ -373,37 +495,45 @@ class Recorder:
             self._active = False
 
     # -- hot path -----------------------------------------------------------
-    def _on_call(self, func: Any, args: tuple, kwargs: dict) -> None:
+    def _on_call(self, func: Any, args: tuple, kwargs: dict | None) -> Callable[..., Any]:
+        """Account for one call; return what runs it. Runs before every aten op: keep it lean."""
         self.total_calls += 1
-        kind = op_kind(func)[0]
-        if kind is OpKind.VIEW:
-            name = str(func)
-            self._view_calls[name] = self._view_calls.get(name, 0) + 1
-            return
+        info = _OP_INFO.get(id(func))
+        if info is None or info.func is not func:
+            info = _op_info(func)
+        if info.view:
+            views = self._view_calls
+            views[info] = views.get(info, 0) + 1
+            return info.call
+        entries = self._entries
         try:
-            key = (func, _key(args), _key(kwargs) if kwargs else None)
-            hash(key)
-        except Exception:  # noqa: BLE001 - an unhashable value still gets recorded
-            key = (func, repr(args), repr(kwargs))
+            key = (info, _args_key(args), _key(kwargs) if kwargs else None)
+            entry = entries.get(key)
+        except Exception:  # noqa: BLE001 - unhashable values, tensors without strides
+            key = (info, signature_text(args, kwargs or {}))
+            entry = entries.get(key)
         phase, site = self.sites.current()
-        entry = self._entries.get(key)
         if entry is None:
-            entry = _Entry(func, kind, key, self.total_calls)
-            entry.text = signature_text(args, kwargs)
-            self._entries[key] = entry
-            if kind in (OpKind.COMPUTE, OpKind.RANDOM):
-                self._capture(entry, func, args, kwargs)
-            elif kind is OpKind.SIDE_EFFECT:
-                entry.skip_reason = op_kind(func)[1]
+            entry = entries[key] = _Entry(func, info.kind, key, self.total_calls)
+            self._first_call(entry, info, args, kwargs or {})
         entry.calls += 1
-        entry.phases[phase] = True
+        entry.phases |= phase
         sites = entry.sites
-        if site in sites:
-            sites[site] += 1
+        n = sites.get(site)
+        if n is not None:
+            sites[site] = n + 1
         elif len(sites) < MAX_SITES:
             sites[site] = 1
         else:
             entry.sites_dropped += 1
+        return info.call
+
+    def _first_call(self, entry: _Entry, info: _OpInfo, args: tuple, kwargs: dict) -> None:
+        entry.text = signature_text(args, kwargs)
+        if info.kind in (OpKind.COMPUTE, OpKind.RANDOM):
+            self._capture(entry, info.func, args, kwargs)
+        elif info.kind is OpKind.SIDE_EFFECT:
+            entry.skip_reason = info.skip_reason
 
     def _capture(self, entry: _Entry, func: Any, args: tuple, kwargs: dict) -> None:
         estimate = _estimate_bytes(args, kwargs)
@@ -436,6 +566,8 @@ class Recorder:
         out = []
         for e in self._entries_in_order():
             op = str(e.func)
+            # Two ids can name equal sites (e.g. two code objects on one line): merge them.
+            sites = dict.fromkeys(self.sites.site(i) for i in e.sites)
             out.append(RecordedSignature(
                 id=signature_id(op, e.text or ""),
                 op=op,
@@ -443,8 +575,8 @@ class Recorder:
                 signature=e.text or "",
                 device=_device_of(e),
                 calls=e.calls,
-                phases=tuple(p for p in (FORWARD, BACKWARD, OPTIMIZER) if p in e.phases),
-                sites=tuple(e.sites),
+                phases=tuple(name for name, bit in _PHASE_BITS if e.phases & bit),
+                sites=tuple(sites),
                 sites_dropped=e.sites_dropped,
                 first_call=e.first_call,
                 skip_reason=e.skip_reason,
@@ -459,7 +591,7 @@ class Recorder:
     @property
     def view_calls(self) -> dict[str, int]:
         """Calls of view and metadata ops, by op name (not replayed)."""
-        return dict(sorted(self._view_calls.items()))
+        return dict(sorted((info.name, n) for info, n in self._view_calls.items()))
 
     def release(self) -> None:
         """Drop every captured input (the signatures stay)."""
@@ -470,9 +602,9 @@ class Recorder:
     def classify(self, **options: Any) -> "Report":
         """Replay every signature and build a :class:`~opaudit.report.Report`.
 
-        Keyword options are those of :func:`opaudit.audit.build_report`.
+        Keyword options are those of :func:`opaudit.pipeline.build_report`.
         """
-        from opaudit.audit import build_report
+        from opaudit.pipeline import build_report
 
         return build_report(self, **options)
 

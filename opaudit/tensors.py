@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten
 
 _BITS_DTYPE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 # Byte alignment for the start of a cloned storage span; a multiple of every
@@ -43,6 +43,73 @@ class _OpaqueSlot:
     written: bool
 
 
+@dataclass(frozen=True)
+class _GeneratorSlot:
+    """An explicit ``generator=`` argument, kept as its state at capture time."""
+
+    device: torch.device
+    state: torch.Tensor
+
+
+class _Leaf:
+    """Marks where a tensor or generator sat in the arguments (index into ``Snapshot._slots``)."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+
+class _Seq:
+    """A list or tuple of arguments that holds tensors somewhere inside."""
+
+    __slots__ = ("kind", "items")
+
+    def __init__(self, kind: type, items: list[Any]) -> None:
+        self.kind = kind
+        self.items = items
+
+
+def _template(obj: Any, leaves: list[Any]) -> Any:
+    """``obj`` with every tensor and generator replaced by a :class:`_Leaf` (appended to ``leaves``)."""
+    if isinstance(obj, (torch.Tensor, torch.Generator)):
+        leaves.append(obj)
+        return _Leaf(len(leaves) - 1)
+    if isinstance(obj, (list, tuple)):
+        n = len(leaves)
+        items = [_template(x, leaves) for x in obj]
+        if len(leaves) == n:
+            # No tensors inside: keep a copy, so later changes to the caller's list do not leak in.
+            return list(obj) if type(obj) is list else obj
+        return _Seq(type(obj) if type(obj) in (list, tuple) else tuple, items)
+    if isinstance(obj, dict):
+        return {k: _template(v, leaves) for k, v in obj.items()}
+    return obj
+
+
+def _rebuild(obj: Any, values: list[Any]) -> Any:
+    if type(obj) is _Leaf:
+        return values[obj.index]
+    if type(obj) is _Seq:
+        return obj.kind([_rebuild(x, values) for x in obj.items])
+    if type(obj) is list:
+        return list(obj)
+    if type(obj) is dict:
+        return {k: _rebuild(v, values) for k, v in obj.items()}
+    return obj
+
+
+def _tensor_ids(obj: Any, out: set[int]) -> None:
+    if isinstance(obj, torch.Tensor):
+        out.add(id(obj))
+    elif isinstance(obj, (list, tuple)):
+        for x in obj:
+            _tensor_ids(x, out)
+    elif isinstance(obj, dict):
+        for x in obj.values():
+            _tensor_ids(x, out)
+
+
 class Snapshot:
     """The inputs of one op call, cloned before the op ran.
 
@@ -50,57 +117,77 @@ class Snapshot:
     sizes, strides, storage offsets and aliasing between arguments (an in-place op
     whose ``out`` is also an input) all survive. ``materialize()`` rebuilds fresh
     arguments, cloning again only the buffers the op writes to.
+
+    Capture sits on the recorder's hot path (once per unique signature), and
+    ``materialize()`` on the replay's (once per run), so both walk the arguments
+    with a small hand-written template instead of ``torch.utils._pytree``.
     """
 
-    __slots__ = ("_spec", "_leaves", "_buffers", "_opaque", "_written_buffers", "nbytes")
+    __slots__ = ("_args", "_kwargs", "_slots", "_buffers", "_opaque", "_written_buffers", "nbytes")
 
     def __init__(self, args: Sequence[Any], kwargs: dict, written: Sequence[bool] | None = None):
-        flat, self._spec = tree_flatten((tuple(args), dict(kwargs)))
-        written_ids = set()
+        flat: list[Any] = []
+        self._args = _template(tuple(args), flat)
+        self._kwargs = _template(dict(kwargs), flat)
+        written_ids: set[int] = set()
         if written is not None:
             # ``written`` is per top-level positional/keyword argument; map it to
             # the tensors inside each one.
             for arg, w in zip(list(args) + list(kwargs.values()), written):
                 if w:
-                    for leaf in tree_flatten(arg)[0]:
-                        if isinstance(leaf, torch.Tensor):
-                            written_ids.add(id(leaf))
+                    _tensor_ids(arg, written_ids)
         groups: dict[Any, list[int]] = {}
         self._opaque: list[torch.Tensor] = []
-        leaves: list[Any] = list(flat)
+        slots: list[Any] = [None] * len(flat)
         for i, leaf in enumerate(flat):
-            if not isinstance(leaf, torch.Tensor):
+            if isinstance(leaf, torch.Generator):
+                # Replays must each start from the state the op saw, and must not
+                # advance the user's own generator.
+                slots[i] = _GeneratorSlot(leaf.device, leaf.get_state())
                 continue
             if leaf.layout != torch.strided or leaf.is_nested or type(leaf) is not torch.Tensor and not isinstance(leaf, torch.nn.Parameter):
                 try:
-                    leaves[i] = _OpaqueSlot(len(self._opaque), id(leaf) in written_ids)
+                    slots[i] = _OpaqueSlot(len(self._opaque), id(leaf) in written_ids)
                     self._opaque.append(leaf.detach().clone())
                 except Exception as e:  # noqa: BLE001 - any failure means "cannot capture"
                     raise CaptureError(f"cannot clone {type(leaf).__name__} ({leaf.layout}): {e}") from e
                 continue
-            if leaf.device.type == "meta":
+            device = leaf.device
+            if device.type == "meta":
                 raise CaptureError("meta tensors have no values to replay")
             try:
-                key = (leaf.device, leaf.untyped_storage().data_ptr())
+                key = (device, leaf.untyped_storage().data_ptr())
             except Exception as e:  # noqa: BLE001
                 raise CaptureError(f"tensor has no accessible storage: {e}") from e
-            groups.setdefault(key, []).append(i)
+            group = groups.get(key)
+            if group is None:
+                groups[key] = [i]
+            else:
+                group.append(i)
         self._buffers: list[torch.Tensor] = []
         self._written_buffers: set[int] = set()
         nbytes = sum(t.numel() * t.element_size() for t in self._opaque)
         for (device, _), idxs in groups.items():
-            lo, hi = None, 0
+            lo, hi = -1, 0
+            spans = []
             for i in idxs:
                 t = flat[i]
-                start, end = _byte_span(t)
-                if end > start:
-                    lo = start if lo is None else min(lo, start)
-                    hi = max(hi, end)
-            lo = 0 if lo is None else (lo // _SPAN_ALIGN) * _SPAN_ALIGN
-            storage = flat[idxs[0]].untyped_storage()
-            src = torch.empty(0, dtype=torch.uint8, device=device).set_(storage, lo, (hi - lo,), (1,)) if hi > lo else None
+                es = t.element_size()
+                start = t.storage_offset() * es
+                end = start
+                if t.numel():
+                    end = start + es * (1 + sum([(s - 1) * abs(st) for s, st in zip(t.shape, t.stride())]))
+                    lo = start if lo < 0 or start < lo else lo
+                    hi = end if end > hi else hi
+                spans.append(start)
+            lo = 0 if lo < 0 else (lo // _SPAN_ALIGN) * _SPAN_ALIGN
             try:
-                buf = src.clone() if src is not None else torch.empty(0, dtype=torch.uint8, device=device)
+                if hi > lo:
+                    storage = flat[idxs[0]].untyped_storage()
+                    src = torch.empty(0, dtype=torch.uint8, device=device).set_(storage, lo, (hi - lo,), (1,))
+                    buf = src.clone()
+                else:
+                    buf = torch.empty(0, dtype=torch.uint8, device=device)
             except torch.OutOfMemoryError as e:
                 raise CaptureError("capture OOM") from e
             except RuntimeError as e:
@@ -110,14 +197,14 @@ class Snapshot:
             b = len(self._buffers)
             self._buffers.append(buf)
             nbytes += buf.numel()
-            for i in idxs:
+            for i, start in zip(idxs, spans):
                 t = flat[i]
                 w = id(t) in written_ids
                 if w:
                     self._written_buffers.add(b)
-                byte_off = t.storage_offset() * t.element_size() - lo
-                leaves[i] = _TensorSlot(b, t.dtype, tuple(t.shape), tuple(t.stride()), byte_off // t.element_size() if byte_off >= 0 else 0, w)
-        self._leaves = leaves
+                byte_off = start - lo
+                slots[i] = _TensorSlot(b, t.dtype, tuple(t.shape), tuple(t.stride()), byte_off // t.element_size() if byte_off >= 0 else 0, w)
+        self._slots = slots
         self.nbytes = nbytes
 
     def materialize(self, fresh_all: bool = False) -> tuple[tuple, dict, list[torch.Tensor]]:
@@ -130,39 +217,30 @@ class Snapshot:
             b.clone() if (fresh_all or i in self._written_buffers) else b
             for i, b in enumerate(self._buffers)
         ]
-        out: list[Any] = []
+        values: list[Any] = []
         written: list[torch.Tensor] = []
-        for leaf in self._leaves:
-            if isinstance(leaf, _TensorSlot):
-                buf = bufs[leaf.buffer]
-                t = torch.empty(0, dtype=leaf.dtype, device=buf.device)
-                t.set_(buf.untyped_storage(), leaf.offset, leaf.size, leaf.stride)
-            elif isinstance(leaf, _OpaqueSlot):
-                src = self._opaque[leaf.index]
-                t = src.clone() if (fresh_all or leaf.written) else src
+        for slot in self._slots:
+            if type(slot) is _TensorSlot:
+                buf = bufs[slot.buffer]
+                t = torch.empty(0, dtype=slot.dtype, device=buf.device)
+                t.set_(buf.untyped_storage(), slot.offset, slot.size, slot.stride)
+            elif type(slot) is _OpaqueSlot:
+                src = self._opaque[slot.index]
+                t = src.clone() if (fresh_all or slot.written) else src
             else:
-                out.append(leaf)
+                gen = torch.Generator(device=slot.device)
+                gen.set_state(slot.state)
+                values.append(gen)
                 continue
-            out.append(t)
-            if leaf.written:
+            values.append(t)
+            if slot.written:
                 written.append(t)
-        args, kwargs = tree_unflatten(out, self._spec)
-        return args, kwargs, written
+        return _rebuild(self._args, values), _rebuild(self._kwargs, values), written
 
     @property
     def devices(self) -> set[torch.device]:
         """Devices of the captured tensors."""
         return {b.device for b in self._buffers} | {t.device for t in self._opaque}
-
-
-def _byte_span(t: torch.Tensor) -> tuple[int, int]:
-    """Byte range ``[start, end)`` of ``t`` inside its storage."""
-    es = t.element_size()
-    start = t.storage_offset() * es
-    if t.numel() == 0:
-        return start, start
-    extent = 1 + sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()))
-    return start, start + extent * es
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:

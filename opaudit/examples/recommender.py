@@ -12,7 +12,7 @@ gradients in a thread-dependent order: its bits change from run to run unless
 import torch
 from torch import nn
 
-N_USERS, N_ITEMS, DIM, BATCH = 2_000, 5_000, 32, 16_384
+N_USERS, N_ITEMS, DIM, BATCH = 2_000, 5_000, 32, 65_536
 
 
 class TwoTower(nn.Module):

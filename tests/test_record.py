@@ -1,0 +1,147 @@
+"""Recording: signatures, dedup, attribution, phases, exact captures, no self-tracing."""
+
+from __future__ import annotations
+
+import inspect
+import os
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import opaudit
+from opaudit.ops import OpKind, op_kind
+from opaudit.record import Recorder
+from opaudit.tensors import Snapshot
+from fixtures import models as zoo
+
+
+def _line_of(fn, text):
+    src, start = inspect.getsourcelines(fn)
+    for i, line in enumerate(src):
+        if text in line:
+            return start + i
+    raise AssertionError(text)
+
+
+def test_backward_op_is_attributed_to_the_forward_line_that_created_it():
+    model = zoo.Lookup()
+    ids = torch.randint(0, 1000, (4096,))
+    w = torch.randn(4096, 16)
+    report = opaudit.audit(zoo.lookup_step, model, ids, w, reps=2)
+    (f,) = [f for f in report.results if f.op == "aten.index_put.default"]
+    assert f.phases == ("backward",)
+    site = f.sites[0]
+    assert site.file == os.path.relpath(zoo.__file__).replace(os.sep, "/")
+    assert site.line == _line_of(zoo.Lookup.forward, "self.table[ids]")
+    assert site.function == "forward"
+    assert site.module == "Lookup"
+    # The forward index op points at the same line, with phase forward.
+    (fwd,) = [f for f in report.results if f.op == "aten.index.Tensor"]
+    assert fwd.phases == ("forward",) and fwd.sites[0].line == site.line
+
+
+def test_module_paths_are_fully_qualified_and_optimizer_ops_have_their_phase():
+    _, step = zoo.make_mlp_step()
+    with Recorder() as rec:
+        step()
+    sigs = rec.signatures()
+    addmm = [s for s in sigs if s.op == "aten.addmm.default" and "forward" in s.phases]
+    assert {site.module for s in addmm for site in s.sites} == {"MLP.net.0", "MLP.net.3"}
+    assert any("optimizer" in s.phases for s in sigs)
+    assert any("backward" in s.phases for s in sigs)
+
+
+def test_calls_are_deduplicated_by_signature():
+    x = torch.randn(8, 8)
+    with Recorder() as rec:
+        for _ in range(10):
+            torch.mm(x, x)
+        torch.mm(x.t(), x)  # another stride: another signature
+    mms = [s for s in rec.signatures() if s.op == "aten.mm.default"]
+    assert sorted(s.calls for s in mms) == [1, 10]
+    assert any("{1,8}" in s.signature for s in mms)
+
+
+def test_view_and_metadata_ops_are_counted_not_replayed():
+    x = torch.randn(4, 4)
+    with Recorder() as rec:
+        y = x.t().reshape(16).view(4, 4).detach()
+        (y + 1).sum()
+    assert all(s.kind is not OpKind.VIEW for s in rec.signatures())
+    assert rec.view_calls and sum(rec.view_calls.values()) >= 3
+    assert op_kind(torch.ops.aten.view.default)[0] is OpKind.VIEW
+    assert op_kind(torch.ops.aten.t.default)[0] is OpKind.VIEW
+
+
+def test_the_recorder_does_not_record_its_own_cloning():
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    def work():
+        a = torch.randn(64, 64)
+        b = a.index_put((torch.tensor([1, 1, 2]),), torch.ones(3, 64), accumulate=True)
+        (a @ b).relu_().sum()
+
+    with Count():
+        torch.manual_seed(0)
+        work()
+    with Recorder() as rec:
+        torch.manual_seed(0)
+        work()
+    assert rec.total_calls == Count.n
+
+
+def test_inputs_are_captured_before_an_in_place_op_runs():
+    x = torch.zeros(5)
+    with Recorder() as rec:
+        x.add_(1.0)
+    (sig, func, snap), = [i for i in rec.items() if i[0].op == "aten.add_.Tensor"]
+    args, _, written = snap.materialize()
+    assert torch.equal(args[0], torch.zeros(5))
+    assert written and written[0] is args[0]
+    assert torch.equal(x, torch.ones(5))
+
+
+def test_snapshot_keeps_strides_offsets_and_aliasing():
+    base = torch.arange(24.0).reshape(4, 6)
+    view = base[1:, 2:5]                  # offset, non-contiguous
+    expanded = torch.randn(3).expand(4, 3)  # stride 0
+    snap = Snapshot((view, base, expanded), {}, written=[True, False, False])
+    (v, b, e), _, written = snap.materialize()
+    assert (v.shape, v.stride(), v.storage_offset()) == (view.shape, view.stride(), view.storage_offset())
+    assert e.stride() == (0, 1)
+    assert torch.equal(v, view) and torch.equal(b, base) and torch.equal(e, expanded)
+    # view and base alias the same storage in the snapshot too: a write shows in both.
+    assert v.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    v.fill_(-1)
+    assert (b[1:, 2:5] == -1).all()
+    # and each materialize() is fresh for written buffers
+    (v2, _, _), _, _ = snap.materialize()
+    assert torch.equal(v2, view)
+
+
+def test_explicit_generator_is_snapshotted_and_the_users_generator_untouched():
+    g = torch.Generator().manual_seed(7)
+    with Recorder() as rec:
+        torch.randn(10, generator=g)
+    state_after_user = g.get_state().clone()
+    report = rec.classify(reps=3, remedies=False)
+    (f,) = [f for f in report.results if f.op == "aten.randn.generator"]
+    assert f.verdict.value == "random" and f.default_diverged == "0/3"
+    assert torch.equal(g.get_state(), state_after_user)
+
+
+def test_nested_recording_is_refused():
+    rec = Recorder()
+    with rec:
+        try:
+            with rec:
+                pass
+        except Exception as e:  # noqa: BLE001
+            assert "already recording" in str(e)
+        else:
+            raise AssertionError("nested recording was accepted")
