@@ -736,7 +736,8 @@ def _collide(t: Any, gen: Any) -> Any:
 
     if t.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8) or t.numel() < 2:
         return t
-    pool = torch.unique(t.detach().flatten().cpu())[:COLLISION_VALUES]
+    # A few of the tensor's own values: valid wherever the original was.
+    pool = torch.unique(t.detach().flatten()[:4096].cpu())[:COLLISION_VALUES]
     picks = torch.randint(len(pool), tuple(t.shape), generator=gen)
     return pool[picks].to(device=t.device, dtype=t.dtype)
 
@@ -769,9 +770,33 @@ def _index_tensor(sample: Any, float_op: bool) -> Any | None:
     return next((t for t in leaves if _is_index(t)), None)
 
 
-def _tile(sample: Any, size0: int, target: int, cap: int) -> Any | None:
-    """Repeat along dim 0 every tensor whose dim 0 is ``size0`` (a batch, or an index and the
-    values that go with it), so that the sample grows to about ``target`` elements. An index
+@dataclass(frozen=True)
+class _Candidate:
+    """A stress sample not built yet: a sample and how many times to tile it along dim 0."""
+
+    sample: Any
+    size0: int
+    """Tensors whose dim 0 has this size are tiled; 0 for the sample as it is."""
+    reps: int
+    numel: int
+
+    def build(self) -> Any:
+        if not self.size0:
+            return self.sample
+        size0, reps = self.size0, self.reps
+
+        def grow(t: Any) -> Any:
+            if t.dim() == 0 or t.shape[0] != size0:
+                return t
+            g = t.detach().repeat(reps, *([1] * (t.dim() - 1)))
+            return g.requires_grad_(t.requires_grad) if t.requires_grad else g
+
+        return _map_sample(self.sample, grow)
+
+
+def _tile(sample: Any, size0: int, target: int, cap: int) -> _Candidate | None:
+    """Plan to repeat along dim 0 every tensor whose dim 0 is ``size0`` (a batch, or an index
+    and the values that go with it) until the sample holds about ``target`` elements. An index
     tiled this way repeats each of its values: collisions by construction."""
     leaves = _tensor_leaves((sample.input, sample.args, sample.kwargs))
     group = sum(t.numel() for t in leaves if t.dim() > 0 and t.shape[0] == size0)
@@ -783,14 +808,7 @@ def _tile(sample: Any, size0: int, target: int, cap: int) -> Any | None:
         reps //= 2
     if rest + group * reps > cap:
         return None
-
-    def grow(t: Any) -> Any:
-        if t.dim() == 0 or t.shape[0] != size0:
-            return t
-        g = t.detach().repeat(reps, *([1] * (t.dim() - 1)))
-        return g.requires_grad_(t.requires_grad) if t.requires_grad else g
-
-    return _map_sample(sample, grow)
+    return _Candidate(sample, size0, reps, rest + group * reps)
 
 
 def _opinfo_samples(op: Any, device: str, dtype: Any, grad: bool, n: int) -> list[Any]:
@@ -831,23 +849,24 @@ def _stress_candidates(op: Any, device: str, dtype: Any, grad: bool, base: list[
     target, cap = cfg.stress_elements, 4 * cfg.stress_elements
     float_op = dtype.is_floating_point or dtype.is_complex
     scaled = _scaled_samples(op, device, dtype, grad, base, cfg)
-    by_index, plain, by_input = [], [], []
+    by_index: list[_Candidate] = []
     for s in scaled + base:
         idx = _index_tensor(s, float_op)
         if idx is not None:
-            t = _tile(s, idx.shape[0], target, cap)
-            if t is not None:
-                by_index.append(t)
-    plain = [s for s in scaled if _numel(s) >= target // 100]
+            c = _tile(s, idx.shape[0], target, cap)
+            if c is not None:
+                by_index.append(c)
+    plain = [_Candidate(s, 0, 1, n) for s in scaled if (n := _numel(s)) >= target // 100]
+    by_input = []
     for s in base:
         inp = s.input
         if hasattr(inp, "dim") and inp.dim() > 0:
-            t = _tile(s, inp.shape[0], target, cap)
-            if t is not None:
-                by_input.append(t)
-    out = []
+            c = _tile(s, inp.shape[0], target, cap)
+            if c is not None:
+                by_input.append(c)
+    out: list[_Candidate] = []
     for group in (by_index, plain, by_input):
-        out += sorted(group, key=_numel, reverse=True)
+        out += sorted(group, key=lambda c: c.numel, reverse=True)
     return out
 
 
@@ -891,9 +910,10 @@ def _opinfo_cases(op: Any, device: str, dtype: Any, cfg: SweepConfig, kind: str)
     cases: list[_Case] = []
     seen: set[str] = set()
     trials = 0
-    for s in _stress_candidates(op, device, dtype, grad, base, cfg):
+    for cand in _stress_candidates(op, device, dtype, grad, base, cfg):
         if len(cases) >= cfg.stress_samples or trials >= MAX_STRESS_TRIALS:
             break
+        s = cand.build()
         shape = _shapes(s)
         if shape in seen:
             continue
@@ -912,7 +932,13 @@ def _opinfo_cases(op: Any, device: str, dtype: Any, cfg: SweepConfig, kind: str)
 
 
 def _shapes(sample: Any) -> str:
-    return repr([tuple(t.shape) for t in _tensor_leaves((sample.input, sample.args, sample.kwargs))])
+    """Shapes and plain arguments: two candidates equal here would record the same signatures."""
+    from torch.utils._pytree import tree_flatten
+
+    import torch
+
+    leaves = tree_flatten((sample.input, sample.args, sample.kwargs))[0]
+    return repr([tuple(x.shape) if isinstance(x, torch.Tensor) else x for x in leaves])
 
 
 def _module_cases(info: Any, device: str, dtype: Any, cfg: SweepConfig, kind: str) -> tuple[list[_Case], str]:
@@ -1000,7 +1026,6 @@ def sweep_task(task: Task, cfg: SweepConfig) -> TaskResult:
 
     Never raises for the op's own failures: they become the task's status and reason.
     """
-    import gc
     import warnings
 
     import torch
@@ -1053,7 +1078,6 @@ def sweep_task(task: Task, cfg: SweepConfig) -> TaskResult:
             e = entry_from_finding(f, kind, task.source)
             entries[e.key] = merge_entries(entries[e.key], e, same_sweep=True) if e.key in entries else e
         del rec, report, cases
-        gc.collect()
     if any(e.error == "replay failed: op time limit reached" for e in entries.values()):
         cut = True
     ran = counts[OPINFO] + counts[STRESS]

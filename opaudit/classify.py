@@ -7,7 +7,7 @@ import enum
 from opaudit.isolate import NotReplayed
 from opaudit.ops import OpKind
 from opaudit.record import RecordedSignature
-from opaudit.replay import NO_DETERMINISTIC_IMPL, CUBLAS_WORKSPACE, Observation
+from opaudit.replay import CUBLAS_WORKSPACE, NO_DETERMINISTIC_IMPL, Observation
 
 
 class Verdict(str, enum.Enum):

@@ -93,6 +93,12 @@ def _audit_parser() -> _Parser:
     p.add_argument("--capture-budget", type=_positive_int, default=2048, metavar="MIB",
                    help="memory for captured op inputs, in MiB (default 2048); ops past it are skipped")
     p.add_argument("--threads", type=_positive_int, metavar="N", help="torch.set_num_threads(N) before running")
+    p.add_argument("--isolate", action="store_true",
+                   help="replay in a worker process: an op that kills it or its CUDA context is reported "
+                        "skipped ('crashed: ...') and a new worker goes on")
+    p.add_argument("--op-timeout", type=_positive_float, metavar="SECONDS",
+                   help="skip (reason 'timeout') a signature whose replay takes longer; implies --isolate, "
+                        "since a running C++ op cannot be stopped inside its own process")
     p.add_argument("--no-timing", action="store_true", help="leave timings out of the report (byte-stable output)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary on stderr")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -185,20 +191,36 @@ def audit_main(argv: list[str]) -> int:
 
     update, close = _progress(not args.quiet and sys.stderr.isatty())
     settings = {"script": target.name, "entry": target.entry or "__main__", "timing": not args.no_timing}
+    isolator = None
+    if args.isolate or args.op_timeout:
+        from opaudit.isolate import Isolator
+
+        isolator = Isolator(rec, timeout=args.op_timeout)
+        settings["isolate"] = isolator.start_method
+        if args.op_timeout:
+            settings["op_timeout_s"] = args.op_timeout
     try:
         report = build_report(rec, reps=args.reps, seed=args.seed, settings=settings,
-                              timings=not args.no_timing, on_progress=update)
+                              timings=not args.no_timing, on_progress=update, replay_fn=isolator)
     except KeyboardInterrupt as e:
         close()
         partial = getattr(e, "report", None)
-        if partial is not None and output:
+        if partial is None:
+            sys.stderr.write("opaudit: interrupted\n")
+        elif output:
             _emit(partial, args.format, output, quiet=True)
             sys.stderr.write(f"opaudit: interrupted; partial report (complete: false) written to {output}\n")
         else:
-            sys.stderr.write("opaudit: interrupted\n")
+            try:
+                _emit(partial, args.format, None, quiet=True)
+            except OSError:
+                pass  # the reader of our stdout may have been interrupted too
+            sys.stderr.write("opaudit: interrupted; the report above is partial (complete: false)\n")
         return EXIT_INTERRUPTED
     finally:
         close()
+        if isolator is not None:
+            isolator.close()
         rec.release()
     _emit(report, args.format, output, args.quiet)
     failing = [f for f in report.results if f.verdict in args.fail_on]
@@ -218,7 +240,8 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 
     errors: list[type[BaseException]] = [UsageError, ModelLoadError, ScriptExitError, ReportError, FormatError]
     for mod, name in (("opaudit.catalog", "CatalogError"), ("opaudit.diff", "DiffError"),
-                      ("opaudit.runcheck", "RunCheckError"), ("opaudit.remedies", "KnowledgeBaseError")):
+                      ("opaudit.runcheck", "RunCheckError"), ("opaudit.remedies", "KnowledgeBaseError"),
+                      ("opaudit.isolate", "IsolationError")):
         try:
             errors.append(getattr(__import__(mod, fromlist=[name]), name))
         except (ImportError, AttributeError):

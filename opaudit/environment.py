@@ -33,7 +33,7 @@ def fingerprint(device: str | None = None) -> dict[str, Any]:
     byte-identical.
     """
     fp: dict[str, Any] = {
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
         "python": platform.python_version(),
         "platform": f"{platform.system()}-{platform.machine()}",
         "cpu": _cpu_model(),

@@ -20,9 +20,10 @@ How inputs reach the worker depends on where they live:
   process with a live CUDA context is unsafe, so the worker is a fresh
   interpreter. Each snapshot is sent through ``torch.multiprocessing``'s
   reductions (shared memory for CPU tensors, CUDA IPC handles for CUDA tensors),
-  and the op is looked up by name. An op the worker's interpreter does not know
-  (a custom op registered by the user's script) is reported ``skipped`` with
-  reason ``replay failed: ...``. Global settings that change results (RNG states,
+  and the op is looked up by name, after importing the module that registered
+  it when that module is importable (``torchvision`` for ``torchvision::nms``).
+  An op the worker cannot find (a custom op registered by the user's script
+  itself) is reported ``skipped`` with reason ``replay failed: ...``. Global settings that change results (RNG states,
   thread count, TF32/cuDNN flags, matmul precision) are copied to the worker.
   The worker does not import the parent's ``__main__``, so the user's script is
   never run a second time.
@@ -31,13 +32,15 @@ How inputs reach the worker depends on where they live:
 from __future__ import annotations
 
 import contextlib
+import importlib
 import multiprocessing
 import signal
 import sys
 import threading
 import types
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -92,12 +95,37 @@ def default_start_method(snapshots: Iterable[Snapshot] = ()) -> str:
     return "fork"
 
 
-def _op_ref(func: Any) -> tuple[str, str]:
-    return func._schema.name, func._overloadname
+def _op_ref(func: Any) -> tuple[str, str, tuple[str, ...]]:
+    """How a spawned worker finds ``func``: its name, overload and modules to import first.
+
+    aten ops need no import. Ops of other namespaces are registered by importing
+    something (``torchvision`` registers ``torchvision::nms``): the defining module
+    of a ``torch.library.custom_op``, and a module named like the namespace, when
+    the parent has them loaded and they are importable (not ``__main__``).
+    """
+    qualified = func._schema.name
+    namespace = qualified.split("::", 1)[0]
+    candidates = []
+    try:
+        from torch._library.custom_ops import OPDEFS
+
+        opdef = OPDEFS.get(qualified)
+        if opdef is not None:
+            candidates.append(opdef._init_fn.__module__)
+    except Exception:  # noqa: BLE001 - private API; the namespace guess below still applies
+        pass
+    candidates.append(namespace)
+    modules = tuple(dict.fromkeys(
+        m for m in candidates
+        if m in sys.modules and m != "__main__" and getattr(sys.modules[m], "__spec__", None) is not None
+    ))
+    return qualified, func._overloadname, modules
 
 
-def _resolve_op(ref: tuple[str, str]) -> Any:
-    qualified, overload = ref
+def _resolve_op(ref: tuple[str, str, tuple[str, ...]]) -> Any:
+    qualified, overload, modules = ref
+    for m in modules:
+        importlib.import_module(m)
     namespace, name = qualified.split("::", 1)
     return getattr(getattr(getattr(torch.ops, namespace), name), overload)
 

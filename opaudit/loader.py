@@ -6,9 +6,10 @@ first on ``sys.path``. If the script defines ``opaudit_step()`` (or the function
 named by ``--entry``), the module is imported without running as ``__main__``
 and only one call of that function is recorded.
 
-Whatever the user's code does to ``sys.argv``, ``sys.path``, ``__main__``, the
-working directory or the threads it starts, it is undone (or waited for) before
-the audit goes on.
+Whatever the user's code does to ``sys.argv``, ``sys.path``, ``__main__``,
+``sys.stdout``/``sys.stderr``, the working directory, the Ctrl-C and SIGTERM
+handlers or the threads it starts, it is undone (or, for non-daemon threads,
+waited for) before the audit goes on.
 """
 
 from __future__ import annotations
@@ -16,14 +17,18 @@ from __future__ import annotations
 import ast
 import contextlib
 import os
+import signal
 import sys
 import threading
 import traceback
 import types
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Iterator
+from typing import Any
 
 DEFAULT_ENTRY = "opaudit_step"
+
+_RESTORED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class ModelLoadError(Exception):
@@ -121,6 +126,12 @@ def _sandboxed_process_state(target: Target) -> Iterator[None]:
     saved_path = list(sys.path)
     saved_cwd = os.getcwd()
     saved_main = sys.modules.get("__main__")
+    saved_streams = (sys.stdout, sys.stderr)
+    saved_handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        # A training script's own Ctrl-C handler must not swallow the one that
+        # turns an interrupted replay into a partial report.
+        saved_handlers = {s: signal.getsignal(s) for s in _RESTORED_SIGNALS}
     threads_before = set(threading.enumerate())
     sys.argv = [target.path, *target.argv]
     sys.path.insert(0, target.root)
@@ -132,6 +143,10 @@ def _sandboxed_process_state(target: Target) -> Iterator[None]:
         for t in threading.enumerate():
             if t not in threads_before and not t.daemon and t is not threading.current_thread():
                 t.join()
+        for signum, handler in saved_handlers.items():
+            if handler is not None:
+                signal.signal(signum, handler)
+        sys.stdout, sys.stderr = saved_streams
         sys.argv = saved_argv
         sys.path[:] = saved_path
         try:
@@ -211,7 +226,7 @@ def _seed(seed: int) -> None:
         pass
 
 
-def run(target: Target, recording: Callable[[], ContextManager[Any]], seed: int | None = 0) -> None:
+def run(target: Target, recording: Callable[[], contextlib.AbstractContextManager[Any]], seed: int | None = 0) -> None:
     """Load ``target`` and run its recorded part inside ``recording()``.
 
     Raises :class:`UserCodeError` or :class:`ScriptExitError` when the user's code

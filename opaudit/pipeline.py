@@ -61,14 +61,19 @@ def make_finding(sig: RecordedSignature, obs: Observation | None, remedy: str = 
         d, t = obs.default, obs.deterministic
         changes.update(
             default_diverged=d.ratio, deterministic_diverged=t.ratio,
-            max_abs_diff=max(d.max_abs_diff, t.max_abs_diff),
-            frac_differing=max(d.frac_differing, t.frac_differing),
-            time_default_us=None if d.median_s is None else d.median_s * 1e6,
-            time_deterministic_us=None if t.median_s is None else t.median_s * 1e6,
+            max_abs_diff=_round(max(d.max_abs_diff, t.max_abs_diff), 6),
+            frac_differing=_round(max(d.frac_differing, t.frac_differing), 6),
+            time_default_us=None if d.median_s is None else _round(d.median_s * 1e6, 4),
+            time_deterministic_us=None if t.median_s is None else _round(t.median_s * 1e6, 4),
         )
     if obs.variants:
         changes["cudnn"] = tuple((name, stats.ratio) for name, stats in obs.variants)
     return _with(f, **changes)
+
+
+def _round(x: float, digits: int) -> float:
+    """Significant digits kept in reports, so that a saved report loads back equal."""
+    return x if x != x or x in (float("inf"), float("-inf")) else float(f"{x:.{digits}g}")
 
 
 def _with(f: Finding, **changes: Any) -> Finding:

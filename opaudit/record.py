@@ -12,6 +12,7 @@ import hashlib
 import os
 import sys
 import sysconfig
+import threading
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -290,6 +291,7 @@ class SiteTracker:
         self._last_nr = _get_seq_nr() if _get_seq_nr else -1
         self.in_optimizer = 0
         self._handles: list[Any] = []
+        self._thread: int | None = None
         # The last forward lookup: nearest Python frame, module, line (-1 when that
         # frame is internal) and the site found. Holding the frame keeps it alive,
         # so ``is`` on the next call means the same activation, whose callers (and
@@ -307,24 +309,30 @@ class SiteTracker:
                     self._names[child] = child_name
         return name
 
+    # The hooks are global but the recording mode sees only the recording thread:
+    # modules run by the user's other threads must not enter its module stack.
     def _pre(self, mod: torch.nn.Module, *_: Any) -> None:
-        self._stack.append(self._name(mod))
+        if threading.get_ident() == self._thread:
+            self._stack.append(self._name(mod))
 
     def _post(self, mod: torch.nn.Module, *_: Any) -> None:
-        if self._stack:
+        if self._stack and threading.get_ident() == self._thread:
             self._stack.pop()
 
     def _opt_pre(self, *_: Any) -> None:
-        self.in_optimizer += 1
+        if threading.get_ident() == self._thread:
+            self.in_optimizer += 1
 
     def _opt_post(self, *_: Any) -> None:
-        self.in_optimizer = max(0, self.in_optimizer - 1)
+        if threading.get_ident() == self._thread:
+            self.in_optimizer = max(0, self.in_optimizer - 1)
 
     def start(self) -> None:
         """Install the global module and optimizer hooks."""
         from torch.nn.modules import module as nn_module
         from torch.optim import optimizer as optim_module
 
+        self._thread = threading.get_ident()
         self._handles.append(nn_module.register_module_forward_pre_hook(self._pre))
         try:
             self._handles.append(nn_module.register_module_forward_hook(self._post, always_call=True))

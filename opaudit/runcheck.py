@@ -22,6 +22,7 @@ reproducible?". Global flags and RNG states are restored afterwards.
 
 from __future__ import annotations
 
+import functools
 import gc
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -29,12 +30,12 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.weak import WeakIdKeyDictionary
 
 from opaudit import loader
 from opaudit.ops import OpKind, op_kind, written_args
-from opaudit.record import Site, SiteTracker
+from opaudit.record import _PHASE_BITS, SiteTracker, _RecordingMode
 from opaudit.replay import preserved_state
 from opaudit.report import RunCheck
 from opaudit.tensors import difference, digest, flat_tensors, same_bits
@@ -63,7 +64,8 @@ class _Step(NamedTuple):
     """One dispatched op of one run; ``ins``/``outs`` are ``None`` where not compared."""
 
     func: Any
-    where: tuple[str, Site] | None
+    where: tuple[int, int] | None
+    """``SiteTracker.current()``: phase bit and site id; ``None`` for view ops."""
     ins: tuple | None
     outs: tuple | None
 
@@ -116,17 +118,29 @@ def _roles(func: Any) -> _ArgRoles:
 
 
 class _Tracer:
-    """Digests the inputs and outputs of every op run inside ``with _Tracer(root):``."""
+    """Digests the inputs and outputs of every op run inside ``with _Tracer(root):``.
+
+    The dispatch mode is the recorder's: it only intercepts, and this tracer's
+    ``_on_call`` hands back the callable that runs the op and digests its outputs.
+    """
 
     def __init__(self, root: str | None) -> None:
         self.sites = SiteTracker(root)
         self.steps: list[_Step] = []
+        # Tensors straight out of ``empty``: their garbage bits differ run to run and
+        # say nothing, until an op writes them.
         self._uninitialized: WeakIdKeyDictionary = WeakIdKeyDictionary()
-        self._mode: _TraceMode | None = None
+        # Most inputs are an earlier op's outputs: their digest is reused while the
+        # tensor's version counter and its storage's write count are unchanged. The
+        # write count catches writes through another alias (``p.data``), which has a
+        # version counter of its own.
+        self._known: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._writes: dict[int, int] = {}
+        self._mode: _RecordingMode | None = None
 
-    def __enter__(self) -> "_Tracer":
+    def __enter__(self) -> _Tracer:
         self.sites.start()
-        self._mode = _TraceMode(self._on_call)
+        self._mode = _RecordingMode(self._on_call)
         self._mode.__enter__()
         return self
 
@@ -138,60 +152,91 @@ class _Tracer:
             self._mode = None
             self.sites.stop()
 
-    def _on_call(self, func: Any, args: tuple, kwargs: dict) -> Any:
+    def _on_call(self, func: Any, args: tuple, kwargs: dict | None) -> Callable[..., Any]:
         kind = op_kind(func)[0]
         if kind is OpKind.VIEW:
-            # Views and metadata do no arithmetic; they are kept only so that the op
-            # sequence (and its numbering) matches the audit's.
+            # No arithmetic, nothing to digest; kept so that the op sequence and its
+            # numbering match the audit's.
             self.steps.append(_Step(func, None, None, None))
-            return func(*args, **kwargs)
+            return func
         where = self.sites.current()
         roles = _roles(func)
+        leaves = _leaves(args, [])
+        if kwargs:
+            _leaves([v for k, v in kwargs.items() if k not in roles.out_kwargs], leaves)
         with _disable_current_modes(), torch.no_grad():
-            ins = self._digests(_leaves(args, []) + _leaves(
-                [v for k, v in kwargs.items() if k not in roles.out_kwargs], []))
+            ins = self._digests(leaves)
+        return functools.partial(self._run_op, func, kind, roles, where, ins)
+
+    def _run_op(self, func: Any, kind: OpKind, roles: _ArgRoles, where: tuple[int, int], ins: tuple,
+                *args: Any, **kwargs: Any) -> Any:
         result = func(*args, **kwargs)
         with _disable_current_modes(), torch.no_grad():
-            written = self._written(roles, args, kwargs)
+            written = _written(roles, args, kwargs)
             if kind is OpKind.UNINITIALIZED:
-                for t in flat_tensors(result):
+                for t in _leaves(result, []):
                     if isinstance(t, torch.Tensor):
                         self._uninitialized[t] = True
                 outs = None
             else:
+                writes = self._writes
                 for t in written:
                     self._uninitialized.pop(t, None)
+                    ptr = _storage_ptr(t)
+                    if ptr is not None:
+                        writes[ptr] = writes.get(ptr, 0) + 1
                 leaves = _leaves(result, [])
                 seen = {id(x) for x in leaves}
                 outs = self._digests(leaves + [t for t in written if id(t) not in seen])
         self.steps.append(_Step(func, where, ins, outs))
         return result
 
-    def _written(self, roles: _ArgRoles, args: tuple, kwargs: dict) -> list[torch.Tensor]:
-        """Tensors the op wrote to (in-place ``self``, ``out=``, foreach lists)."""
-        found: list[Any] = []
-        for i, w in enumerate(roles.written_pos):
-            if w and i < len(args):
-                _leaves(args[i], found)
-        for k in roles.written_kw:
-            if k in kwargs:
-                _leaves(kwargs[k], found)
-        return [t for t in found if isinstance(t, torch.Tensor)]
-
     def _digests(self, leaves: list) -> tuple:
         """One digest per leaf; a tensor that appears twice is digested once."""
         out = []
         seen: dict[int, tuple] = {}
-        uninit = self._uninitialized
         for x in leaves:
             if not isinstance(x, torch.Tensor):
                 out.append(_value_key(x))
                 continue
             d = seen.get(id(x))
             if d is None:
-                d = seen[id(x)] = _UNINITIALIZED if (len(uninit) and x in uninit) else _safe_digest(x)
+                d = seen[id(x)] = self._digest(x)
             out.append(d)
         return tuple(out)
+
+    def _digest(self, t: torch.Tensor) -> tuple:
+        if len(self._uninitialized) and t in self._uninitialized:
+            return _UNINITIALIZED
+        ptr = _storage_ptr(t)
+        if ptr is None or t.is_inference():
+            return _safe_digest(t)  # no storage or no version counter: nothing to key a reuse on
+        stamp = (t._version, ptr, self._writes.get(ptr, 0))
+        known = self._known.get(t)
+        if known is not None and known[0] == stamp:
+            return known[1]
+        d = _safe_digest(t)
+        self._known[t] = (stamp, d)
+        return d
+
+
+def _written(roles: _ArgRoles, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """Tensors an op wrote to: in-place ``self``, ``out=``, foreach lists."""
+    found: list[Any] = []
+    for i, w in enumerate(roles.written_pos):
+        if w and i < len(args):
+            _leaves(args[i], found)
+    for k in roles.written_kw:
+        if k in kwargs:
+            _leaves(kwargs[k], found)
+    return [t for t in found if isinstance(t, torch.Tensor)]
+
+
+def _storage_ptr(t: torch.Tensor) -> int | None:
+    try:
+        return t.untyped_storage().data_ptr()
+    except Exception:  # noqa: BLE001 - sparse, nested, functional or fake tensors have none
+        return None
 
 
 def _safe_digest(t: torch.Tensor) -> tuple:
@@ -199,17 +244,6 @@ def _safe_digest(t: torch.Tensor) -> tuple:
         return digest(t)
     except Exception as e:  # noqa: BLE001 - meta, fake or exotic tensors: compare what can be compared
         return ("undigestable", type(t).__name__, str(t.dtype), tuple(t.shape), type(e).__name__)
-
-
-class _TraceMode(TorchDispatchMode):
-    """Intercepts every aten call and hands it to the tracer, which runs it."""
-
-    def __init__(self, on_call: Callable[[Any, tuple, dict], Any]) -> None:
-        super().__init__()
-        self._on_call = on_call
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        return self._on_call(func, args, kwargs or {})
 
 
 # -- one run ------------------------------------------------------------------
@@ -220,8 +254,29 @@ class _Run:
     steps: tuple[_Step, ...]
     state: dict[str, Any]
     """``return value[i]``, ``grad of model.x``, ``value of model.x`` → tensor or scalar."""
+    sites: SiteTracker
+    """Resolves the site ids in ``steps``."""
     error: str | None = None
     """Why the run stopped early (the user's code raised), if it did."""
+
+    def op_fields(self, i: int) -> dict[str, Any]:
+        """Report fields of op ``i`` (0-based): number, op, site and phase."""
+        step = self.steps[i]
+        fields: dict[str, Any] = {"index": i + 1, "op": str(step.func)}
+        if step.where is not None:
+            phase, site = _PHASE_NAMES.get(step.where[0], ""), self.sites.site(step.where[1])
+            fields.update(where=site.location, function=site.function, module=site.module, phase=phase)
+        return fields
+
+    def location(self, i: int) -> str:
+        """``file:line (phase)`` of op ``i``, or ``""``."""
+        if i >= len(self.steps) or self.steps[i].where is None:
+            return ""
+        f = self.op_fields(i)
+        return f"{f['where']} ({f['phase']})"
+
+
+_PHASE_NAMES = {bit: name for name, bit in _PHASE_BITS}
 
 
 def _execute(target: loader.Target, mode: str, seed: int | None, *, keep_errors: bool) -> _Run:
@@ -242,10 +297,10 @@ def _execute(target: loader.Target, mode: str, seed: int | None, *, keep_errors:
         except (loader.UserCodeError, loader.ScriptExitError) as e:
             if not keep_errors:
                 raise
-            return _Run(tuple(tracer.steps), {}, error=str(e))
+            return _Run(tuple(tracer.steps), {}, tracer.sites, error=str(e))
     with _disable_current_modes(), torch.no_grad():
         state = _final_state(result if target.entry is not None else None, namespace)
-    return _Run(tuple(tracer.steps), state)
+    return _Run(tuple(tracer.steps), state, tracer.sites)
 
 
 def _namespace(target: loader.Target, fn: Any) -> dict[str, Any]:
@@ -361,13 +416,11 @@ def _compare(first: _Run, other: _Run, run: int) -> _Comparison:
         split = n
     split_info = None
     if split is not None:
-        sa = a[split] if split < len(a) else None
-        sb = b[split] if split < len(b) else None
         split_info = {
             "index": split + 1,
             "runs": [1, run],
-            "ops": [str(sa.func) if sa else _END, str(sb.func) if sb else _END],
-            "where": [_location(sa), _location(sb)],
+            "ops": [str(a[split].func) if split < len(a) else _END, str(b[split].func) if split < len(b) else _END],
+            "where": [first.location(split), other.location(split)],
         }
     differing: set[int] = set()
     root = None
@@ -381,13 +434,6 @@ def _compare(first: _Run, other: _Run, run: int) -> _Comparison:
     # A run that raised has no final state to compare; its error says enough.
     mismatches = () if other.error else _state_mismatches(first.state, other.state, run)
     return _Comparison(run, split, split_info, frozenset(differing), root, mismatches, other.error)
-
-
-def _location(step: _Step | None) -> str:
-    if step is None or step.where is None:
-        return ""
-    phase, site = step.where
-    return f"{site.location} ({phase})"
 
 
 def _state_mismatches(a: dict[str, Any], b: dict[str, Any], run: int) -> tuple[str, ...]:
@@ -412,14 +458,6 @@ def _how_far(x: Any, y: Any) -> str:
     return f"{d.elements_differing} of {d.elements} elements, max |diff| {d.max_abs_diff:.3g}"
 
 
-def _op_fields(index: int, step: _Step) -> dict[str, Any]:
-    fields: dict[str, Any] = {"index": index + 1, "op": str(step.func)}
-    if step.where is not None:
-        phase, site = step.where
-        fields.update(where=site.location, function=site.function, module=site.module, phase=phase)
-    return fields
-
-
 def _summarise(mode: str, runs: int, first: _Run, comparisons: list[_Comparison]) -> RunCheck:
     differing = frozenset().union(*(c.differing for c in comparisons))
     mismatches: list[str] = []
@@ -432,7 +470,7 @@ def _summarise(mode: str, runs: int, first: _Run, comparisons: list[_Comparison]
         # outputs: the difference came in from outside the ops (Python or NumPy
         # values, files, uninitialized memory); the first op that saw it is shown.
         i = min(roots) if roots else min(differing)
-        root_cause = {**_op_fields(i, first.steps[i]), "inputs_identical": bool(roots),
+        root_cause = {**first.op_fields(i), "inputs_identical": bool(roots),
                       "downstream": sum(1 for j in differing if j > i)}
     splits = [c for c in comparisons if c.split is not None]
     path_split = min(splits, key=lambda c: (c.split, c.run)).split_info if splits else None

@@ -19,7 +19,7 @@ def _str(dumper: yaml.SafeDumper, s: str) -> Any:
     return dumper.represent_scalar("tag:yaml.org,2002:str", s, style=style)
 
 
-_Dumper.add_representer(str, _str)
+_Dumper.add_multi_representer(str, _str)
 
 
 def dump(data: Any) -> str:

@@ -1,0 +1,206 @@
+"""The command line: exit codes, outputs, and every kind of bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import yaml
+
+from opaudit.cli import main
+from conftest import EXAMPLES, ROOT
+
+
+def _script(tmp_path, body, name="train.py"):
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(body))
+    return str(p)
+
+
+RAISING = """
+    import torch
+    torch.zeros(10).put_(torch.tensor([1, 1]), torch.tensor([1.0, 2.0]))
+"""
+
+CLEAN = """
+    import torch
+    x = torch.randn(4, 4)
+    (x @ x).relu().sum()
+"""
+
+
+def _run(argv, capsys):
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_findings_exit_1_and_table_on_stdout(tmp_path, capsys):
+    code, out, err = _run([_script(tmp_path, RAISING), "--reps", "2"], capsys)
+    assert code == 1
+    assert "aten.put_.default" in out and "raises" in out
+    assert "Will deterministic mode crash this run? Yes" in out
+
+
+def test_clean_script_exits_0(tmp_path, capsys):
+    code, out, _ = _run([_script(tmp_path, CLEAN), "--reps", "2"], capsys)
+    assert code == 0
+    assert "stable" in out
+
+
+@pytest.mark.parametrize("flags", [["--exit-zero"], ["--fail-on", "none"], ["--fail-on", "diverges"]])
+def test_exit_zero_and_fail_on(tmp_path, capsys, flags):
+    code, _, _ = _run([_script(tmp_path, RAISING), "--reps", "2", *flags], capsys)
+    assert code == 0
+
+
+def test_output_file_gets_the_report_and_stderr_the_summary(tmp_path, capsys):
+    out_path = tmp_path / "report.yaml"
+    code, out, err = _run([_script(tmp_path, RAISING), "--reps", "2", "-o", str(out_path)], capsys)
+    assert code == 1 and out == ""
+    assert "report written to" in err and "aten.put_.default" in err
+    doc = yaml.safe_load(out_path.read_text())
+    assert doc["format"] == "opaudit-report" and doc["summary"]["raises"] == 1
+    assert doc["settings"]["script"] == "train.py"
+
+
+@pytest.mark.parametrize("ext", ["json", "csv", "md"])
+def test_output_format_from_extension(tmp_path, capsys, ext):
+    out_path = tmp_path / f"report.{ext}"
+    _run([_script(tmp_path, RAISING), "--reps", "2", "-o", str(out_path), "-q"], capsys)
+    text = out_path.read_text()
+    assert "aten.put_.default" in text
+
+
+def test_format_to_stdout(tmp_path, capsys):
+    code, out, _ = _run([_script(tmp_path, RAISING), "--reps", "2", "--format", "json"], capsys)
+    assert out.lstrip().startswith("{") and '"opaudit-report"' in out
+
+
+def test_entry_function_is_recorded_not_main(tmp_path, capsys):
+    body = """
+        import sys, torch
+        CALLS = []
+        def opaudit_step():
+            torch.zeros(10).put_(torch.tensor([1, 1]), torch.tensor([1.0, 2.0]))
+        def other():
+            torch.ones(3).sum()
+        if __name__ == "__main__":
+            raise SystemExit("must not run as __main__ when opaudit_step exists")
+    """
+    code, out, _ = _run([_script(tmp_path, body), "--reps", "2"], capsys)
+    assert code == 1 and "aten.put_.default" in out
+    code, out, _ = _run([_script(tmp_path, body), "--entry", "other", "--reps", "2", "--format", "yaml"], capsys)
+    assert code == 0 and "aten.put_" not in out and "op: aten.sum.default" in out
+
+
+def test_script_args_after_double_dash(tmp_path, capsys):
+    body = """
+        import sys, torch
+        assert sys.argv[1:] == ["--lr", "0.1"], sys.argv
+        torch.ones(2).sum()
+    """
+    code, _, err = _run([_script(tmp_path, body), "--reps", "1", "--", "--lr", "0.1"], capsys)
+    assert code == 0, err
+
+
+def test_script_with_no_torch_op_gives_an_empty_valid_report(tmp_path, capsys):
+    out_path = tmp_path / "r.yaml"
+    code, _, _ = _run([_script(tmp_path, "print('hello')\n"), "-o", str(out_path), "-q"], capsys)
+    assert code == 0
+    doc = yaml.safe_load(out_path.read_text())
+    assert doc["findings"] == [] and doc["summary"]["signatures"] == 0
+
+
+def _bad(argv, capsys, must_contain):
+    code, out, err = _run(argv, capsys)
+    assert code == 2, (out, err)
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("opaudit: error:")
+    assert must_contain in lines[0], lines[0]
+
+
+def test_nonexistent_file(tmp_path, capsys):
+    _bad([str(tmp_path / "nope.py")], capsys, "no such file")
+
+
+def test_directory(tmp_path, capsys):
+    _bad([str(tmp_path)], capsys, "is a directory")
+
+
+def test_non_python_file(tmp_path, capsys):
+    p = tmp_path / "data.csv"
+    p.write_text("a,b\n1,2\n")
+    _bad([str(p)], capsys, "not a Python script")
+
+
+def test_binary_file(tmp_path, capsys):
+    p = tmp_path / "model"
+    p.write_bytes(b"\x89PNG\x00\x01\xff")
+    _bad([str(p)], capsys, "not a Python script")
+
+
+def test_syntax_error(tmp_path, capsys):
+    _bad([_script(tmp_path, "def f(:\n    pass\n")], capsys, "syntax error")
+
+
+def test_missing_entry(tmp_path, capsys):
+    _bad([_script(tmp_path, CLEAN), "--entry", "train_step"], capsys, "no function named 'train_step'")
+
+
+@pytest.mark.parametrize("reps", ["0", "-3", "many"])
+def test_bad_reps(tmp_path, capsys, reps):
+    _bad([_script(tmp_path, CLEAN), "--reps", reps], capsys, "--reps")
+
+
+def test_unknown_flag(tmp_path, capsys):
+    _bad([_script(tmp_path, CLEAN), "--frobnicate"], capsys, "unrecognized arguments")
+
+
+def test_unknown_fail_on_verdict(tmp_path, capsys):
+    _bad([_script(tmp_path, CLEAN), "--fail-on", "explodes"], capsys, "unknown verdict")
+
+
+def test_unwritable_output_path(tmp_path, capsys):
+    _bad([_script(tmp_path, CLEAN), "-o", str(tmp_path / "missing" / "r.yaml")], capsys, "does not exist")
+    _bad([_script(tmp_path, CLEAN), "-o", str(tmp_path)], capsys, "is a directory")
+    _bad([_script(tmp_path, CLEAN), "-o", str(tmp_path / "r.docx")], capsys, "unknown extension")
+
+
+def test_user_exception_shows_their_frames_only(tmp_path, capsys):
+    body = """
+        import torch
+
+        def build():
+            torch.ones(2).sum()
+            return torch.ones(2) @ torch.ones(3)   # shape error raised inside torch
+
+        build()
+    """
+    code, out, err = _run([_script(tmp_path, body)], capsys)
+    assert code == 2
+    assert "Traceback (most recent call last)" in err
+    assert 'train.py", line 6, in build' in err
+    assert "site-packages" not in err and "opaudit/" not in err
+    assert err.strip().splitlines()[-1].startswith("opaudit: error: the script raised RuntimeError")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(Exception):
+        main([str(tmp_path / "nope.py"), "--debug"])
+
+
+def test_console_entry_point_runs_the_shipped_example():
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    proc = subprocess.run(
+        [sys.executable, "-m", "opaudit", os.path.join(EXAMPLES, "recommender.py"), "--reps", "3", "--threads", "2"],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "aten.index_put.default" in proc.stdout and "diverges" in proc.stdout
+    assert "opaudit/examples/recommender.py:" in proc.stdout
