@@ -62,9 +62,11 @@ DEFAULT_STRESS_SAMPLES = 2
 """Stress samples recorded per op and dtype: the largest that run within :data:`STRESS_CALL_S`."""
 STRESS_ELEMENTS = 1_000_000
 """Target size of a stress sample, in elements over all its tensors."""
-STRESS_CALL_S = 0.25
+STRESS_CALL_S = 0.05
 """A stress sample whose forward takes longer than this is dropped for a smaller one."""
 CAPTURE_BUDGET = 1024**3
+MAX_GRAD_ELEMENTS = 16_000_000
+"""Outputs larger than this (an expand of a stress input) get no backward."""
 MAX_STRESS_TRIALS = 8
 """Stress candidates tried (one unrecorded forward each) before giving up on stress for an op."""
 COLLISION_VALUES = 4
@@ -812,7 +814,16 @@ def _tile(sample: Any, size0: int, target: int, cap: int) -> _Candidate | None:
 
 
 def _opinfo_samples(op: Any, device: str, dtype: Any, grad: bool, n: int) -> list[Any]:
-    return list(itertools.islice(op.sample_inputs(device, dtype, requires_grad=grad), n))
+    """OpInfo's first ``n`` samples, seeded as OpInfo's own tests seed them."""
+    from torch.testing._internal.common_utils import TrackedInputIter
+
+    try:
+        # ``op.sample_inputs`` does the same, plus a stack walk to find the calling test
+        # (tens of ms per call) that a sweep has no use for.
+        samples = TrackedInputIter(iter(op.sample_inputs_func(op, device, dtype, grad)), "sample input")
+    except TypeError:
+        samples = op.sample_inputs(device, dtype, requires_grad=grad)
+    return list(itertools.islice(samples, n))
 
 
 def _scaled_samples(op: Any, device: str, dtype: Any, grad: bool, base: list[Any], cfg: SweepConfig) -> list[Any]:
@@ -870,19 +881,23 @@ def _stress_candidates(op: Any, device: str, dtype: Any, grad: bool, base: list[
     return out
 
 
-def _trial(call: Callable[[], Any], device: str) -> float | None:
-    """Seconds one unrecorded forward takes, or ``None`` if it fails."""
+def _trial(call: Callable[[], Any], device: str, cap: int) -> float | None:
+    """Seconds one unrecorded forward takes (infinite when its output exceeds ``cap``
+    elements), or ``None`` if it fails."""
     import torch
 
     try:
         t0 = time.perf_counter()
         with torch.no_grad():
-            call()
+            out = call()
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        return time.perf_counter() - t0
+        took = time.perf_counter() - t0
     except Exception:  # noqa: BLE001
         return None
+    # An expand-like op turns a stress input into an output far larger than the input;
+    # its gradient alone would dominate the sweep.
+    return math.inf if sum(t.numel() for t in _tensor_leaves(out)) > cap else took
 
 
 def _sample_call(op: Any, sample: Any) -> Callable[[], Any]:
@@ -920,7 +935,7 @@ def _opinfo_cases(op: Any, device: str, dtype: Any, cfg: SweepConfig, kind: str)
         seen.add(shape)
         for variant in (_with_collisions(s, float_op, gen), s):
             trials += 1
-            t = _trial(_cloned_call(op, variant), device)
+            t = _trial(_cloned_call(op, variant), device, 4 * cfg.stress_elements)
             if t is not None and t <= STRESS_CALL_S:
                 cases.append(_Case(_sample_call(op, variant), grad, f"stress {_numel(variant)} elements"))
                 break
@@ -980,7 +995,7 @@ def _module_cases(info: Any, device: str, dtype: Any, cfg: SweepConfig, kind: st
             return m(*a, **k)
 
         if kind == STRESS:
-            t = _trial(call, device)
+            t = _trial(call, device, 4 * cfg.stress_elements)
             if t is None or t > STRESS_CALL_S:
                 continue
             if len(cases) >= cfg.stress_samples:
@@ -1000,7 +1015,7 @@ def _run_case(rec: Any, case: _Case, gen: Any, device: str) -> None:
         return
     outs = [t for t in _tensor_leaves(out) if t.requires_grad and t.grad_fn is not None
             and (t.dtype.is_floating_point or t.dtype.is_complex)]
-    if not outs:
+    if not outs or sum(t.numel() for t in outs) > MAX_GRAD_ELEMENTS:
         return
     # Non-uniform gradients: an all-ones gradient hides atomics whose order does not
     # matter when every addend is equal.

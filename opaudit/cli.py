@@ -62,6 +62,18 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
+def _run_count(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of runs, got {text!r} (put the script before --run-check, or write --run-check=K)"
+        ) from None
+    if v < 2:
+        raise argparse.ArgumentTypeError(f"needs at least 2 runs to compare, got {v}")
+    return v
+
+
 def parse_verdicts(text: str) -> tuple:
     """``raises,diverges`` → verdicts; ``none`` or empty → no verdict fails."""
     from opaudit.classify import Verdict
@@ -85,6 +97,9 @@ def _audit_parser() -> _Parser:
     p.add_argument("--entry", metavar="NAME", help="function of the script to record instead of opaudit_step")
     p.add_argument("--reps", type=_positive_int, default=5, metavar="N", help="replays per mode (default 5)")
     p.add_argument("--seed", type=_int, default=0, metavar="S", help="seed set before the user's code and replays")
+    p.add_argument("--run-check", nargs="?", const=2, type=_run_count, metavar="K",
+                   help="also run the whole step K times (default 2) from identical state, in default and in "
+                        "deterministic mode, and report whether its bits reproduce and which op is the root cause")
     p.add_argument("-o", "--output", metavar="PATH", help="write the report here (format from the extension)")
     p.add_argument("--format", metavar="FMT", help="yaml, json, csv, md or table (default: from -o, else table)")
     p.add_argument("--fail-on", type=parse_verdicts, default=parse_verdicts(DEFAULT_FAIL_ON), metavar="LIST",
@@ -148,6 +163,20 @@ def _progress(enabled: bool) -> tuple[Callable[[Any], None] | None, Callable[[],
     return update, close
 
 
+def _run_check_progress(enabled: bool) -> tuple[Callable[[str, int, int], None] | None, Callable[[], None]]:
+    if not enabled:
+        return None, lambda: None
+
+    def show(mode: str, i: int, runs: int) -> None:
+        sys.stderr.write(f"\rrun check: {mode} mode, run {i}/{runs}   ")
+        sys.stderr.flush()
+
+    def clear() -> None:
+        sys.stderr.write("\r" + " " * 48 + "\r")
+
+    return show, clear
+
+
 def _emit(report: Any, fmt_name: str | None, output: str | None, quiet: bool) -> None:
     from opaudit.formats import Format, render
     from opaudit.report import atomic_write
@@ -186,11 +215,23 @@ def audit_main(argv: list[str]) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     target = loader.load_target(args.script, args.entry, script_args)
+    checks: tuple = ()
+    if args.run_check:
+        from opaudit.runcheck import run_checks
+
+        # Before recording, so that the recorder's captured inputs are not held meanwhile.
+        show, clear = _run_check_progress(not args.quiet and sys.stderr.isatty())
+        try:
+            checks = run_checks(target, args.run_check, seed=args.seed, on_run=show)
+        finally:
+            clear()
     rec = Recorder(capture_budget=args.capture_budget * 2**20, root=target.root)
     loader.run(target, lambda: rec, seed=args.seed)
 
     update, close = _progress(not args.quiet and sys.stderr.isatty())
     settings = {"script": target.name, "entry": target.entry or "__main__", "timing": not args.no_timing}
+    if args.run_check:
+        settings["run_check"] = args.run_check
     isolator = None
     if args.isolate or args.op_timeout:
         from opaudit.isolate import Isolator
@@ -201,7 +242,8 @@ def audit_main(argv: list[str]) -> int:
             settings["op_timeout_s"] = args.op_timeout
     try:
         report = build_report(rec, reps=args.reps, seed=args.seed, settings=settings,
-                              timings=not args.no_timing, on_progress=update, replay_fn=isolator)
+                              timings=not args.no_timing, on_progress=update, replay_fn=isolator,
+                              run_checks=checks)
     except KeyboardInterrupt as e:
         close()
         partial = getattr(e, "report", None)

@@ -11,8 +11,9 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -319,15 +320,13 @@ def parse_finding(d: Any, where: str) -> Finding:
     except ValueError as e:
         raise ReportError(f"{where}: {e}") from None
     sites = tuple(parse_site(s, f"{where}.sites") for s in _opt(d, "sites", list, where, []))
-    warnings_ = _opt(d, "warnings", list, where, [])
-    if not all(isinstance(w, str) for w in warnings_):
-        raise ReportError(f"{where}: warnings must be strings")
+    warnings_ = _strings(d, "warnings", where)
     cudnn = _opt(d, "cudnn", dict, where, {})
     return Finding(
         id=_need(d, "id", str, where), op=_need(d, "op", str, where), verdict=verdict,
         calls=_need(d, "calls", int, where), signature=_need(d, "signature", str, where),
         device=_opt(d, "device", str, where, "cpu"), reason=_opt(d, "reason", str, where, ""),
-        phases=tuple(_opt(d, "phases", list, where, [])), sites=sites,
+        phases=_strings(d, "phases", where), sites=sites,
         sites_dropped=_opt(d, "sites_dropped", int, where, 0), first_call=_opt(d, "first_call", int, where, 0),
         alert_kind=_opt(d, "alert_kind", str, where), strict_error=_opt(d, "strict_error", str, where),
         warnings=tuple(warnings_), default_diverged=_opt(d, "default_diverged", str, where, ""),
@@ -367,22 +366,39 @@ def from_dict(data: Any, path: str = "<report>") -> Report:
             mode=_need(r, "mode", str, w), runs=_need(r, "runs", int, w),
             reproducible=_need(r, "reproducible", bool, w), ops=_need(r, "ops", int, w),
             differing_ops=_opt(r, "differing_ops", int, w, 0), root_cause=_opt(r, "root_cause", dict, w),
-            path_split=_opt(r, "path_split", dict, w), mismatches=tuple(_opt(r, "mismatches", list, w, [])),
+            path_split=_opt(r, "path_split", dict, w), mismatches=_strings(r, "mismatches", w),
             error=_opt(r, "error", str, w)))
     view_calls = _opt(data, "view_calls", dict, path, {})
     if not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in view_calls.items()):
         raise ReportError(f"{path}: view_calls must map op names to counts")
     summary = _opt(data, "summary", dict, path, {})
-    return Report(
+    report = Report(
         environment=_need(data, "environment", dict, path),
         settings=_need(data, "settings", dict, path),
         results=tuple(parse_finding(f, f"{path}: findings[{i}]") for i, f in enumerate(findings)),
         view_calls=view_calls,
         total_calls=int(summary.get("total_calls", 0)) if isinstance(summary.get("total_calls", 0), int) else 0,
         complete=bool(_opt(data, "complete", bool, path, True)),
-        env_warnings=tuple(str(w) for w in _opt(data, "env_warnings", list, path, [])),
+        env_warnings=_strings(data, "env_warnings", path),
         run_checks=tuple(runs),
     )
+    _check_summary(summary, report, path)
+    return report
+
+
+def _strings(d: Mapping, key: str, where: str) -> tuple[str, ...]:
+    items = _opt(d, key, list, where, [])
+    if not all(isinstance(x, str) for x in items):
+        raise ReportError(f"{where}: {key} must be a list of strings")
+    return tuple(items)
+
+
+def _check_summary(summary: Mapping[str, Any], report: Report, path: str) -> None:
+    """Refuse a summary that does not add up: a file cut after a whole finding still parses."""
+    for key, held in report.summary.items():
+        if key in summary and summary[key] != held:
+            raise ReportError(f"{path}: summary gives {key}: {summary[key]!r} but the file holds {held} "
+                              "(truncated or hand-edited?)")
 
 
 def read_document(path: str) -> Any:

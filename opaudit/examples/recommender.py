@@ -7,12 +7,17 @@ gradients in a thread-dependent order: its bits change from run to run unless
 ``torch.use_deterministic_algorithms(True)`` is on.
 
     opaudit opaudit/examples/recommender.py
+
+Set ``OPAUDIT_DEVICE=cuda`` to run it on a GPU.
 """
+
+import os
 
 import torch
 from torch import nn
 
 N_USERS, N_ITEMS, DIM, BATCH = 2_000, 5_000, 32, 65_536
+DEVICE = torch.device(os.environ.get("OPAUDIT_DEVICE", "cpu"))
 
 
 class TwoTower(nn.Module):
@@ -31,12 +36,12 @@ class TwoTower(nn.Module):
 
 
 torch.manual_seed(0)
-model = TwoTower()
+model = TwoTower().to(DEVICE)
 optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 # Popular users and items appear many times in a batch: the ids collide.
-user_ids = torch.randint(0, N_USERS, (BATCH,))
-item_ids = torch.randint(0, N_ITEMS, (BATCH,))
-clicks = torch.rand(BATCH).round()
+user_ids = torch.randint(0, N_USERS, (BATCH,)).to(DEVICE)
+item_ids = torch.randint(0, N_ITEMS, (BATCH,)).to(DEVICE)
+clicks = torch.rand(BATCH).round().to(DEVICE)
 
 
 def opaudit_step() -> torch.Tensor:

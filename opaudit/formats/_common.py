@@ -69,14 +69,24 @@ def run_check_lines(r: "RunCheck") -> list[str]:
     if r.error:
         lines.append(f"  could not run: {r.error}")
     if r.path_split:
-        lines.append(f"  runs took different paths at op #{r.path_split.get('index')}: "
-                     f"{r.path_split.get('ops')}")
+        ps = r.path_split
+        ops, runs, where_ = ps.get("ops"), ps.get("runs") or [1, 2], ps.get("where") or ["", ""]
+        if isinstance(ops, list) and len(ops) == len(runs) == len(where_):
+            ops = " vs ".join(f"{op} (run {run}{', ' + loc if loc else ''})"
+                              for op, run, loc in zip(ops, runs, where_, strict=True))
+        lines.append(f"  runs took different paths at op #{ps.get('index')}: {ops}")
     if r.root_cause:
         rc = r.root_cause
-        lines.append(f"  root cause: op #{rc.get('index')} {rc.get('op')} at {rc.get('where')} "
-                     f"({rc.get('phase')}): its inputs were identical, its outputs were not")
+        at = f"{rc.get('op')} at {rc.get('where', '?')} ({', '.join(x for x in (rc.get('module'), rc.get('phase')) if x)})"
+        if rc.get("inputs_identical", True):
+            lines.append(f"  root cause: op #{rc.get('index')} {at}: its inputs were identical, its outputs were not")
+        else:
+            lines.append(f"  first difference: op #{rc.get('index')} {at}: its inputs already differed, so the "
+                         "difference came from outside the ops (Python or NumPy values, files, other threads)")
     if not r.reproducible and r.differing_ops:
-        lines.append(f"  {r.differing_ops} of {r.ops} ops differed")
+        downstream = (r.root_cause or {}).get("downstream")
+        more = f" ({downstream} downstream of op #{r.root_cause.get('index')})" if downstream and r.root_cause else ""
+        lines.append(f"  {r.differing_ops} of {r.ops} ops differed{more}")
     for m in r.mismatches[:8]:
         lines.append(f"  differs: {m}")
     if len(r.mismatches) > 8:

@@ -1,0 +1,112 @@
+"""Remedies: PyTorch's documented list (parsed at run time) and the curated knowledge base."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import yaml
+
+import opaudit
+from opaudit.classify import Verdict
+from opaudit.record import Recorder
+from opaudit.remedies import KnowledgeBase, KnowledgeBaseError, documented_ops, parse_determinism_doc
+from opaudit.replay import replay
+from fixtures import models as zoo
+
+
+def test_installed_torch_documents_both_lists():
+    docs = documented_ops()
+    raises = {d.api for d in docs if d.behaviour == "raises"}
+    fixed = {d.api for d in docs if d.behaviour == "deterministic"}
+    assert {"torch.nn.MaxUnpool1d", "torch.nn.MaxUnpool2d", "torch.nn.MaxUnpool3d", "torch.Tensor.put_"} <= raises
+    assert {"torch.Tensor.index_put", "torch.Tensor.index_copy", "torch.Tensor.put_"} <= fixed
+    put_cpu = [d for d in docs if d.api == "torch.Tensor.put_" and d.behaviour == "deterministic"]
+    assert put_cpu and put_cpu[0].devices == ("cpu",)
+
+
+def test_doc_parser_handles_continuations_and_sub_items():
+    doc = """
+    The following normally-nondeterministic operations will act
+    deterministically when ``mode=True``:
+
+        * :func:`torch.foo` when called on a CPU
+          tensor
+
+    The following normally-nondeterministic operations will throw a
+    :class:`RuntimeError` when ``mode=True``:
+
+        * :func:`torch.nn.functional.interpolate` when attempting to differentiate a CUDA tensor
+          and one of the following modes is used:
+
+          - ``linear``
+          - ``bilinear``
+
+        * :class:`torch.nn.Bar`
+
+    In addition, several operations fill uninitialized memory.
+    """
+    docs = parse_determinism_doc(doc)
+    assert [(d.api, d.behaviour, d.devices) for d in docs] == [
+        ("torch.foo", "deterministic", ("cpu",)),
+        ("torch.nn.functional.interpolate", "raises", ("cuda",)),
+        ("torch.nn.Bar", "raises", ()),
+    ]
+    assert "bilinear" in docs[1].text and docs[1].backward_only
+
+
+def test_every_curated_entry_names_documented_apis_or_aten_ops():
+    kb = KnowledgeBase.load_default()
+    documented_apis = {d.api for d in kb.documented}
+    assert kb.entries
+    for e in kb.entries:
+        assert e.ops and all(p.startswith("aten.") for p in e.ops)
+        assert e.remedies
+    named = {a for e in kb.entries for a in e.apis}
+    # Every API PyTorch documents is covered by some curated entry.
+    assert documented_apis - named == set()
+
+
+def test_knowledge_base_refuses_other_files():
+    with pytest.raises(KnowledgeBaseError):
+        KnowledgeBase.from_data({"format": "opaudit-report", "version": 1})
+    with pytest.raises(KnowledgeBaseError):
+        KnowledgeBase.from_data({"format": "opaudit-remedies", "version": 1, "entries": [{"ops": "x"}]})
+    # safe_load: a python tag is an error, never executed
+    with pytest.raises(yaml.YAMLError):
+        yaml.safe_load("!!python/object/apply:os.system ['echo pwned']")
+
+
+def test_findings_carry_remedies_with_measured_cost_and_documentation():
+    report = opaudit.audit(zoo.accumulate_put, reps=3)
+    (f,) = [f for f in report.results if f.op == "aten.put_.default"]
+    assert f.verdict is Verdict.DIVERGES
+    assert "Measured cost here:" in f.remedy and f"{f.det_cost:.2f}x" in f.remedy
+    assert "PyTorch documents: torch.Tensor.put_ with accumulate=True when called on a CPU tensor" in f.remedy
+    raising = opaudit.audit(zoo.unpool_all_dims, reps=2).findings(verdicts=["raises"])
+    assert all("max_unpool has no deterministic implementation" in f.remedy for f in raising)
+
+
+def test_cublas_error_gets_the_environment_remedy():
+    kb = KnowledgeBase.load_default()
+    report = opaudit.audit(zoo.put_no_accumulate, reps=1)
+    f = dataclasses.replace(report.results[0], op="aten.mm.default", alert_kind="cublas_workspace")
+    assert "CUBLAS_WORKSPACE_CONFIG=:4096:8" in kb.remedy(f) and "before the process starts" in kb.remedy(f)
+
+
+def test_cudnn_settings_are_replayed_and_reported():
+    conv = torch.nn.Conv2d(3, 4, 3)
+    x = torch.randn(2, 3, 16, 16)
+    with Recorder() as rec:
+        conv(x)
+    (sig, func, snap), = [i for i in rec.items() if i[0].op == "aten.convolution.default"]
+    obs = replay(func, snap, 2, cudnn_variants=True)
+    assert [name for name, _ in obs.variants] == [
+        "cudnn.deterministic=False,benchmark=False", "cudnn.deterministic=False,benchmark=True",
+        "cudnn.deterministic=True,benchmark=False", "cudnn.deterministic=True,benchmark=True"]
+    assert all(stats.runs == 2 for _, stats in obs.variants)
+    f = opaudit.pipeline.make_finding(sig, obs)
+    assert len(f.cudnn) == 4
+    kb = KnowledgeBase.load_default()
+    assert "cudnn.deterministic=True" in kb.remedy(dataclasses.replace(f, verdict=Verdict.DIVERGES))
