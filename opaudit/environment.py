@@ -97,7 +97,11 @@ def _cublas_version() -> str | None:
 
 def environment_warnings(devices: set[str], uninitialized_calls: int = 0,
                          fill_cost_s: float | None = None) -> list[str]:
-    """Global settings that undermine reproducibility for a run on ``devices``."""
+    """Global settings that undermine reproducibility for a run on ``devices``.
+
+    ``fill_cost_s`` is the measured extra time per step that filling
+    uninitialized memory costs under deterministic mode.
+    """
     out: list[str] = []
     cuda = any(d.startswith("cuda") for d in devices)
     now = os.environ.get(_CUBLAS_VAR)
@@ -123,7 +127,8 @@ def environment_warnings(devices: set[str], uninitialized_calls: int = 0,
     if torch.backends.cudnn.benchmark and not cuda:
         out.append("torch.backends.cudnn.benchmark=True: harmless on CPU, but nondeterministic on CUDA")
     if uninitialized_calls:
-        cost = f" (measured here: {fill_cost_s * 1e6:.1f} us per call)" if fill_cost_s else ""
+        cost = (f" (measured here: {fill_cost_s * 1e6:+.1f} us per step in total)"
+                if fill_cost_s is not None else "")
         out.append(f"{uninitialized_calls} call(s) return uninitialized memory: deterministic mode fills them "
                    f"(torch.utils.deterministic.fill_uninitialized_memory=True){cost}; set it to False "
                    "if their contents are always overwritten")

@@ -6,17 +6,17 @@
 
 from __future__ import annotations
 
-import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 
 from opaudit.classify import Verdict, classify
 from opaudit.environment import environment_warnings, fingerprint
 from opaudit.ops import OpKind, is_cudnn_op
-from opaudit.record import DEFAULT_CAPTURE_BUDGET, Recorder, RecordedSignature
-from opaudit.replay import Observation, preserved_state, replay
+from opaudit.record import DEFAULT_CAPTURE_BUDGET, RecordedSignature, Recorder
+from opaudit.replay import Observation, preserved_state, replay, time_fill
 from opaudit.report import Finding, Report, RunCheck, sort_findings
 from opaudit.tensors import Snapshot
 
@@ -71,6 +71,13 @@ def make_finding(sig: RecordedSignature, obs: Observation | None, remedy: str = 
     return _with(f, **changes)
 
 
+def _with_fill_timing(f: Finding, func: Any, snap: Snapshot, reps: int) -> Finding:
+    timed = time_fill(func, snap, reps)
+    if timed is None:
+        return f
+    return _with(f, time_default_us=_round(timed[0] * 1e6, 4), time_deterministic_us=_round(timed[1] * 1e6, 4))
+
+
 def _round(x: float, digits: int) -> float:
     """Significant digits kept in reports, so that a saved report loads back equal."""
     return x if x != x or x in (float("inf"), float("-inf")) else float(f"{x:.{digits}g}")
@@ -122,6 +129,8 @@ def build_report(
                     cudnn = sig.device.startswith("cuda") and is_cudnn_op(func)
                     obs = replay_fn(func, snap, reps, cudnn)
                 f = make_finding(sig, obs)
+                if sig.kind is OpKind.UNINITIALIZED and snap is not None:
+                    f = _with_fill_timing(f, func, snap, reps)
                 if kb is not None:
                     f = _with(f, remedy=kb.remedy(f))
                 if not timings:
@@ -145,7 +154,9 @@ def assemble(rec: Recorder, findings: list[Finding], *, reps: int, seed: int, se
     accel = sorted(d for d in devices if d != "cpu")
     env = fingerprint(accel[0] if accel else "cpu")
     uninit = [f for f in findings if f.verdict is Verdict.UNINITIALIZED]
-    warnings = environment_warnings(devices, sum(f.calls for f in uninit))
+    timed = [f for f in uninit if f.time_default_us is not None and f.time_deterministic_us is not None]
+    fill_cost = sum((f.time_deterministic_us - f.time_default_us) * f.calls for f in timed) * 1e-6 if timed else None
+    warnings = environment_warnings(devices, sum(f.calls for f in uninit), fill_cost)
     all_settings = {"reps": reps, "seed": seed, "capture_budget_mib": rec.capture_budget // 2**20}
     all_settings.update(settings or {})
     return Report(

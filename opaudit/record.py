@@ -14,8 +14,9 @@ import sys
 import sysconfig
 import threading
 import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -538,7 +539,7 @@ class Recorder:
 
     def _first_call(self, entry: _Entry, info: _OpInfo, args: tuple, kwargs: dict) -> None:
         entry.text = signature_text(args, kwargs)
-        if info.kind in (OpKind.COMPUTE, OpKind.RANDOM):
+        if info.kind in (OpKind.COMPUTE, OpKind.RANDOM, OpKind.UNINITIALIZED):
             self._capture(entry, info.func, args, kwargs)
         elif info.kind is OpKind.SIDE_EFFECT:
             entry.skip_reason = info.skip_reason

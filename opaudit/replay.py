@@ -20,13 +20,14 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import statistics
 import sys
 import tempfile
-import statistics
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import _disable_current_modes
@@ -294,3 +295,32 @@ def replay(func: Any, snap: Snapshot, reps: int = 5, *, cudnn_variants: bool = F
             return Observation(strict_kind, strict_error, tuple(sink), None, None, False, error=_one_line(e))
         return Observation(strict_kind, strict_error, tuple(sink), default, det,
                            rng_def or rng_det, variants=tuple(variants))
+
+
+def time_fill(func: Any, snap: Snapshot, reps: int = 5) -> tuple[float, float] | None:
+    """Median seconds per call of an op returning uninitialized memory, with the
+    determinism setting off and on (where ``fill_uninitialized_memory`` fills it).
+
+    Only timed: the bits of uninitialized memory mean nothing. ``None`` if it fails.
+    """
+    from torch.utils import deterministic as det_utils
+
+    out = []
+    with preserved_state(), _disable_current_modes(), torch.no_grad():
+        timer = _Timer(snap.devices)
+        det_utils.fill_uninitialized_memory = True
+        for mode in (False, True):
+            torch.use_deterministic_algorithms(mode, warn_only=True)
+            times = []
+            for _ in range(reps):
+                args, kwargs, _ = snap.materialize()
+                timer.sync()
+                t0 = time.perf_counter()
+                try:
+                    func(*args, **kwargs)
+                except Exception:  # noqa: BLE001 - timing is best effort
+                    return None
+                timer.sync()
+                times.append(time.perf_counter() - t0)
+            out.append(statistics.median(times))
+    return out[0], out[1]

@@ -9,9 +9,10 @@ import textwrap
 
 import pytest
 import yaml
+from conftest import EXAMPLES, ROOT
 
 from opaudit.cli import main
-from conftest import EXAMPLES, ROOT
+from opaudit.loader import ModelLoadError
 
 
 def _script(tmp_path, body, name="train.py"):
@@ -191,7 +192,7 @@ def test_user_exception_shows_their_frames_only(tmp_path, capsys):
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    with pytest.raises(Exception):
+    with pytest.raises(ModelLoadError, match="no such file"):
         main([str(tmp_path / "nope.py"), "--debug"])
 
 
