@@ -27,6 +27,7 @@ interrupted sweep can be resumed.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import difflib
@@ -34,14 +35,16 @@ import fnmatch
 import functools
 import itertools
 import math
-import multiprocessing
 import os
 import re
+import socket
+import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 from opaudit.classify import Verdict
 from opaudit.report import ReportError, atomic_write, check_header, read_document
@@ -55,19 +58,23 @@ INPUT_KINDS = (OPINFO, STRESS)
 
 DEFAULT_DTYPES = ("float32",)
 DEFAULT_REPS = 3
+DEFAULT_INDEX_REPS = 10
+"""Replays per mode of a stress signature that takes an integer index argument."""
 DEFAULT_OP_TIMEOUT = 60.0
 DEFAULT_MAX_SAMPLES = 6
 """OpInfo samples recorded per op and dtype (the first ones OpInfo yields)."""
-DEFAULT_STRESS_SAMPLES = 2
-"""Stress samples recorded per op and dtype: the largest that run within :data:`STRESS_CALL_S`."""
+DEFAULT_STRESS_SAMPLES = 3
+"""Stress samples recorded per op and dtype: the largest of each mode that run within :data:`STRESS_CALL_S`."""
 STRESS_ELEMENTS = 1_000_000
 """Target size of a stress sample, in elements over all its tensors."""
-STRESS_CALL_S = 0.05
+STRESS_CALL_S = 0.1
 """A stress sample whose forward takes longer than this is dropped for a smaller one."""
 CAPTURE_BUDGET = 1024**3
 MAX_GRAD_ELEMENTS = 16_000_000
 """Outputs larger than this (an expand of a stress input) get no backward."""
 MAX_STRESS_TRIALS = 8
+STRESS_TRIAL_BUDGET_S = 2.0
+"""Time spent trying stress candidates for one op and dtype before settling for fewer."""
 """Stress candidates tried (one unrecorded forward each) before giving up on stress for an op."""
 COLLISION_VALUES = 4
 """Distinct values left in an index argument of a stress sample."""
@@ -314,7 +321,7 @@ _TENSOR_TOKEN = re.compile(r"(?<![\w.])([a-z][a-z0-9_]*)\[")
 _DTYPE_KWARG = re.compile(r"\bdtype=torch\.([a-z0-9_]+)")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _abbreviations() -> dict[str, str]:
     import torch
 
@@ -472,13 +479,19 @@ def entry_from_finding(f: Any, kind: str, source: str) -> CatalogEntry:
     """A one-sample :class:`CatalogEntry` from an audit :class:`~opaudit.report.Finding`."""
     op, dtype, variant = entry_key(f.op, f.signature)
     error = f.reason if f.verdict is Verdict.SKIPPED else (
-        _first_line(f.strict_error) if f.verdict is Verdict.RAISES else "")
+        _alert_text(f.strict_error) if f.verdict is Verdict.RAISES else "")
     return CatalogEntry(
         op=op, dtype=dtype, variant=variant, verdict=f.verdict, input_kind=kind, phase="/".join(f.phases),
         source=source, signature=f.signature, opinfo=f.verdict if kind == OPINFO else None,
         stress=f.verdict if kind == STRESS else None, seen_in=1, alert=f.alert_kind,
-        error=error, warning=_first_line(f.warnings[0]) if f.warnings else "",
+        error=error, warning=_alert_text(f.warnings[0]) if f.warnings and f.verdict is Verdict.WARNS else "",
     )
+
+
+def _alert_text(message: str | None) -> str:
+    """What PyTorch's alert says about the op, without its boilerplate advice."""
+    line = _first_line(message)
+    return line.split(", but you set 'torch.use_deterministic_algorithms", 1)[0]
 
 
 def _swept_order(s: SweptOp) -> tuple[str, str]:
@@ -643,6 +656,7 @@ class SweepConfig:
     max_samples: int = DEFAULT_MAX_SAMPLES
     stress_samples: int = DEFAULT_STRESS_SAMPLES
     stress_elements: int = STRESS_ELEMENTS
+    index_reps: int = DEFAULT_INDEX_REPS
     seed: int = 0
 
     def settings(self, dtypes: tuple[str, ...], ops: tuple[str, ...]) -> dict[str, Any]:
@@ -651,7 +665,8 @@ class SweepConfig:
             "device": self.device, "dtypes": list(dtypes), "ops": list(ops) or ["*"], "reps": self.reps,
             "stress": self.stress, "stress_elements": self.stress_elements if self.stress else 0,
             "stress_samples": self.stress_samples if self.stress else 0, "max_samples": self.max_samples,
-            "op_timeout_s": self.op_timeout, "seed": self.seed,
+            "index_reps": self.index_reps if self.stress else 0, "op_timeout_s": self.op_timeout,
+            "seed": self.seed,
             "grad": "standard normal (non-uniform)",
         }
 
@@ -679,9 +694,8 @@ class _TimeLimit(Exception):
 
 
 def _tensor_leaves(obj: Any) -> list[Any]:
-    from torch.utils._pytree import tree_flatten
-
     import torch
+    from torch.utils._pytree import tree_flatten
 
     return [t for t in tree_flatten(obj)[0] if isinstance(t, torch.Tensor)]
 
@@ -692,10 +706,9 @@ def _numel(sample: Any) -> int:
 
 def _map_sample(sample: Any, fn: Callable[[Any], Any]) -> Any:
     """A new SampleInput with ``fn`` applied to every tensor."""
+    import torch
     from torch.testing._internal.opinfo.core import SampleInput
     from torch.utils._pytree import tree_map
-
-    import torch
 
     def leaf(x: Any) -> Any:
         return fn(x) if isinstance(x, torch.Tensor) else x
@@ -815,15 +828,12 @@ def _tile(sample: Any, size0: int, target: int, cap: int) -> _Candidate | None:
 
 def _opinfo_samples(op: Any, device: str, dtype: Any, grad: bool, n: int) -> list[Any]:
     """OpInfo's first ``n`` samples, seeded as OpInfo's own tests seed them."""
-    from torch.testing._internal.common_utils import TrackedInputIter
+    import torch
 
-    try:
-        # ``op.sample_inputs`` does the same, plus a stack walk to find the calling test
-        # (tens of ms per call) that a sweep has no use for.
-        samples = TrackedInputIter(iter(op.sample_inputs_func(op, device, dtype, grad)), "sample input")
-    except TypeError:
-        samples = op.sample_inputs(device, dtype, requires_grad=grad)
-    return list(itertools.islice(samples, n))
+    # ``op.sample_inputs`` wraps this in an iterator that walks the stack to find the
+    # calling test (tens of ms per call), which a sweep has no use for.
+    torch.manual_seed(0)
+    return list(itertools.islice(op.sample_inputs_func(op, device, dtype, grad), n))
 
 
 def _scaled_samples(op: Any, device: str, dtype: Any, grad: bool, base: list[Any], cfg: SweepConfig) -> list[Any]:
@@ -886,13 +896,16 @@ def _trial(call: Callable[[], Any], device: str, cap: int) -> float | None:
     elements), or ``None`` if it fails."""
     import torch
 
+    # CPU time, not wall time: other processes on the machine must not change which
+    # stress samples a sweep picks. (On CUDA the host waits, so wall time it is.)
+    clock = time.perf_counter if device.startswith("cuda") else time.process_time
     try:
-        t0 = time.perf_counter()
+        t0 = clock()
         with torch.no_grad():
             out = call()
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        took = time.perf_counter() - t0
+        took = clock() - t0
     except Exception:  # noqa: BLE001
         return None
     # An expand-like op turns a stress input into an output far larger than the input;
@@ -923,34 +936,56 @@ def _opinfo_cases(op: Any, device: str, dtype: Any, cfg: SweepConfig, kind: str)
     gen = torch.Generator().manual_seed(cfg.seed)
     float_op = dtype.is_floating_point or dtype.is_complex
     cases: list[_Case] = []
+    # One stress sample per mode (the sample's plain arguments: ``accumulate=True``, a bool
+    # mask instead of an index...), so a few samples cover an op's kernels, not one kernel
+    # at several sizes.
     seen: set[str] = set()
+    covered: set[str] = set()
     trials = 0
-    for cand in _stress_candidates(op, device, dtype, grad, base, cfg):
-        if len(cases) >= cfg.stress_samples or trials >= MAX_STRESS_TRIALS:
-            break
+    queue = collections.deque(_stress_candidates(op, device, dtype, grad, base, cfg))
+    budget_end = time.process_time() + STRESS_TRIAL_BUDGET_S
+    while queue and len(cases) < cfg.stress_samples and trials < MAX_STRESS_TRIALS \
+            and time.process_time() < budget_end:
+        cand = queue.popleft()
         s = cand.build()
-        shape = _shapes(s)
-        if shape in seen:
+        shape, mode = _shapes(s), _mode(s)
+        if shape in seen or mode in covered:
             continue
         seen.add(shape)
         for variant in (_with_collisions(s, float_op, gen), s):
             trials += 1
             t = _trial(_cloned_call(op, variant), device, 4 * cfg.stress_elements)
-            if t is not None and t <= STRESS_CALL_S:
+            if t is None:
+                continue  # the collided indices broke it: try the sample as it was
+            if t <= STRESS_CALL_S:
                 cases.append(_Case(_sample_call(op, variant), grad, f"stress {_numel(variant)} elements"))
-                break
-            if t is not None:
-                break  # too slow: a smaller candidate may fit
+                covered.add(mode)
+            elif cand.size0 and cand.reps > 2:
+                # Too slow (or its output too big) at this size: retry it smaller, first.
+                shrink = 8.0 if math.isinf(t) else 2 * t / STRESS_CALL_S
+                smaller = max(2, int(cand.reps / shrink))
+                if smaller < cand.reps:
+                    ratio = smaller / cand.reps
+                    queue.appendleft(dataclasses.replace(cand, reps=smaller, numel=int(cand.numel * ratio)))
+            break
     note = "" if cases else f"no stress input ({dtype_name}: no sample scales to "\
                             f"{cfg.stress_elements:.0e} elements within {STRESS_CALL_S}s)"
     return cases, note
 
 
-def _shapes(sample: Any) -> str:
-    """Shapes and plain arguments: two candidates equal here would record the same signatures."""
+def _mode(sample: Any) -> str:
+    """Plain arguments and tensor dtypes: what selects the kernel, whatever the sizes."""
+    import torch
     from torch.utils._pytree import tree_flatten
 
+    leaves = tree_flatten((sample.input, sample.args, sample.kwargs))[0]
+    return repr([x.dtype if isinstance(x, torch.Tensor) else x for x in leaves])
+
+
+def _shapes(sample: Any) -> str:
+    """Shapes and plain arguments: two candidates equal here would record the same signatures."""
     import torch
+    from torch.utils._pytree import tree_flatten
 
     leaves = tree_flatten((sample.input, sample.args, sample.kwargs))[0]
     return repr([tuple(x.shape) if isinstance(x, torch.Tensor) else x for x in leaves])
@@ -1024,12 +1059,23 @@ def _run_case(rec: Any, case: _Case, gen: Any, device: str) -> None:
         torch.autograd.backward(outs, grads)
 
 
-def _replay_until(deadline: float) -> Callable[..., Any]:
+def _has_index(snap: Any) -> bool:
+    args, kwargs, _ = snap.materialize()
+    return any(_is_index(t) for t in _tensor_leaves((args, kwargs)))
+
+
+def _replay_until(deadline: float, index_reps: int = 0) -> Callable[..., Any]:
+    """The pipeline's replay, cut off at ``deadline``; signatures with an integer index
+    argument get ``index_reps`` runs per mode when that is more."""
     from opaudit.replay import Observation, replay
 
     def run(func: Any, snap: Any, reps: int, cudnn: bool) -> Observation:
         if time.monotonic() > deadline:
             return Observation(None, None, (), None, None, False, error="op time limit reached")
+        if index_reps > reps and _has_index(snap):
+            # Colliding writes race only now and then (a few runs in twenty on two busy
+            # cores), so the ops that take indices get more chances to show it.
+            reps = index_reps
         return replay(func, snap, reps, cudnn_variants=cudnn)
 
     return run
@@ -1086,7 +1132,7 @@ def sweep_task(task: Task, cfg: SweepConfig) -> TaskResult:
                     first_error = first_error or f"{kind} {case.label}: {_error_line(e)}"
             try:
                 report = build_report(rec, reps=cfg.reps, seed=cfg.seed, remedies=False, timings=False,
-                                      replay_fn=_replay_until(deadline))
+                                      replay_fn=_replay_until(deadline, cfg.index_reps if kind == STRESS else 0))
             finally:
                 rec.release()
         for f in report.results:
@@ -1112,14 +1158,17 @@ def _error_line(e: BaseException) -> str:
 
 
 # -- running tasks: in process, or in a worker that can be killed ------------------
-def _worker_main(conn: Any, cfg: SweepConfig, quiet: bool, threads: int | None) -> None:
-    """Worker process: sweep tasks sent over ``conn`` until it is closed."""
-    import warnings
+def _worker_process(fd: int) -> None:
+    """Entry point of a sweep worker: read its settings, then sweep tasks until told to stop.
 
-    if quiet:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 2)
-        os.close(devnull)
+    Started with ``python -c`` rather than ``multiprocessing``'s spawn, which would
+    re-run the caller's ``__main__`` in the worker.
+    """
+    import warnings
+    from multiprocessing.connection import Connection
+
+    conn = Connection(fd)
+    cfg, threads = conn.recv()
     warnings.simplefilter("ignore")
     import torch
 
@@ -1139,10 +1188,8 @@ def _worker_main(conn: Any, cfg: SweepConfig, quiet: bool, threads: int | None) 
         try:
             result = sweep_task(task, cfg)
         except Exception as e:  # noqa: BLE001 - reported to the parent as this task's failure
-            detail = traceback.format_exc(limit=3) if not quiet else ""
+            sys.stderr.write(traceback.format_exc(limit=5))
             result = TaskResult(SweptOp(task.source, task.dtype, FAILED, reason=f"sweep error: {_error_line(e)}"), ())
-            if detail:
-                sys.stderr.write(detail)
         conn.send(("result", result))
 
 
@@ -1153,31 +1200,41 @@ class _Worker:
 
     def __init__(self, cfg: SweepConfig, quiet: bool, threads: int | None) -> None:
         self.cfg, self.quiet, self.threads = cfg, quiet, threads
-        self.proc: Any = None
+        self.proc: subprocess.Popen | None = None
         self.conn: Any = None
         self.environment: Mapping[str, Any] | None = None
 
     def start(self) -> None:
-        ctx = multiprocessing.get_context("spawn")
-        parent, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_main, args=(child, self.cfg, self.quiet, self.threads), daemon=True)
-        self.proc.start()
-        child.close()
-        self.conn = parent
-        if not parent.poll(self.START_TIMEOUT):
+        from multiprocessing.connection import Connection
+
+        ours, theirs = socket.socketpair()
+        code = "import sys; from opaudit.catalog import _worker_process; _worker_process(int(sys.argv[1]))"
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", code, str(theirs.fileno())], pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL if self.quiet else None)
+        finally:
+            theirs.close()
+        self.conn = Connection(ours.detach())
+        self.conn.send((self.cfg, self.threads))
+        if not self.conn.poll(self.START_TIMEOUT):
             self.stop()
             raise CatalogError("the sweep worker did not start (importing torch and OpInfo took too long)")
         try:
-            tag, env = parent.recv()
+            _, env = self.conn.recv()
         except EOFError:
-            code = self.proc.exitcode
+            code_ = self.proc.wait()
             self.stop()
-            raise CatalogError(f"the sweep worker exited while starting (exit code {code}); rerun with --debug") from None
+            raise CatalogError(f"the sweep worker exited while starting (exit code {code_}); "
+                               "rerun with --debug to see its errors") from None
         self.environment = env
 
     def run(self, task: Task, limit: float) -> TaskResult:
+        """Sweep ``task`` in the worker; kill it after ``limit`` seconds."""
         if self.proc is None:
             self.start()
+        assert self.proc is not None
         self.conn.send(task)
         end = time.monotonic() + limit
         while True:
@@ -1187,27 +1244,29 @@ class _Worker:
                     return result
                 except EOFError:
                     break
-            if not self.proc.is_alive():
+            if self.proc.poll() is not None:
                 break
             if time.monotonic() > end:
                 self.stop()
                 return TaskResult(SweptOp(task.source, task.dtype, TIMEOUT,
                                           reason=f"killed after {limit:.0f}s (hung or too slow)"), ())
-        code = self.proc.exitcode
+        code = self.proc.wait()
         self.stop()
-        how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        how = f"signal {-code}" if code < 0 else f"exit code {code}"
         return TaskResult(SweptOp(task.source, task.dtype, CRASHED, reason=f"worker died ({how})"), ())
 
     def stop(self) -> None:
+        """End the worker (politely, then by force)."""
         if self.proc is not None:
             try:
                 self.conn.send(None)
             except (OSError, ValueError):
                 pass
-            self.proc.join(timeout=2)
-            if self.proc.is_alive():
+            try:
+                self.proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
                 self.proc.kill()
-                self.proc.join()
+                self.proc.wait()
         if self.conn is not None:
             self.conn.close()
         self.proc = self.conn = None
@@ -1248,7 +1307,8 @@ _RESUME_KEYS = ("torch", "cuda", "cudnn", "gpu", "cpu", "threads", "platform")
 
 
 def _check_resume(partial: Catalog, path: str, settings: Mapping[str, Any], env: Mapping[str, Any]) -> None:
-    for k in ("device", "dtypes", "reps", "stress", "stress_elements", "stress_samples", "max_samples", "seed"):
+    for k in ("device", "dtypes", "reps", "stress", "stress_elements", "stress_samples", "index_reps", "max_samples",
+              "seed"):
         if partial.settings.get(k) != settings.get(k):
             raise CatalogError(f"{path}: cannot resume: it was made with {k}={partial.settings.get(k)!r}, "
                                f"this sweep uses {settings.get(k)!r} (start over without --resume)")

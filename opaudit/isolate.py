@@ -18,9 +18,8 @@ How inputs reach the worker depends on where they live:
   crashed is forked again from the unchanged parent.
 * **spawn** (CUDA initialised, inputs on an accelerator, or not Linux): forking a
   process with a live CUDA context is unsafe, so the worker is a fresh
-  interpreter. Each snapshot is sent through ``torch.multiprocessing``'s
-  reductions (shared memory for CPU tensors, CUDA IPC handles for CUDA tensors),
-  and the op is looked up by name, after importing the module that registered
+  interpreter. Each snapshot is sent to it: CPU tensors by value, CUDA tensors
+  as IPC handles through ``torch.multiprocessing``'s reductions, and the op is looked up by name, after importing the module that registered
   it when that module is importable (``torchvision`` for ``torchvision::nms``).
   An op the worker cannot find (a custom op registered by the user's script
   itself) is reported ``skipped`` with reason ``replay failed: ...``. Global settings that change results (RNG states,
@@ -33,13 +32,17 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import io
 import multiprocessing
+import pickle
 import signal
 import sys
 import threading
+import time
 import types
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from multiprocessing.reduction import ForkingPickler
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -214,14 +217,61 @@ def _main_hidden(hide: bool) -> Iterator[None]:
             sys.modules["__main__"] = saved
 
 
+class _RequestPickler(pickle.Pickler):
+    """CPU tensors by value, accelerator tensors by IPC handle (``torch.multiprocessing``).
+
+    ``torch.multiprocessing`` would also move every CPU buffer into shared memory,
+    which keeps file descriptors open in this process for each buffer for as long
+    as the snapshot lives (two per buffer here): thousands of signatures would run
+    out of them.
+    """
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, torch.UntypedStorage):
+            # Plain pickling of an untyped storage does not load back (torch 2.13),
+            # and a CUDA storage can only travel as a tensor: send a byte view.
+            return _storage_of, (torch.empty(0, dtype=torch.uint8, device=obj.device).set_(obj),)
+        if isinstance(obj, torch.Tensor) and obj.device.type != "cpu":
+            reduce = ForkingPickler._extra_reducers.get(type(obj))
+            if reduce is not None:
+                return reduce(obj)
+        return NotImplemented
+
+
+def _storage_of(view: torch.Tensor) -> torch.UntypedStorage:
+    return view.untyped_storage()
+
+
+def _dumps(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    _RequestPickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    return buf.getvalue()
+
+
+_TIMED_OUT = object()
+
+
+def _receive(conn: "Connection", deadline: float | None) -> Any:
+    """The worker's next message, ``_TIMED_OUT`` past ``deadline``, ``None`` if it went away."""
+    wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+    if not conn.poll(wait):
+        return _TIMED_OUT
+    try:
+        return conn.recv()
+    except (EOFError, OSError):
+        return None
+
+
 # -- the worker -------------------------------------------------------------
 def _serve(conn: "Connection", table: list[tuple[Any, Snapshot]] | None, state: dict[str, Any] | None,
            inherited: "Connection | None") -> None:
     """Worker loop: replay what the parent asks for until it sends ``None`` or goes away.
 
-    Replies ``("ok", Observation)``, ``("unavailable", reason)`` when the request
-    cannot be replayed here, or ``("crashed", error)`` just before exiting when the
-    process can no longer be trusted.
+    Acknowledges each request with ``("started", None)``, so that the parent knows
+    whether a death belongs to it, then replies ``("ok", Observation)``,
+    ``("unavailable", reason)`` when the request cannot be replayed here, or
+    ``("crashed", error)`` just before exiting when the process can no longer be
+    trusted.
     """
     # Ctrl-C reaches the whole process group; the parent decides what happens.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -249,11 +299,16 @@ def _loop(conn: "Connection", table: list[tuple[Any, Snapshot]] | None) -> None:
     conn.send(("ready", None))
     while True:
         try:
-            request = conn.recv()
+            request = pickle.loads(conn.recv_bytes())
         except (EOFError, OSError):
             return
+        except Exception as e:  # noqa: BLE001 - inputs that cannot be rebuilt here (a CUDA IPC failure...)
+            conn.send(("started", None))
+            conn.send(("unavailable", f"inputs cannot be received by the worker: {_one_line(e)}"))
+            continue
         if request is None:
             return
+        conn.send(("started", None))
         target, reps, cudnn = request
         try:
             if table is not None:
@@ -336,6 +391,11 @@ class Isolator:
         self.starts = 0
         """Workers started so far: 1 + one per crash or timeout that needed a new one."""
 
+    @property
+    def pid(self) -> int | None:
+        """Process id of the running worker, or ``None`` when none runs."""
+        return self._worker.process.pid if self._worker is not None else None
+
     # -- context --------------------------------------------------------------
     def __enter__(self) -> "Isolator":
         return self
@@ -349,7 +409,7 @@ class Isolator:
         if w is None:
             return
         try:
-            w.conn.send(None)
+            w.conn.send_bytes(_dumps(None))
         except OSError:
             pass
         w.process.join(_JOIN_TIMEOUT)
@@ -366,28 +426,44 @@ class Isolator:
             raise
 
     def _replay(self, func: Any, snap: Snapshot, reps: int, cudnn: bool) -> Observation:
-        if self.start_method == "fork":
-            i = self._register(func, snap)
-            worker = self._ensure_worker(need=i + 1)
-            request: Any = (i, reps, cudnn)
-        else:
-            worker = self._ensure_worker()
-            request = ((_op_ref(func), snap), reps, cudnn)
-        try:
-            worker.conn.send(request)
-        except (OSError, EOFError):
-            return NotReplayed.because(f"{CRASHED}: {self._reap()}")
-        except Exception as e:  # noqa: BLE001 - pickling the inputs failed
-            self._discard()
-            return Observation(None, None, (), None, None, False,
-                               error=f"inputs cannot be sent to the worker: {_one_line(e)}")
-        if not worker.conn.poll(self.timeout):
+        # A worker that dies before it takes the request was killed by something
+        # earlier (a late crash, the OOM killer): not this op's fault, so one retry.
+        for attempt in range(2):
+            if self.start_method == "fork":
+                i = self._register(func, snap)
+                worker = self._ensure_worker(need=i + 1)
+                request: Any = (i, reps, cudnn)
+            else:
+                worker = self._ensure_worker()
+                request = ((_op_ref(func), snap), reps, cudnn)
+            try:
+                message = _dumps(request)
+            except Exception as e:  # noqa: BLE001 - an argument that does not pickle
+                return Observation(None, None, (), None, None, False,
+                                   error=f"inputs cannot be sent to the worker: {_one_line(e)}")
+            deadline = None if self.timeout is None else time.monotonic() + self.timeout
+            try:
+                worker.conn.send_bytes(message)
+            except (OSError, EOFError):
+                taken = None
+            else:
+                taken = _receive(worker.conn, deadline)
+            if taken is _TIMED_OUT:
+                self._discard()
+                return NotReplayed.because(TIMEOUT)
+            if taken is None:
+                reason = self._reap()
+                if attempt == 0:
+                    continue
+                return NotReplayed.because(f"{CRASHED}: {reason}")
+            break
+        reply = _receive(worker.conn, deadline)
+        if reply is _TIMED_OUT:
             self._discard()
             return NotReplayed.because(TIMEOUT)
-        try:
-            status, payload = worker.conn.recv()
-        except (EOFError, OSError):
+        if reply is None:
             return NotReplayed.because(f"{CRASHED}: {self._reap()}")
+        status, payload = reply
         if status == "ok":
             return payload
         if status == "unavailable":
@@ -431,6 +507,9 @@ class Isolator:
             hello = parent_end.recv() if ready else None
         except (EOFError, OSError):
             hello = None
+        except BaseException:
+            worker.kill()
+            raise
         if hello != ("ready", None):
             reason = worker.exit_reason() if ready else "no answer in time"
             worker.kill()

@@ -8,8 +8,8 @@ reason given here, never dropped.
 from __future__ import annotations
 
 import enum
-import functools
 import fnmatch
+import functools
 
 import torch
 
@@ -91,7 +91,7 @@ def packet_name(func: torch._ops.OpOverload) -> str:
     return func._schema.name
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def op_kind(func: torch._ops.OpOverload) -> tuple[OpKind, str]:
     """The kind of ``func`` and, for ops not replayed, why."""
     name = func._schema.name
@@ -109,7 +109,7 @@ def op_kind(func: torch._ops.OpOverload) -> tuple[OpKind, str]:
     return OpKind.COMPUTE, ""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def written_args(func: torch._ops.OpOverload) -> tuple[tuple[bool, ...], frozenset[str]]:
     """Which positional arguments and keyword names the op writes to (schema ``Tensor(a!)``)."""
     pos, kw = [], set()

@@ -131,10 +131,11 @@ def build_report(
                 f = make_finding(sig, obs)
                 if sig.kind is OpKind.UNINITIALIZED and snap is not None:
                     f = _with_fill_timing(f, func, snap, reps)
-                if kb is not None:
-                    f = _with(f, remedy=kb.remedy(f))
                 if not timings:
                     f = _with(f, time_default_us=None, time_deterministic_us=None)
+                if kb is not None:
+                    # After the timings are dropped, so that --no-timing keeps the remedy text stable too.
+                    f = _with(f, remedy=kb.remedy(f))
                 findings.append(f)
                 if on_progress is not None:
                     on_progress(Progress(i + 1, len(items), sig.op))

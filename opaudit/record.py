@@ -14,7 +14,7 @@ import sys
 import sysconfig
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +22,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from opaudit.ops import OpKind, op_kind, written_args
-from opaudit.tensors import CaptureError, Snapshot
+from opaudit.tensors import CaptureError, Snapshot, copy_span
 
 if TYPE_CHECKING:
     from opaudit.report import Report
@@ -119,7 +119,7 @@ class _Entry:
 class _OpInfo:
     """What the hot path needs to know about one op overload, worked out once per process."""
 
-    __slots__ = ("func", "call", "kind", "skip_reason", "view", "name")
+    __slots__ = ("func", "call", "kind", "skip_reason", "view", "name", "written", "writes")
 
     def __init__(self, func: Any) -> None:
         self.func = func
@@ -128,6 +128,9 @@ class _OpInfo:
         self.kind, self.skip_reason = op_kind(func)
         self.view = self.kind is OpKind.VIEW
         self.name = str(func)
+        self.written: tuple[tuple[bool, ...], frozenset[str]] = written_args(func)
+        """Positional arguments and keyword names the op writes (schema ``Tensor(a!)``)."""
+        self.writes = any(self.written[0]) or bool(self.written[1])
 
 
 # Keyed by ``id(func)``: ``OpOverload.__hash__`` is a Python method, and this dict is
@@ -143,43 +146,29 @@ def _op_info(func: Any) -> _OpInfo:
 
 
 _Tensor = torch.Tensor
+_storage_use_count: Callable[[Any], int] | None = getattr(torch._C, "_storage_Use_Count", None)
 _NAN_KEY = ("nan",)
 
 
-def _args_key(args: tuple) -> tuple:
-    """Signature key of a call's positional arguments: :func:`_key` unrolled for the common case.
+def _args_key(args: Iterable[Any]) -> tuple:
+    """Signature key of a sequence of arguments, built for what aten passes.
 
-    Hashability is left to the dict lookup that uses the key; the caller falls back
-    to the signature text when it fails.
+    Aten arguments are tensors, scalars, and lists or tuples of those; a tensor
+    stands for its dtype, shape, strides and device. Hashability is left to the
+    dict lookup that uses the key; the caller falls back to the signature text
+    when it fails.
     """
     out = []
     for a in args:
         if isinstance(a, _Tensor):
             out.append((a.dtype, a.shape, a.stride(), a.device))
         elif isinstance(a, (list, tuple)):
-            out.append(_key(a))
+            out.append(_args_key(a))
         elif a.__class__ is float and a != a:
             out.append(_NAN_KEY)
         else:
             out.append(a)
     return tuple(out)
-
-
-def _key(a: Any) -> Any:
-    """Hashable signature key of one argument."""
-    if isinstance(a, torch.Tensor):
-        return (a.dtype, a.shape, a.stride(), a.device)
-    if isinstance(a, (list, tuple)):
-        return tuple([_key(x) for x in a])
-    if isinstance(a, dict):
-        return tuple(sorted((k, _key(v)) for k, v in a.items()))
-    if isinstance(a, float) and a != a:
-        return ("nan",)
-    try:
-        hash(a)
-    except TypeError:
-        return ("repr", repr(a))
-    return a
 
 
 _DTYPE_ABBR = {
@@ -472,10 +461,18 @@ class Recorder:
     the inputs of its first call, within ``capture_budget`` bytes.
     """
 
-    def __init__(self, capture_budget: int = DEFAULT_CAPTURE_BUDGET, root: str | None = None) -> None:
+    def __init__(self, capture_budget: int = DEFAULT_CAPTURE_BUDGET, root: str | None = None, *,
+                 copy_inputs: bool = False) -> None:
         self.capture_budget = capture_budget
+        self.copy_inputs = copy_inputs
+        """Copy every input when it is captured, instead of holding the ones the op
+        only reads until something is about to write them (see :meth:`_before_write`).
+        Needed only when the recorded code writes tensors other than through aten
+        ops (a C++ extension writing through ``data_ptr()``, a NumPy view)."""
         self.sites = SiteTracker(root)
         self._entries: dict[Any, _Entry] = {}
+        self._held: dict[int, list[tuple[_Entry, int]]] = {}
+        """Storage data pointer → (entry, buffer) of snapshots holding that storage uncopied."""
         self._view_calls: dict[_OpInfo, int] = {}
         self.total_calls = 0
         self.captured_bytes = 0
@@ -502,6 +499,7 @@ class Recorder:
             self._mode = None
             self.sites.stop()
             self._active = False
+            self._seal()
 
     # -- hot path -----------------------------------------------------------
     def _on_call(self, func: Any, args: tuple, kwargs: dict | None) -> Callable[..., Any]:
@@ -510,13 +508,15 @@ class Recorder:
         info = _OP_INFO.get(id(func))
         if info is None or info.func is not func:
             info = _op_info(func)
+        if info.writes and self._held:
+            self._before_write(info, args, kwargs)
         if info.view:
             views = self._view_calls
             views[info] = views.get(info, 0) + 1
             return info.call
         entries = self._entries
         try:
-            key = (info, _args_key(args), _key(kwargs) if kwargs else None)
+            key = (info, _args_key(args), (tuple(kwargs), _args_key(kwargs.values())) if kwargs else None)
             entry = entries.get(key)
         except Exception:  # noqa: BLE001 - unhashable values, tensors without strides
             key = (info, signature_text(args, kwargs or {}))
@@ -538,24 +538,25 @@ class Recorder:
         return info.call
 
     def _first_call(self, entry: _Entry, info: _OpInfo, args: tuple, kwargs: dict) -> None:
-        entry.text = signature_text(args, kwargs)
         if info.kind in (OpKind.COMPUTE, OpKind.RANDOM, OpKind.UNINITIALIZED):
-            self._capture(entry, info.func, args, kwargs)
+            self._capture(entry, info, args, kwargs)
         elif info.kind is OpKind.SIDE_EFFECT:
             entry.skip_reason = info.skip_reason
+        if entry.snapshot is None:
+            # With a snapshot the text waits for ``signatures()`` (see ``_text``).
+            entry.text = signature_text(args, kwargs)
 
-    def _capture(self, entry: _Entry, func: Any, args: tuple, kwargs: dict) -> None:
-        estimate = _estimate_bytes(args, kwargs)
-        if self.captured_bytes + estimate > self.capture_budget:
-            entry.skip_reason = "capture budget"
-            return
-        pos_w, kw_w = written_args(func)
-        written = [pos_w[i] if i < len(pos_w) else False for i in range(len(args))]
-        written += [k in kw_w for k in kwargs]
+    def _capture(self, entry: _Entry, info: _OpInfo, args: tuple, kwargs: dict) -> None:
+        written = None
+        if info.writes:
+            pos_w, kw_w = info.written
+            written = [pos_w[i] if i < len(pos_w) else False for i in range(len(args))]
+            written += [k in kw_w for k in kwargs]
         try:
-            snap = Snapshot(args, kwargs, written)
+            snap = Snapshot(args, kwargs, written, share=not self.copy_inputs,
+                            budget=self.capture_budget - self.captured_bytes)
         except CaptureError as e:
-            entry.skip_reason = str(e) if str(e) == "capture OOM" else f"capture failed: {e}"
+            entry.skip_reason = str(e) if str(e) in ("capture OOM", "capture budget") else f"capture failed: {e}"
             return
         except Exception as e:  # noqa: BLE001 - the user's run must carry on
             entry.skip_reason = f"capture failed: {type(e).__name__}: {e}"
@@ -565,6 +566,82 @@ class Recorder:
             return
         self.captured_bytes += snap.nbytes
         entry.snapshot = snap
+        held = self._held
+        for b, storage in snap.shared():
+            ptr = storage.data_ptr()
+            if ptr in held:
+                held[ptr].append((entry, b))
+            else:
+                held[ptr] = [(entry, b)]
+
+    # -- copy on write ------------------------------------------------------
+    # A snapshot copies at once only the storages its op writes; the storages it
+    # only reads are held as they are. Before any later op writes one of those
+    # (the op schema says which arguments it writes: ``Tensor(a!)``),
+    # ``_before_write`` copies it; when recording ends, ``_seal`` copies those that
+    # something outside the recorder still references. Activations, most of what
+    # a step captures, are never copied at all.
+    def _before_write(self, info: _OpInfo, args: tuple, kwargs: dict | None) -> None:
+        pos, kw = info.written
+        for i, w in enumerate(pos):
+            if w and i < len(args):
+                self._unhold(args[i])
+        if kw and kwargs:
+            for name in kw:
+                if name in kwargs:
+                    self._unhold(kwargs[name])
+
+    def _unhold(self, a: Any) -> None:
+        if isinstance(a, torch.Tensor):
+            try:
+                ptr = a.untyped_storage().data_ptr()
+            except Exception:  # noqa: BLE001 - no storage (sparse, nested...): nothing held
+                return
+            waiting = self._held.pop(ptr, None)
+            if waiting:
+                self._own(waiting)
+        elif isinstance(a, (list, tuple)):
+            for x in a:
+                self._unhold(x)
+
+    def _own(self, waiting: list[tuple[_Entry, int]]) -> None:
+        """Copy one held storage, once, over the union of the spans its holders need."""
+        live = [(e, b) for e, b in waiting if e.snapshot is not None]
+        if not live:
+            return
+        storage = live[0][0].snapshot.shared_storage(live[0][1])
+        spans = [e.snapshot.span(b) for e, b in live]
+        try:
+            copy = copy_span(storage, min(lo for lo, _ in spans), max(hi for _, hi in spans), storage.device)
+        except CaptureError as e:
+            for entry, _ in live:
+                self._drop(entry, str(e))
+            return
+        except Exception as e:  # noqa: BLE001 - the user's run must carry on
+            for entry, _ in live:
+                self._drop(entry, f"capture failed: {type(e).__name__}: {e}")
+            return
+        for entry, b in live:
+            entry.snapshot.own(b, copy)
+
+    def _drop(self, entry: _Entry, reason: str) -> None:
+        self._text(entry)
+        if entry.snapshot is not None:
+            self.captured_bytes -= entry.snapshot.nbytes
+        entry.snapshot = None
+        entry.skip_reason = reason
+
+    def _seal(self) -> None:
+        """Copy the held storages that anything besides the snapshots still references."""
+        held, self._held = self._held, {}
+        for waiting in held.values():
+            live = [(e, b) for e, b in waiting if e.snapshot is not None]
+            if not live:
+                continue
+            storage = live[0][0].snapshot.shared_storage(live[0][1])
+            ours = len({id(e.snapshot.shared_storage(b)) for e, b in live})
+            if _storage_use_count is None or _storage_use_count(storage._cdata) > ours:
+                self._own(live)
 
     # -- results ------------------------------------------------------------
     def _entries_in_order(self) -> Iterator[_Entry]:
@@ -577,11 +654,12 @@ class Recorder:
             op = str(e.func)
             # Two ids can name equal sites (e.g. two code objects on one line): merge them.
             sites = dict.fromkeys(self.sites.site(i) for i in e.sites)
+            text = self._text(e)
             out.append(RecordedSignature(
-                id=signature_id(op, e.text or ""),
+                id=signature_id(op, text),
                 op=op,
                 kind=e.kind,
-                signature=e.text or "",
+                signature=text,
                 device=_device_of(e),
                 calls=e.calls,
                 phases=tuple(name for name, bit in _PHASE_BITS if e.phases & bit),
@@ -605,8 +683,26 @@ class Recorder:
     def release(self) -> None:
         """Drop every captured input (the signatures stay)."""
         for e in self._entries.values():
+            self._text(e)
             e.snapshot = None
+        self._held.clear()
         self.captured_bytes = 0
+
+    @staticmethod
+    def _text(e: _Entry) -> str:
+        """The signature text, worked out from the snapshot the first time it is asked for.
+
+        The snapshot rebuilds the first call's arguments with the same dtypes,
+        shapes, strides, layouts and devices, so the text is the one the call
+        itself would give; the hot path is spared ``describe()``.
+        """
+        if e.text is None:
+            if e.snapshot is not None:
+                args, kwargs = e.snapshot.arguments()
+                e.text = signature_text(args, kwargs)
+            else:
+                e.text = ""
+        return e.text
 
     def classify(self, **options: Any) -> "Report":
         """Replay every signature and build a :class:`~opaudit.report.Report`.
@@ -633,17 +729,3 @@ def _walk_key(k: Any) -> Iterator[Any]:
             yield from _walk_key(x)
     else:
         yield k
-
-
-def _estimate_bytes(args: tuple, kwargs: dict) -> int:
-    total = 0
-    stack: list[Any] = [args, kwargs]
-    while stack:
-        a = stack.pop()
-        if isinstance(a, torch.Tensor):
-            total += a.numel() * a.element_size()
-        elif isinstance(a, (list, tuple)):
-            stack.extend(a)
-        elif isinstance(a, dict):
-            stack.extend(a.values())
-    return total

@@ -395,9 +395,10 @@ def _strings(d: Mapping, key: str, where: str) -> tuple[str, ...]:
 
 def _check_summary(summary: Mapping[str, Any], report: Report, path: str) -> None:
     """Refuse a summary that does not add up: a file cut after a whole finding still parses."""
-    for key, held in report.summary.items():
-        if key in summary and summary[key] != held:
-            raise ReportError(f"{path}: summary gives {key}: {summary[key]!r} but the file holds {held} "
+    held = report.summary
+    for key in ("signatures", *held):
+        if key in summary and summary[key] != held[key]:
+            raise ReportError(f"{path}: summary gives {key}: {summary[key]!r} but the file holds {held[key]} "
                               "(truncated or hand-edited?)")
 
 
@@ -418,13 +419,24 @@ def read_document(path: str) -> Any:
         except json.JSONDecodeError as e:
             raise ReportError(f"{path}: invalid JSON (line {e.lineno}: {e.msg})") from None
     try:
-        return yaml.safe_load(text)
+        data = yaml.safe_load(text)
     except yaml.constructor.ConstructorError as e:
         raise ReportError(f"{path}: refused: unsafe or unknown YAML tag ({_first_line(e.problem)})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise ReportError(f"{path}: invalid YAML{where} (truncated or hand-edited?)") from None
+    if text and not text.endswith("\n"):
+        # A YAML file cut mid-line often still parses, into a shorter last value.
+        raise ReportError(f"{path}: incomplete YAML: the last line has no line break (truncated?)")
+    if _is_ours(data) and text.rstrip().rsplit("\n", 1)[-1].strip() != "...":
+        # opaudit writes an explicit end marker; a file cut at a line break lacks it.
+        raise ReportError(f"{path}: incomplete YAML: no end-of-document marker '...' (truncated?)")
+    return data
+
+
+def _is_ours(data: Any) -> bool:
+    return isinstance(data, Mapping) and str(data.get("format", "")).startswith("opaudit-")
 
 
 def _first_line(s: str | None) -> str:

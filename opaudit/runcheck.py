@@ -289,9 +289,9 @@ def _execute(target: loader.Target, mode: str, seed: int | None, *, keep_errors:
     tracer = _Tracer(target.root)
     result: Any = None
     with loader._sandboxed_process_state(target):
-        fn = loader.prepare(target, seed)
-        namespace = _namespace(target, fn)
         try:
+            fn = loader.prepare(target, seed)
+            namespace = _namespace(target, fn)
             with tracer:
                 result = loader._run_guarded(fn)
         except (loader.UserCodeError, loader.ScriptExitError) as e:
@@ -323,9 +323,9 @@ def _final_state(result: Any, namespace: dict[str, Any]) -> dict[str, Any]:
     for i, x in enumerate(leaves):
         state["return value" if len(leaves) == 1 else f"return value[{i}]"] = _copy(x)
     for path, t, is_param in _tensors(namespace):
-        state[f"value of {path}"] = _copy(t)
         if is_param:
             state[f"grad of {path}"] = _copy(t.grad)
+        state[f"value of {path}"] = _copy(t)
     return state
 
 
@@ -403,7 +403,8 @@ class _Comparison:
     """0-based positions, before any split, of ops whose outputs differ."""
     root: int | None
     """First of ``differing`` whose inputs were identical."""
-    mismatches: tuple[str, ...]
+    mismatches: tuple[tuple[str, str], ...]
+    """``(key, description)`` of the final tensors that differ."""
     error: str | None
     """Why the later run stopped early, if it did."""
 
@@ -436,18 +437,19 @@ def _compare(first: _Run, other: _Run, run: int) -> _Comparison:
     return _Comparison(run, split, split_info, frozenset(differing), root, mismatches, other.error)
 
 
-def _state_mismatches(a: dict[str, Any], b: dict[str, Any], run: int) -> tuple[str, ...]:
+def _state_mismatches(a: dict[str, Any], b: dict[str, Any], run: int) -> tuple[tuple[str, str], ...]:
+    """``(key, description)`` for every return value, gradient or tensor that differs."""
     out = []
     for key, x in a.items():
         if key not in b:
-            out.append(f"{key} (missing in run {run})")
+            out.append((key, f"{key} (missing in run {run})"))
             continue
         y = b[key]
         if (x is None) != (y is None):
-            out.append(f"{key} (None in run {1 if x is None else run} only)")
+            out.append((key, f"{key} (None in run {1 if x is None else run} only)"))
         elif x is not None and not same_bits(x, y):
-            out.append(f"{key} ({_how_far(x, y)}; run {run} vs run 1)")
-    out += [f"{key} (only in run {run})" for key in b if key not in a]
+            out.append((key, f"{key} ({_how_far(x, y)}; run {run} vs run 1)"))
+    out += [(key, f"{key} (only in run {run})") for key in b if key not in a]
     return tuple(out)
 
 
@@ -460,9 +462,10 @@ def _how_far(x: Any, y: Any) -> str:
 
 def _summarise(mode: str, runs: int, first: _Run, comparisons: list[_Comparison]) -> RunCheck:
     differing = frozenset().union(*(c.differing for c in comparisons))
-    mismatches: list[str] = []
+    mismatches: dict[str, str] = {}
     for c in comparisons:
-        mismatches += [m for m in c.mismatches if m not in mismatches]
+        for key, text in c.mismatches:
+            mismatches.setdefault(key, text)  # each tensor once, as the first run that differed saw it
     roots = [c.root for c in comparisons if c.root is not None]
     root_cause = None
     if roots or differing:
@@ -472,13 +475,17 @@ def _summarise(mode: str, runs: int, first: _Run, comparisons: list[_Comparison]
         i = min(roots) if roots else min(differing)
         root_cause = {**first.op_fields(i), "inputs_identical": bool(roots),
                       "downstream": sum(1 for j in differing if j > i)}
+        if min(differing) < i:
+            # Data from outside the ops already differed before the root cause.
+            earlier = first.op_fields(min(differing))
+            root_cause["first_difference"] = {k: earlier[k] for k in ("index", "op", "where") if k in earlier}
     splits = [c for c in comparisons if c.split is not None]
     path_split = min(splits, key=lambda c: (c.split, c.run)).split_info if splits else None
     error = "; ".join(f"run {c.run}: {c.error}" for c in comparisons if c.error) or None
     return RunCheck(
         mode=mode, runs=runs, ops=len(first.steps), differing_ops=len(differing),
         reproducible=not (differing or mismatches or path_split or error),
-        root_cause=root_cause, path_split=path_split, mismatches=tuple(mismatches), error=error,
+        root_cause=root_cause, path_split=path_split, mismatches=tuple(mismatches.values()), error=error,
     )
 
 
@@ -498,6 +505,7 @@ def run_check(
     ``i`` (1-based). The user's code failing in the first run raises the loader's
     :class:`~opaudit.loader.UserCodeError` or :class:`~opaudit.loader.ScriptExitError`;
     a later run failing where the first did not is reported in ``RunCheck.error``.
+    ``seed=None`` leaves the RNG unseeded, so ops that draw from it differ run to run.
     """
     if mode not in MODES:
         raise RunCheckError(f"unknown mode {mode!r} (expected one of: {', '.join(MODES)})")

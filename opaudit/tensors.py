@@ -7,8 +7,9 @@ of it shows up in a recorded trace.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch.utils._pytree import tree_flatten
@@ -23,16 +24,24 @@ class CaptureError(Exception):
     """A tensor could not be snapshotted (unsupported layout, device or memory)."""
 
 
-@dataclass(frozen=True)
 class _TensorSlot:
-    """Where one tensor argument lives inside a snapshot's cloned buffers."""
+    """Where one tensor argument lives inside a snapshot's buffers.
 
-    buffer: int
-    dtype: torch.dtype
-    size: tuple[int, ...]
-    stride: tuple[int, ...]
-    offset: int  # in elements, relative to the buffer start
-    written: bool
+    A ``__slots__`` class rather than a frozen dataclass: one is built per tensor
+    captured, on the recorder's hot path, and a frozen dataclass takes ~1.5 µs to build.
+    """
+
+    __slots__ = ("buffer", "dtype", "size", "stride", "offset", "written")
+
+    def __init__(self, buffer: int, dtype: torch.dtype, size: tuple[int, ...], stride: tuple[int, ...],
+                 offset: int, written: bool) -> None:
+        self.buffer = buffer
+        self.dtype = dtype
+        self.size = size
+        self.stride = stride
+        self.offset = offset
+        """In elements, from the start of the original storage."""
+        self.written = written
 
 
 @dataclass(frozen=True)
@@ -49,6 +58,9 @@ class _GeneratorSlot:
 
     device: torch.device
     state: torch.Tensor
+
+
+_Parameter = torch.nn.Parameter
 
 
 class _Leaf:
@@ -113,21 +125,30 @@ def _tensor_ids(obj: Any, out: set[int]) -> None:
 
 
 class Snapshot:
-    """The inputs of one op call, cloned before the op ran.
+    """The inputs of one op call, as they were before the op ran.
 
-    Each distinct storage is cloned once over the span its tensors touch, so that
+    Each distinct storage is kept once, over the span its tensors touch, so that
     sizes, strides, storage offsets and aliasing between arguments (an in-place op
     whose ``out`` is also an input) all survive. ``materialize()`` rebuilds fresh
     arguments, cloning again only the buffers the op writes to.
+
+    By default every storage is cloned at once. With ``share=True`` (what the
+    recorder uses) only the storages this op writes are cloned; the others are
+    *held*, not copied, and :meth:`shared` lists them: whoever holds the snapshot
+    must call :meth:`own` on a held buffer before anything writes to that
+    storage. Most inputs are activations that nothing writes again, so most
+    captures then cost no copy at all.
 
     Capture sits on the recorder's hot path (once per unique signature), and
     ``materialize()`` on the replay's (once per run), so both walk the arguments
     with a small hand-written template instead of ``torch.utils._pytree``.
     """
 
-    __slots__ = ("_args", "_kwargs", "_slots", "_buffers", "_opaque", "_written_buffers", "nbytes")
+    __slots__ = ("_args", "_kwargs", "_slots", "_buffers", "_spans", "_opaque", "_written_buffers", "_shared",
+                 "nbytes")
 
-    def __init__(self, args: Sequence[Any], kwargs: dict, written: Sequence[bool] | None = None):
+    def __init__(self, args: Sequence[Any], kwargs: dict, written: Sequence[bool] | None = None, *,
+                 share: bool = False, budget: int | None = None):
         flat: list[Any] = []
         self._args = _template(tuple(args), flat)
         self._kwargs = _template(dict(kwargs), flat)
@@ -135,7 +156,7 @@ class Snapshot:
         if written is not None:
             # ``written`` is per top-level positional/keyword argument; map it to
             # the tensors inside each one.
-            for arg, w in zip(list(args) + list(kwargs.values()), written):
+            for arg, w in zip(list(args) + list(kwargs.values()), written, strict=False):
                 if w:
                     _tensor_ids(arg, written_ids)
         groups: dict[Any, list[int]] = {}
@@ -147,16 +168,17 @@ class Snapshot:
                 # advance the user's own generator.
                 slots[i] = _GeneratorSlot(leaf.device, leaf.get_state())
                 continue
-            if leaf.layout != torch.strided or leaf.is_nested or type(leaf) is not torch.Tensor and not isinstance(leaf, torch.nn.Parameter):
+            if (leaf.layout != torch.strided or leaf.is_nested
+                    or type(leaf) is not torch.Tensor and type(leaf) is not _Parameter and not isinstance(leaf, _Parameter)):
                 try:
                     slots[i] = _OpaqueSlot(len(self._opaque), id(leaf) in written_ids)
                     self._opaque.append(leaf.detach().clone())
                 except Exception as e:  # noqa: BLE001 - any failure means "cannot capture"
                     raise CaptureError(f"cannot clone {type(leaf).__name__} ({leaf.layout}): {e}") from e
                 continue
-            device = leaf.device
-            if device.type == "meta":
+            if leaf.is_meta:
                 raise CaptureError("meta tensors have no values to replay")
+            device = leaf.device
             try:
                 key = (device, leaf.untyped_storage().data_ptr())
             except Exception as e:  # noqa: BLE001
@@ -166,70 +188,101 @@ class Snapshot:
                 groups[key] = [i]
             else:
                 group.append(i)
-        self._buffers: list[torch.Tensor] = []
+        # Per buffer: [storage, base], where ``base`` is the byte offset in the
+        # original storage at which ``storage`` starts (0 while it is held).
+        self._buffers: list[list[Any]] = []
+        self._spans: list[tuple[int, int]] = []
         self._written_buffers: set[int] = set()
+        self._shared: list[int] = []
         nbytes = sum(t.numel() * t.element_size() for t in self._opaque)
+        spans = []
         for (device, _), idxs in groups.items():
             lo, hi = -1, 0
-            spans = []
+            w = False
             for i in idxs:
                 t = flat[i]
                 es = t.element_size()
                 start = t.storage_offset() * es
-                end = start
-                if t.numel():
-                    end = start + es * (1 + sum([(s - 1) * abs(st) for s, st in zip(t.shape, t.stride())]))
+                n = t.numel()
+                if n:
+                    if t.is_contiguous():
+                        end = start + es * n
+                    else:
+                        end = start + es * (1 + sum([(s - 1) * abs(st) for s, st in zip(t.shape, t.stride(), strict=True)]))
                     lo = start if lo < 0 or start < lo else lo
                     hi = end if end > hi else hi
-                spans.append(start)
-            lo = 0 if lo < 0 else (lo // _SPAN_ALIGN) * _SPAN_ALIGN
-            try:
-                if hi > lo:
-                    storage = flat[idxs[0]].untyped_storage()
-                    src = torch.empty(0, dtype=torch.uint8, device=device).set_(storage, lo, (hi - lo,), (1,))
-                    buf = src.clone()
-                else:
-                    buf = torch.empty(0, dtype=torch.uint8, device=device)
-            except torch.OutOfMemoryError as e:
-                raise CaptureError("capture OOM") from e
-            except RuntimeError as e:
-                # CUDA says "out of memory"; the CPU allocator "can't allocate memory".
-                if any(m in str(e).lower() for m in ("out of memory", "can't allocate memory")):
-                    raise CaptureError("capture OOM") from e
-                raise
+                w = w or id(t) in written_ids
+            lo = 0 if lo < 0 else lo
+            spans.append((device, idxs, lo, hi, w))
+            nbytes += hi - lo
+        if budget is not None and nbytes > budget:
+            raise CaptureError("capture budget")
+        for device, idxs, lo, hi, w in spans:
             b = len(self._buffers)
-            self._buffers.append(buf)
-            nbytes += buf.numel()
-            for i, start in zip(idxs, spans):
+            storage = flat[idxs[0]].untyped_storage()
+            self._spans.append((lo, hi))
+            if share and not w and hi > lo:
+                self._buffers.append([storage, 0])
+                self._shared.append(b)
+            else:
+                self._buffers.append(copy_span(storage, lo, hi, device))
+            for i in idxs:
                 t = flat[i]
-                w = id(t) in written_ids
-                if w:
+                tw = id(t) in written_ids
+                if tw:
                     self._written_buffers.add(b)
-                byte_off = start - lo
-                slots[i] = _TensorSlot(b, t.dtype, tuple(t.shape), tuple(t.stride()), byte_off // t.element_size() if byte_off >= 0 else 0, w)
+                # ``shape`` is an immutable ``torch.Size`` and ``stride()`` a fresh tuple: kept as they are.
+                slots[i] = _TensorSlot(b, t.dtype, t.shape, t.stride(), t.storage_offset(), tw)
         self._slots = slots
         self.nbytes = nbytes
 
-    def materialize(self, fresh_all: bool = False) -> tuple[tuple, dict, list[torch.Tensor]]:
-        """Rebuild ``(args, kwargs, written)``; written buffers are always fresh clones.
+    def shared(self) -> list[tuple[int, Any]]:
+        """``(buffer, storage)`` for every storage held rather than copied."""
+        return [(b, self._buffers[b][0]) for b in self._shared]
 
-        ``written`` lists the rebuilt tensors the op writes to, so that a replay can
-        compare them as outputs.
+    def shared_storage(self, b: int) -> Any:
+        """The storage held (uncopied) as buffer ``b``."""
+        return self._buffers[b][0]
+
+    def span(self, b: int) -> tuple[int, int]:
+        """Byte range ``[lo, hi)`` of the original storage that buffer ``b`` covers."""
+        return self._spans[b]
+
+    def own(self, b: int, copy: list[Any] | None = None) -> None:
+        """Copy held buffer ``b`` now: call before anything writes to its storage.
+
+        ``copy`` is a ready ``copy_span()`` of that storage covering :meth:`span`,
+        to share one copy between the snapshots holding the same storage. Raises
+        :class:`CaptureError` ``"capture OOM"`` when the copy does not fit.
         """
-        bufs = [
-            b.clone() if (fresh_all or i in self._written_buffers) else b
-            for i, b in enumerate(self._buffers)
-        ]
+        if b not in self._shared:
+            return
+        if copy is None:
+            storage = self._buffers[b][0]
+            lo, hi = self._spans[b]
+            copy = copy_span(storage, lo, hi, storage.device)
+        self._buffers[b] = copy
+        self._shared.remove(b)
+
+    def own_all(self) -> None:
+        """Copy every held buffer (see :meth:`own`)."""
+        for b in list(self._shared):
+            self.own(b)
+
+    def _values(self, fresh: set[int] | None, fresh_opaque: bool) -> tuple[list[Any], list[torch.Tensor]]:
+        bufs = []
+        for i, (storage, base) in enumerate(self._buffers):
+            bufs.append((storage.clone() if fresh is not None and i in fresh else storage, base))
         values: list[Any] = []
         written: list[torch.Tensor] = []
         for slot in self._slots:
             if type(slot) is _TensorSlot:
-                buf = bufs[slot.buffer]
-                t = torch.empty(0, dtype=slot.dtype, device=buf.device)
-                t.set_(buf.untyped_storage(), slot.offset, slot.size, slot.stride)
+                storage, base = bufs[slot.buffer]
+                t = torch.empty(0, dtype=slot.dtype, device=storage.device)
+                t.set_(storage, slot.offset - base // t.element_size(), slot.size, slot.stride)
             elif type(slot) is _OpaqueSlot:
                 src = self._opaque[slot.index]
-                t = src.clone() if (fresh_all or slot.written) else src
+                t = src.clone() if (fresh_opaque or slot.written) else src
             else:
                 gen = torch.Generator(device=slot.device)
                 gen.set_state(slot.state)
@@ -238,12 +291,44 @@ class Snapshot:
             values.append(t)
             if slot.written:
                 written.append(t)
+        return values, written
+
+    def materialize(self, fresh_all: bool = False) -> tuple[tuple, dict, list[torch.Tensor]]:
+        """Rebuild ``(args, kwargs, written)``; written buffers are always fresh clones.
+
+        ``written`` lists the rebuilt tensors the op writes to, so that a replay can
+        compare them as outputs.
+        """
+        fresh = set(range(len(self._buffers))) if fresh_all else self._written_buffers
+        values, written = self._values(fresh, fresh_all)
         return _rebuild(self._args, values), _rebuild(self._kwargs, values), written
+
+    def arguments(self) -> tuple[tuple, dict]:
+        """``(args, kwargs)`` as views of the captured buffers: to describe, never to run."""
+        values, _ = self._values(None, False)
+        return _rebuild(self._args, values), _rebuild(self._kwargs, values)
 
     @property
     def devices(self) -> set[torch.device]:
         """Devices of the captured tensors."""
-        return {b.device for b in self._buffers} | {t.device for t in self._opaque}
+        return {b[0].device for b in self._buffers} | {t.device for t in self._opaque}
+
+
+def copy_span(storage: Any, lo: int, hi: int, device: torch.device) -> list[Any]:
+    """``[copy of storage bytes [lo', hi), lo']``, ``lo'`` being ``lo`` rounded down to :data:`_SPAN_ALIGN`."""
+    lo = (lo // _SPAN_ALIGN) * _SPAN_ALIGN
+    try:
+        if hi > lo:
+            src = torch.empty(0, dtype=torch.uint8, device=device).set_(storage, lo, (hi - lo,), (1,))
+            return [src.clone().untyped_storage(), lo]
+        return [torch.empty(0, dtype=torch.uint8, device=device).untyped_storage(), lo]
+    except torch.OutOfMemoryError as e:
+        raise CaptureError("capture OOM") from e
+    except RuntimeError as e:
+        # CUDA says "out of memory"; the CPU allocator "can't allocate memory".
+        if any(m in str(e).lower() for m in ("out of memory", "can't allocate memory")):
+            raise CaptureError("capture OOM") from e
+        raise
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fixtures import models as zoo
 
 import opaudit
 import opaudit.testing
-from fixtures import models as zoo
 
 
 def test_pytest_pattern_passes_for_a_clean_step():

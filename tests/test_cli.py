@@ -199,7 +199,7 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_console_entry_point_runs_the_shipped_example():
     env = {**os.environ, "PYTHONPATH": ROOT}
     proc = subprocess.run(
-        [sys.executable, "-m", "opaudit", os.path.join(EXAMPLES, "recommender.py"), "--reps", "3", "--threads", "2"],
+        [sys.executable, "-m", "opaudit", os.path.join(EXAMPLES, "recommender.py"), "--reps", "5", "--threads", "2"],
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
     )
     assert proc.returncode == 1, proc.stderr

@@ -6,13 +6,13 @@ import inspect
 import os
 
 import torch
+from fixtures import models as zoo
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import opaudit
 from opaudit.ops import OpKind, op_kind
 from opaudit.record import Recorder
 from opaudit.tensors import Snapshot
-from fixtures import models as zoo
 
 
 def _line_of(fn, text):

@@ -7,13 +7,13 @@ import dataclasses
 import pytest
 import torch
 import yaml
+from fixtures import models as zoo
 
 import opaudit
 from opaudit.classify import Verdict
 from opaudit.record import Recorder
 from opaudit.remedies import KnowledgeBase, KnowledgeBaseError, documented_ops, parse_determinism_doc
 from opaudit.replay import replay
-from fixtures import models as zoo
 
 
 def test_installed_torch_documents_both_lists():

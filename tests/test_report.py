@@ -9,11 +9,11 @@ import os
 
 import pytest
 import yaml
+from fixtures import models as zoo
 
 import opaudit
 from opaudit.formats import Format, FormatError, render
 from opaudit.report import ROW_FIELDS, ReportError, atomic_write, from_dict, load
-from fixtures import models as zoo
 
 
 def _mixed():

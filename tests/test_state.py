@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fixtures import models as zoo
 from torch.utils import deterministic as det_utils
 
 import opaudit
-from opaudit.replay import replay
 from opaudit.record import Recorder
-from fixtures import models as zoo
+from opaudit.replay import replay
 
 
 def _state():

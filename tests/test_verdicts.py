@@ -5,10 +5,10 @@ from __future__ import annotations
 import re
 
 import pytest
+from fixtures import models as zoo
 
 import opaudit
 from opaudit import Verdict
-from fixtures import models as zoo
 
 
 def _only(report, op):

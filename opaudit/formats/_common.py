@@ -80,6 +80,10 @@ def run_check_lines(r: "RunCheck") -> list[str]:
         at = f"{rc.get('op')} at {rc.get('where', '?')} ({', '.join(x for x in (rc.get('module'), rc.get('phase')) if x)})"
         if rc.get("inputs_identical", True):
             lines.append(f"  root cause: op #{rc.get('index')} {at}: its inputs were identical, its outputs were not")
+            fd = rc.get("first_difference")
+            if isinstance(fd, dict):
+                lines.append(f"  before it, op #{fd.get('index')} {fd.get('op')} at {fd.get('where', '?')} already got "
+                             "different inputs from outside the ops (Python or NumPy values, files, other threads)")
         else:
             lines.append(f"  first difference: op #{rc.get('index')} {at}: its inputs already differed, so the "
                          "difference came from outside the ops (Python or NumPy values, files, other threads)")

@@ -6,7 +6,13 @@ from typing import TYPE_CHECKING
 
 from opaudit.classify import Verdict
 from opaudit.formats._common import (
-    FINDING_HEADERS, crash_rows, finding_row, notable, remedy_rows, run_check_lines, summary_line,
+    FINDING_HEADERS,
+    crash_rows,
+    finding_row,
+    notable,
+    remedy_rows,
+    run_check_lines,
+    summary_line,
 )
 
 if TYPE_CHECKING:

@@ -5,7 +5,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from opaudit.formats._common import (
-    FINDING_HEADERS, crash_rows, finding_row, notable, remedy_rows, run_check_lines, summary_line,
+    FINDING_HEADERS,
+    crash_rows,
+    finding_row,
+    notable,
+    remedy_rows,
+    run_check_lines,
+    summary_line,
 )
 
 if TYPE_CHECKING:

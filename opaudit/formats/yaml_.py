@@ -23,9 +23,12 @@ _Dumper.add_multi_representer(str, _str)
 
 
 def dump(data: Any) -> str:
-    """Stable YAML for plain data: insertion order kept, wide lines, no aliases."""
+    """Stable YAML for plain data: insertion order kept, wide lines, no aliases, an end marker."""
     _Dumper.ignore_aliases = lambda self, data: True  # type: ignore[method-assign]
-    return yaml.dump(data, Dumper=_Dumper, sort_keys=False, width=120, allow_unicode=True, default_flow_style=False)
+    # explicit_end writes "...": a file cut at a line break still lacks it, so the
+    # reader can tell a truncated file from a whole one.
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False, width=120, allow_unicode=True,
+                     default_flow_style=False, explicit_end=True)
 
 
 def render(report: "Report") -> str:
