@@ -17,8 +17,8 @@ __version__ = "0.1.0"
 __all__ = ["Recorder", "Report", "Finding", "Verdict", "audit", "load_report", "__version__"]
 
 if TYPE_CHECKING:
-    from opaudit.pipeline import audit
     from opaudit.classify import Verdict
+    from opaudit.pipeline import audit
     from opaudit.record import Recorder
     from opaudit.report import Finding, Report
     from opaudit.report import load as load_report

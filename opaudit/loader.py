@@ -120,8 +120,11 @@ def _top_level_functions(tree: ast.Module) -> set[str]:
 
 
 @contextlib.contextmanager
-def _sandboxed_process_state(target: Target) -> Iterator[None]:
-    """Set argv/path for the script and undo what it changes in the interpreter."""
+def sandboxed(target: Target) -> Iterator[None]:
+    """Set argv/path for the script and undo what it changes in the interpreter.
+
+    Every load and run of the user's code happens inside this.
+    """
     saved_argv = sys.argv
     saved_path = list(sys.path)
     saved_cwd = os.getcwd()
@@ -171,7 +174,11 @@ def _user_traceback(exc: BaseException) -> str:
     return "".join(lines)
 
 
-def _run_guarded(fn: Callable[[], Any]) -> Any:
+def call_user(fn: Callable[[], Any]) -> Any:
+    """Call the user's code, turning its failures into :class:`UserCodeError` / :class:`ScriptExitError`.
+
+    ``sys.exit(0)`` and ``sys.exit()`` count as a normal end (returning ``None``).
+    """
     try:
         return fn()
     except SystemExit as e:
@@ -185,12 +192,22 @@ def _run_guarded(fn: Callable[[], Any]) -> Any:
         raise UserCodeError(f"the script raised {msg}", _user_traceback(e)) from e
 
 
-def prepare(target: Target, seed: int | None = 0) -> Callable[[], Any]:
-    """Everything up to the recorded part; returns the callable to record.
+@dataclass(frozen=True)
+class Prepared:
+    """The user's code loaded and ready: the callable to record and the module's globals."""
 
-    In script mode that callable runs the whole script as ``__main__``; in entry
+    call: Callable[[], Any]
+    """Runs the whole script (script mode) or is the entry function."""
+    namespace: dict[str, Any]
+    """The globals of the user's module (filled in once ``call`` ran, in script mode)."""
+
+
+def prepare(target: Target, seed: int | None = 0) -> Prepared:
+    """Everything up to the recorded part.
+
+    In script mode the callable runs the whole script as ``__main__``; in entry
     mode the module is imported here (not recorded) and the callable is the entry.
-    Must be called inside :func:`run_context`.
+    Must be called inside :func:`sandboxed`.
     """
     code = _compile(target)
     if seed is not None:
@@ -199,16 +216,16 @@ def prepare(target: Target, seed: int | None = 0) -> Callable[[], Any]:
         module = types.ModuleType("__main__")
         module.__dict__.update({"__file__": target.path, "__builtins__": __builtins__, "__spec__": None})
         sys.modules["__main__"] = module
-        return lambda: exec(code, module.__dict__)  # noqa: S102 - running the user's script is the job
+        return Prepared(lambda: exec(code, module.__dict__), module.__dict__)  # noqa: S102 - running it is the job
     stem = os.path.splitext(target.name)[0]
     module = types.ModuleType(f"_opaudit_target_{stem}")
     module.__dict__.update({"__file__": target.path, "__builtins__": __builtins__})
     sys.modules[module.__name__] = module
-    _run_guarded(lambda: exec(code, module.__dict__))  # noqa: S102
+    call_user(lambda: exec(code, module.__dict__))  # noqa: S102
     fn = module.__dict__.get(target.entry)
     if not callable(fn):
         raise ModelLoadError(f"{target.name}: {target.entry!r} is not a function")
-    return fn
+    return Prepared(fn, module.__dict__)
 
 
 def _seed(seed: int) -> None:
@@ -232,7 +249,7 @@ def run(target: Target, recording: Callable[[], contextlib.AbstractContextManage
     Raises :class:`UserCodeError` or :class:`ScriptExitError` when the user's code
     fails; ``sys.exit(0)`` ends the script normally.
     """
-    with _sandboxed_process_state(target):
-        fn = prepare(target, seed)
+    with sandboxed(target):
+        prepared = prepare(target, seed)
         with recording():
-            _run_guarded(fn)
+            call_user(prepared.call)

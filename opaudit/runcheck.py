@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import gc
-import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -288,12 +287,12 @@ def _execute(target: loader.Target, mode: str, seed: int | None, *, keep_errors:
     torch.use_deterministic_algorithms(mode == DETERMINISTIC, warn_only=True)
     tracer = _Tracer(target.root)
     result: Any = None
-    with loader._sandboxed_process_state(target):
+    with loader.sandboxed(target):
         try:
-            fn = loader.prepare(target, seed)
-            namespace = _namespace(target, fn)
+            prepared = loader.prepare(target, seed)
+            namespace = prepared.namespace
             with tracer:
-                result = loader._run_guarded(fn)
+                result = loader.call_user(prepared.call)
         except (loader.UserCodeError, loader.ScriptExitError) as e:
             if not keep_errors:
                 raise
@@ -301,19 +300,6 @@ def _execute(target: loader.Target, mode: str, seed: int | None, *, keep_errors:
     with _disable_current_modes(), torch.no_grad():
         state = _final_state(result if target.entry is not None else None, namespace)
     return _Run(tuple(tracer.steps), state, tracer.sites)
-
-
-def _namespace(target: loader.Target, fn: Any) -> dict[str, Any]:
-    """The globals of the freshly loaded user module."""
-    if target.entry is None:
-        return vars(sys.modules["__main__"])
-    g = getattr(fn, "__globals__", None)
-    if isinstance(g, dict) and g.get("__file__") == target.path:
-        return g
-    for mod in list(sys.modules.values()):
-        if getattr(mod, "__file__", None) == target.path and mod.__name__ != "__main__":
-            return vars(mod)
-    return {}
 
 
 def _final_state(result: Any, namespace: dict[str, Any]) -> dict[str, Any]:
