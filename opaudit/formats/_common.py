@@ -104,7 +104,7 @@ def remedy_rows(report: "Report") -> list[list[str]]:
     for f in notable(report):
         if not f.remedy or f.verdict in (Verdict.STABLE, Verdict.UNINITIALIZED, Verdict.SKIPPED):
             continue
-        key = (f.op, f.verdict, f.remedy)
+        key = (f.op, f.verdict)  # one row per op and verdict: the worst-first finding's remedy
         if key in seen:
             continue
         seen.add(key)
