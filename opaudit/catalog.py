@@ -27,7 +27,6 @@ interrupted sweep can be resumed.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import difflib
@@ -58,7 +57,7 @@ INPUT_KINDS = (OPINFO, STRESS)
 
 DEFAULT_DTYPES = ("float32",)
 DEFAULT_REPS = 3
-DEFAULT_INDEX_REPS = 10
+DEFAULT_INDEX_REPS = 20
 """Replays per mode of a stress signature that takes an integer index argument."""
 DEFAULT_OP_TIMEOUT = 60.0
 DEFAULT_MAX_SAMPLES = 6
@@ -72,10 +71,12 @@ STRESS_CALL_S = 0.1
 CAPTURE_BUDGET = 1024**3
 MAX_GRAD_ELEMENTS = 16_000_000
 """Outputs larger than this (an expand of a stress input) get no backward."""
-MAX_STRESS_TRIALS = 8
+ALARM_GRACE_S = 5.0
+"""After the op time limit plus this, Python code of the op is interrupted (see :func:`_alarm`)."""
+PROBE_FRACTION = 64
+"""A tiled stress candidate is first timed at this fraction of its size."""
 STRESS_TRIAL_BUDGET_S = 2.0
 """Time spent trying stress candidates for one op and dtype before settling for fewer."""
-"""Stress candidates tried (one unrecorded forward each) before giving up on stress for an op."""
 COLLISION_VALUES = 4
 """Distinct values left in an index argument of a stress sample."""
 PARTIAL_EVERY_S = 20.0
@@ -659,10 +660,11 @@ class SweepConfig:
     index_reps: int = DEFAULT_INDEX_REPS
     seed: int = 0
 
-    def settings(self, dtypes: tuple[str, ...], ops: tuple[str, ...]) -> dict[str, Any]:
+    def settings(self, dtypes: tuple[str, ...], ops: tuple[str, ...], modules: bool) -> dict[str, Any]:
         """The catalog's ``settings`` mapping."""
         return {
-            "device": self.device, "dtypes": list(dtypes), "ops": list(ops) or ["*"], "reps": self.reps,
+            "device": self.device, "dtypes": list(dtypes), "ops": list(ops) or ["*"],
+            "modules": modules and not ops, "reps": self.reps,
             "stress": self.stress, "stress_elements": self.stress_elements if self.stress else 0,
             "stress_samples": self.stress_samples if self.stress else 0, "max_samples": self.max_samples,
             "index_reps": self.index_reps if self.stress else 0, "op_timeout_s": self.op_timeout,
@@ -677,7 +679,6 @@ class TaskResult:
 
     swept: SweptOp
     entries: tuple[CatalogEntry, ...]
-    environment: Mapping[str, Any] | None = None
 
 
 @dataclass
@@ -687,10 +688,6 @@ class _Case:
     call: Callable[[], Any]
     grad: bool
     label: str = ""
-
-
-class _TimeLimit(Exception):
-    """The op's time limit passed between two samples."""
 
 
 def _tensor_leaves(obj: Any) -> list[Any]:
@@ -864,12 +861,37 @@ def _scaled_samples(op: Any, device: str, dtype: Any, grad: bool, base: list[Any
         return []
 
 
+def _index_along_rows(device: str, dtype: Any, grad: bool, target: int) -> list[Any]:
+    """``(input [n, n], dim=0, index [n] with 4 distinct rows, source [n, n])``."""
+    import torch
+    from torch.testing import make_tensor
+    from torch.testing._internal.opinfo.core import SampleInput
+
+    n = max(2, int(math.sqrt(target / 2)))
+    gen = torch.Generator().manual_seed(0)
+    index = torch.randint(0, COLLISION_VALUES, (n,), generator=gen).to(device)
+    make = functools.partial(make_tensor, device=device, dtype=dtype, requires_grad=grad)
+    return [SampleInput(make((n, n)), args=(0, index, make((n, n))))]
+
+
+# OpInfo samples that no generic transformation turns into colliding writes along the
+# kernel's parallel dimension: their only 2-d samples index along the last dimension.
+# Named here, one sampler each, so the list of hand-made inputs stays visible.
+STRESS_EXTRAS: dict[str, Callable[[str, Any, bool, int], list[Any]]] = {
+    "index_copy": _index_along_rows,
+    "index_add": _index_along_rows,
+}
+
+
 def _stress_candidates(op: Any, device: str, dtype: Any, grad: bool, base: list[Any], cfg: SweepConfig) -> list[Any]:
-    """Stress samples to try, best first: index arguments tiled (many colliding indices into
-    data of realistic size), then the scaled samples, then inputs tiled along dim 0."""
+    """Stress samples to try, best first: the named extras, index arguments tiled (many
+    colliding indices into data of realistic size), then the scaled samples, then inputs
+    tiled along dim 0."""
     target, cap = cfg.stress_elements, 4 * cfg.stress_elements
     float_op = dtype.is_floating_point or dtype.is_complex
     scaled = _scaled_samples(op, device, dtype, grad, base, cfg)
+    extra = STRESS_EXTRAS.get(_opinfo_name(op))
+    extras = [_Candidate(s, 0, 1, _numel(s)) for s in extra(device, dtype, grad, target)] if extra else []
     by_index: list[_Candidate] = []
     for s in scaled + base:
         idx = _index_tensor(s, float_op)
@@ -885,32 +907,37 @@ def _stress_candidates(op: Any, device: str, dtype: Any, grad: bool, base: list[
             c = _tile(s, inp.shape[0], target, cap)
             if c is not None:
                 by_input.append(c)
-    out: list[_Candidate] = []
+    out: list[_Candidate] = list(extras)
     for group in (by_index, plain, by_input):
         out += sorted(group, key=lambda c: c.numel, reverse=True)
     return out
 
 
 def _trial(call: Callable[[], Any], device: str, cap: int) -> float | None:
-    """Seconds one unrecorded forward takes (infinite when its output exceeds ``cap``
-    elements), or ``None`` if it fails."""
+    """Seconds an unrecorded forward takes (the faster of two runs, so that a busy machine
+    sways the choice of stress samples less), infinite when its output exceeds ``cap``
+    elements, ``None`` if it fails."""
     import torch
 
-    # CPU time, not wall time: other processes on the machine must not change which
-    # stress samples a sweep picks. (On CUDA the host waits, so wall time it is.)
-    clock = time.perf_counter if device.startswith("cuda") else time.process_time
-    try:
-        t0 = clock()
-        with torch.no_grad():
-            out = call()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        took = clock() - t0
-    except Exception:  # noqa: BLE001
-        return None
-    # An expand-like op turns a stress input into an output far larger than the input;
-    # its gradient alone would dominate the sweep.
-    return math.inf if sum(t.numel() for t in _tensor_leaves(out)) > cap else took
+    best = math.inf
+    for _ in range(2):
+        try:
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                out = call()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t0)
+        except Exception:  # noqa: BLE001
+            return None
+        # An expand-like op turns a stress input into an output far larger than the input;
+        # its gradient alone would dominate the sweep.
+        if sum(t.numel() for t in _tensor_leaves(out)) > cap:
+            return math.inf
+        del out
+        if best > STRESS_CALL_S:
+            break
+    return best
 
 
 def _sample_call(op: Any, sample: Any) -> Callable[[], Any]:
@@ -941,45 +968,63 @@ def _opinfo_cases(op: Any, device: str, dtype: Any, cfg: SweepConfig, kind: str)
     # at several sizes.
     seen: set[str] = set()
     covered: set[str] = set()
-    trials = 0
-    queue = collections.deque(_stress_candidates(op, device, dtype, grad, base, cfg))
-    budget_end = time.process_time() + STRESS_TRIAL_BUDGET_S
-    while queue and len(cases) < cfg.stress_samples and trials < MAX_STRESS_TRIALS \
-            and time.process_time() < budget_end:
-        cand = queue.popleft()
-        s = cand.build()
-        shape, mode = _shapes(s), _mode(s)
+    budget_end = time.monotonic() + STRESS_TRIAL_BUDGET_S
+    for cand in _stress_candidates(op, device, dtype, grad, base, cfg):
+        if len(cases) >= cfg.stress_samples or time.monotonic() > budget_end:
+            break
+        shape, mode = _shapes(cand.sample) + repr(cand.size0), _mode(cand.sample)
         if shape in seen or mode in covered:
             continue
         seen.add(shape)
-        for variant in (_with_collisions(s, float_op, gen), s):
-            trials += 1
-            t = _trial(_cloned_call(op, variant), device, 4 * cfg.stress_elements)
-            if t is None:
-                continue  # the collided indices broke it: try the sample as it was
-            if t <= STRESS_CALL_S:
-                cases.append(_Case(_sample_call(op, variant), grad, f"stress {_numel(variant)} elements"))
-                covered.add(mode)
-            elif cand.size0 and cand.reps > 2:
-                # Too slow (or its output too big) at this size: retry it smaller, first.
-                shrink = 8.0 if math.isinf(t) else 2 * t / STRESS_CALL_S
-                smaller = max(2, int(cand.reps / shrink))
-                if smaller < cand.reps:
-                    ratio = smaller / cand.reps
-                    queue.appendleft(dataclasses.replace(cand, reps=smaller, numel=int(cand.numel * ratio)))
-            break
+        sample = _fit(cand, lambda v: _cloned_call(op, v), float_op, gen, device, 4 * cfg.stress_elements)
+        if sample is not None:
+            cases.append(_Case(_sample_call(op, sample), grad, f"stress {_numel(sample)} elements"))
+            covered.add(mode)
     note = "" if cases else f"no stress input ({dtype_name}: no sample scales to "\
                             f"{cfg.stress_elements:.0e} elements within {STRESS_CALL_S}s)"
     return cases, note
 
 
+def _fit(cand: _Candidate, call_of: Callable[[Any], Callable[[], Any]], float_op: bool, gen: Any, device: str,
+         cap: int) -> Any | None:
+    """The candidate with colliding indices, tiled as far as its forward stays within
+    :data:`STRESS_CALL_S`; ``None`` if it fails or is too slow even small.
+
+    A tiled candidate starts at a fraction of its size and grows: an op whose time grows
+    with dim 0 (an RNN over a sequence) would otherwise run for minutes at full size.
+    """
+    def attempt(reps: int) -> tuple[Any, float]:
+        s = dataclasses.replace(cand, reps=reps).build() if cand.size0 else cand.sample
+        for variant in (_with_collisions(s, float_op, gen), s):
+            t = _trial(call_of(variant), device, cap)
+            if t is not None:
+                return variant, t
+        return None, math.inf  # the collided indices broke it, and so did the original
+
+    if not cand.size0 or cand.reps < 4 * PROBE_FRACTION:
+        sample, t = attempt(cand.reps)
+        return sample if t <= STRESS_CALL_S else None
+    reps = cand.reps // PROBE_FRACTION
+    sample, t = attempt(reps)
+    if sample is None or t > STRESS_CALL_S:
+        return None
+    while reps < cand.reps:
+        # Aim at half the limit from the last timing; at least double, at most the plan.
+        bigger = min(cand.reps, max(2 * reps, int(reps * STRESS_CALL_S / 2 / max(t, 1e-6))))
+        grown, t_grown = attempt(bigger)
+        if grown is None or t_grown > STRESS_CALL_S:
+            break
+        sample, t, reps = grown, t_grown, bigger
+    return sample
+
+
 def _mode(sample: Any) -> str:
-    """Plain arguments and tensor dtypes: what selects the kernel, whatever the sizes."""
+    """Plain arguments, tensor dtypes and ranks: what selects the kernel, whatever the sizes."""
     import torch
     from torch.utils._pytree import tree_flatten
 
     leaves = tree_flatten((sample.input, sample.args, sample.kwargs))[0]
-    return repr([x.dtype if isinstance(x, torch.Tensor) else x for x in leaves])
+    return repr([(x.dtype, x.dim()) if isinstance(x, torch.Tensor) else x for x in leaves])
 
 
 def _shapes(sample: Any) -> str:
@@ -993,49 +1038,42 @@ def _shapes(sample: Any) -> str:
 
 def _module_cases(info: Any, device: str, dtype: Any, cfg: SweepConfig, kind: str) -> tuple[list[_Case], str]:
     import torch
+    from torch.testing._internal.opinfo.core import SampleInput
 
     grad = dtype.is_floating_point or dtype.is_complex
     inputs = info.module_inputs_func(info, device=device, dtype=dtype, requires_grad=grad, training=True)
     inputs = list(inputs)[: cfg.max_samples]
+    gen = torch.Generator().manual_seed(cfg.seed)
+    target, cap = cfg.stress_elements, 4 * cfg.stress_elements
+    budget_end = time.monotonic() + STRESS_TRIAL_BUDGET_S
     cases = []
     for i, mi in enumerate(inputs):
-        fwd_args, fwd_kwargs = tuple(mi.forward_input.args), dict(mi.forward_input.kwargs)
-        if kind == STRESS:
-            first = next((a for a in fwd_args if isinstance(a, torch.Tensor)), None)
-            if first is None or first.dim() == 0:
-                continue
-            n = sum(t.numel() for t in _tensor_leaves((fwd_args, fwd_kwargs)))
-            reps = max(2, cfg.stress_elements // max(n, 1))
-            size0 = first.shape[0]
-
-            def grow(t: Any, reps: int = reps, size0: int = size0) -> Any:
-                if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] != size0:
-                    return t
-                g = t.detach().repeat(reps, *([1] * (t.dim() - 1)))
-                return g.requires_grad_(t.requires_grad) if t.requires_grad else g
-
-            fwd_args = tuple(grow(a) for a in fwd_args)
-            fwd_kwargs = {k: grow(v) for k, v in fwd_kwargs.items()}
-
-        def make(mi: Any = mi) -> Any:
-            m = info.module_cls(*mi.constructor_input.args, **mi.constructor_input.kwargs)
-            return m.to(device=device, dtype=dtype).train()
-
         try:
-            module = make()
-        except Exception:  # noqa: BLE001 - counted as a failed sample below
+            module = info.module_cls(*mi.constructor_input.args, **mi.constructor_input.kwargs)
+            module = module.to(device=device, dtype=dtype).train()
+        except Exception:  # noqa: BLE001 - a module that cannot be built has no sample here
             continue
 
-        def call(m: Any = module, a: tuple = fwd_args, k: dict = fwd_kwargs) -> Any:
-            return m(*a, **k)
+        def call_of(s: Any, m: Any = module) -> Callable[[], Any]:
+            return lambda: m(s.input, *s.args, **s.kwargs)
 
+        fwd = list(mi.forward_input.args)
+        if not fwd:
+            continue
+        sample = SampleInput(fwd[0], args=tuple(fwd[1:]), kwargs=dict(mi.forward_input.kwargs))
         if kind == STRESS:
-            t = _trial(call, device, 4 * cfg.stress_elements)
-            if t is None or t > STRESS_CALL_S:
-                continue
-            if len(cases) >= cfg.stress_samples:
+            if len(cases) >= cfg.stress_samples or time.monotonic() > budget_end:
                 break
-        cases.append(_Case(call, grad, f"{kind} {i}"))
+            first = sample.input
+            if not isinstance(first, torch.Tensor) or first.dim() == 0:
+                continue
+            # Dim 0 is the batch for most modules (the sequence for RNNs without batch_first).
+            cand = _tile(sample, first.shape[0], target, cap)
+            fitted = _fit(cand, call_of, grad, gen, device, cap) if cand is not None else None
+            if fitted is None:
+                continue
+            sample = fitted
+        cases.append(_Case(call_of(sample), grad, f"{kind} {i}"))
     note = "" if cases or kind == OPINFO else "no stress input (module input does not tile along dim 0)"
     return cases, note
 
@@ -1087,12 +1125,9 @@ def sweep_task(task: Task, cfg: SweepConfig) -> TaskResult:
 
     Never raises for the op's own failures: they become the task's status and reason.
     """
-    import warnings
 
     import torch
 
-    from opaudit.pipeline import build_report
-    from opaudit.record import Recorder
 
     deadline = time.monotonic() + cfg.op_timeout
     dtype = getattr(torch, task.dtype)
@@ -1105,51 +1140,105 @@ def sweep_task(task: Task, cfg: SweepConfig) -> TaskResult:
     counts = {OPINFO: 0, STRESS: 0}
     first_error, notes, cut = "", [], False
     gen = torch.Generator().manual_seed(cfg.seed)
-    for kind in kinds:
-        if time.monotonic() > deadline:
-            cut = True
-            break
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                make = _opinfo_cases if task.kind == _OPINFO_KIND else _module_cases
-                cases, note = make(info, cfg.device, dtype, cfg, kind)
-            except Exception as e:  # noqa: BLE001 - OpInfo refusing its own samples is a result
-                cases, note = [], ""
-                first_error = first_error or f"{kind} samples: {_error_line(e)}"
-            if note:
-                notes.append(note)
-            rec = Recorder(capture_budget=CAPTURE_BUDGET)
-            for case in cases:
+    with _alarm(cfg.op_timeout + ALARM_GRACE_S):
+        try:
+            for kind in kinds:
                 if time.monotonic() > deadline:
                     cut = True
                     break
-                try:
-                    torch.manual_seed(cfg.seed)
-                    _run_case(rec, case, gen, cfg.device)
-                    counts[kind] += 1
-                except Exception as e:  # noqa: BLE001
-                    first_error = first_error or f"{kind} {case.label}: {_error_line(e)}"
-            try:
-                report = build_report(rec, reps=cfg.reps, seed=cfg.seed, remedies=False, timings=False,
-                                      replay_fn=_replay_until(deadline, cfg.index_reps if kind == STRESS else 0))
-            finally:
-                rec.release()
-        for f in report.results:
-            e = entry_from_finding(f, kind, task.source)
-            entries[e.key] = merge_entries(entries[e.key], e, same_sweep=True) if e.key in entries else e
-        del rec, report, cases
+                error, kind_cut = _sweep_kind(task, info, kind, dtype, cfg, deadline, gen, entries, counts, notes)
+                first_error, cut = first_error or error, cut or kind_cut
+        except _OpTimeLimit:
+            cut = True
     if any(e.error == "replay failed: op time limit reached" for e in entries.values()):
         cut = True
     ran = counts[OPINFO] + counts[STRESS]
     if ran == 0:
-        status, reason = FAILED, first_error or "no sample ran"
+        status, reason = FAILED, first_error or ("time limit reached before any sample ran" if cut else "no sample ran")
     elif cut:
         status, reason = PARTIAL, f"time limit of {cfg.op_timeout:g}s reached"
     else:
         status, reason = OK, "; ".join(notes)
     swept = SweptOp(task.source, task.dtype, status, counts[OPINFO], counts[STRESS], reason)
     return TaskResult(swept, tuple(entries[k] for k in sorted(entries)))
+
+
+def _sweep_kind(task: Task, info: Any, kind: str, dtype: Any, cfg: SweepConfig, deadline: float, gen: Any,
+                entries: dict[tuple, CatalogEntry], counts: dict[str, int], notes: list[str]) -> tuple[str, bool]:
+    """Record and classify one input kind of a task into ``entries``.
+
+    Returns the first error and whether the soft time limit cut the samples short.
+    """
+    import warnings
+
+    import torch
+
+    from opaudit.pipeline import build_report
+    from opaudit.record import Recorder
+
+    first_error, cut = "", False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            make = _opinfo_cases if task.kind == _OPINFO_KIND else _module_cases
+            cases, note = make(info, cfg.device, dtype, cfg, kind)
+        except Exception as e:  # noqa: BLE001 - OpInfo refusing its own samples is a result
+            cases, note = [], ""
+            first_error = f"{kind} samples: {_error_line(e)}"
+        if note:
+            notes.append(note)
+        rec = Recorder(capture_budget=CAPTURE_BUDGET)
+        for case in cases:
+            if time.monotonic() > deadline:
+                cut = True
+                break
+            try:
+                torch.manual_seed(cfg.seed)
+                _run_case(rec, case, gen, cfg.device)
+                counts[kind] += 1
+            except Exception as e:  # noqa: BLE001
+                first_error = first_error or f"{kind} {case.label}: {_error_line(e)}"
+        try:
+            report = build_report(rec, reps=cfg.reps, seed=cfg.seed, remedies=False, timings=False,
+                                  replay_fn=_replay_until(deadline, cfg.index_reps if kind == STRESS else 0))
+        finally:
+            rec.release()
+    for f in report.results:
+        e = entry_from_finding(f, kind, task.source)
+        entries[e.key] = merge_entries(entries[e.key], e, same_sweep=True) if e.key in entries else e
+    return first_error, cut
+
+
+class _OpTimeLimit(BaseException):
+    """Raised by the alarm when an op overruns its time limit in Python code (sample
+    generation, a Python-level op). A BaseException so that the ``except Exception``
+    around each sample does not swallow it."""
+
+
+@contextlib.contextmanager
+def _alarm(seconds: float) -> Iterator[None]:
+    """Raise :class:`_OpTimeLimit` after ``seconds`` (main thread only; else a no-op).
+
+    A C++ kernel is not interrupted, only the Python code around it: the worker's hard
+    limit covers the rest.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def fire(signum: int, frame: Any) -> None:
+        raise _OpTimeLimit()
+
+    previous = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _error_line(e: BaseException) -> str:
@@ -1169,6 +1258,7 @@ def _worker_process(fd: int) -> None:
 
     conn = Connection(fd)
     cfg, threads = conn.recv()
+    _limit_memory(worker_memory_limit())
     warnings.simplefilter("ignore")
     import torch
 
@@ -1191,6 +1281,30 @@ def _worker_process(fd: int) -> None:
             sys.stderr.write(traceback.format_exc(limit=5))
             result = TaskResult(SweptOp(task.source, task.dtype, FAILED, reason=f"sweep error: {_error_line(e)}"), ())
         conn.send(("result", result))
+
+
+def worker_memory_limit() -> int:
+    """Bytes of heap a sweep worker may use: a quarter of this machine's memory, 2 to 16 GiB."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 16 * 1024**3
+    return int(min(16 * 1024**3, max(2 * 1024**3, total // 4)))
+
+
+def _limit_memory(limit: int) -> None:
+    """Make allocations past ``limit`` fail in this process instead of exhausting the machine.
+
+    A few OpInfo samples, scaled, ask an op for an output of many GiB; with the limit
+    the op raises (the sample is dropped) rather than pushing the machine into swap or
+    its OOM killer, which would take the user's other processes with it.
+    """
+    try:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+    except (ImportError, ValueError, OSError):
+        pass
 
 
 class _Worker:
@@ -1362,7 +1476,9 @@ def build_catalog(
     cfg = SweepConfig(device=device, reps=reps, stress=stress, op_timeout=op_timeout, max_samples=max_samples,
                       stress_samples=stress_samples, stress_elements=stress_elements)
     tasks = select_tasks(device, patterns, dtype_names, modules=modules)
-    settings = cfg.settings(dtype_names, patterns)
+    settings = cfg.settings(dtype_names, patterns, modules)
+    if isolate:
+        settings["worker_memory_gib"] = round(worker_memory_limit() / 1024**3, 1)
     acc = _Accumulator()
     prior: Catalog | None = None
     if resume is not None:
@@ -1395,6 +1511,10 @@ def build_catalog(
         for i, task in enumerate(todo):
             if worker is not None:
                 result = worker.run(task, hard_limit)
+                if result.swept.status == CRASHED:
+                    # Once more in the fresh worker: a crash can come from the state an
+                    # earlier op left behind (a failed allocation deep in a kernel).
+                    result = worker.run(task, hard_limit)
             else:
                 result = sweep_task(task, cfg)
             acc.add(result)

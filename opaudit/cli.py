@@ -106,6 +106,9 @@ def _audit_parser() -> _Parser:
     p.add_argument("--fail-on", type=parse_verdicts, default=parse_verdicts(DEFAULT_FAIL_ON), metavar="LIST",
                    help=f"verdicts that make the exit code 1 (default {DEFAULT_FAIL_ON}; 'none' for never)")
     p.add_argument("--exit-zero", action="store_true", help="exit 0 even when findings match --fail-on")
+    p.add_argument("--against", metavar="CATALOG",
+                   help="predict each recorded op's verdict on the hardware CATALOG was built on (ops it lacks "
+                        "are 'unknown'); --fail-on then applies to the predicted verdicts")
     p.add_argument("--capture-budget", type=_positive_int, default=2048, metavar="MIB",
                    help="memory for captured op inputs, in MiB (default 2048); ops past it are skipped")
     p.add_argument("--threads", type=_positive_int, metavar="N", help="torch.set_num_threads(N) before running")
@@ -207,6 +210,8 @@ def audit_main(argv: list[str]) -> int:
 
         Format.from_path(output)
 
+    against = _load_against(args.against) if args.against else None
+
     import torch
 
     from opaudit import loader
@@ -265,6 +270,8 @@ def audit_main(argv: list[str]) -> int:
         if isolator is not None:
             isolator.close()
         rec.release()
+    if against is not None:
+        return _emit_prediction(report, against, args, output)
     _emit(report, args.format, output, args.quiet)
     failing = [f for f in report.results if f.verdict in args.fail_on]
     if failing and not args.exit_zero:
@@ -274,6 +281,194 @@ def audit_main(argv: list[str]) -> int:
 
 SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {}
 """Subcommand name → handler taking the remaining argv; filled in below."""
+
+
+# -- catalogs: ``opaudit catalog``, ``opaudit diff``, ``--against`` ---------------------
+def _load_against(path: str) -> Any:
+    """The ``--against`` catalog, loaded before any model code runs (a bad file fails fast)."""
+    from opaudit.catalog import load_catalog
+
+    catalog = load_catalog(path)
+    if not catalog.complete:
+        sys.stderr.write(f"opaudit: warning: {path} is a partial catalog (complete: false); "
+                         "ops it has not reached yet are predicted 'unknown'\n")
+    return catalog
+
+
+def _emit_document(document: Any, kind: str, fmt_name: str | None, output: str | None, quiet: bool,
+                   default: str = "table") -> None:
+    """Write a catalog, diff or prediction to ``output`` (atomically) or stdout; summary to stderr."""
+    from opaudit.formats import Format
+    from opaudit.formats._documents import render_document
+    from opaudit.report import atomic_write
+
+    if output:
+        fmt = Format.parse(fmt_name) if fmt_name else Format.from_path(output)
+        atomic_write(output, render_document(document, fmt, kind))
+        if not quiet:
+            if fmt is not Format.TABLE:
+                sys.stderr.write(render_document(document, Format.TABLE, kind))
+            sys.stderr.write(f"{kind} written to {output}\n")
+        return
+    fmt = Format.parse(fmt_name) if fmt_name else Format.parse(default)
+    sys.stdout.write(render_document(document, fmt, kind))
+
+
+def _emit_prediction(report: Any, catalog: Any, args: argparse.Namespace, output: str | None) -> int:
+    from opaudit.predict import predict
+
+    prediction = predict(report, catalog, args.against)
+    _emit_document(prediction, "prediction", args.format, output, args.quiet)
+    if prediction.failing(args.fail_on) and not args.exit_zero:
+        return EXIT_FINDINGS
+    return EXIT_OK
+
+
+def _catalog_parser() -> _Parser:
+    from opaudit import catalog as c
+
+    p = _Parser(prog="opaudit catalog",
+                description="Sweep the ops of PyTorch's OpInfo database (and the torch.nn modules it does not "
+                            "cover) on one device, forward and backward, on OpInfo's samples and on stress "
+                            "inputs, and classify each op like an audit does. Needs: pip install "
+                            "'opaudit[catalog]'.")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--ops", metavar="GLOBS", help="comma-separated globs over OpInfo names (index_put, "
+                   "nn.functional.max_unpool2d), aten names (aten.index_put*) and modules (nn.LSTM); default all")
+    p.add_argument("--dtypes", metavar="LIST", default=",".join(c.DEFAULT_DTYPES),
+                   help=f"comma-separated dtypes (default {','.join(c.DEFAULT_DTYPES)})")
+    p.add_argument("-o", "--output", metavar="PATH",
+                   help="write the catalog here (format from the extension; a partial file PATH.partial is kept "
+                        "while the sweep runs)")
+    p.add_argument("--format", metavar="FMT", help="yaml, json, csv, md or table (default: from -o, else yaml)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep from -o's partial file")
+    p.add_argument("--from", dest="source", metavar="CATALOG",
+                   help="no sweep: convert an existing catalog file to -o / --format (e.g. the Markdown export)")
+    p.add_argument("--no-stress", action="store_true", help="OpInfo's own samples only (no scaled inputs)")
+    p.add_argument("--stress-elements", type=_positive_int, default=c.STRESS_ELEMENTS, metavar="N",
+                   help=f"size of a stress sample in elements (default {c.STRESS_ELEMENTS:,})")
+    p.add_argument("--reps", type=_positive_int, default=c.DEFAULT_REPS, metavar="N",
+                   help=f"replays per mode (default {c.DEFAULT_REPS}; {c.DEFAULT_INDEX_REPS} for stress signatures "
+                        "with an index argument)")
+    p.add_argument("--max-samples", type=_positive_int, default=c.DEFAULT_MAX_SAMPLES, metavar="N",
+                   help=f"OpInfo samples per op and dtype (default {c.DEFAULT_MAX_SAMPLES})")
+    p.add_argument("--op-timeout", type=_positive_float, default=c.DEFAULT_OP_TIMEOUT, metavar="SECONDS",
+                   help=f"time limit per op and dtype (default {c.DEFAULT_OP_TIMEOUT:g}); the worker is killed "
+                        "at 1.5x that plus 30 s and the op recorded as timeout")
+    p.add_argument("--threads", type=_positive_int, metavar="N", help="torch.set_num_threads(N) in the worker")
+    p.add_argument("--no-modules", action="store_true", help="skip the torch.nn modules OpInfo does not cover")
+    p.add_argument("--in-process", action="store_true",
+                   help="run ops in this process (faster start; no hard time limit, a crashing op ends the sweep)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary on stderr")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks, and the worker's stderr")
+    return p
+
+
+def _sweep_progress(enabled: bool) -> tuple[Callable[[Any], None] | None, Callable[[], None]]:
+    if not enabled:
+        return None, lambda: None
+    from tqdm import tqdm
+
+    bar: dict[str, Any] = {}
+
+    def update(p: Any) -> None:
+        if "bar" not in bar:
+            bar["bar"] = tqdm(total=p.total, initial=p.done - 1, desc="sweeping", unit="op", file=sys.stderr,
+                              leave=False)
+        bar["bar"].set_postfix_str(p.op, refresh=False)
+        bar["bar"].update(1)
+
+    def close() -> None:
+        if "bar" in bar:
+            bar["bar"].close()
+
+    return update, close
+
+
+def catalog_main(argv: list[str]) -> int:
+    """``opaudit catalog [options]``."""
+    args = _catalog_parser().parse_args(argv)
+    output = _check_output(args.output)
+    from opaudit.formats import Format
+
+    if args.format:
+        Format.parse(args.format)
+    elif output:
+        Format.from_path(output)
+    from opaudit.catalog import build_catalog, load_catalog, partial_path
+
+    if args.source:
+        _emit_document(load_catalog(args.source), "catalog", args.format, output, args.quiet, default="yaml")
+        return EXIT_OK
+    if args.resume and not output:
+        raise UsageError("--resume needs -o PATH: the sweep resumes from PATH.partial")
+    partial = partial_path(output) if output else None
+    update, close = _sweep_progress(not args.quiet and sys.stderr.isatty())
+    try:
+        catalog = build_catalog(
+            args.device, (args.ops or "").split(",") if args.ops else None, args.dtypes,
+            stress=not args.no_stress, reps=args.reps, op_timeout=args.op_timeout, max_samples=args.max_samples,
+            stress_elements=args.stress_elements, modules=not args.no_modules,
+            resume=partial if args.resume else None, partial=partial, isolate=not args.in_process,
+            threads=args.threads, quiet_worker=not args.debug, on_progress=update)
+    except KeyboardInterrupt:
+        close()
+        if partial:
+            sys.stderr.write(f"opaudit: interrupted; resume with: opaudit catalog ... -o {args.output} --resume\n")
+        else:
+            sys.stderr.write("opaudit: interrupted\n")
+        return EXIT_INTERRUPTED
+    finally:
+        close()
+    _emit_document(catalog, "catalog", args.format, output, args.quiet, default="yaml")
+    if partial and os.path.exists(partial):
+        os.unlink(partial)
+    if not args.quiet and not output and (args.format or "yaml") != "table":
+        from opaudit.formats._documents import render_document
+
+        sys.stderr.write(render_document(catalog, Format.TABLE, "catalog").splitlines()[-1] + "\n")
+    return EXIT_OK
+
+
+def _diff_parser() -> _Parser:
+    from opaudit.diff import DEFAULT_FAIL_ON as DIFF_FAIL_ON
+
+    p = _Parser(prog="opaudit diff",
+                description="Show the ops whose verdict differs between two catalogs, or between two reports, "
+                            "the ops present on one side only, and the fingerprint fields that differ.")
+    p.add_argument("a", metavar="A", help="first catalog or report (YAML or JSON)")
+    p.add_argument("b", metavar="B", help="second catalog or report, of the same kind")
+    p.add_argument("-o", "--output", metavar="PATH", help="write the diff here (format from the extension)")
+    p.add_argument("--format", metavar="FMT", help="table, md, csv, yaml or json (default: from -o, else table)")
+    p.add_argument("--fail-on", default=DIFF_FAIL_ON, metavar="RULES",
+                   help=f"transitions FROM->TO (globs; 'missing' for an op on one side only) that make the exit "
+                        f"code 1 (default {DIFF_FAIL_ON}; 'none' for never)")
+    p.add_argument("--exit-zero", action="store_true", help="exit 0 even when a transition matches --fail-on")
+    p.add_argument("-q", "--quiet", action="store_true", help="no summary on stderr")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    return p
+
+
+def diff_main(argv: list[str]) -> int:
+    """``opaudit diff A B [options]``."""
+    args = _diff_parser().parse_args(argv)
+    from opaudit.diff import diff_files, parse_fail_on
+
+    rules = parse_fail_on(args.fail_on)
+    output = _check_output(args.output)
+    if args.format:
+        from opaudit.formats import Format
+
+        Format.parse(args.format)
+    diff = diff_files(args.a, args.b)
+    _emit_document(diff, "diff", args.format, output, args.quiet)
+    failing = diff.matching(rules)
+    if failing and not args.quiet:
+        sys.stderr.write(f"opaudit: {len(failing)} transition(s) match --fail-on {args.fail_on}\n")
+    return EXIT_FINDINGS if failing and not args.exit_zero else EXIT_OK
+
+
+SUBCOMMANDS.update(catalog=catalog_main, diff=diff_main)
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:

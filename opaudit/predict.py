@@ -20,9 +20,11 @@ VERSION = 1
 UNKNOWN = "unknown"
 """Predicted verdict of an op the catalog does not cover."""
 
-EXACT, OTHER_VARIANT, NO_MATCH = "exact", "other variant", "none"
+EXACT, OTHER_VARIANT, TWIN, NO_MATCH = "exact", "other variant", "functional twin", "none"
 """How a signature matched the catalog: same key / same op and dtype, other bool or string
-arguments (the worst of those entries is predicted) / not at all."""
+arguments (the worst of those entries is predicted) / the out-of-place twin of an in-place
+op (``aten.put.default`` for ``aten.put_.default``: OpInfo sweeps the functional form, which
+runs the same kernel) / not at all."""
 
 # Where ``unknown`` sorts: after every verdict that fails by default, before the rest,
 # so that a reader sees what will break, then what nobody measured.
@@ -121,6 +123,27 @@ def _merge_rank(v: Verdict) -> int:
     return -1 if v is Verdict.SKIPPED else v.severity
 
 
+def _twin(op: str) -> str | None:
+    """``aten.put.default`` for ``aten.put_.default``; ``None`` for an op that is not in-place."""
+    parts = op.split(".")
+    if len(parts) == 3 and parts[1].endswith("_") and not parts[1].startswith("_"):
+        return f"{parts[0]}.{parts[1][:-1]}.{parts[2]}"
+    return None
+
+
+def _lookup(catalog: Any, op: str, dtype: str, variant: str) -> tuple[Any, str, str]:
+    """``(entry, match, note)``: this op's entry, else another variant's, else ``(None, none, "")``."""
+    entry = catalog.get(op, dtype, variant)
+    if entry is not None:
+        return entry, EXACT, ""
+    others = catalog.variants(op, dtype)
+    if others:
+        worst = max(others, key=lambda e: (_merge_rank(e.verdict), e.variant))
+        shown = ", ".join(e.variant or "(defaults)" for e in others)
+        return worst, OTHER_VARIANT, f"catalog measured {op} {dtype} only with {shown}; worst of those"
+    return None, NO_MATCH, ""
+
+
 def predict_finding(f: Any, catalog: Any) -> Predicted:
     """The catalog's prediction for one :class:`~opaudit.report.Finding`."""
     from opaudit.catalog import entry_key
@@ -128,18 +151,15 @@ def predict_finding(f: Any, catalog: Any) -> Predicted:
     op, dtype, variant = entry_key(f.op, f.signature)
     base = dict(op=op, dtype=dtype, variant=variant, signature=f.signature, here=f.verdict, calls=f.calls,
                 phases=f.phases, sites=f.sites)
-    entry = catalog.get(op, dtype, variant)
-    match = EXACT
-    note = ""
+    entry, match, note = _lookup(catalog, op, dtype, variant)
+    twin = _twin(op)
+    if entry is None and twin is not None:
+        entry, _, note = _lookup(catalog, twin, dtype, variant)
+        if entry is not None:
+            match = TWIN
+            note = f"looked up as {twin}" + (f"; {note}" if note else "")
     if entry is None:
-        others = catalog.variants(op, dtype)
-        if others:
-            entry = max(others, key=lambda e: (_merge_rank(e.verdict), e.variant))
-            match = OTHER_VARIANT
-            shown = ", ".join(e.variant or "(defaults)" for e in others)
-            note = f"catalog measured {op} {dtype} only with {shown}; worst of those"
-    if entry is None:
-        dtypes = sorted({e.dtype for e in catalog.entries if e.op == op})
+        dtypes = sorted({e.dtype for e in catalog.entries if e.op in (op, twin)})
         note = (f"catalog has {op} only for {', '.join(dtypes)}" if dtypes else "op not in the catalog")
         return Predicted(**base, predicted=UNKNOWN, match=NO_MATCH, note=note)
     if entry.verdict is Verdict.SKIPPED:

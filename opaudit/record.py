@@ -230,6 +230,25 @@ def _is_internal(filename: str) -> bool:
     return filename.startswith(_INTERNAL_PREFIXES)
 
 
+# Whether a code object belongs to torch, opaudit or the stdlib, by ``id(code)``:
+# hashing a code object hashes its bytecode and constants, every time, and the
+# site lookup asks once per frame it walks. ``_KEPT_CODE`` holds each code object
+# so that its id cannot be reused.
+_INTERNAL_CODE: dict[int, bool] = {}
+_KEPT_CODE: list[Any] = []
+# ``Module.__call__``'s frames: ``self`` there is the module being called.
+_MODULE_CALL = frozenset(
+    id(getattr(torch.nn.Module, name).__code__) for name in ("_call_impl", "_wrapped_call_impl")
+    if hasattr(getattr(torch.nn.Module, name, None), "__code__")
+)
+
+
+def _internal_code(code: Any) -> bool:
+    r = _INTERNAL_CODE[id(code)] = _is_internal(code.co_filename)
+    _KEPT_CODE.append(code)
+    return r
+
+
 def relative_path(filename: str, root: str | None, cwd: str | None = None) -> str:
     """``filename`` as reports show it: never absolute.
 
@@ -258,56 +277,60 @@ def relative_path(filename: str, root: str | None, cwd: str | None = None) -> st
 
 
 class SiteTracker:
-    """Tracks the current module and resolves the user's source site of a call.
+    """Resolves the user's source site and module of a call.
 
-    Forward ops read the innermost user frame (cached per code object) and the
-    module stack, kept by global module hooks. ``ModuleTracker`` keeps an
-    unordered set of modules and adds a grad hook per module call; a stack plus
-    autograd node metadata is both cheaper and exact: every forward op that creates
-    an autograd node stores its site under the node's sequence number, and a
-    backward op looks up the node the engine is running.
+    A forward op's site is the innermost user frame on the stack, and its module
+    the innermost ``nn.Module`` being called (the ``self`` of the innermost
+    ``Module.__call__`` frame), both read from the frames themselves. The result is
+    cached per calling frame: most ops come from the same frame as the op before.
+    ``ModuleTracker`` instead installs global module hooks, which send every
+    module call of the recorded step down ``Module._call_impl``'s slow path; the
+    frames already hold the answer, and reading them is exact per thread.
+    Every forward op that creates an autograd node stores its site under the
+    node's sequence number, and a backward op looks up the node the engine is
+    running.
     """
 
     def __init__(self, root: str | None = None) -> None:
         self.root = os.path.abspath(root) if root else None
         # Fixed at start: the user's code may chdir while it runs.
         self.cwd = os.getcwd()
-        self._stack: list[str] = []
         self._names: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self._internal: dict[Any, bool] = {}
         self._site_ids: dict[tuple, int] = {}
         self._site_list: list[Site] = []
+        self._paths: dict[str, str] = {}
+        """``relative_path()`` per file name: many sites share a file, and it walks ``sys.path``."""
         self._node_sites: dict[int, int] = {}
         self._last_nr = _get_seq_nr() if _get_seq_nr else -1
         self.in_optimizer = 0
         self._handles: list[Any] = []
         self._thread: int | None = None
-        # The last forward lookup: nearest Python frame, module, line (-1 when that
+        # The last forward lookup: nearest Python frame, its line (-1 when that
         # frame is internal) and the site found. Holding the frame keeps it alive,
         # so ``is`` on the next call means the same activation, whose callers (and
-        # so whose user frame) cannot have changed while it runs.
-        self._last: tuple[Any, str, int, int] = (None, "", -1, -1)
+        # so whose user frame and module) cannot have changed while it runs.
+        self._last: tuple[Any, int, int] = (None, -1, -1)
+        self._last_node: tuple[Any, int] = (None, -1)
 
-    # -- module stack -------------------------------------------------------
-    def _name(self, mod: torch.nn.Module) -> str:
+    # -- modules ------------------------------------------------------------
+    def _name(self, mod: torch.nn.Module, f: Any) -> str:
+        """Fully qualified name of ``mod``, called in frame ``f``'s stack."""
         name = self._names.get(mod)
         if name is None:
-            name = type(mod).__name__
-            self._names[mod] = name
-            for child_name, child in mod.named_modules(prefix=name):
-                if child is not mod and child not in self._names:
+            # Name it, and everything under it, from the outermost module being called.
+            root = mod
+            while f is not None:
+                if id(f.f_code) in _MODULE_CALL:
+                    outer = f.f_locals.get("self")
+                    if isinstance(outer, torch.nn.Module) and outer not in self._names:
+                        root = outer
+                f = f.f_back
+            self._names[root] = type(root).__name__
+            for child_name, child in root.named_modules(prefix=type(root).__name__):
+                if child not in self._names:
                     self._names[child] = child_name
+            name = self._names.get(mod) or type(mod).__name__
         return name
-
-    # The hooks are global but the recording mode sees only the recording thread:
-    # modules run by the user's other threads must not enter its module stack.
-    def _pre(self, mod: torch.nn.Module, *_: Any) -> None:
-        if threading.get_ident() == self._thread:
-            self._stack.append(self._name(mod))
-
-    def _post(self, mod: torch.nn.Module, *_: Any) -> None:
-        if self._stack and threading.get_ident() == self._thread:
-            self._stack.pop()
 
     def _opt_pre(self, *_: Any) -> None:
         if threading.get_ident() == self._thread:
@@ -318,16 +341,10 @@ class SiteTracker:
             self.in_optimizer = max(0, self.in_optimizer - 1)
 
     def start(self) -> None:
-        """Install the global module and optimizer hooks."""
-        from torch.nn.modules import module as nn_module
+        """Install the global optimizer hooks (for the ``optimizer`` phase)."""
         from torch.optim import optimizer as optim_module
 
         self._thread = threading.get_ident()
-        self._handles.append(nn_module.register_module_forward_pre_hook(self._pre))
-        try:
-            self._handles.append(nn_module.register_module_forward_hook(self._post, always_call=True))
-        except TypeError:  # torch without always_call
-            self._handles.append(nn_module.register_module_forward_hook(self._post))
         self._handles.append(optim_module.register_optimizer_step_pre_hook(self._opt_pre))
         self._handles.append(optim_module.register_optimizer_step_post_hook(self._opt_post))
 
@@ -336,49 +353,62 @@ class SiteTracker:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        self._stack.clear()
-        self._last = (None, "", -1, -1)
+        self._last = (None, -1, -1)
+        self._last_node = (None, -1)
 
     # -- sites --------------------------------------------------------------
-    @property
-    def module(self) -> str:
-        """Innermost module running now, or ``""``."""
-        return self._stack[-1] if self._stack else ""
-
     def site(self, site_id: int) -> Site:
         """The :class:`Site` behind an id returned by :meth:`current`."""
         return self._site_list[site_id]
 
-    def frame_site(self, module: str, depth: int = 2) -> Site:
-        """The innermost frame of user code (not torch, not opaudit, not the stdlib)."""
-        return self._site_list[self._site_id(sys._getframe(depth), module)]
+    def frame_site(self, depth: int = 2) -> Site:
+        """The innermost frame of user code (not torch, not opaudit, not the stdlib) and module."""
+        return self._site_list[self._site_id(sys._getframe(depth))]
 
-    def _site_id(self, f: Any, module: str) -> int:
-        """Id of the site of the innermost user frame at or above ``f``, within ``module``."""
-        last_f, last_module, last_line, last_site = self._last
-        if f is last_f and module == last_module and (last_line < 0 or f.f_lineno == last_line):
+    def _site_id(self, f: Any, with_module: bool = True) -> int:
+        """Id of the site of the innermost user frame at or above ``f``, and of the innermost module."""
+        last_f, last_line, last_site = self._last
+        if with_module and f is last_f and (last_line < 0 or f.f_lineno == last_line):
             return last_site
         f0 = f
-        internal = self._internal
+        internal = _INTERNAL_CODE
+        user = mod = None
         while f is not None:
             code = f.f_code
-            r = internal.get(code)
+            r = internal.get(id(code))
             if r is None:
-                r = internal[code] = _is_internal(code.co_filename)
+                r = _internal_code(code)
             if not r:
-                break
+                if user is None:
+                    user = f
+                    if mod is not None or not with_module:
+                        break
+            elif with_module and mod is None and id(code) in _MODULE_CALL:
+                mod = f
+                if user is not None:
+                    break
             f = f.f_back
-        line = f.f_lineno if f is not None else 0
-        key = (f.f_code if f is not None else None, line, module)
+        module = ""
+        if mod is not None:
+            called = mod.f_locals.get("self")
+            if isinstance(called, torch.nn.Module):
+                module = self._name(called, mod)
+        line = user.f_lineno if user is not None else 0
+        key = (id(user.f_code) if user is not None else 0, line, module)
         site_id = self._site_ids.get(key)
         if site_id is None:
-            if f is None:
+            if user is None:
                 site = Site("<torch>", 0, "", module)
             else:
-                site = Site(relative_path(f.f_code.co_filename, self.root, self.cwd), line, f.f_code.co_name, module)
+                filename = user.f_code.co_filename
+                path = self._paths.get(filename)
+                if path is None:
+                    path = self._paths[filename] = relative_path(filename, self.root, self.cwd)
+                site = Site(path, line, user.f_code.co_name, module)
             site_id = self._site_ids[key] = len(self._site_list)
             self._site_list.append(site)
-        self._last = (f0, module, line if f is f0 else -1, site_id)
+        if with_module:
+            self._last = (f0, line if user is f0 else -1, site_id)
         return site_id
 
     def current(self) -> tuple[int, int]:
@@ -389,13 +419,17 @@ class SiteTracker:
         """
         if _graph_task_id() != -1:
             node = _current_node()
+            if node is not None and node is self._last_node[0]:
+                return _BACKWARD_BIT, self._last_node[1]
             site_id = None
             if node is not None:
                 site_id = self._node_sites.get(node._sequence_nr())
             if site_id is None:
-                site_id = self._site_id(sys._getframe(3), "")
+                site_id = self._site_id(sys._getframe(3), with_module=False)
+            # Held, so that the next op of the same node gets the same Python object back.
+            self._last_node = (node, site_id)
             return _BACKWARD_BIT, site_id
-        site_id = self._site_id(sys._getframe(3), self._stack[-1] if self._stack else "")
+        site_id = self._site_id(sys._getframe(3))
         if _get_seq_nr is not None:
             nr = _get_seq_nr()
             if nr != self._last_nr:
@@ -459,6 +493,15 @@ class Recorder:
 
     Each unique signature keeps its call count, phases, sites and a snapshot of
     the inputs of its first call, within ``capture_budget`` bytes.
+
+    Snapshots are copy on write: an input the op only reads is held as it is,
+    and copied only when a later op is about to write it (its schema says so) or,
+    when recording ends, if anything besides the recorder still references it.
+    This relies on every write going through an aten op, as every
+    ``TorchDispatchMode`` does; for code that writes tensors some other way (a
+    C++ extension writing through ``data_ptr()``, a NumPy view) pass
+    ``copy_inputs=True`` to copy every input when it is captured. See
+    ``docs/performance.md``.
     """
 
     def __init__(self, capture_budget: int = DEFAULT_CAPTURE_BUDGET, root: str | None = None, *,
@@ -471,8 +514,8 @@ class Recorder:
         ops (a C++ extension writing through ``data_ptr()``, a NumPy view)."""
         self.sites = SiteTracker(root)
         self._entries: dict[Any, _Entry] = {}
-        self._held: dict[int, list[tuple[_Entry, int]]] = {}
-        """Storage data pointer → (entry, buffer) of snapshots holding that storage uncopied."""
+        self._held: dict[int, list[Any]] = {}
+        """Storage data pointer → ``[storage, [(entry, buffer), ...]]``: the snapshots holding it uncopied."""
         self._view_calls: dict[_OpInfo, int] = {}
         self.total_calls = 0
         self.captured_bytes = 0
@@ -569,10 +612,15 @@ class Recorder:
         held = self._held
         for b, storage in snap.shared():
             ptr = storage.data_ptr()
-            if ptr in held:
-                held[ptr].append((entry, b))
+            slot = held.get(ptr)
+            if slot is None:
+                held[ptr] = [storage, [(entry, b)]]
             else:
-                held[ptr] = [(entry, b)]
+                slot[1].append((entry, b))
+                if slot[0] is not storage:
+                    # Two storages share this memory (``from_numpy`` twice, DLPack...):
+                    # their reference counts say nothing about each other, so seal copies it.
+                    slot[0] = None
 
     # -- copy on write ------------------------------------------------------
     # A snapshot copies at once only the storages its op writes; the storages it
@@ -597,22 +645,31 @@ class Recorder:
                 ptr = a.untyped_storage().data_ptr()
             except Exception:  # noqa: BLE001 - no storage (sparse, nested...): nothing held
                 return
-            waiting = self._held.pop(ptr, None)
-            if waiting:
-                self._own(waiting)
+            slot = self._held.pop(ptr, None)
+            if slot is not None:
+                self._own(slot[1])
         elif isinstance(a, (list, tuple)):
             for x in a:
                 self._unhold(x)
 
     def _own(self, waiting: list[tuple[_Entry, int]]) -> None:
         """Copy one held storage, once, over the union of the spans its holders need."""
-        live = [(e, b) for e, b in waiting if e.snapshot is not None]
+        live = []
+        lo = hi = -1
+        for e, b in waiting:
+            snap = e.snapshot
+            if snap is not None:
+                live.append((e, b))
+                s_lo, s_hi = snap.span(b)
+                if lo < 0 or s_lo < lo:
+                    lo = s_lo
+                if s_hi > hi:
+                    hi = s_hi
         if not live:
             return
         storage = live[0][0].snapshot.shared_storage(live[0][1])
-        spans = [e.snapshot.span(b) for e, b in live]
         try:
-            copy = copy_span(storage, min(lo for lo, _ in spans), max(hi for _, hi in spans), storage.device)
+            copy = copy_span(storage, lo, hi, storage.device)
         except CaptureError as e:
             for entry, _ in live:
                 self._drop(entry, str(e))
@@ -634,14 +691,12 @@ class Recorder:
     def _seal(self) -> None:
         """Copy the held storages that anything besides the snapshots still references."""
         held, self._held = self._held, {}
-        for waiting in held.values():
-            live = [(e, b) for e, b in waiting if e.snapshot is not None]
-            if not live:
-                continue
-            storage = live[0][0].snapshot.shared_storage(live[0][1])
-            ours = len({id(e.snapshot.shared_storage(b)) for e, b in live})
-            if _storage_use_count is None or _storage_use_count(storage._cdata) > ours:
-                self._own(live)
+        count = _storage_use_count
+        for storage, waiting in held.values():
+            # One reference is the snapshots' own Python storage object (torch
+            # keeps one per storage): any other means something else can still write it.
+            if storage is None or count is None or count(storage._cdata) > 1:
+                self._own(waiting)
 
     # -- results ------------------------------------------------------------
     def _entries_in_order(self) -> Iterator[_Entry]:

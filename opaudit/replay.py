@@ -94,6 +94,11 @@ def _cuda_ready() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_initialized()
 
 
+def _cudnn_mutation_allowed() -> contextlib.AbstractContextManager[Any]:
+    allow = getattr(torch.backends, "__allow_nonbracketed_mutation", None)
+    return allow() if allow is not None else contextlib.nullcontext()
+
+
 @contextlib.contextmanager
 def preserved_state() -> Iterator[None]:
     """Restore every global flag a replay can touch, whatever happens inside."""
@@ -119,8 +124,11 @@ def preserved_state() -> Iterator[None]:
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
-        (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
-         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) = cudnn
+        # torch.testing's common_utils (imported by catalog sweeps) forbids setting
+        # the cuDNN flags outside a ``with`` block; restoring them is always allowed.
+        with _cudnn_mutation_allowed():
+            (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+             torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) = cudnn
 
 
 class _Rng:

@@ -82,13 +82,19 @@ class _Seq:
         self.items = items
 
 
+# Markers are immutable: share them rather than build (and garbage-collect) new ones.
+_LEAF = tuple(_Leaf(i) for i in range(32))
+_NO_KWARGS: dict = {}
+
+
 def _template(obj: Any, leaves: list[Any]) -> Any:
     """``obj`` with every tensor and generator replaced by a :class:`_Leaf` (appended to ``leaves``)."""
     if isinstance(obj, torch.Tensor) or type(obj) is torch.Generator:
         # ``type() is``: ``isinstance(x, torch.Generator)`` runs a Python metaclass
         # check costing ~1 µs for every non-generator argument.
         leaves.append(obj)
-        return _Leaf(len(leaves) - 1)
+        n = len(leaves) - 1
+        return _LEAF[n] if n < len(_LEAF) else _Leaf(n)
     if isinstance(obj, (list, tuple)):
         n = len(leaves)
         items = [_template(x, leaves) for x in obj]
@@ -140,18 +146,19 @@ class Snapshot:
     captures then cost no copy at all.
 
     Capture sits on the recorder's hot path (once per unique signature), and
-    ``materialize()`` on the replay's (once per run), so both walk the arguments
-    with a small hand-written template instead of ``torch.utils._pytree``.
+    ``materialize()`` on the replay's (once per run): both walk the arguments with
+    a small hand-written template instead of ``torch.utils._pytree``, and keep few
+    Python objects alive (each one is work for the garbage collector).
     """
 
-    __slots__ = ("_args", "_kwargs", "_slots", "_buffers", "_spans", "_opaque", "_written_buffers", "_shared",
-                 "nbytes")
+    __slots__ = ("_args", "_kwargs", "_slots", "_storages", "_bases", "_lo", "_hi", "_opaque",
+                 "_written_buffers", "_shared", "nbytes")
 
     def __init__(self, args: Sequence[Any], kwargs: dict, written: Sequence[bool] | None = None, *,
                  share: bool = False, budget: int | None = None):
-        flat: list[Any] = []
-        self._args = _template(tuple(args), flat)
-        self._kwargs = _template(dict(kwargs), flat)
+        leaves: list[Any] = []
+        self._args = _template(tuple(args), leaves)
+        self._kwargs = _template(dict(kwargs), leaves) if kwargs else _NO_KWARGS
         written_ids: set[int] = set()
         if written is not None:
             # ``written`` is per top-level positional/keyword argument; map it to
@@ -159,96 +166,100 @@ class Snapshot:
             for arg, w in zip(list(args) + list(kwargs.values()), written, strict=False):
                 if w:
                     _tensor_ids(arg, written_ids)
-        groups: dict[Any, list[int]] = {}
-        self._opaque: list[torch.Tensor] = []
-        slots: list[Any] = [None] * len(flat)
-        for i, leaf in enumerate(flat):
+        # Per buffer: the storage (held, or a copy of the span [lo, hi)), the byte
+        # offset in the original storage at which it starts (0 while held), and the span.
+        storages: list[Any] = []
+        lo: list[int] = []
+        hi: list[int] = []
+        buffer_of: dict[Any, int] = {}
+        written_buffers: set[int] = set()
+        opaque: list[torch.Tensor] = []
+        slots: list[Any] = []
+        for leaf in leaves:
             if type(leaf) is torch.Generator:
                 # Replays must each start from the state the op saw, and must not
                 # advance the user's own generator.
-                slots[i] = _GeneratorSlot(leaf.device, leaf.get_state())
+                slots.append(_GeneratorSlot(leaf.device, leaf.get_state()))
                 continue
             if (leaf.layout != torch.strided or leaf.is_nested
                     or type(leaf) is not torch.Tensor and type(leaf) is not _Parameter and not isinstance(leaf, _Parameter)):
                 try:
-                    slots[i] = _OpaqueSlot(len(self._opaque), id(leaf) in written_ids)
-                    self._opaque.append(leaf.detach().clone())
+                    slots.append(_OpaqueSlot(len(opaque), id(leaf) in written_ids))
+                    opaque.append(leaf.detach().clone())
                 except Exception as e:  # noqa: BLE001 - any failure means "cannot capture"
                     raise CaptureError(f"cannot clone {type(leaf).__name__} ({leaf.layout}): {e}") from e
                 continue
             if leaf.is_meta:
                 raise CaptureError("meta tensors have no values to replay")
-            device = leaf.device
             try:
-                key = (device, leaf.untyped_storage().data_ptr())
+                storage = leaf.untyped_storage()
+                key = (leaf.device, storage.data_ptr())
             except Exception as e:  # noqa: BLE001
                 raise CaptureError(f"tensor has no accessible storage: {e}") from e
-            group = groups.get(key)
-            if group is None:
-                groups[key] = [i]
-            else:
-                group.append(i)
-        # Per buffer: [storage, base], where ``base`` is the byte offset in the
-        # original storage at which ``storage`` starts (0 while it is held).
-        self._buffers: list[list[Any]] = []
-        self._spans: list[tuple[int, int]] = []
-        self._written_buffers: set[int] = set()
-        self._shared: list[int] = []
-        nbytes = sum(t.numel() * t.element_size() for t in self._opaque)
-        spans = []
-        for (device, _), idxs in groups.items():
-            lo, hi = -1, 0
-            w = False
-            for i in idxs:
-                t = flat[i]
-                es = t.element_size()
-                start = t.storage_offset() * es
-                n = t.numel()
-                if n:
-                    if t.is_contiguous():
-                        end = start + es * n
-                    else:
-                        end = start + es * (1 + sum([(s - 1) * abs(st) for s, st in zip(t.shape, t.stride(), strict=True)]))
-                    lo = start if lo < 0 or start < lo else lo
-                    hi = end if end > hi else hi
-                w = w or id(t) in written_ids
-            lo = 0 if lo < 0 else lo
-            spans.append((device, idxs, lo, hi, w))
-            nbytes += hi - lo
+            es = leaf.element_size()
+            offset = leaf.storage_offset()
+            shape = leaf.shape
+            stride = leaf.stride()
+            start = end = offset * es
+            n = leaf.numel()
+            if n:
+                if leaf.is_contiguous():
+                    end = start + es * n
+                else:
+                    end = start + es * (1 + sum([(s - 1) * abs(st) for s, st in zip(shape, stride, strict=True)]))
+            b = buffer_of.get(key)
+            if b is None:
+                b = buffer_of[key] = len(storages)
+                storages.append(storage)
+                lo.append(start if n else -1)
+                hi.append(end if n else 0)
+            elif n:
+                if lo[b] < 0 or start < lo[b]:
+                    lo[b] = start
+                if end > hi[b]:
+                    hi[b] = end
+            w = id(leaf) in written_ids
+            if w:
+                written_buffers.add(b)
+            # ``shape`` is an immutable ``torch.Size`` and ``stride()`` a fresh tuple: kept as they are.
+            slots.append(_TensorSlot(b, leaf.dtype, shape, stride, offset, w))
+        nbytes = sum([t.numel() * t.element_size() for t in opaque]) if opaque else 0
+        for b in range(len(storages)):
+            if lo[b] < 0:
+                lo[b] = 0
+            nbytes += hi[b] - lo[b]
         if budget is not None and nbytes > budget:
             raise CaptureError("capture budget")
-        for device, idxs, lo, hi, w in spans:
-            b = len(self._buffers)
-            storage = flat[idxs[0]].untyped_storage()
-            self._spans.append((lo, hi))
-            if share and not w and hi > lo:
-                self._buffers.append([storage, 0])
-                self._shared.append(b)
+        bases = [0] * len(storages)
+        shared: list[int] = []
+        for b, storage in enumerate(storages):
+            if share and hi[b] > lo[b] and b not in written_buffers:
+                shared.append(b)
             else:
-                self._buffers.append(copy_span(storage, lo, hi, device))
-            for i in idxs:
-                t = flat[i]
-                tw = id(t) in written_ids
-                if tw:
-                    self._written_buffers.add(b)
-                # ``shape`` is an immutable ``torch.Size`` and ``stride()`` a fresh tuple: kept as they are.
-                slots[i] = _TensorSlot(b, t.dtype, t.shape, t.stride(), t.storage_offset(), tw)
-        self._slots = slots
+                storages[b], bases[b] = copy_span(storage, lo[b], hi[b], storage.device)
+        self._slots = tuple(slots)
+        self._storages = storages
+        self._bases = bases
+        self._lo = lo
+        self._hi = hi
+        self._opaque = tuple(opaque) if opaque else ()
+        self._written_buffers = written_buffers
+        self._shared = shared
         self.nbytes = nbytes
 
     def shared(self) -> list[tuple[int, Any]]:
         """``(buffer, storage)`` for every storage held rather than copied."""
-        return [(b, self._buffers[b][0]) for b in self._shared]
+        return [(b, self._storages[b]) for b in self._shared]
 
     def shared_storage(self, b: int) -> Any:
         """The storage held (uncopied) as buffer ``b``."""
-        return self._buffers[b][0]
+        return self._storages[b]
 
     def span(self, b: int) -> tuple[int, int]:
         """Byte range ``[lo, hi)`` of the original storage that buffer ``b`` covers."""
-        return self._spans[b]
+        return self._lo[b], self._hi[b]
 
-    def own(self, b: int, copy: list[Any] | None = None) -> None:
+    def own(self, b: int, copy: tuple[Any, int] | None = None) -> None:
         """Copy held buffer ``b`` now: call before anything writes to its storage.
 
         ``copy`` is a ready ``copy_span()`` of that storage covering :meth:`span`,
@@ -258,10 +269,9 @@ class Snapshot:
         if b not in self._shared:
             return
         if copy is None:
-            storage = self._buffers[b][0]
-            lo, hi = self._spans[b]
-            copy = copy_span(storage, lo, hi, storage.device)
-        self._buffers[b] = copy
+            storage = self._storages[b]
+            copy = copy_span(storage, self._lo[b], self._hi[b], storage.device)
+        self._storages[b], self._bases[b] = copy
         self._shared.remove(b)
 
     def own_all(self) -> None:
@@ -270,16 +280,17 @@ class Snapshot:
             self.own(b)
 
     def _values(self, fresh: set[int] | None, fresh_opaque: bool) -> tuple[list[Any], list[torch.Tensor]]:
-        bufs = []
-        for i, (storage, base) in enumerate(self._buffers):
-            bufs.append((storage.clone() if fresh is not None and i in fresh else storage, base))
+        storages = self._storages
+        if fresh:
+            storages = [s.clone() if i in fresh else s for i, s in enumerate(storages)]
+        bases = self._bases
         values: list[Any] = []
         written: list[torch.Tensor] = []
         for slot in self._slots:
             if type(slot) is _TensorSlot:
-                storage, base = bufs[slot.buffer]
+                storage = storages[slot.buffer]
                 t = torch.empty(0, dtype=slot.dtype, device=storage.device)
-                t.set_(storage, slot.offset - base // t.element_size(), slot.size, slot.stride)
+                t.set_(storage, slot.offset - bases[slot.buffer] // t.element_size(), slot.size, slot.stride)
             elif type(slot) is _OpaqueSlot:
                 src = self._opaque[slot.index]
                 t = src.clone() if (fresh_opaque or slot.written) else src
@@ -299,7 +310,7 @@ class Snapshot:
         ``written`` lists the rebuilt tensors the op writes to, so that a replay can
         compare them as outputs.
         """
-        fresh = set(range(len(self._buffers))) if fresh_all else self._written_buffers
+        fresh = set(range(len(self._storages))) if fresh_all else self._written_buffers
         values, written = self._values(fresh, fresh_all)
         return _rebuild(self._args, values), _rebuild(self._kwargs, values), written
 
@@ -311,17 +322,19 @@ class Snapshot:
     @property
     def devices(self) -> set[torch.device]:
         """Devices of the captured tensors."""
-        return {b[0].device for b in self._buffers} | {t.device for t in self._opaque}
+        return {s.device for s in self._storages} | {t.device for t in self._opaque}
 
 
-def copy_span(storage: Any, lo: int, hi: int, device: torch.device) -> list[Any]:
-    """``[copy of storage bytes [lo', hi), lo']``, ``lo'`` being ``lo`` rounded down to :data:`_SPAN_ALIGN`."""
+def copy_span(storage: Any, lo: int, hi: int, device: torch.device) -> tuple[Any, int]:
+    """``(copy of storage bytes [lo', hi), lo')``, ``lo'`` being ``lo`` rounded down to :data:`_SPAN_ALIGN`."""
     lo = (lo // _SPAN_ALIGN) * _SPAN_ALIGN
     try:
+        if lo == 0 and hi == storage.nbytes():
+            return storage.clone(), 0
         if hi > lo:
             src = torch.empty(0, dtype=torch.uint8, device=device).set_(storage, lo, (hi - lo,), (1,))
-            return [src.clone().untyped_storage(), lo]
-        return [torch.empty(0, dtype=torch.uint8, device=device).untyped_storage(), lo]
+            return src.clone().untyped_storage(), lo
+        return torch.empty(0, dtype=torch.uint8, device=device).untyped_storage(), lo
     except torch.OutOfMemoryError as e:
         raise CaptureError("capture OOM") from e
     except RuntimeError as e:

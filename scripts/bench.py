@@ -10,7 +10,8 @@ Three parts (``--only`` picks some):
 * **overhead**: one training step (forward + backward) of two models, each wrapped
   in: nothing (plain eager), a bare pass-through ``TorchDispatchMode``, the same
   without Dynamo's per-call wrapper, ``torch.profiler`` with ``record_shapes=True``,
-  ``FlopCounterMode``, and opaudit's ``Recorder``. Every tool is entered fresh for
+  ``FlopCounterMode``, and opaudit's ``Recorder`` (default, and copying every
+  input at capture). Every tool is entered fresh for
   each step, as it would be to look at one step. Steps run round-robin (one of
   each tool per round) so that load on the machine hits every tool alike; the
   figure is the median after warm-up.
@@ -39,12 +40,16 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
-import torch
-from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
+# Kineto (torch.profiler) logs every start and stop to stderr unless told not to.
+os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -100,11 +105,11 @@ def overhead_workloads(device: str) -> list[Workload]:
     torch.manual_seed(0)
     small = encoder(4, 64, 4, 256, dropout=0.1).to(device).train()
     cnn = ConvNet().to(device).train()
-    labels = torch.randint(0, 10, (16,), generator=g).to(device)
+    labels = torch.randint(0, 10, (8,), generator=g).to(device)
     return [
         Workload("encoder-4 d=64 (batch 2, seq 64)", small, torch.randn(2, 64, 64, generator=g).to(device),
                  lambda y: y.sum()),
-        Workload("convnet 6 conv+BN (batch 16, 3x64x64)", cnn, torch.randn(16, 3, 64, 64, generator=g).to(device),
+        Workload("convnet 6 conv+BN (batch 8, 3x32x32)", cnn, torch.randn(8, 3, 32, 32, generator=g).to(device),
                  lambda y: nn.functional.cross_entropy(y, labels)),
     ]
 
@@ -149,6 +154,7 @@ def tools(device: str) -> dict[str, Callable[[], Any]]:
         "torch.profiler record_shapes": lambda: profile(activities=activities, record_shapes=True),
         "FlopCounterMode": lambda: FlopCounterMode(display=False),
         "opaudit Recorder": Recorder,
+        "opaudit Recorder(copy_inputs=True)": lambda: Recorder(copy_inputs=True),
     }
 
 
@@ -171,13 +177,19 @@ def round_robin(step: Callable[[], None], ctxs: dict[str, Callable[[], Any]], ro
     """Median seconds per step under each context, one step of each per round."""
     times: dict[str, list[float]] = {k: [] for k in ctxs}
 
-    def run(make: Callable[[], Any]) -> None:
-        with make():
+    def run(tool: Any) -> None:
+        with tool:
             step()
 
     for i in range(warmup + rounds):
         for name, make in ctxs.items():
-            t = timed(lambda make=make: run(make), device)
+            # Built before and dropped after the timed region: the time covers
+            # entering the tool, the step, and leaving it (where the profiler and
+            # the flop counter do their bookkeeping and the recorder seals its
+            # captures), not freeing what it kept.
+            tool = make()
+            t = timed(lambda tool=tool: run(tool), device)
+            del tool
             if i >= warmup:
                 times[name].append(t)
     return {k: statistics.median(v) for k, v in times.items()}
@@ -200,9 +212,9 @@ def bench_overhead(args: argparse.Namespace, res: Results) -> None:
         res.overhead[w.name] = med
         plain = med["plain eager"]
         print(f"{w.name}")
-        print(f"  {'tool':34s} {'ms/step':>9s} {'x plain':>8s}")
+        print(f"  {'tool':38s} {'ms/step':>9s} {'x plain':>8s}")
         for name, t in med.items():
-            print(f"  {name:34s} {t * 1e3:9.2f} {t / plain:7.2f}x")
+            print(f"  {name:38s} {t * 1e3:9.2f} {t / plain:7.2f}x")
         print(f"  recorder / pass-through: {med['opaudit Recorder'] / med['pass-through mode']:.2f}x"
               f"   (recorder / pass-through without Dynamo wrapper: "
               f"{med['opaudit Recorder'] / med['pass-through, no Dynamo wrapper']:.2f}x)")
@@ -220,42 +232,56 @@ def bench_audit(args: argparse.Namespace, res: Results) -> None:
     rec.release()
     print(f"  {'layers':>6s} {'plain s':>8s} {'record s':>9s} {'replay s':>9s} {'record':>7s} {'replay':>7s}"
           f" {'audit':>7s} {'unique':>7s} {'replayed':>8s} {'ops':>6s} {'views':>6s}")
-    for depth in args.depths:
-        w = audit_workload(depth, args.device)
+    # Every depth is built first and measured round-robin (plain steps, then an
+    # audit, for each depth in turn, each round), so that load on the machine
+    # that comes and goes falls on every depth alike.
+    workloads = {depth: audit_workload(depth, args.device) for depth in args.depths}
+    for w in workloads.values():
         for _ in range(args.warmup_audit):
             w.step()
-        plain = statistics.median(timed(w.step, args.device) for _ in range(args.plain_steps))
-        records, replays = [], []
-        for _ in range(args.audit_repeats):
-            gc.collect()
-            rec = Recorder()
-            records.append(timed(lambda rec=rec: _record(rec, w), args.device))
-            report_box: list[Any] = []
-            replays.append(timed(lambda rec=rec: report_box.append(rec.classify(reps=args.reps)), args.device))
-            report = report_box[0]
-            sigs = rec.signatures()
-            replayed = sum(1 for f in report.results if f.default_diverged)
-            row = {
-                "layers": depth, "total_ops": rec.total_calls, "view_calls": sum(rec.view_calls.values()),
-                "unique_signatures": len(sigs), "replayed": replayed,
-                "captured_mib": rec.captured_bytes / 2**20,
-            }
-            rec.release()
-            del rec, report, report_box
-        record, replay = statistics.median(records), statistics.median(replays)
-        row.update(plain_s=plain, record_s=record, replay_s=replay, audit_ratio=(record + replay) / plain)
+    runs: dict[int, list[tuple[float, float, float, dict[str, Any]]]] = {d: [] for d in workloads}
+    for _ in range(args.audit_repeats):
+        for depth, w in workloads.items():
+            plain = statistics.median(timed(w.step, args.device) for _ in range(args.plain_steps))
+            record, replay, row = audit_once(w, args)
+            runs[depth].append((plain, record, replay, row))
+    for depth, rs in runs.items():
+        plain = statistics.median(r[0] for r in rs)
+        record = statistics.median(r[1] for r in rs)
+        replay = statistics.median(r[2] for r in rs)
+        ratio = statistics.median((r[1] + r[2]) / r[0] for r in rs)
+        row = dict(rs[0][3], layers=depth, plain_s=plain, record_s=record, replay_s=replay, audit_ratio=ratio,
+                   record_ratio=statistics.median(r[1] / r[0] for r in rs),
+                   replay_ratio=statistics.median(r[2] / r[0] for r in rs))
         res.audit.append(row)
-        print(f"  {depth:6d} {plain:8.3f} {record:9.3f} {replay:9.3f} {record / plain:6.2f}x {replay / plain:6.2f}x"
-              f" {(record + replay) / plain:6.2f}x {row['unique_signatures']:7d} {replayed:8d}"
+        print(f"  {depth:6d} {plain:8.3f} {record:9.3f} {replay:9.3f} {row['record_ratio']:6.2f}x"
+              f" {row['replay_ratio']:6.2f}x {ratio:6.2f}x {row['unique_signatures']:7d} {row['replayed']:8d}"
               f" {row['total_ops']:6d} {row['view_calls']:6d}")
-    print("  (record, replay and audit are ratios to one plain step; 'unique' counts unique non-view"
-          " signatures, 'replayed' those replayed in both modes, 'ops' every aten call, 'views' the"
-          " view/metadata calls among them)")
+    print("  (seconds are medians; record, replay and audit are medians of each round's ratio to the plain"
+          " step measured just before it; 'unique' counts unique non-view signatures, 'replayed' those"
+          " replayed in both modes, 'ops' every aten call, 'views' the view/metadata calls among them)")
 
 
-def _record(rec: Recorder, w: Workload) -> None:
-    with rec:
-        w.step()
+def audit_once(w: Workload, args: argparse.Namespace) -> tuple[float, float, dict[str, Any]]:
+    """Seconds to record one step, seconds to classify it, and what was recorded."""
+    gc.collect()
+    rec = Recorder()
+
+    def record() -> None:
+        with rec:
+            w.step()
+
+    reports: list[Any] = []
+    record_s = timed(record, args.device)
+    replay_s = timed(lambda: reports.append(rec.classify(reps=args.reps)), args.device)
+    row = {
+        "layers": 0, "total_ops": rec.total_calls, "view_calls": sum(rec.view_calls.values()),
+        "unique_signatures": len(rec.signatures()),
+        "replayed": sum(1 for f in reports[0].results if f.default_diverged),
+        "captured_mib": rec.captured_bytes / 2**20,
+    }
+    rec.release()
+    return record_s, replay_s, row
 
 
 # -- memory -----------------------------------------------------------------
@@ -383,7 +409,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     a.rounds = a.rounds or (8 if a.quick else 40)
     a.warmup = 2 if a.quick else 5
     a.warmup_audit = 1 if a.quick else 2
-    a.plain_steps = 2 if a.quick else 5
+    a.plain_steps = 1 if a.quick else 3
     a.audit_repeats = 1 if a.quick else 3
     a.depths = [int(d) for d in (a.depths or ("2,12" if a.quick else "2,6,12,24")).split(",")]
     a.memory_depths = [12] if a.quick else [12, 24]

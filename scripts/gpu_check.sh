@@ -41,3 +41,48 @@ step "segmenter" 120 env CUBLAS_WORKSPACE_CONFIG=:4096:8 OPAUDIT_DEVICE=cuda \
   python3 -m opaudit opaudit/examples/segmenter.py --exit-zero -q -o "$OUT/h100-segmenter.yaml"
 step "mlp" 60 env OPAUDIT_DEVICE=cuda \
   python3 -m opaudit opaudit/examples/mlp.py --exit-zero -q -o "$OUT/h100-mlp.md"
+
+# --- catalog: the CUDA catalog, checked against torch's documented list ---------
+# Restricted to stay under 8 minutes on one H100 (the step's timeout is 330 s): the
+# OpInfo entries whose kernels use atomics, parallel scans, index collisions, pools,
+# upsampling, losses, convolutions, attention and matmuls -- the families every CUDA
+# entry of torch.use_deterministic_algorithms.__doc__ belongs to -- for float32 and
+# float16, with the default stress inputs (about 1e6 elements) and a 20 s limit per op.
+# A timeout leaves $OUT/<name>.yaml.partial (complete: false); rerun with --resume.
+# CUBLAS_WORKSPACE_CONFIG is set before start, as a run that wants determinism must:
+# without it every cuBLAS matmul "raises" (the workspace alert), which hides the rest.
+CATALOG_OPS='index_put,put,take,index_add,index_copy,index_fill,index_reduce*,index_select,scatter,scatter_add,scatter_reduce*,gather,take_along_dim,masked_scatter,nn.functional.embedding*,nn.functional.max_unpool*,nn.functional.max_pool*,nn.functional.avg_pool*,nn.functional.adaptive_*,nn.functional.fractional_max_pool*,nn.functional.interpolate.*,nn.functional.upsample*,nn.functional.pad.*,nn.functional.grid_sample,nn.functional.nll_loss,nn.functional.cross_entropy,nn.functional.ctc_loss,nn.functional.conv*,nn.functional.scaled_dot_product_attention,nn.functional.batch_norm,nn.functional.layer_norm,cumsum,cumprod,logcumsumexp,histc,bincount,median,nanmedian,kthvalue,sort,argsort,topk,unique,unique_consecutive,repeat_interleave,__getitem__,matmul,mm,bmm,addmm,baddbmm,sum,mean,var,std,nn.functional.softmax,nn.functional.log_softmax,nn.ReflectionPad*,nn.ReplicationPad*,nn.LSTM,nn.GRU,nn.MultiheadAttention'
+CATALOG_NAME=$(python3 - <<'PY' 2>>"$LOG"
+import re, torch
+gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "nocuda"
+gpu = re.sub(r"[^a-z0-9]+", "-", gpu.lower().replace("nvidia", "")).strip("-")
+print(f"cuda-{gpu}-torch{torch.__version__.split('+')[0]}")
+PY
+)
+# Drop the globs this torch's OpInfo database does not know (opaudit catalog refuses them).
+CATALOG_OPS=$(python3 - "$CATALOG_OPS" <<'PY' 2>>"$LOG"
+import sys
+from opaudit.catalog import CatalogError, select_tasks
+keep = []
+for p in sys.argv[1].split(","):
+    try:
+        select_tasks("cuda", [p], ("float32", "float16"))
+        keep.append(p)
+    except CatalogError as e:
+        print(f"catalog: dropping --ops {p}: {e}", file=sys.stderr)
+print(",".join(keep))
+PY
+)
+step "catalog ($CATALOG_NAME)" 330 env CUBLAS_WORKSPACE_CONFIG=:4096:8 \
+  python3 -m opaudit catalog --device cuda --ops "$CATALOG_OPS" --dtypes float32,float16 --op-timeout 20 \
+  -o "$OUT/$CATALOG_NAME.yaml"
+CATALOG_FILE="$OUT/$CATALOG_NAME.yaml"
+[ -f "$CATALOG_FILE" ] || CATALOG_FILE="$OUT/$CATALOG_NAME.yaml.partial"
+step "catalog markdown export" 60 python3 -c "
+import sys
+from opaudit.catalog import load_catalog, render_catalog
+from opaudit.formats import Format
+open(sys.argv[2], 'w').write(render_catalog(load_catalog(sys.argv[1]), Format.MARKDOWN))
+" "$CATALOG_FILE" "$OUT/$CATALOG_NAME.md"
+# Names every difference with the documented list; exit 1 when any (see the log).
+step "catalog vs torch docs" 60 bash -c "python3 scripts/check_docs.py --markdown '$CATALOG_FILE' | tee '$OUT/$CATALOG_NAME-docs.md'"

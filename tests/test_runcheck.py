@@ -30,14 +30,14 @@ def _line_of(path, text):
         return next(i for i, line in enumerate(f, 1) if text in line)
 
 
-# A table lookup whose backward adds 1.6M wide-range values into 512 slots with
+# A table lookup whose backward adds 3.2M wide-range values into 512 slots with
 # ``index_put(accumulate=True)``: on 2 threads the adds race, and the sum's bits
 # change from run to run (near-certain over 3 runs).
 COLLIDE = """
     import torch
     from torch import nn
 
-    N = 200_000
+    N = 400_000
 
 
     class Table(nn.Module):

@@ -67,7 +67,9 @@ def render(catalog: "Catalog") -> str:
         f"`{st.get('device')}` for {', '.join(st.get('dtypes', []))}, forward and backward, on PyTorch's own "
         f"test inputs and on **stress** inputs (about {int(st.get('stress_elements') or 0):,} elements, indices "
         f"with many repeats). Each op was then re-run {st.get('reps')} times with and without "
-        "`torch.use_deterministic_algorithms(True)` and its outputs compared bit for bit.",
+        "`torch.use_deterministic_algorithms(True)`"
+        + (f" ({st.get('index_reps')} times for stress inputs that take an index)" if st.get("index_reps") else "")
+        + " and its outputs compared bit for bit.",
         "",
         f"**{counts['entries']} entries** ({counts['ops']} distinct ops; an entry is one op, dtype and "
         f"argument variant) from {counts['swept']} swept OpInfo entries and modules.",

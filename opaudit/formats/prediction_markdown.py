@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from opaudit.formats.prediction_table import target_name, where
+from opaudit.formats.prediction_table import grouped, target_name
 
 if TYPE_CHECKING:
     from opaudit.predict import Prediction
@@ -28,8 +28,9 @@ def render(prediction: "Prediction") -> str:
         out += ["> **Incomplete**: the audit was interrupted.", ""]
     out += [_table(("predicted", "signatures"), [[k, v] for k, v in s.items() if k not in ("signatures", "changed")]),
             ""]
-    rows = [[r.predicted, r.here.value, f"`{r.op}`", f"{r.dtype} {r.variant}".strip(), where(r, 3),
-             r.note.replace("|", "\\|")] for r in prediction.rows if r.predicted != "stable"]
+    rows = [[r.predicted, r.here.value, f"`{r.op}`" + (f" (x{n})" if n > 1 else ""),
+             f"{r.dtype} {r.variant}".strip(), locs, r.note.replace("|", "\\|")]
+            for r, locs, n in grouped(prediction, 3) if r.predicted != "stable"]
     out += ["## Ops that are not predicted stable", ""]
     out += [_table(("predicted", "here", "op", "dtype / variant", "where", "note"), rows) if rows
             else "None: every recorded op is stable in the catalog.", ""]

@@ -19,6 +19,19 @@ def where(r: "Predicted", limit: int = 2) -> str:
     return ", ".join(locs[:limit]) + (f" +{more}" if more > 0 else "")
 
 
+def grouped(prediction: "Prediction", limit: int = 2) -> list[tuple["Predicted", str, int]]:
+    """Rows that differ only in signature merged: ``(first row, where, signatures)``, in order."""
+    groups: dict[tuple, list["Predicted"]] = {}
+    for r in prediction.rows:
+        groups.setdefault((r.predicted, r.here, r.op, r.dtype, r.variant, r.note), []).append(r)
+    out = []
+    for rows in groups.values():
+        locs = list(dict.fromkeys(loc for r in rows for loc in r.locations))
+        more = len(locs) - limit
+        out.append((rows[0], ", ".join(locs[:limit]) + (f" +{more}" if more > 0 else ""), len(rows)))
+    return out
+
+
 def target_name(prediction: "Prediction") -> str:
     """``NVIDIA H100 80GB HBM3, torch 2.x`` style label of the catalog's machine."""
     t = prediction.target
@@ -29,8 +42,8 @@ def render(prediction: "Prediction") -> str:
     """Plain-text tables (tabulate) for a terminal."""
     from tabulate import tabulate
 
-    rows = [[r.predicted, r.here.value, r.op, f"{r.dtype} {r.variant}".strip(), where(r), r.note]
-            for r in prediction.rows if r.predicted != Verdict.STABLE.value]
+    rows = [[r.predicted, r.here.value, r.op + (f" (x{n})" if n > 1 else ""), f"{r.dtype} {r.variant}".strip(),
+             locs, r.note] for r, locs, n in grouped(prediction) if r.predicted != Verdict.STABLE.value]
     out = [f"prediction on {target_name(prediction)} (catalog {prediction.catalog})"]
     if not prediction.complete:
         out.append("INCOMPLETE: the audit was interrupted; only the signatures classified so far are predicted.")

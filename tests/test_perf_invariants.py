@@ -1,0 +1,149 @@
+"""What keeps the audit cheap, checked without timing anything.
+
+* Replay cost follows unique signatures, not total ops: a deeper model replays
+  exactly as many signatures as a shallow one.
+* Capture copies only what could change: inputs an op merely reads are held,
+  not copied, until something is about to write them (copy on write); what the
+  snapshot then replays is still the value the op saw.
+* Recording does not import Dynamo, and a ``torch.compile``'d function run while
+  recording does not trace into the recorder.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from opaudit.pipeline import build_report
+from opaudit.record import Recorder
+from opaudit.replay import replay
+
+
+def _encoder(layers: int) -> nn.Module:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    return nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+
+
+def _record_step(model: nn.Module, x: torch.Tensor) -> Recorder:
+    with Recorder() as rec:
+        model(x).sum().backward()
+    return rec
+
+
+def test_replays_follow_unique_signatures_not_total_ops():
+    x = torch.randn(2, 8, 16)
+    counts = {}
+    for layers in (2, 6):
+        rec = _record_step(_encoder(layers), x)
+        calls = []
+
+        def counting(func, snap, reps, cudnn, calls=calls):
+            calls.append(func)
+            return replay(func, snap, reps, cudnn_variants=cudnn)
+
+        report = build_report(rec, reps=2, remedies=False, replay_fn=counting)
+        replayable = [f for f in report.results if f.default_diverged]
+        assert len(calls) == len(replayable) == len(rec.signatures())
+        counts[layers] = (len(calls), rec.total_calls)
+    (shallow, shallow_ops), (deep, deep_ops) = counts[2], counts[6]
+    assert deep_ops > 2.5 * shallow_ops
+    assert deep == shallow
+
+
+def test_activations_are_held_not_copied():
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8))
+    with Recorder() as rec:
+        model(torch.randn(16, 32)).sum().backward()
+    relu = [snap for sig, _, snap in rec.items() if sig.op == "aten.relu.default"]
+    (snap,) = relu
+    # relu's input is an activation nothing references after the step: never copied.
+    assert len(snap.shared()) == 1
+    # The first layer's weight and bias are alive after the step (the model holds
+    # them): copied when recording ended, so that later changes cannot reach the
+    # replay. Its input, a temporary, is still only held.
+    first = [snap for sig, _, snap in rec.items() if sig.op == "aten.addmm.default"][0]
+    ((_, storage),) = first.shared()
+    assert storage.nbytes() == 16 * 32 * 4
+
+
+def test_a_held_input_is_copied_before_a_later_op_writes_it():
+    x = torch.arange(6.0)
+    with Recorder() as rec:
+        y = x * 2                # mul reads x: held, not copied
+        x.add_(100.0)            # ... until add_ is about to write it
+        y.view(2, 3).sub_(1.0)   # sub_ writes y through a view
+    mul = [(sig, snap) for sig, _, snap in rec.items() if sig.op == "aten.mul.Tensor"]
+    ((_, snap),) = mul
+    args, _, _ = snap.materialize()
+    assert torch.equal(args[0], torch.arange(6.0))
+    assert not snap.shared()
+    sub = [snap for sig, _, snap in rec.items() if sig.op == "aten.sub_.Tensor"]
+    args, _, _ = sub[0].materialize()
+    assert torch.equal(args[0], (torch.arange(6.0) * 2).view(2, 3))
+
+
+def test_a_live_input_changed_after_recording_keeps_its_recorded_value():
+    w = torch.ones(4, 4)
+    with Recorder() as rec:
+        torch.mm(w, w)
+    w.mul_(3.0)  # e.g. an optimizer step between recording and classify()
+    ((sig, _, snap),) = [i for i in rec.items() if i[0].op == "aten.mm.default"]
+    args, _, _ = snap.materialize()
+    assert torch.equal(args[0], torch.ones(4, 4))
+
+
+def test_copy_inputs_copies_everything_at_capture():
+    with Recorder(copy_inputs=True) as rec:
+        a = torch.randn(8, 8)
+        (a @ a).relu()
+    assert all(not snap.shared() for _, _, snap in rec.items() if snap is not None)
+
+
+def test_held_inputs_replay_the_values_the_op_saw():
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, 1000, (100_000,), generator=g)
+    vals = torch.randn(100_000, generator=g) * torch.logspace(-3, 3, 100_000)
+    seen = idx.clone()
+    with Recorder() as rec:
+        x = torch.zeros(1000)
+        x.index_put_((idx,), vals, accumulate=True)
+        idx.zero_()  # a later write to a held input
+    ((_, _, snap),) = [i for i in rec.items() if i[0].op == "aten.index_put_.default"]
+    args, _, _ = snap.materialize()
+    assert torch.equal(args[1][0], seen)
+    report = rec.classify(reps=4, remedies=False)
+    (f,) = [f for f in report.results if f.op == "aten.index_put_.default"]
+    assert f.deterministic_diverged == "0/4"
+
+
+@pytest.mark.parametrize("code", [
+    "import sys, torch; from opaudit.record import Recorder\n"
+    "with Recorder(): torch.ones(3).add(1).sum()\n"
+    "print('torch._dynamo' in sys.modules)",
+])
+def test_recording_does_not_import_dynamo(code):
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_a_compiled_function_does_not_trace_into_the_recorder():
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    @torch.compile(backend=backend)
+    def f(x):
+        return (x.sin() + 1).cos()
+
+    with Recorder() as rec:
+        f(torch.randn(4))
+    assert not graphs  # Dynamo skips frames while a dispatch mode is active, ours included
+    assert [s.op for s in rec.signatures()] == ["aten.randn.default", "aten.sin.default", "aten.add.Tensor",
+                                                 "aten.cos.default"]
