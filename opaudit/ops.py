@@ -8,7 +8,6 @@ reason given here, never dropped.
 from __future__ import annotations
 
 import enum
-import fnmatch
 import functools
 
 import torch
@@ -81,16 +80,6 @@ CUDNN_OPS = frozenset({
 })
 
 
-def op_name(func: torch._ops.OpOverload) -> str:
-    """``aten.index_put_.default`` style name, as users see it in traces."""
-    return str(func)
-
-
-def packet_name(func: torch._ops.OpOverload) -> str:
-    """Schema name without overload, e.g. ``aten::index_put_``."""
-    return func._schema.name
-
-
 @functools.cache
 def op_kind(func: torch._ops.OpOverload) -> tuple[OpKind, str]:
     """The kind of ``func`` and, for ops not replayed, why."""
@@ -126,8 +115,3 @@ def written_args(func: torch._ops.OpOverload) -> tuple[tuple[bool, ...], frozens
 def is_cudnn_op(func: torch._ops.OpOverload) -> bool:
     """True for ops that cuDNN can back on CUDA."""
     return func._schema.name in CUDNN_OPS
-
-
-def match_op(patterns: list[str], name: str) -> bool:
-    """Glob-match an op name (``aten.index_put*``) against any of ``patterns``."""
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
