@@ -13,7 +13,6 @@ import os
 import sys
 import sysconfig
 import threading
-import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -295,7 +294,9 @@ class SiteTracker:
         self.root = os.path.abspath(root) if root else None
         # Fixed at start: the user's code may chdir while it runs.
         self.cwd = os.getcwd()
-        self._names: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._names: dict[int, tuple[torch.nn.Module, str]] = {}
+        """``id(module)`` → (module, qualified name), while recording; the module is
+        held so that its id cannot be reused, and let go by :meth:`stop`."""
         self._site_ids: dict[tuple, int] = {}
         self._site_list: list[Site] = []
         self._paths: dict[str, str] = {}
@@ -310,27 +311,30 @@ class SiteTracker:
         # so ``is`` on the next call means the same activation, whose callers (and
         # so whose user frame and module) cannot have changed while it runs.
         self._last: tuple[Any, int, int] = (None, -1, -1)
+        self._last_bare: tuple[Any, int, int] = (None, -1, -1)
+        """The same for lookups without a module (backward ops whose node has no site)."""
         self._last_node: tuple[Any, int] = (None, -1)
 
     # -- modules ------------------------------------------------------------
     def _name(self, mod: torch.nn.Module, f: Any) -> str:
         """Fully qualified name of ``mod``, called in frame ``f``'s stack."""
-        name = self._names.get(mod)
-        if name is None:
-            # Name it, and everything under it, from the outermost module being called.
-            root = mod
-            while f is not None:
-                if id(f.f_code) in _MODULE_CALL:
-                    outer = f.f_locals.get("self")
-                    if isinstance(outer, torch.nn.Module) and outer not in self._names:
-                        root = outer
-                f = f.f_back
-            self._names[root] = type(root).__name__
-            for child_name, child in root.named_modules(prefix=type(root).__name__):
-                if child not in self._names:
-                    self._names[child] = child_name
-            name = self._names.get(mod) or type(mod).__name__
-        return name
+        names = self._names
+        entry = names.get(id(mod))
+        if entry is not None and entry[0] is mod:
+            return entry[1]
+        # Name it, and everything under it, from the outermost module being called.
+        root = mod
+        while f is not None:
+            if id(f.f_code) in _MODULE_CALL:
+                outer = f.f_locals.get("self")
+                if isinstance(outer, torch.nn.Module) and id(outer) not in names:
+                    root = outer
+            f = f.f_back
+        for child_name, child in root.named_modules(prefix=type(root).__name__):
+            if id(child) not in names:
+                names[id(child)] = (child, child_name)
+        entry = names.get(id(mod))
+        return entry[1] if entry is not None and entry[0] is mod else type(mod).__name__
 
     def _opt_pre(self, *_: Any) -> None:
         if threading.get_ident() == self._thread:
@@ -353,7 +357,8 @@ class SiteTracker:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        self._last = (None, -1, -1)
+        self._names.clear()
+        self._last = self._last_bare = (None, -1, -1)
         self._last_node = (None, -1)
 
     # -- sites --------------------------------------------------------------
@@ -367,8 +372,8 @@ class SiteTracker:
 
     def _site_id(self, f: Any, with_module: bool = True) -> int:
         """Id of the site of the innermost user frame at or above ``f``, and of the innermost module."""
-        last_f, last_line, last_site = self._last
-        if with_module and f is last_f and (last_line < 0 or f.f_lineno == last_line):
+        last_f, last_line, last_site = self._last if with_module else self._last_bare
+        if f is last_f and (last_line < 0 or f.f_lineno == last_line):
             return last_site
         f0 = f
         internal = _INTERNAL_CODE
@@ -409,6 +414,8 @@ class SiteTracker:
             self._site_list.append(site)
         if with_module:
             self._last = (f0, line if user is f0 else -1, site_id)
+        else:
+            self._last_bare = (f0, line if user is f0 else -1, site_id)
         return site_id
 
     def current(self) -> tuple[int, int]:
@@ -596,8 +603,11 @@ class Recorder:
             written = [pos_w[i] if i < len(pos_w) else False for i in range(len(args))]
             written += [k in kw_w for k in kwargs]
         try:
+            # An op returning uninitialized memory is only ever timed: its inputs'
+            # values do not matter, so none are held.
             snap = Snapshot(args, kwargs, written, share=not self.copy_inputs,
-                            budget=self.capture_budget - self.captured_bytes)
+                            budget=self.capture_budget - self.captured_bytes,
+                            values=info.kind is not OpKind.UNINITIALIZED)
         except CaptureError as e:
             entry.skip_reason = str(e) if str(e) in ("capture OOM", "capture budget") else f"capture failed: {e}"
             return

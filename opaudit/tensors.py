@@ -52,6 +52,19 @@ class _OpaqueSlot:
     written: bool
 
 
+class _ShapeSlot:
+    """A tensor kept as its dtype, size, strides and device only (see ``Snapshot(values=False)``)."""
+
+    __slots__ = ("dtype", "size", "stride", "device")
+
+    def __init__(self, dtype: torch.dtype, size: tuple[int, ...], stride: tuple[int, ...],
+                 device: torch.device) -> None:
+        self.dtype = dtype
+        self.size = size
+        self.stride = stride
+        self.device = device
+
+
 @dataclass(frozen=True)
 class _GeneratorSlot:
     """An explicit ``generator=`` argument, kept as its state at capture time."""
@@ -145,6 +158,10 @@ class Snapshot:
     storage. Most inputs are activations that nothing writes again, so most
     captures then cost no copy at all.
 
+    With ``values=False`` tensors keep only their dtype, size, strides and device,
+    and are rebuilt uninitialized: for ops whose result does not depend on the
+    values of their inputs (``empty_like``).
+
     Capture sits on the recorder's hot path (once per unique signature), and
     ``materialize()`` on the replay's (once per run): both walk the arguments with
     a small hand-written template instead of ``torch.utils._pytree``, and keep few
@@ -155,7 +172,7 @@ class Snapshot:
                  "_written_buffers", "_shared", "nbytes")
 
     def __init__(self, args: Sequence[Any], kwargs: dict, written: Sequence[bool] | None = None, *,
-                 share: bool = False, budget: int | None = None):
+                 share: bool = False, budget: int | None = None, values: bool = True):
         leaves: list[Any] = []
         self._args = _template(tuple(args), leaves)
         self._kwargs = _template(dict(kwargs), leaves) if kwargs else _NO_KWARGS
@@ -188,6 +205,10 @@ class Snapshot:
                     opaque.append(leaf.detach().clone())
                 except Exception as e:  # noqa: BLE001 - any failure means "cannot capture"
                     raise CaptureError(f"cannot clone {type(leaf).__name__} ({leaf.layout}): {e}") from e
+                continue
+            if not values and leaf.layout == torch.strided:
+                # Only the tensor's form matters (``empty_like``): hold no storage.
+                slots.append(_ShapeSlot(leaf.dtype, leaf.shape, leaf.stride(), leaf.device))
                 continue
             if leaf.is_meta:
                 raise CaptureError("meta tensors have no values to replay")
@@ -294,6 +315,9 @@ class Snapshot:
             elif type(slot) is _OpaqueSlot:
                 src = self._opaque[slot.index]
                 t = src.clone() if (fresh_opaque or slot.written) else src
+            elif type(slot) is _ShapeSlot:
+                values.append(torch.empty_strided(slot.size, slot.stride, dtype=slot.dtype, device=slot.device))
+                continue
             else:
                 gen = torch.Generator(device=slot.device)
                 gen.set_state(slot.state)
@@ -322,7 +346,8 @@ class Snapshot:
     @property
     def devices(self) -> set[torch.device]:
         """Devices of the captured tensors."""
-        return {s.device for s in self._storages} | {t.device for t in self._opaque}
+        shapes = {s.device for s in self._slots if type(s) is _ShapeSlot}
+        return {s.device for s in self._storages} | {t.device for t in self._opaque} | shapes
 
 
 def copy_span(storage: Any, lo: int, hi: int, device: torch.device) -> tuple[Any, int]:

@@ -104,11 +104,16 @@ def overhead_workloads(device: str) -> list[Workload]:
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     small = encoder(4, 64, 4, 256, dropout=0.1).to(device).train()
+    large = encoder(4, 256, 4, 1024, dropout=0.1).to(device).train()
     cnn = ConvNet().to(device).train()
     labels = torch.randint(0, 10, (8,), generator=g).to(device)
     return [
         Workload("encoder-4 d=64 (batch 2, seq 64)", small, torch.randn(2, 64, 64, generator=g).to(device),
                  lambda y: y.sum()),
+        # Larger and compute-bound: the same 4 layers at d=256, ff=1024, batch 8, seq 128.
+        Workload("encoder-4 d=256 (batch 8, seq 128)", large, torch.randn(8, 128, 256, generator=g).to(device),
+                 lambda y: y.sum()),
+        # Larger and the hard case for capture: nearly every op is a signature of its own.
         Workload("convnet 6 conv+BN (batch 8, 3x32x32)", cnn, torch.randn(8, 3, 32, 32, generator=g).to(device),
                  lambda y: nn.functional.cross_entropy(y, labels)),
     ]
@@ -172,10 +177,19 @@ def timed(fn: Callable[[], Any], device: str) -> float:
     return time.perf_counter() - t0
 
 
+def _minor_faults() -> int:
+    try:
+        import resource
+    except ImportError:  # not on Unix
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def round_robin(step: Callable[[], None], ctxs: dict[str, Callable[[], Any]], rounds: int, warmup: int,
-                device: str) -> dict[str, float]:
-    """Median seconds per step under each context, one step of each per round."""
+                device: str) -> tuple[dict[str, float], dict[str, float]]:
+    """Median seconds per step under each context, one step of each per round; and page faults per step."""
     times: dict[str, list[float]] = {k: [] for k in ctxs}
+    faults: dict[str, int] = dict.fromkeys(ctxs, 0)
 
     def run(tool: Any) -> None:
         with tool:
@@ -188,17 +202,22 @@ def round_robin(step: Callable[[], None], ctxs: dict[str, Callable[[], Any]], ro
             # the flop counter do their bookkeeping and the recorder seals its
             # captures), not freeing what it kept.
             tool = make()
+            f0 = _minor_faults()
             t = timed(lambda tool=tool: run(tool), device)
+            f1 = _minor_faults()
             del tool
             if i >= warmup:
                 times[name].append(t)
-    return {k: statistics.median(v) for k, v in times.items()}
+                faults[name] += f1 - f0
+    return {k: statistics.median(v) for k, v in times.items()}, {k: v / rounds for k, v in faults.items()}
 
 
 @dataclass
 class Results:
     env: dict[str, Any] = field(default_factory=dict)
     overhead: dict[str, dict[str, float]] = field(default_factory=dict)
+    faults: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Minor page faults per step (first touches of fresh memory), by model and tool."""
     audit: list[dict[str, Any]] = field(default_factory=list)
     memory: list[dict[str, Any]] = field(default_factory=list)
     targets: list[dict[str, Any]] = field(default_factory=list)
@@ -207,14 +226,17 @@ class Results:
 def bench_overhead(args: argparse.Namespace, res: Results) -> None:
     print("\n## Recording overhead: one forward + backward step, median ms, ratio to plain eager\n")
     ctxs = tools(args.device)
-    for w in overhead_workloads(args.device):
-        med = round_robin(w.step, ctxs, args.rounds, args.warmup, args.device)
+    for i, w in enumerate(overhead_workloads(args.device)):
+        # The first model is the one the target is about: it gets every round.
+        rounds = args.rounds if i == 0 else max(3, args.rounds // 3)
+        med, faults = round_robin(w.step, ctxs, rounds, args.warmup, args.device)
         res.overhead[w.name] = med
+        res.faults[w.name] = faults
         plain = med["plain eager"]
-        print(f"{w.name}")
-        print(f"  {'tool':38s} {'ms/step':>9s} {'x plain':>8s}")
+        print(f"{w.name}   ({rounds} rounds)")
+        print(f"  {'tool':38s} {'ms/step':>9s} {'x plain':>8s} {'faults/step':>12s}")
         for name, t in med.items():
-            print(f"  {name:38s} {t * 1e3:9.2f} {t / plain:7.2f}x")
+            print(f"  {name:38s} {t * 1e3:9.2f} {t / plain:7.2f}x {faults[name]:12.0f}")
         print(f"  recorder / pass-through: {med['opaudit Recorder'] / med['pass-through mode']:.2f}x"
               f"   (recorder / pass-through without Dynamo wrapper: "
               f"{med['opaudit Recorder'] / med['pass-through, no Dynamo wrapper']:.2f}x)")
@@ -350,7 +372,7 @@ def bench_memory(args: argparse.Namespace, res: Results) -> None:
 def check_targets(res: Results) -> None:
     print("\n## Targets (issue 5)\n")
     found: dict[str, float] = {}
-    small = next((v for k, v in res.overhead.items() if k.startswith("encoder-4")), None)
+    small = next((v for k, v in res.overhead.items() if k.startswith("encoder-4 d=64")), None)
     if small:
         found["recorder / pass-through (encoder-4, d=64)"] = small["opaudit Recorder"] / small["pass-through mode"]
     by_depth = {r["layers"]: r for r in res.audit}
@@ -406,7 +428,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--_memory", choices=["plain", "audit"], help=argparse.SUPPRESS)
     p.add_argument("--_depth", type=int, default=12, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    a.rounds = a.rounds or (8 if a.quick else 40)
+    a.rounds = a.rounds or (8 if a.quick else 60)
     a.warmup = 2 if a.quick else 5
     a.warmup_audit = 1 if a.quick else 2
     a.plain_steps = 1 if a.quick else 3
