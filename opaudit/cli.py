@@ -147,7 +147,9 @@ def _check_output(path: str | None) -> str | None:
     return path
 
 
-def _progress(enabled: bool) -> tuple[Callable[[Any], None] | None, Callable[[], None]]:
+def _progress(enabled: bool, desc: str = "replaying", unit: str = "sig"
+              ) -> tuple[Callable[[Any], None] | None, Callable[[], None]]:
+    """A tqdm bar on stderr fed with ``Progress`` updates (a resumed sweep starts part-way)."""
     if not enabled:
         return None, lambda: None
     from tqdm import tqdm
@@ -156,7 +158,8 @@ def _progress(enabled: bool) -> tuple[Callable[[Any], None] | None, Callable[[],
 
     def update(p: Any) -> None:
         if "bar" not in bar:
-            bar["bar"] = tqdm(total=p.total, desc="replaying", unit="sig", file=sys.stderr, leave=False)
+            bar["bar"] = tqdm(total=p.total, initial=p.done - 1, desc=desc, unit=unit, file=sys.stderr,
+                              leave=False)
         bar["bar"].set_postfix_str(p.op, refresh=False)
         bar["bar"].update(1)
 
@@ -364,27 +367,6 @@ def _catalog_parser() -> _Parser:
     return p
 
 
-def _sweep_progress(enabled: bool) -> tuple[Callable[[Any], None] | None, Callable[[], None]]:
-    if not enabled:
-        return None, lambda: None
-    from tqdm import tqdm
-
-    bar: dict[str, Any] = {}
-
-    def update(p: Any) -> None:
-        if "bar" not in bar:
-            bar["bar"] = tqdm(total=p.total, initial=p.done - 1, desc="sweeping", unit="op", file=sys.stderr,
-                              leave=False)
-        bar["bar"].set_postfix_str(p.op, refresh=False)
-        bar["bar"].update(1)
-
-    def close() -> None:
-        if "bar" in bar:
-            bar["bar"].close()
-
-    return update, close
-
-
 def catalog_main(argv: list[str]) -> int:
     """``opaudit catalog [options]``."""
     args = _catalog_parser().parse_args(argv)
@@ -403,7 +385,7 @@ def catalog_main(argv: list[str]) -> int:
     if args.resume and not output:
         raise UsageError("--resume needs -o PATH: the sweep resumes from PATH.partial")
     partial = partial_path(output) if output else None
-    update, close = _sweep_progress(not args.quiet and sys.stderr.isatty())
+    update, close = _progress(not args.quiet and sys.stderr.isatty(), "sweeping", "op")
     try:
         catalog = build_catalog(
             args.device, (args.ops or "").split(",") if args.ops else None, args.dtypes,

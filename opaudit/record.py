@@ -66,9 +66,6 @@ class Site:
         return f"{self.location} ({self.function})"
 
 
-UNKNOWN_SITE = Site("<unknown>", 0, "", "")
-
-
 @dataclass(frozen=True)
 class RecordedSignature:
     """One unique op signature seen while recording. Holds no tensors."""
