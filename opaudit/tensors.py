@@ -24,24 +24,11 @@ class CaptureError(Exception):
     """A tensor could not be snapshotted (unsupported layout, device or memory)."""
 
 
-class _TensorSlot:
-    """Where one tensor argument lives inside a snapshot's buffers.
-
-    A ``__slots__`` class rather than a frozen dataclass: one is built per tensor
-    captured, on the recorder's hot path, and a frozen dataclass takes ~1.5 µs to build.
-    """
-
-    __slots__ = ("buffer", "dtype", "size", "stride", "offset", "written")
-
-    def __init__(self, buffer: int, dtype: torch.dtype, size: tuple[int, ...], stride: tuple[int, ...],
-                 offset: int, written: bool) -> None:
-        self.buffer = buffer
-        self.dtype = dtype
-        self.size = size
-        self.stride = stride
-        self.offset = offset
-        """In elements, from the start of the original storage."""
-        self.written = written
+# A tensor argument captured from a storage is a plain tuple (one is built per
+# tensor captured, on the recorder's hot path, and a tuple is the cheapest record):
+# (buffer, dtype, size, stride, offset in elements from the start of the original
+# storage, written by the op).
+_TensorSlot = tuple
 
 
 @dataclass(frozen=True)
@@ -120,6 +107,21 @@ def _template(obj: Any, leaves: list[Any]) -> Any:
     return obj
 
 
+def _template_args(args: Sequence[Any], leaves: list[Any]) -> Any:
+    """:func:`_template` of the positional arguments, one call level saved for the usual flat case."""
+    items = []
+    for a in args:
+        if isinstance(a, torch.Tensor) or type(a) is torch.Generator:
+            leaves.append(a)
+            n = len(leaves) - 1
+            items.append(_LEAF[n] if n < len(_LEAF) else _Leaf(n))
+        elif isinstance(a, (list, tuple, dict)):
+            items.append(_template(a, leaves))
+        else:
+            items.append(a)
+    return _Seq(tuple, items) if leaves else tuple(args)
+
+
 def _rebuild(obj: Any, values: list[Any]) -> Any:
     if type(obj) is _Leaf:
         return values[obj.index]
@@ -174,7 +176,7 @@ class Snapshot:
     def __init__(self, args: Sequence[Any], kwargs: dict, written: Sequence[bool] | None = None, *,
                  share: bool = False, budget: int | None = None, values: bool = True):
         leaves: list[Any] = []
-        self._args = _template(tuple(args), leaves)
+        self._args = _template_args(args, leaves)
         self._kwargs = _template(dict(kwargs), leaves) if kwargs else _NO_KWARGS
         written_ids: set[int] = set()
         if written is not None:
@@ -243,7 +245,7 @@ class Snapshot:
             if w:
                 written_buffers.add(b)
             # ``shape`` is an immutable ``torch.Size`` and ``stride()`` a fresh tuple: kept as they are.
-            slots.append(_TensorSlot(b, leaf.dtype, shape, stride, offset, w))
+            slots.append((b, leaf.dtype, shape, stride, offset, w))
         nbytes = sum([t.numel() * t.element_size() for t in opaque]) if opaque else 0
         for b in range(len(storages)):
             if lo[b] < 0:
@@ -309,10 +311,15 @@ class Snapshot:
         written: list[torch.Tensor] = []
         for slot in self._slots:
             if type(slot) is _TensorSlot:
-                storage = storages[slot.buffer]
-                t = torch.empty(0, dtype=slot.dtype, device=storage.device)
-                t.set_(storage, slot.offset - bases[slot.buffer] // t.element_size(), slot.size, slot.stride)
-            elif type(slot) is _OpaqueSlot:
+                b, dtype, size, stride, offset, w = slot
+                storage = storages[b]
+                t = torch.empty(0, dtype=dtype, device=storage.device)
+                t.set_(storage, offset - bases[b] // t.element_size(), size, stride)
+                values.append(t)
+                if w:
+                    written.append(t)
+                continue
+            if type(slot) is _OpaqueSlot:
                 src = self._opaque[slot.index]
                 t = src.clone() if (fresh_opaque or slot.written) else src
             elif type(slot) is _ShapeSlot:
