@@ -12,24 +12,25 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from opaudit.data.version import __version__
 
-__all__ = ["Recorder", "Report", "Finding", "Verdict", "audit", "load_report", "__version__"]
+__all__ = ["Recorder", "Report", "Finding", "Verdict", "audit", "build_report", "load_report", "__version__"]
 
 if TYPE_CHECKING:
-    from opaudit.classify import Verdict
-    from opaudit.pipeline import audit
-    from opaudit.record import Recorder
-    from opaudit.report import Finding, Report
-    from opaudit.report import load as load_report
+    from opaudit.data.report import Finding, Report
+    from opaudit.data.report import load as load_report
+    from opaudit.data.verdict import Verdict
+    from opaudit.engine.record import Recorder
+    from opaudit.flows.pipeline import audit, build_report
 
 _LAZY = {
-    "Recorder": ("opaudit.record", "Recorder"),
-    "Report": ("opaudit.report", "Report"),
-    "Finding": ("opaudit.report", "Finding"),
-    "Verdict": ("opaudit.classify", "Verdict"),
-    "audit": ("opaudit.pipeline", "audit"),
-    "load_report": ("opaudit.report", "load"),
+    "Recorder": ("opaudit.engine.record", "Recorder"),
+    "Report": ("opaudit.data.report", "Report"),
+    "Finding": ("opaudit.data.report", "Finding"),
+    "Verdict": ("opaudit.data.verdict", "Verdict"),
+    "audit": ("opaudit.flows.pipeline", "audit"),
+    "build_report": ("opaudit.flows.pipeline", "build_report"),
+    "load_report": ("opaudit.data.report", "load"),
 }
 
 

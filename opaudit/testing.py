@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from opaudit.classify import Verdict
-from opaudit.report import Finding, Report
+from opaudit.data.report import Finding, Report
+from opaudit.data.verdict import Verdict
 
 
 class NondeterminismFound(AssertionError):
@@ -42,7 +42,7 @@ def assert_deterministic(fn: Callable[..., Any], *args: Any, at_least: Verdict |
     ``allow`` lists op names accepted as known (e.g. ``("aten.index_put.default",)``).
     Returns the report so that a test can assert more.
     """
-    from opaudit.pipeline import audit
+    from opaudit.flows.pipeline import audit
 
     report = audit(fn, *args, reps=reps, **kwargs)
     check(report, at_least, allow)

@@ -54,7 +54,8 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from opaudit.record import Recorder  # noqa: E402
+from opaudit.engine.record import Recorder  # noqa: E402
+from opaudit.flows.pipeline import build_report  # noqa: E402
 
 TARGETS = {
     "recorder / pass-through (encoder-4, d=64)": 1.25,
@@ -250,7 +251,7 @@ def bench_audit(args: argparse.Namespace, res: Results) -> None:
     warm = audit_workload(1, args.device)
     with Recorder() as rec:
         warm.step()
-    rec.classify(reps=1)
+    build_report(rec, reps=1)
     rec.release()
     print(f"  {'layers':>6s} {'plain s':>8s} {'record s':>9s} {'replay s':>9s} {'record':>7s} {'replay':>7s}"
           f" {'audit':>7s} {'unique':>7s} {'replayed':>8s} {'ops':>6s} {'views':>6s}")
@@ -295,11 +296,11 @@ def audit_once(w: Workload, args: argparse.Namespace) -> tuple[float, float, dic
 
     reports: list[Any] = []
     record_s = timed(record, args.device)
-    replay_s = timed(lambda: reports.append(rec.classify(reps=args.reps)), args.device)
+    replay_s = timed(lambda: reports.append(build_report(rec, reps=args.reps)), args.device)
     row = {
         "layers": 0, "total_ops": rec.total_calls, "view_calls": sum(rec.view_calls.values()),
         "unique_signatures": len(rec.signatures()),
-        "replayed": sum(1 for f in reports[0].results if f.default_diverged),
+        "replayed": sum(1 for f in reports[0].all_findings if f.default_diverged),
         "captured_mib": rec.captured_bytes / 2**20,
     }
     rec.release()
@@ -335,7 +336,7 @@ def memory_worker(mode: str, depth: int, device: str, reps: int) -> dict[str, An
         rec = Recorder()
         with rec:
             w.step()
-        rec.classify(reps=reps)
+        build_report(rec, reps=reps)
     if device == "cuda":
         torch.cuda.synchronize()
         return {"peak_bytes": torch.cuda.max_memory_allocated()}

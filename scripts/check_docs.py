@@ -222,8 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from tabulate import tabulate
 
-    from opaudit.catalog import load_catalog
-    from opaudit.report import ReportError
+    from opaudit.data.files import ReportError
+    from opaudit.flows.catalog import load_catalog
 
     try:
         catalog = load_catalog(args.catalog)

@@ -25,7 +25,7 @@ step() {  # step NAME SECONDS CMD...
   echo "=== $name: exit $?" | tee -a "$LOG"
 }
 
-step "environment" 60 bash -c 'nvidia-smi; python3 -c "import json, torch; from opaudit.environment import fingerprint; print(json.dumps(fingerprint(\"cuda\"), indent=1))"'
+step "environment" 60 bash -c 'nvidia-smi; python3 -c "import json, torch; from opaudit.engine.environment import fingerprint; print(json.dumps(fingerprint(\"cuda\"), indent=1))"'
 
 # --- audit: the shipped examples on CUDA ------------------------------------
 # Without CUBLAS_WORKSPACE_CONFIG: cuBLAS matmuls raise the workspace error kind.
@@ -62,7 +62,7 @@ PY
 # Drop the globs this torch's OpInfo database does not know (opaudit catalog refuses them).
 CATALOG_OPS=$(python3 - "$CATALOG_OPS" <<'PY' 2>>"$LOG"
 import sys
-from opaudit.catalog import CatalogError, select_tasks
+from opaudit.flows.catalog import CatalogError, select_tasks
 keep = []
 for p in sys.argv[1].split(","):
     try:
@@ -80,9 +80,9 @@ CATALOG_FILE="$OUT/$CATALOG_NAME.yaml"
 [ -f "$CATALOG_FILE" ] || CATALOG_FILE="$OUT/$CATALOG_NAME.yaml.partial"
 step "catalog markdown export" 60 python3 -c "
 import sys
-from opaudit.catalog import load_catalog, render_catalog
-from opaudit.formats import Format
-open(sys.argv[2], 'w').write(render_catalog(load_catalog(sys.argv[1]), Format.MARKDOWN))
+from opaudit.cli.formats import Format, Kind, render
+from opaudit.flows.catalog import load_catalog
+open(sys.argv[2], 'w').write(render(load_catalog(sys.argv[1]), Kind.CATALOG, Format.MARKDOWN))
 " "$CATALOG_FILE" "$OUT/$CATALOG_NAME.md"
 # Names every difference with the documented list; exit 1 when any (see the log).
 step "catalog vs torch docs" 60 bash -c "python3 scripts/check_docs.py --markdown '$CATALOG_FILE' | tee '$OUT/$CATALOG_NAME-docs.md'"

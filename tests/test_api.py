@@ -27,15 +27,15 @@ def test_allow_list_accepts_known_ops():
     opaudit.testing.assert_deterministic(zoo.put_no_accumulate, reps=2, allow=("aten.put_.default",))
 
 
-def test_recorder_context_and_classify():
+def test_recorder_context_and_build_report():
     with opaudit.Recorder() as rec:
         zoo.put_no_accumulate()
-    report = rec.classify(reps=2)
+    report = opaudit.build_report(rec, reps=2)
     assert [f.op for f in report.findings(at_least="raises")] == ["aten.put_.default"]
-    assert report.crashes()[0].op == "aten.put_.default"
+    assert report.raising()[0].op == "aten.put_.default"
     df = report.to_dataframe()
     assert list(df.columns)[:3] == ["id", "op", "verdict"]
-    assert len(df) == len(report.results)
+    assert len(df) == len(report.all_findings)
     assert (df["verdict"] == "raises").sum() == 1
 
 
@@ -47,16 +47,16 @@ def test_traced_model_gives_the_same_findings_as_its_eager_twin():
     traced = torch.jit.trace(model, (ids,))
 
     def key(report):
-        return sorted((f.op, f.verdict.value, f.signature, f.phases) for f in report.results
+        return sorted((f.op, f.verdict.value, f.signature, f.phases) for f in report.all_findings
                       if f.verdict.value not in ("diverges", "stable"))
 
     eager = opaudit.audit(zoo.lookup_step, model, ids, w, reps=4)
     model.table.grad = None  # the traced module shares this parameter
     jit = opaudit.audit(zoo.lookup_step, traced, ids, w, reps=4)
-    assert {(f.op, f.signature) for f in eager.results} == {(f.op, f.signature) for f in jit.results}
+    assert {(f.op, f.signature) for f in eager.all_findings} == {(f.op, f.signature) for f in jit.all_findings}
     assert key(eager) == key(jit)
     # The backward accumulation is the finding in both.
     for r in (eager, jit):
-        (f,) = [f for f in r.results if f.op == "aten.index_put.default"]
+        (f,) = [f for f in r.all_findings if f.op == "aten.index_put.default"]
         assert f.phases == ("backward",)
         assert f.deterministic_diverged == "0/4"

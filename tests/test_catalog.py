@@ -10,7 +10,12 @@ import pytest
 import torch
 import yaml
 
-from opaudit.catalog import (
+from opaudit.cli.formats import Format, Kind, render
+from opaudit.cli.main import main
+from opaudit.data.files import ReportError
+from opaudit.data.verdict import Verdict
+from opaudit.engine.record import Recorder
+from opaudit.flows.catalog import (
     FORMAT,
     Catalog,
     CatalogEntry,
@@ -19,17 +24,11 @@ from opaudit.catalog import (
     catalog_from_dict,
     entry_key,
     load_catalog,
-    render_catalog,
     select_tasks,
     signature_dtype,
     signature_variant,
     split_signature,
 )
-from opaudit.classify import Verdict
-from opaudit.cli import main
-from opaudit.formats import Format
-from opaudit.record import Recorder
-from opaudit.report import ReportError
 
 # The ops torch.use_deterministic_algorithms documents for CPU (any device, or "CPU"):
 # max_unpool1d/2d/3d and put_(accumulate=False) raise; index_put and put_ with
@@ -164,13 +163,13 @@ def test_cuda_without_cuda():
 
 # -- files -------------------------------------------------------------------------------
 def test_yaml_round_trip_is_byte_stable(documented, tmp_path):
-    text = render_catalog(documented, Format.YAML)
-    assert text == render_catalog(documented, Format.YAML)
+    text = render(documented, Kind.CATALOG, Format.YAML)
+    assert text == render(documented, Kind.CATALOG, Format.YAML)
     p = tmp_path / "c.yaml"
     p.write_text(text)
     again = load_catalog(str(p))
     assert again == dataclasses.replace(documented, settings=again.settings, environment=again.environment)
-    assert render_catalog(again, Format.YAML) == text
+    assert render(again, Kind.CATALOG, Format.YAML) == text
     assert [e.key for e in again.entries] == sorted(e.key for e in again.entries)
     data = yaml.safe_load(text)
     assert data["format"] == FORMAT and data["version"] == 1 and "generated" not in text
@@ -178,16 +177,16 @@ def test_yaml_round_trip_is_byte_stable(documented, tmp_path):
 
 def test_every_format_renders(documented, tmp_path):
     for fmt in Format:
-        assert render_catalog(documented, fmt).strip()
-    as_json = json.loads(render_catalog(documented, Format.JSON))
+        assert render(documented, Kind.CATALOG, fmt).strip()
+    as_json = json.loads(render(documented, Kind.CATALOG, Format.JSON))
     assert catalog_from_dict(as_json).entries == documented.entries
-    csv_lines = render_catalog(documented, Format.CSV).splitlines()
+    csv_lines = render(documented, Kind.CATALOG, Format.CSV).splitlines()
     assert csv_lines[0].startswith("op,dtype,variant,verdict,input_kind")
     assert len(csv_lines) == 1 + len(documented.entries)
 
 
 def test_markdown_is_grouped_by_verdict_with_counts(documented):
-    md = render_catalog(documented, Format.MARKDOWN)
+    md = render(documented, Kind.CATALOG, Format.MARKDOWN)
     raises = len(documented.entries_with(Verdict.RAISES))
     assert f"## raises ({raises})" in md and "## diverges (" in md and "## stable (" in md
     assert "Crashes a run that sets `torch.use_deterministic_algorithms(True)`" in md
@@ -219,7 +218,7 @@ def test_duplicate_entries_are_refused(documented, tmp_path):
 
 # -- merging, resume ---------------------------------------------------------------------
 def test_merge_keeps_worst_and_prefers_opinfo_on_ties():
-    from opaudit.catalog import merge_entries
+    from opaudit.flows.catalog import merge_entries
 
     base = CatalogEntry("aten.x.default", "float32", "", Verdict.STABLE, "opinfo", "forward", "x", "f32[1]",
                         opinfo=Verdict.STABLE)
@@ -296,7 +295,7 @@ def test_cli_sweeps_in_a_worker_and_writes_the_file(tmp_path, capsys):
 
 def test_cli_converts_an_existing_catalog(documented, tmp_path, capsys):
     src = tmp_path / "c.yaml"
-    src.write_text(render_catalog(documented, Format.YAML))
+    src.write_text(render(documented, Kind.CATALOG, Format.YAML))
     code, out, _ = _cli(["catalog", "--from", str(src), "--format", "csv"], capsys)
     assert code == 0 and out.startswith("op,dtype,variant")
     bad = tmp_path / "bad.yaml"

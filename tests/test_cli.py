@@ -11,8 +11,8 @@ import pytest
 import yaml
 from conftest import EXAMPLES, ROOT
 
-from opaudit.cli import main
-from opaudit.loader import ModelLoadError
+from opaudit.cli.main import main
+from opaudit.engine.loader import ModelLoadError
 
 
 def _script(tmp_path, body, name="train.py"):

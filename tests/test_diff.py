@@ -7,13 +7,13 @@ import dataclasses
 import pytest
 import torch
 
-from opaudit.catalog import build_catalog, render_catalog
-from opaudit.classify import Verdict
-from opaudit.cli import main
-from opaudit.diff import DiffError, diff_documents, diff_files, normalize_signature, parse_fail_on, render_diff
-from opaudit.formats import Format, render
-from opaudit.pipeline import audit
-from opaudit.report import ReportError
+from opaudit.cli.formats import Format, Kind, render
+from opaudit.cli.main import main
+from opaudit.data.files import ReportError
+from opaudit.data.verdict import Verdict
+from opaudit.flows.catalog import build_catalog
+from opaudit.flows.diff import DiffError, diff_documents, diff_files, normalize_signature, parse_fail_on
+from opaudit.flows.pipeline import audit
 
 OPTS = dict(isolate=False, stress=False, max_samples=3, reps=2, modules=False)
 
@@ -92,8 +92,8 @@ def test_report_against_catalog_is_refused(catalogs, tmp_path):
     report = audit(_model_dtype(torch.float32), reps=2)
     with pytest.raises(DiffError, match="--against"):
         diff_documents(report, catalogs[0])
-    r = _write(tmp_path, "r.yaml", render(report, Format.YAML))
-    c = _write(tmp_path, "c.yaml", render_catalog(catalogs[0], Format.YAML))
+    r = _write(tmp_path, "r.yaml", render(report, Kind.REPORT, Format.YAML))
+    c = _write(tmp_path, "c.yaml", render(catalogs[0], Kind.CATALOG, Format.YAML))
     with pytest.raises(DiffError, match="cannot diff a report"):
         diff_files(r, c)
 
@@ -101,10 +101,10 @@ def test_report_against_catalog_is_refused(catalogs, tmp_path):
 def test_every_format_renders(catalogs):
     d = diff_documents(*catalogs, "a.yaml", "b.yaml")
     for fmt in Format:
-        assert render_diff(d, fmt).strip()
-    md = render_diff(d, Format.MARKDOWN)
+        assert render(d, Kind.DIFF, fmt).strip()
+    md = render(d, Kind.DIFF, Format.MARKDOWN)
     assert "## Only in B" in md and "## What differs between the two setups" in md
-    assert render_diff(d, Format.CSV).splitlines()[0] == "change,op,detail,before,after,where"
+    assert render(d, Kind.DIFF, Format.CSV).splitlines()[0] == "change,op,detail,before,after,where"
 
 
 # -- command line --------------------------------------------------------------------------
@@ -116,8 +116,8 @@ def _cli(argv, capsys):
 
 def test_cli_exit_codes(catalogs, tmp_path, capsys):
     a, b = catalogs
-    pa = _write(tmp_path, "a.yaml", render_catalog(a, Format.YAML))
-    pb = _write(tmp_path, "b.yaml", render_catalog(b, Format.YAML))
+    pa = _write(tmp_path, "a.yaml", render(a, Kind.CATALOG, Format.YAML))
+    pb = _write(tmp_path, "b.yaml", render(b, Kind.CATALOG, Format.YAML))
     code, out, _ = _cli(["diff", pa, pa], capsys)
     assert code == 0 and "0 changed, 0 only in A, 0 only in B" in out
     # put float64 is new in B and raises: the default --fail-on (*->raises,*->diverges*) fails.
@@ -145,9 +145,9 @@ def test_cli_exit_codes(catalogs, tmp_path, capsys):
     ("- just\n- a list\n...\n", "not an opaudit file"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(catalogs, tmp_path, capsys, b_text, message):
-    pa = _write(tmp_path, "a.yaml", render_catalog(catalogs[0], Format.YAML))
+    pa = _write(tmp_path, "a.yaml", render(catalogs[0], Kind.CATALOG, Format.YAML))
     if b_text is None:  # a report
-        pb = _write(tmp_path, "b.yaml", render(audit(_model_dtype(torch.float32), reps=2), Format.YAML))
+        pb = _write(tmp_path, "b.yaml", render(audit(_model_dtype(torch.float32), reps=2), Kind.REPORT, Format.YAML))
     else:
         pb = _write(tmp_path, "b.yaml", b_text)
     code, out, err = _cli(["diff", pa, pb], capsys)
@@ -156,7 +156,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(catalogs, tmp_path, capsys, b_text
 
 
 def test_cli_missing_file_and_bad_fail_on(catalogs, tmp_path, capsys):
-    pa = _write(tmp_path, "a.yaml", render_catalog(catalogs[0], Format.YAML))
+    pa = _write(tmp_path, "a.yaml", render(catalogs[0], Kind.CATALOG, Format.YAML))
     code, _, err = _cli(["diff", pa, str(tmp_path / "nope.yaml")], capsys)
     assert code == 2 and "no such file" in err
     code, _, err = _cli(["diff", pa, pa, "--fail-on", "stable=>raises"], capsys)

@@ -6,8 +6,8 @@ import torch
 from fixtures import models as zoo
 
 import opaudit
-from opaudit import environment
-from opaudit.environment import environment_warnings, fingerprint
+from opaudit.engine import environment
+from opaudit.engine.environment import environment_warnings, fingerprint
 
 
 def test_fingerprint_is_stable_and_complete():

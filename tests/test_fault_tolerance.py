@@ -25,11 +25,13 @@ from conftest import ROOT
 
 import opaudit
 from opaudit import Verdict
-from opaudit.cli import main
-from opaudit.isolate import Isolator, NotReplayed
-from opaudit.pipeline import build_report
-from opaudit.record import Recorder
-from opaudit.report import ReportError, load
+from opaudit.cli.main import main
+from opaudit.data.files import ReportError
+from opaudit.data.observation import NotReplayed
+from opaudit.data.report import load
+from opaudit.engine.isolate import Isolator
+from opaudit.engine.record import Recorder
+from opaudit.flows.pipeline import build_report
 
 # -- ops that misbehave only when replayed -------------------------------------
 # The worker is forked after recording, so it sees whatever _REPLAY holds then.
@@ -66,7 +68,7 @@ def armed():
 
 
 def _verdicts(report):
-    return {f.op: (f.verdict, f.reason) for f in report.results}
+    return {f.op: (f.verdict, f.reason) for f in report.all_findings}
 
 
 # -- isolation ----------------------------------------------------------------
@@ -136,7 +138,7 @@ def test_isolated_replay_finds_what_in_process_replay_finds():
     finally:
         rec.release()
     assert iso.start_method == "fork" and iso.starts == 1
-    assert {f.id: f.verdict for f in isolated.results} == {f.id: f.verdict for f in in_process.results}
+    assert {f.id: f.verdict for f in isolated.all_findings} == {f.id: f.verdict for f in in_process.all_findings}
     assert isolated.finding("aten.index_put_.default").verdict is Verdict.DIVERGES
     assert isolated.findings(verdicts=["raises"])
 
@@ -271,10 +273,10 @@ def test_ctrl_c_during_replay_writes_a_partial_report_and_exits_130(tmp_path, mo
     report = load(str(out))
     assert report.complete is False
     assert json.loads(out.read_text())["complete"] is False
-    ops = [f.op for f in report.results]
+    ops = [f.op for f in report.all_findings]
     assert "aten.sum.default" in ops and "ft_slow.slow.default" in ops
-    assert len(report.results) < SLOW_SIGNATURES
-    assert all(f.verdict is Verdict.STABLE for f in report.results if f.op == "ft_slow.slow.default")
+    assert len(report.all_findings) < SLOW_SIGNATURES
+    assert all(f.verdict is Verdict.STABLE for f in report.all_findings if f.op == "ft_slow.slow.default")
     assert sorted(os.listdir(tmp_path)) == ["mark", "report.json", "train.py"]  # no temp file left
 
 
@@ -334,14 +336,14 @@ def test_capture_oom_skips_that_signature_and_the_run_carries_on(tmp_path):
 @pytest.fixture(scope="module")
 def report_text():
     """A real report, as YAML."""
-    from opaudit.formats import Format, render
+    from opaudit.cli.formats import Format, Kind, render
 
     def step():
         x = torch.randn(4, 4)
         (x @ x).sum()
         torch.zeros(10).put_(torch.tensor([1, 1]), torch.tensor([1.0, 2.0]))
 
-    return render(opaudit.audit(step, reps=2), Format.YAML)
+    return render(opaudit.audit(step, reps=2), Kind.REPORT, Format.YAML)
 
 
 def _refused(path, *needles):
@@ -358,7 +360,7 @@ def _refused(path, *needles):
     "!!python/object/apply:os.system ['touch {marker}']\n",
     "format: opaudit-report\nversion: 1\nfindings: !!python/object/apply:os.system ['touch {marker}']\n",
     "!!python/object/new:subprocess.Popen [['touch', '{marker}']]\n",
-    "!!python/object:opaudit.report.Report {{results: []}}\n",
+    "!!python/object:opaudit.data.report.Report {{results: []}}\n",
     "environment: !!python/name:os.system\n",
 ])
 def test_yaml_with_python_tags_is_refused_and_nothing_runs(tmp_path, payload):
@@ -369,8 +371,8 @@ def test_yaml_with_python_tags_is_refused_and_nothing_runs(tmp_path, payload):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("reader", ["opaudit.report:load", "opaudit.catalog:load_catalog",
-                                    "opaudit.diff:load_document"])
+@pytest.mark.parametrize("reader", ["opaudit.data.report:load", "opaudit.flows.catalog:load_catalog",
+                                    "opaudit.flows.diff:load_document"])
 def test_every_reader_of_opaudit_files_refuses_python_tags(tmp_path, reader):
     module, name = reader.split(":")
     load_fn = getattr(pytest.importorskip(module), name)
@@ -444,11 +446,11 @@ def test_wrong_field_types_are_refused(tmp_path, report_text, where, value, need
 def test_an_untouched_report_still_loads(tmp_path, report_text):
     path = tmp_path / "good.yaml"
     path.write_text(report_text)
-    assert len(load(str(path)).results) == yaml.safe_load(report_text)["summary"]["signatures"]
+    assert len(load(str(path)).all_findings) == yaml.safe_load(report_text)["summary"]["signatures"]
 
 
 def test_cli_refuses_a_hostile_report_with_exit_2(tmp_path, capsys):
-    from opaudit.cli import SUBCOMMANDS
+    from opaudit.cli.main import SUBCOMMANDS
 
     if "diff" not in SUBCOMMANDS:
         pytest.skip("no command reads reports yet ('opaudit diff' not registered)")
@@ -485,7 +487,7 @@ def test_script_exiting_with_success_ends_normally_and_the_audit_goes_on(tmp_pat
     """
     code, err, report = _audit_in_process(tmp_path, capsys, body)
     assert code == 0, err
-    ops = {f.op for f in report.results}
+    ops = {f.op for f in report.all_findings}
     assert "aten.sum.default" in ops and "aten.mean.default" not in ops
 
 
@@ -514,7 +516,7 @@ def test_script_changing_directory_does_not_move_the_report(tmp_path, capsys, mo
     assert code == 0, capsys.readouterr().err
     assert os.getcwd() == str(tmp_path)
     assert (tmp_path / "report.json").exists() and not (tmp_path / "elsewhere" / "report.json").exists()
-    (f,) = [f for f in load("report.json").results if f.op == "aten.sum.default"]
+    (f,) = [f for f in load("report.json").all_findings if f.op == "aten.sum.default"]
     assert [s.file for s in f.sites] == ["train.py"]
 
 
@@ -554,11 +556,11 @@ def test_script_threads_are_waited_for_and_do_not_corrupt_attribution(tmp_path, 
     assert (tmp_path / "train.py.thread").read_text() == "done"
     leftover = [t for t in threading.enumerate() if t not in threads_before and not t.daemon]
     assert not leftover
-    modules = {f.op: set(f.modules) for f in report.results}
+    modules = {f.op: set(f.modules) for f in report.all_findings}
     # Only the recording thread's ops and modules: the background Linear(8, 8) never shows.
     assert modules["aten.tanh.default"] == {"Sequential.1"}
     assert modules["aten.sum.default"] == set()
-    assert {f.signature.split(",")[0] for f in report.results if f.op == "aten.addmm.default"} == {
+    assert {f.signature.split(",")[0] for f in report.all_findings if f.op == "aten.addmm.default"} == {
         "f32[32]", "f32[4]"}
 
 

@@ -18,9 +18,9 @@ import pytest
 import torch
 from torch import nn
 
-from opaudit.pipeline import build_report
-from opaudit.record import Recorder
-from opaudit.replay import replay
+from opaudit.engine.record import Recorder
+from opaudit.engine.replay import replay
+from opaudit.flows.pipeline import build_report
 
 
 def _encoder(layers: int) -> nn.Module:
@@ -47,7 +47,7 @@ def test_replays_follow_unique_signatures_not_total_ops():
             return replay(func, snap, reps, cudnn_variants=cudnn)
 
         report = build_report(rec, reps=2, remedies=False, replay_fn=counting)
-        replayable = [f for f in report.results if f.default_diverged]
+        replayable = [f for f in report.all_findings if f.default_diverged]
         assert len(calls) == len(replayable) == len(rec.signatures())
         counts[layers] = (len(calls), rec.total_calls)
     (shallow, shallow_ops), (deep, deep_ops) = counts[2], counts[6]
@@ -116,13 +116,13 @@ def test_held_inputs_replay_the_values_the_op_saw():
     ((_, _, snap),) = [i for i in rec.items() if i[0].op == "aten.index_put_.default"]
     args, _, _ = snap.materialize()
     assert torch.equal(args[1][0], seen)
-    report = rec.classify(reps=4, remedies=False)
-    (f,) = [f for f in report.results if f.op == "aten.index_put_.default"]
+    report = build_report(rec, reps=4, remedies=False)
+    (f,) = [f for f in report.all_findings if f.op == "aten.index_put_.default"]
     assert f.deterministic_diverged == "0/4"
 
 
 @pytest.mark.parametrize("code", [
-    "import sys, torch; from opaudit.record import Recorder\n"
+    "import sys, torch; from opaudit.engine.record import Recorder\n"
     "with Recorder(): torch.ones(3).add(1).sum()\n"
     "print('torch._dynamo' in sys.modules)",
 ])

@@ -8,12 +8,12 @@ import textwrap
 import pytest
 import torch
 
-from opaudit.catalog import build_catalog, render_catalog
-from opaudit.classify import Verdict
-from opaudit.cli import main
-from opaudit.formats import Format
-from opaudit.pipeline import audit
-from opaudit.predict import EXACT, OTHER_VARIANT, TWIN, UNKNOWN, predict, render_prediction
+from opaudit.cli.formats import Format, Kind, render
+from opaudit.cli.main import main
+from opaudit.data.verdict import Verdict
+from opaudit.flows.catalog import build_catalog
+from opaudit.flows.pipeline import audit
+from opaudit.flows.predict import EXACT, OTHER_VARIANT, TWIN, UNKNOWN, predict
 
 OPTS = dict(isolate=False, stress=False, max_samples=4, reps=2, modules=False)
 
@@ -63,7 +63,7 @@ def test_prediction_uses_the_catalog(report, catalogs):
     assert acc.match == EXACT and acc.predicted in ("stable", "diverges")
     mm = _row(p, "aten.mm.default")
     assert mm.predicted == UNKNOWN and mm.note == "op not in the catalog"
-    assert p.summary[UNKNOWN] >= 1 and p.summary["signatures"] == len(report.results)
+    assert p.summary[UNKNOWN] >= 1 and p.summary["signatures"] == len(report.all_findings)
     # Worst first, unknown right after the verdicts that fail.
     ranks = [r.predicted for r in p.rows]
     assert ranks.index("raises") < ranks.index(UNKNOWN)
@@ -97,9 +97,9 @@ def test_other_variant_and_unmeasured_entries(report, catalogs):
 def test_every_format_renders(report, catalogs):
     p = predict(report, catalogs[0], "here.yaml")
     for fmt in Format:
-        assert render_prediction(p, fmt).strip()
-    assert "aten.put_.default" in render_prediction(p, Format.MARKDOWN)
-    assert render_prediction(p, Format.CSV).startswith("predicted,here,op,dtype")
+        assert render(p, Kind.PREDICTION, fmt).strip()
+    assert "aten.put_.default" in render(p, Kind.PREDICTION, Format.MARKDOWN)
+    assert render(p, Kind.PREDICTION, Format.CSV).startswith("predicted,here,op,dtype")
 
 
 # -- command line --------------------------------------------------------------------------
@@ -107,7 +107,7 @@ def _files(tmp_path, catalog):
     script = tmp_path / "model.py"
     script.write_text(textwrap.dedent(MODEL))
     cat = tmp_path / "cat.yaml"
-    cat.write_text(render_catalog(catalog, Format.YAML))
+    cat.write_text(render(catalog, Kind.CATALOG, Format.YAML))
     return str(script), str(cat)
 
 

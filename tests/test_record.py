@@ -10,9 +10,10 @@ from fixtures import models as zoo
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import opaudit
-from opaudit.ops import OpKind, op_kind
-from opaudit.record import Recorder
-from opaudit.tensors import Snapshot
+from opaudit.aten.ops import OpKind, op_kind
+from opaudit.aten.tensors import Snapshot
+from opaudit.engine.record import Recorder
+from opaudit.flows.pipeline import build_report
 
 
 def _line_of(fn, text):
@@ -28,7 +29,7 @@ def test_backward_op_is_attributed_to_the_forward_line_that_created_it():
     ids = torch.randint(0, 1000, (4096,))
     w = torch.randn(4096, 16)
     report = opaudit.audit(zoo.lookup_step, model, ids, w, reps=2)
-    (f,) = [f for f in report.results if f.op == "aten.index_put.default"]
+    (f,) = [f for f in report.all_findings if f.op == "aten.index_put.default"]
     assert f.phases == ("backward",)
     site = f.sites[0]
     assert site.file == os.path.relpath(zoo.__file__).replace(os.sep, "/")
@@ -36,7 +37,7 @@ def test_backward_op_is_attributed_to_the_forward_line_that_created_it():
     assert site.function == "forward"
     assert site.module == "Lookup"
     # The forward index op points at the same line, with phase forward.
-    (fwd,) = [f for f in report.results if f.op == "aten.index.Tensor"]
+    (fwd,) = [f for f in report.all_findings if f.op == "aten.index.Tensor"]
     assert fwd.phases == ("forward",) and fwd.sites[0].line == site.line
 
 
@@ -129,8 +130,8 @@ def test_explicit_generator_is_snapshotted_and_the_users_generator_untouched():
     with Recorder() as rec:
         torch.randn(10, generator=g)
     state_after_user = g.get_state().clone()
-    report = rec.classify(reps=3, remedies=False)
-    (f,) = [f for f in report.results if f.op == "aten.randn.generator"]
+    report = build_report(rec, reps=3, remedies=False)
+    (f,) = [f for f in report.all_findings if f.op == "aten.randn.generator"]
     assert f.verdict.value == "random" and f.default_diverged == "0/3"
     assert torch.equal(g.get_state(), state_after_user)
 

@@ -10,10 +10,10 @@ import yaml
 from fixtures import models as zoo
 
 import opaudit
-from opaudit.classify import Verdict
-from opaudit.record import Recorder
-from opaudit.remedies import KnowledgeBase, KnowledgeBaseError, documented_ops, parse_determinism_doc
-from opaudit.replay import replay
+from opaudit.data.verdict import Verdict
+from opaudit.engine.record import Recorder
+from opaudit.engine.remedies import KnowledgeBase, KnowledgeBaseError, documented_ops, parse_determinism_doc
+from opaudit.engine.replay import replay
 
 
 def test_installed_torch_documents_both_lists():
@@ -80,7 +80,7 @@ def test_knowledge_base_refuses_other_files():
 
 def test_findings_carry_remedies_with_measured_cost_and_documentation():
     report = opaudit.audit(zoo.accumulate_put, reps=3)
-    (f,) = [f for f in report.results if f.op == "aten.put_.default"]
+    (f,) = [f for f in report.all_findings if f.op == "aten.put_.default"]
     assert f.verdict is Verdict.DIVERGES
     assert "Measured cost here:" in f.remedy and f"{f.det_cost:.2f}x" in f.remedy
     assert "PyTorch documents: torch.Tensor.put_ with accumulate=True when called on a CPU tensor" in f.remedy
@@ -91,7 +91,7 @@ def test_findings_carry_remedies_with_measured_cost_and_documentation():
 def test_cublas_error_gets_the_environment_remedy():
     kb = KnowledgeBase.load_default()
     report = opaudit.audit(zoo.put_no_accumulate, reps=1)
-    f = dataclasses.replace(report.results[0], op="aten.mm.default", alert_kind="cublas_workspace")
+    f = dataclasses.replace(report.all_findings[0], op="aten.mm.default", alert_kind="cublas_workspace")
     assert "CUBLAS_WORKSPACE_CONFIG=:4096:8" in kb.remedy(f) and "before the process starts" in kb.remedy(f)
 
 
@@ -106,7 +106,7 @@ def test_cudnn_settings_are_replayed_and_reported():
         "cudnn.deterministic=False,benchmark=False", "cudnn.deterministic=False,benchmark=True",
         "cudnn.deterministic=True,benchmark=False", "cudnn.deterministic=True,benchmark=True"]
     assert all(stats.runs == 2 for _, stats in obs.variants)
-    f = opaudit.pipeline.make_finding(sig, obs)
+    f = opaudit.flows.pipeline.make_finding(sig, obs)
     assert len(f.cudnn) == 4
     kb = KnowledgeBase.load_default()
     assert "cudnn.deterministic=True" in kb.remedy(dataclasses.replace(f, verdict=Verdict.DIVERGES))

@@ -12,8 +12,9 @@ import yaml
 from fixtures import models as zoo
 
 import opaudit
-from opaudit.formats import Format, FormatError, render
-from opaudit.report import ROW_FIELDS, ReportError, atomic_write, from_dict, load
+from opaudit.cli.formats import Format, FormatError, Kind, render
+from opaudit.data.files import ReportError, atomic_write
+from opaudit.data.report import ROW_FIELDS, from_dict, load
 
 
 def _mixed():
@@ -31,9 +32,9 @@ def report():
 @pytest.mark.parametrize("ext", ["yaml", "json"])
 def test_round_trip(report, tmp_path, ext):
     path = tmp_path / f"r.{ext}"
-    atomic_write(str(path), render(report, Format.parse(ext)))
+    atomic_write(str(path), render(report, Kind.REPORT, Format.parse(ext)))
     again = load(str(path))
-    assert again.results == report.results
+    assert again.all_findings == report.all_findings
     assert again.summary == report.summary
     assert again.environment == report.environment
     assert again.settings == report.settings
@@ -42,11 +43,11 @@ def test_round_trip(report, tmp_path, ext):
 
 def test_report_is_byte_stable_without_timings():
     def once():
-        return opaudit.pipeline.build_report(_recorded(), reps=2, timings=False)
+        return opaudit.flows.pipeline.build_report(_recorded(), reps=2, timings=False)
 
     a, b = once(), once()
-    assert render(a, Format.YAML) == render(b, Format.YAML)
-    text = render(a, Format.YAML)
+    assert render(a, Kind.REPORT, Format.YAML) == render(b, Kind.REPORT, Format.YAML)
+    text = render(a, Kind.REPORT, Format.YAML)
     assert "time_default_us" not in text
     assert os.getcwd() not in text
 
@@ -59,7 +60,7 @@ def _recorded():
 
 
 def test_document_header_and_no_absolute_paths(report):
-    d = yaml.safe_load(render(report, Format.YAML))
+    d = yaml.safe_load(render(report, Kind.REPORT, Format.YAML))
     assert d["format"] == "opaudit-report" and d["version"] == 1 and d["complete"] is True
     assert set(d["summary"]) >= {"raises", "stable", "random", "uninitialized", "view_calls", "total_calls"}
     for f in d["findings"]:
@@ -68,23 +69,23 @@ def test_document_header_and_no_absolute_paths(report):
 
 
 def test_findings_are_sorted_worst_first(report):
-    sev = [f.verdict.severity for f in report.results]
+    sev = [f.verdict.severity for f in report.all_findings]
     assert sev == sorted(sev, reverse=True)
 
 
 def test_every_format_renders(report):
     for fmt in Format:
-        text = render(report, fmt)
+        text = render(report, Kind.REPORT, fmt)
         assert text.strip(), fmt
-    assert "aten.put_.default" in render(report, Format.TABLE)
-    md = render(report, Format.MARKDOWN)
+    assert "aten.put_.default" in render(report, Kind.REPORT, Format.TABLE)
+    md = render(report, Kind.REPORT, Format.MARKDOWN)
     assert "## Will deterministic mode crash this run?" in md and "fixtures/models.py:" in md
-    json.loads(render(report, Format.JSON))
+    json.loads(render(report, Kind.REPORT, Format.JSON))
 
 
 def test_csv_has_fixed_columns_and_one_row_per_signature(report):
-    rows = list(csv.DictReader(io.StringIO(render(report, Format.CSV))))
-    assert len(rows) == len(report.results)
+    rows = list(csv.DictReader(io.StringIO(render(report, Kind.REPORT, Format.CSV))))
+    assert len(rows) == len(report.all_findings)
     assert tuple(rows[0].keys()) == ROW_FIELDS
 
 

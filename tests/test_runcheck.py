@@ -10,11 +10,11 @@ import pytest
 import torch
 from conftest import EXAMPLES
 
-from opaudit import loader
-from opaudit.cli import main
-from opaudit.formats._common import run_check_lines
-from opaudit.report import Report, from_dict
-from opaudit.runcheck import RunCheckError, run_check, run_checks
+from opaudit.cli.formats._common import run_check_lines
+from opaudit.cli.main import main
+from opaudit.data.report import Report, from_dict
+from opaudit.engine import loader
+from opaudit.flows.runcheck import RunCheckError, run_check, run_checks
 
 RECOMMENDER = os.path.join(EXAMPLES, "recommender.py")
 
@@ -251,8 +251,8 @@ def test_parameters_are_found_through_containers_and_user_objects(tmp_path):
         heads["a"](torch.ones(1, 2)).sum().backward()
         trainer.opt.step()
     """)
-    from opaudit.replay import preserved_state
-    from opaudit.runcheck import _execute  # the state a run leaves is what gets compared
+    from opaudit.engine.replay import preserved_state
+    from opaudit.flows.runcheck import _execute  # the state a run leaves is what gets compared
 
     with preserved_state():
         state = _execute(target, "default", 0, keep_errors=False).state
@@ -268,7 +268,7 @@ def test_parameters_are_found_through_containers_and_user_objects(tmp_path):
 def test_run_checks_round_trip_through_a_report(tmp_path, counter):
     checks = run_checks(_script(tmp_path, COUNTER_PATH), runs=2)
     assert [c.mode for c in checks] == ["default", "deterministic"]
-    report = Report(environment={}, settings={}, results=(), run_checks=checks)
+    report = Report(environment={}, settings={}, all_findings=(), run_checks=checks)
     again = from_dict(json.loads(json.dumps(report.to_dict())))
     assert again.run_checks == checks
 

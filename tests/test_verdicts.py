@@ -12,8 +12,8 @@ from opaudit import Verdict
 
 
 def _only(report, op):
-    found = [f for f in report.results if f.op == op]
-    assert found, f"{op} not recorded; got {[f.op for f in report.results]}"
+    found = [f for f in report.all_findings if f.op == op]
+    assert found, f"{op} not recorded; got {[f.op for f in report.all_findings]}"
     return found
 
 
@@ -116,7 +116,7 @@ def test_replay_failure_is_skipped_with_the_error_and_the_audit_goes_on():
 
 def test_collective_is_skipped_not_replayed():
     report = opaudit.audit(zoo.collective_op, reps=2)
-    (f,) = [f for f in report.results if f.op.startswith("c10d.")]
+    (f,) = [f for f in report.all_findings if f.op.startswith("c10d.")]
     assert f.verdict is Verdict.SKIPPED and f.reason == "collective"
 
 
@@ -131,5 +131,5 @@ def test_summary_counts_add_up():
     _, step = zoo.make_mlp_step()
     report = opaudit.audit(step, reps=2)
     s = report.summary
-    assert sum(s[v.value] for v in Verdict) == s["signatures"] == len(report.results)
-    assert sum(f.calls for f in report.results) + s["view_calls"] == s["total_calls"]
+    assert sum(s[v.value] for v in Verdict) == s["signatures"] == len(report.all_findings)
+    assert sum(f.calls for f in report.all_findings) + s["view_calls"] == s["total_calls"]

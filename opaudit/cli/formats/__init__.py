@@ -1,0 +1,10 @@
+"""Renderers of every document (report, catalog, diff, prediction) in every :class:`Format`.
+
+:data:`~opaudit.cli.formats.registry.RENDERERS` maps each (kind, format) pair to its
+renderer; :func:`render` looks it up.
+"""
+
+from opaudit.cli.formats.choice import Format, FormatError, Kind
+from opaudit.cli.formats.registry import RENDERERS, render
+
+__all__ = ["Format", "FormatError", "Kind", "RENDERERS", "render"]

@@ -1,0 +1,112 @@
+"""Row building shared by the human-readable renderers (table and Markdown)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from opaudit.data.verdict import Verdict
+
+if TYPE_CHECKING:
+    from opaudit.data.report import Finding, Report, RunCheck
+
+FINDING_HEADERS = ("verdict", "op", "calls", "phase", "where", "module", "default", "determ.", "max |diff|", "det. cost")
+
+
+def where(f: "Finding", limit: int = 2) -> str:
+    """``file:line`` of the first sites, with a ``+N`` for the rest."""
+    locs = list(f.locations)
+    more = len(locs) - limit + f.sites_dropped
+    text = ", ".join(locs[:limit])
+    return f"{text} +{more}" if more > 0 else text
+
+
+def fmt_num(x: float | None) -> str:
+    """Compact number: ``-`` when missing."""
+    if x is None:
+        return "-"
+    return f"{x:.3g}"
+
+
+def finding_row(f: "Finding") -> list[Any]:
+    """One table row for a finding."""
+    cost = f.det_cost
+    return [
+        f.verdict.value + (f" ({f.reason})" if f.reason else ""),
+        f.op, f.calls, "/".join(f.phases), where(f), ", ".join(f.modules[:2]) or "-",
+        f.default_diverged or "-", f.deterministic_diverged or "-",
+        fmt_num(f.max_abs_diff) if f.diverges else "-",
+        f"{cost:.2f}x" if cost is not None else "-",
+    ]
+
+
+def notable(report: "Report") -> list["Finding"]:
+    """Findings worth a row: everything but ``stable``, worst first."""
+    return [f for f in report.all_findings if f.verdict is not Verdict.STABLE]
+
+
+def summary_line(report: "Report") -> str:
+    """``N ops (M unique signatures): 1 raises, 2 diverges, ...``."""
+    s = report.summary
+    parts = [f"{s[v.value]} {v.value}" for v in Verdict if s[v.value]]
+    return (f"{s['total_calls']} op calls, {s['signatures']} unique signatures "
+            f"(+{s['view_calls']} view/metadata calls not replayed): " + (", ".join(parts) or "nothing recorded"))
+
+
+def crash_rows(report: "Report") -> list[list[str]]:
+    """Ops that raise under deterministic mode, in execution order, with their error."""
+    rows = []
+    for f in report.raising():
+        err = (f.strict_error or "").splitlines()[0] if f.strict_error else ""
+        rows.append([str(f.first_call), f.op, where(f, 1), "/".join(f.phases), err])
+    return rows
+
+
+def run_check_lines(r: "RunCheck") -> list[str]:
+    """Human summary of one whole-step check."""
+    head = (f"{r.mode} mode, {r.runs} runs: "
+            + ("bitwise reproducible" if r.reproducible else "NOT reproducible"))
+    lines = [head]
+    if r.error:
+        lines.append(f"  could not run: {r.error}")
+    if r.path_split:
+        ps = r.path_split
+        ops, runs, where_ = ps.get("ops"), ps.get("runs") or [1, 2], ps.get("where") or ["", ""]
+        if isinstance(ops, list) and len(ops) == len(runs) == len(where_):
+            ops = " vs ".join(f"{op} (run {run}{', ' + loc if loc else ''})"
+                              for op, run, loc in zip(ops, runs, where_, strict=True))
+        lines.append(f"  runs took different paths at op #{ps.get('index')}: {ops}")
+    if r.root_cause:
+        rc = r.root_cause
+        at = f"{rc.get('op')} at {rc.get('where', '?')} ({', '.join(x for x in (rc.get('module'), rc.get('phase')) if x)})"
+        if rc.get("inputs_identical", True):
+            lines.append(f"  root cause: op #{rc.get('index')} {at}: its inputs were identical, its outputs were not")
+            fd = rc.get("first_difference")
+            if isinstance(fd, dict):
+                lines.append(f"  before it, op #{fd.get('index')} {fd.get('op')} at {fd.get('where', '?')} already got "
+                             "different inputs from outside the ops (Python or NumPy values, files, other threads)")
+        else:
+            lines.append(f"  first difference: op #{rc.get('index')} {at}: its inputs already differed, so the "
+                         "difference came from outside the ops (Python or NumPy values, files, other threads)")
+    if not r.reproducible and r.differing_ops:
+        downstream = (r.root_cause or {}).get("downstream")
+        more = f" ({downstream} downstream of op #{r.root_cause.get('index')})" if downstream and r.root_cause else ""
+        lines.append(f"  {r.differing_ops} of {r.ops} ops differed{more}")
+    for m in r.mismatches[:8]:
+        lines.append(f"  differs: {m}")
+    if len(r.mismatches) > 8:
+        lines.append(f"  ... and {len(r.mismatches) - 8} more")
+    return lines
+
+
+def remedy_rows(report: "Report") -> list[list[str]]:
+    """Distinct remedies for failing findings: op, verdict, remedy."""
+    rows, seen = [], set()
+    for f in notable(report):
+        if not f.remedy or f.verdict in (Verdict.STABLE, Verdict.UNINITIALIZED, Verdict.SKIPPED):
+            continue
+        key = (f.op, f.verdict)  # one row per op and verdict: the worst-first finding's remedy
+        if key in seen:
+            continue
+        seen.add(key)
+        rows.append([f.op, f.verdict.value, f.remedy])
+    return rows

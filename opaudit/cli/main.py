@@ -1,0 +1,496 @@
+"""Command line: ``opaudit SCRIPT``, ``opaudit catalog``, ``opaudit diff``.
+
+The only place where errors become exit codes:
+
+* 0: clean (no finding in ``--fail-on``), or ``--exit-zero``;
+* 1: findings in ``--fail-on``;
+* 2: usage, model-load, user-code, file-format or internal errors;
+* 130: interrupted (a partial report marked ``complete: false`` is still written).
+
+Reports go to ``-o FILE`` (written atomically, only once the analysis is done)
+or to stdout; progress and the summary go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from opaudit.data.version import __version__
+
+EXIT_OK, EXIT_FINDINGS, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
+DEFAULT_FAIL_ON = "raises,diverges,diverges_deterministic"
+
+
+class UsageError(Exception):
+    """Bad command-line input (exit 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump) raised as :class:`UsageError`."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return v
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _run_count(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of runs, got {text!r} (put the script before --run-check, or write --run-check=K)"
+        ) from None
+    if v < 2:
+        raise argparse.ArgumentTypeError(f"needs at least 2 runs to compare, got {v}")
+    return v
+
+
+def parse_verdicts(text: str) -> tuple:
+    """``raises,diverges`` → verdicts; ``none`` or empty → no verdict fails."""
+    from opaudit.data.verdict import Verdict
+
+    if text.strip().lower() in ("", "none"):
+        return ()
+    try:
+        return tuple(Verdict.parse(t) for t in text.split(",") if t.strip())
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _audit_parser() -> _Parser:
+    p = _Parser(
+        prog="opaudit",
+        description="Audit a PyTorch script for ops that raise, warn or give different bits under "
+                    "torch.use_deterministic_algorithms. Subcommands: 'opaudit catalog', 'opaudit diff'.",
+        epilog="Arguments after '--' are passed to the script as sys.argv[1:].",
+    )
+    p.add_argument("script", help="Python script to audit (runs as __main__, or its opaudit_step() is called)")
+    p.add_argument("--entry", metavar="NAME", help="function of the script to record instead of opaudit_step")
+    p.add_argument("--reps", type=_positive_int, default=5, metavar="N", help="replays per mode (default 5)")
+    p.add_argument("--seed", type=_int, default=0, metavar="S", help="seed set before the user's code and replays")
+    p.add_argument("--run-check", nargs="?", const=2, type=_run_count, metavar="K",
+                   help="also run the whole step K times (default 2) from identical state, in default and in "
+                        "deterministic mode, and report whether its bits reproduce and which op is the root cause")
+    p.add_argument("-o", "--output", metavar="PATH", help="write the report here (format from the extension)")
+    p.add_argument("--format", metavar="FMT", help="yaml, json, csv, md or table (default: from -o, else table)")
+    p.add_argument("--fail-on", type=parse_verdicts, default=parse_verdicts(DEFAULT_FAIL_ON), metavar="LIST",
+                   help=f"verdicts that make the exit code 1 (default {DEFAULT_FAIL_ON}; 'none' for never)")
+    p.add_argument("--exit-zero", action="store_true", help="exit 0 even when findings match --fail-on")
+    p.add_argument("--against", metavar="CATALOG",
+                   help="predict each recorded op's verdict on the hardware CATALOG was built on (ops it lacks "
+                        "are 'unknown'); --fail-on then applies to the predicted verdicts")
+    p.add_argument("--capture-budget", type=_positive_int, default=2048, metavar="MIB",
+                   help="memory for captured op inputs, in MiB (default 2048); ops past it are skipped")
+    p.add_argument("--threads", type=_positive_int, metavar="N", help="torch.set_num_threads(N) before running")
+    p.add_argument("--isolate", action="store_true",
+                   help="replay in a worker process: an op that kills it or its CUDA context is reported "
+                        "skipped ('crashed: ...') and a new worker goes on")
+    p.add_argument("--op-timeout", type=_positive_float, metavar="SECONDS",
+                   help="skip (reason 'timeout') a signature whose replay takes longer; implies --isolate, "
+                        "since a running C++ op cannot be stopped inside its own process")
+    p.add_argument("--no-timing", action="store_true", help="leave timings out of the report (byte-stable output)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary on stderr")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    p.add_argument("--version", action="version", version=f"opaudit {__version__}")
+    return p
+
+
+def _split_script_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1:]
+    return argv, []
+
+
+def _check_output(path: str | None) -> str | None:
+    """Absolute output path, checked writable before any work is done."""
+    if path is None:
+        return None
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        raise UsageError(f"cannot write report to {path}: it is a directory")
+    parent = os.path.dirname(path)
+    if not os.path.isdir(parent):
+        raise UsageError(f"cannot write report to {path}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise UsageError(f"cannot write report to {path}: permission denied")
+    return path
+
+
+def _progress(enabled: bool, desc: str = "replaying", unit: str = "sig"
+              ) -> tuple[Callable[[Any], None] | None, Callable[[], None]]:
+    """A tqdm bar on stderr fed with ``Progress`` updates (a resumed sweep starts part-way)."""
+    if not enabled:
+        return None, lambda: None
+    from tqdm import tqdm
+
+    bar: dict[str, Any] = {}
+
+    def update(p: Any) -> None:
+        if "bar" not in bar:
+            bar["bar"] = tqdm(total=p.total, initial=p.done - 1, desc=desc, unit=unit, file=sys.stderr,
+                              leave=False)
+        bar["bar"].set_postfix_str(p.op, refresh=False)
+        bar["bar"].update(1)
+
+    def close() -> None:
+        if "bar" in bar:
+            bar["bar"].close()
+
+    return update, close
+
+
+def _run_check_progress(enabled: bool) -> tuple[Callable[[str, int, int], None] | None, Callable[[], None]]:
+    if not enabled:
+        return None, lambda: None
+
+    def show(mode: str, i: int, runs: int) -> None:
+        sys.stderr.write(f"\rrun check: {mode} mode, run {i}/{runs}   ")
+        sys.stderr.flush()
+
+    def clear() -> None:
+        sys.stderr.write("\r" + " " * 48 + "\r")
+
+    return show, clear
+
+
+def emit(document: Any, kind: str, fmt_name: str | None, output: str | None, quiet: bool,
+         default: str = "table") -> None:
+    """Write any document to ``output`` (atomically) or stdout, in one format; a summary to stderr.
+
+    With ``-o``, the format comes from ``--format`` or the extension, and unless
+    ``quiet`` the table form goes to stderr with the path written. Without, the
+    document goes to stdout in ``--format`` or ``default``.
+    """
+    from opaudit.cli.formats import Format, Kind, render
+    from opaudit.data.files import atomic_write
+
+    kind = Kind(kind)
+    if output:
+        fmt = Format.parse(fmt_name) if fmt_name else Format.from_path(output)
+        atomic_write(output, render(document, kind, fmt))
+        if not quiet:
+            if fmt is not Format.TABLE:
+                sys.stderr.write(render(document, kind, Format.TABLE))
+            sys.stderr.write(f"{kind.value} written to {output}\n")
+        return
+    fmt = Format.parse(fmt_name) if fmt_name else Format.parse(default)
+    sys.stdout.write(render(document, kind, fmt))
+
+
+def audit_main(argv: list[str]) -> int:
+    """``opaudit SCRIPT [options] [-- args]``."""
+    own, script_args = _split_script_args(argv)
+    args = _audit_parser().parse_args(own)
+    output = _check_output(args.output)
+    if args.format:
+        from opaudit.cli.formats import Format
+
+        Format.parse(args.format)
+    if output and not args.format:
+        from opaudit.cli.formats import Format
+
+        Format.from_path(output)
+
+    against = _load_against(args.against) if args.against else None
+
+    import torch
+
+    from opaudit.engine import loader
+    from opaudit.engine.record import Recorder
+    from opaudit.flows.pipeline import build_report
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    target = loader.load_target(args.script, args.entry, script_args)
+    checks: tuple = ()
+    if args.run_check:
+        from opaudit.flows.runcheck import run_checks
+
+        # Before recording, so that the recorder's captured inputs are not held meanwhile.
+        show, clear = _run_check_progress(not args.quiet and sys.stderr.isatty())
+        try:
+            checks = run_checks(target, args.run_check, seed=args.seed, on_run=show)
+        finally:
+            clear()
+    rec = Recorder(capture_budget=args.capture_budget * 2**20, root=target.root)
+    loader.run(target, lambda: rec, seed=args.seed)
+
+    update, close = _progress(not args.quiet and sys.stderr.isatty())
+    settings = {"script": target.name, "entry": target.entry or "__main__", "timing": not args.no_timing}
+    if args.run_check:
+        settings["run_check"] = args.run_check
+    isolator = None
+    if args.isolate or args.op_timeout:
+        from opaudit.engine.isolate import Isolator
+
+        isolator = Isolator(rec, timeout=args.op_timeout)
+        settings["isolate"] = isolator.start_method
+        if args.op_timeout:
+            settings["op_timeout_s"] = args.op_timeout
+    try:
+        report = build_report(rec, reps=args.reps, seed=args.seed, settings=settings,
+                              timings=not args.no_timing, on_progress=update, replay_fn=isolator,
+                              run_checks=checks)
+    except KeyboardInterrupt as e:
+        close()
+        partial = getattr(e, "report", None)
+        if partial is None:
+            sys.stderr.write("opaudit: interrupted\n")
+        elif output:
+            emit(partial, "report", args.format, output, quiet=True)
+            sys.stderr.write(f"opaudit: interrupted; partial report (complete: false) written to {output}\n")
+        else:
+            try:
+                emit(partial, "report", args.format, None, quiet=True)
+            except OSError:
+                pass  # the reader of our stdout may have been interrupted too
+            sys.stderr.write("opaudit: interrupted; the report above is partial (complete: false)\n")
+        return EXIT_INTERRUPTED
+    finally:
+        close()
+        if isolator is not None:
+            isolator.close()
+        rec.release()
+    if against is not None:
+        return _emit_prediction(report, against, args, output)
+    emit(report, "report", args.format, output, args.quiet)
+    failing = [f for f in report.all_findings if f.verdict in args.fail_on]
+    if failing and not args.exit_zero:
+        return EXIT_FINDINGS
+    return EXIT_OK
+
+
+SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {}
+"""Subcommand name → handler taking the remaining argv; filled in below."""
+
+
+# -- catalogs: ``opaudit catalog``, ``opaudit diff``, ``--against`` ---------------------
+def _load_against(path: str) -> Any:
+    """The ``--against`` catalog, loaded before any model code runs (a bad file fails fast)."""
+    from opaudit.flows.catalog import load_catalog
+
+    catalog = load_catalog(path)
+    if not catalog.complete:
+        sys.stderr.write(f"opaudit: warning: {path} is a partial catalog (complete: false); "
+                         "ops it has not reached yet are predicted 'unknown'\n")
+    return catalog
+
+
+def _emit_prediction(report: Any, catalog: Any, args: argparse.Namespace, output: str | None) -> int:
+    from opaudit.flows.predict import predict
+
+    prediction = predict(report, catalog, args.against)
+    emit(prediction, "prediction", args.format, output, args.quiet)
+    if prediction.failing(args.fail_on) and not args.exit_zero:
+        return EXIT_FINDINGS
+    return EXIT_OK
+
+
+def _catalog_parser() -> _Parser:
+    from opaudit.flows import catalog as c
+
+    p = _Parser(prog="opaudit catalog",
+                description="Sweep the ops of PyTorch's OpInfo database (and the torch.nn modules it does not "
+                            "cover) on one device, forward and backward, on OpInfo's samples and on stress "
+                            "inputs, and classify each op like an audit does. Needs: pip install "
+                            "'opaudit[catalog]'.")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--ops", metavar="GLOBS", help="comma-separated globs over OpInfo names (index_put, "
+                   "nn.functional.max_unpool2d), aten names (aten.index_put*) and modules (nn.LSTM); default all")
+    p.add_argument("--dtypes", metavar="LIST", default=",".join(c.DEFAULT_DTYPES),
+                   help=f"comma-separated dtypes (default {','.join(c.DEFAULT_DTYPES)})")
+    p.add_argument("-o", "--output", metavar="PATH",
+                   help="write the catalog here (format from the extension; a partial file PATH.partial is kept "
+                        "while the sweep runs)")
+    p.add_argument("--format", metavar="FMT", help="yaml, json, csv, md or table (default: from -o, else yaml)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep from -o's partial file")
+    p.add_argument("--from", dest="source", metavar="CATALOG",
+                   help="no sweep: convert an existing catalog file to -o / --format (e.g. the Markdown export)")
+    p.add_argument("--no-stress", action="store_true", help="OpInfo's own samples only (no scaled inputs)")
+    p.add_argument("--stress-elements", type=_positive_int, default=c.STRESS_ELEMENTS, metavar="N",
+                   help=f"size of a stress sample in elements (default {c.STRESS_ELEMENTS:,})")
+    p.add_argument("--reps", type=_positive_int, default=c.DEFAULT_REPS, metavar="N",
+                   help=f"replays per mode (default {c.DEFAULT_REPS}; {c.DEFAULT_INDEX_REPS} for stress signatures "
+                        "with an index argument)")
+    p.add_argument("--max-samples", type=_positive_int, default=c.DEFAULT_MAX_SAMPLES, metavar="N",
+                   help=f"OpInfo samples per op and dtype (default {c.DEFAULT_MAX_SAMPLES})")
+    p.add_argument("--op-timeout", type=_positive_float, default=c.DEFAULT_OP_TIMEOUT, metavar="SECONDS",
+                   help=f"time limit per op and dtype (default {c.DEFAULT_OP_TIMEOUT:g}); the worker is killed "
+                        "at 1.5x that plus 30 s and the op recorded as timeout")
+    p.add_argument("--threads", type=_positive_int, metavar="N", help="torch.set_num_threads(N) in the worker")
+    p.add_argument("--no-modules", action="store_true", help="skip the torch.nn modules OpInfo does not cover")
+    p.add_argument("--in-process", action="store_true",
+                   help="run ops in this process (faster start; no hard time limit, a crashing op ends the sweep)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary on stderr")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks, and the worker's stderr")
+    return p
+
+
+def catalog_main(argv: list[str]) -> int:
+    """``opaudit catalog [options]``."""
+    args = _catalog_parser().parse_args(argv)
+    output = _check_output(args.output)
+    from opaudit.cli.formats import Format
+
+    if args.format:
+        Format.parse(args.format)
+    elif output:
+        Format.from_path(output)
+    from opaudit.flows.catalog import build_catalog, load_catalog, partial_path
+
+    if args.source:
+        emit(load_catalog(args.source), "catalog", args.format, output, args.quiet, default="yaml")
+        return EXIT_OK
+    if args.resume and not output:
+        raise UsageError("--resume needs -o PATH: the sweep resumes from PATH.partial")
+    partial = partial_path(output) if output else None
+    update, close = _progress(not args.quiet and sys.stderr.isatty(), "sweeping", "op")
+    try:
+        catalog = build_catalog(
+            args.device, (args.ops or "").split(",") if args.ops else None, args.dtypes,
+            stress=not args.no_stress, reps=args.reps, op_timeout=args.op_timeout, max_samples=args.max_samples,
+            stress_elements=args.stress_elements, modules=not args.no_modules,
+            resume=partial if args.resume else None, partial=partial, isolate=not args.in_process,
+            threads=args.threads, quiet_worker=not args.debug, on_progress=update)
+    except KeyboardInterrupt:
+        close()
+        if partial:
+            sys.stderr.write(f"opaudit: interrupted; resume with: opaudit catalog ... -o {args.output} --resume\n")
+        else:
+            sys.stderr.write("opaudit: interrupted\n")
+        return EXIT_INTERRUPTED
+    finally:
+        close()
+    emit(catalog, "catalog", args.format, output, args.quiet, default="yaml")
+    if partial and os.path.exists(partial):
+        os.unlink(partial)
+    if not args.quiet and not output and (args.format or "yaml") != "table":
+        from opaudit.cli.formats import Kind, render
+
+        sys.stderr.write(render(catalog, Kind.CATALOG, Format.TABLE).splitlines()[-1] + "\n")
+    return EXIT_OK
+
+
+def _diff_parser() -> _Parser:
+    from opaudit.flows.diff import DEFAULT_FAIL_ON as DIFF_FAIL_ON
+
+    p = _Parser(prog="opaudit diff",
+                description="Show the ops whose verdict differs between two catalogs, or between two reports, "
+                            "the ops present on one side only, and the fingerprint fields that differ.")
+    p.add_argument("a", metavar="A", help="first catalog or report (YAML or JSON)")
+    p.add_argument("b", metavar="B", help="second catalog or report, of the same kind")
+    p.add_argument("-o", "--output", metavar="PATH", help="write the diff here (format from the extension)")
+    p.add_argument("--format", metavar="FMT", help="table, md, csv, yaml or json (default: from -o, else table)")
+    p.add_argument("--fail-on", default=DIFF_FAIL_ON, metavar="RULES",
+                   help=f"transitions FROM->TO (globs; 'missing' for an op on one side only) that make the exit "
+                        f"code 1 (default {DIFF_FAIL_ON}; 'none' for never)")
+    p.add_argument("--exit-zero", action="store_true", help="exit 0 even when a transition matches --fail-on")
+    p.add_argument("-q", "--quiet", action="store_true", help="no summary on stderr")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    return p
+
+
+def diff_main(argv: list[str]) -> int:
+    """``opaudit diff A B [options]``."""
+    args = _diff_parser().parse_args(argv)
+    from opaudit.flows.diff import diff_files, parse_fail_on
+
+    rules = parse_fail_on(args.fail_on)
+    output = _check_output(args.output)
+    if args.format:
+        from opaudit.cli.formats import Format
+
+        Format.parse(args.format)
+    diff = diff_files(args.a, args.b)
+    emit(diff, "diff", args.format, output, args.quiet)
+    failing = diff.matching(rules)
+    if failing and not args.quiet:
+        sys.stderr.write(f"opaudit: {len(failing)} transition(s) match --fail-on {args.fail_on}\n")
+    return EXIT_FINDINGS if failing and not args.exit_zero else EXIT_OK
+
+
+SUBCOMMANDS.update(catalog=catalog_main, diff=diff_main)
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from opaudit.cli.formats import FormatError
+    from opaudit.data.files import ReportError
+    from opaudit.engine.loader import ModelLoadError, ScriptExitError
+
+    errors: list[type[BaseException]] = [UsageError, ModelLoadError, ScriptExitError, ReportError, FormatError]
+    for mod, name in (("opaudit.flows.catalog", "CatalogError"), ("opaudit.flows.diff", "DiffError"),
+                      ("opaudit.flows.runcheck", "RunCheckError"), ("opaudit.engine.remedies", "KnowledgeBaseError"),
+                      ("opaudit.engine.isolate", "IsolationError")):
+        try:
+            errors.append(getattr(__import__(mod, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (never raises, except with ``--debug``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in _split_script_args(argv)[0]
+    from opaudit.engine.loader import UserCodeError
+
+    try:
+        if argv and argv[0] in SUBCOMMANDS:
+            return SUBCOMMANDS[argv[0]](argv[1:])
+        return audit_main(argv)
+    except SystemExit as e:  # --help / --version
+        return int(e.code or 0) if isinstance(e.code, int) or e.code is None else EXIT_ERROR
+    except KeyboardInterrupt:
+        sys.stderr.write("opaudit: interrupted\n")
+        return EXIT_INTERRUPTED
+    except UserCodeError as e:
+        if debug:
+            raise
+        sys.stderr.write(e.user_traceback)
+        sys.stderr.write(f"opaudit: error: {e}\n")
+        return EXIT_ERROR
+    except Exception as e:  # noqa: BLE001 - every error becomes exit 2 here
+        if debug:
+            raise
+        if isinstance(e, _known_errors()):
+            sys.stderr.write(f"opaudit: error: {e}\n")
+        elif isinstance(e, OSError):
+            sys.stderr.write(f"opaudit: error: {e.strerror or e}: {e.filename or ''}\n".replace(": \n", "\n"))
+        else:
+            sys.stderr.write(f"opaudit: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)\n")
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""What a replay observed, before any verdict: run statistics, errors, warnings, or why it did not run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+NO_DETERMINISTIC_IMPL = "no_deterministic_impl"
+CUBLAS_WORKSPACE = "cublas_workspace"
+OTHER_ERROR = "error"
+
+TIMEOUT = "timeout"
+"""Reason of a signature whose replay ran past the per-op timeout."""
+
+CRASHED = "crashed"
+"""Prefix of the reason of a signature whose replay killed or poisoned its worker."""
+
+
+@dataclass(frozen=True)
+class RunStats:
+    """Bitwise comparison of ``runs`` replays against the first one."""
+
+    runs: int
+    differing: int
+    """Runs whose bits differ from the first run."""
+    max_abs_diff: float
+    frac_differing: float
+    """Largest fraction of output elements differing in any run."""
+    median_s: float | None
+    """Median seconds per call (CUDA synchronised)."""
+
+    @property
+    def diverges(self) -> bool:
+        """True when any run differed from the first."""
+        return self.differing > 0
+
+    @property
+    def ratio(self) -> str:
+        """``k/N`` text."""
+        return f"{self.differing}/{self.runs}"
+
+
+@dataclass(frozen=True)
+class Observation:
+    """Everything one replay saw, before any verdict."""
+
+    strict_kind: str | None
+    """``no_deterministic_impl``, ``cublas_workspace``, ``error`` or ``None`` when strict ran."""
+    strict_error: str | None
+    warnings: tuple[str, ...]
+    """Determinism warnings raised under ``warn_only=True``, deduplicated, in order."""
+    default: RunStats | None
+    deterministic: RunStats | None
+    rng_used: bool
+    """The op advanced an RNG state."""
+    error: str | None = None
+    """Why the op could not be replayed at all, if it could not."""
+    variants: tuple[tuple[str, RunStats], ...] = ()
+    """cuDNN settings → stats, for cuDNN-backed ops on CUDA."""
+
+
+@dataclass(frozen=True)
+class NotReplayed(Observation):
+    """An observation that holds no runs, only why: ``timeout`` or ``crashed: ...``.
+
+    ``classify()`` turns it into ``skipped`` with ``reason`` as the reason, as it is,
+    unlike ``Observation.error`` which it reports as ``replay failed: ...``.
+    """
+
+    reason: str = ""
+
+    @classmethod
+    def because(cls, reason: str) -> "NotReplayed":
+        """An empty observation carrying ``reason``."""
+        return cls(None, None, (), None, None, False, reason=reason)

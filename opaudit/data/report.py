@@ -1,0 +1,406 @@
+"""The report model: frozen records (findings, sites, run-checks), a stable dict form, and strict load.
+
+A report file carries ``format: opaudit-report`` and ``version: 1``; loading
+anything else is refused. Files are read with ``yaml.safe_load`` only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from opaudit.data.files import ReportError, check_header, read_document
+from opaudit.data.verdict import Verdict
+
+if TYPE_CHECKING:
+    import pandas
+
+FORMAT = "opaudit-report"
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where a call came from: the user's innermost frame and the module running."""
+
+    file: str
+    """Path relative to the audit root (or to the ``sys.path`` entry holding it)."""
+    line: int
+    function: str
+    module: str
+    """Fully qualified module path, e.g. ``TwoTower.mlp.0``; empty outside any module."""
+
+    @property
+    def location(self) -> str:
+        """``file:line``."""
+        return f"{self.file}:{self.line}"
+
+    def __str__(self) -> str:
+        return f"{self.location} ({self.function})"
+
+
+@dataclass(frozen=True)
+class Finding:
+    """The verdict on one unique op signature, with the measurements behind it."""
+
+    id: str
+    op: str
+    verdict: Verdict
+    calls: int
+    signature: str
+    device: str = "cpu"
+    reason: str = ""
+    """Why a ``skipped`` op was not replayed."""
+    phases: tuple[str, ...] = ()
+    sites: tuple[Site, ...] = ()
+    sites_dropped: int = 0
+    first_call: int = 0
+    alert_kind: str | None = None
+    """``no_deterministic_impl`` or ``cublas_workspace`` when strict mode raised."""
+    strict_error: str | None = None
+    warnings: tuple[str, ...] = ()
+    default_diverged: str = ""
+    """``k/N``: runs of N, with the setting off, whose bits differed from the first."""
+    deterministic_diverged: str = ""
+    max_abs_diff: float | None = None
+    frac_differing: float | None = None
+    time_default_us: float | None = None
+    time_deterministic_us: float | None = None
+    rng: bool = False
+    """The op drew from the RNG."""
+    cudnn: tuple[tuple[str, str], ...] = ()
+    """cuDNN setting → ``k/N`` divergence, for cuDNN-backed ops on CUDA."""
+    remedy: str = ""
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        """Distinct module paths, in first-seen order."""
+        return tuple(dict.fromkeys(s.module for s in self.sites if s.module))
+
+    @property
+    def locations(self) -> tuple[str, ...]:
+        """Distinct ``file:line`` locations, in first-seen order."""
+        return tuple(dict.fromkeys(s.location for s in self.sites))
+
+    @property
+    def det_cost(self) -> float | None:
+        """Deterministic time over default time (``None`` when either is missing)."""
+        if not self.time_default_us or self.time_deterministic_us is None:
+            return None
+        return self.time_deterministic_us / self.time_default_us
+
+    @property
+    def diverges(self) -> bool:
+        """Default-mode runs differed."""
+        return _k(self.default_diverged) > 0
+
+
+def _k(ratio: str) -> int:
+    try:
+        return int(ratio.split("/", 1)[0])
+    except (ValueError, AttributeError):
+        return 0
+
+
+@dataclass(frozen=True)
+class RunCheck:
+    """Outcome of re-running the whole step ``runs`` times from identical state in one mode."""
+
+    mode: str
+    """``default`` or ``deterministic``."""
+    runs: int
+    reproducible: bool
+    ops: int
+    """Ops executed per run (of the first run)."""
+    differing_ops: int = 0
+    """Ops whose outputs differed between runs."""
+    root_cause: Mapping[str, Any] | None = None
+    """First op whose outputs differ while its inputs were identical: op, index, site."""
+    path_split: Mapping[str, Any] | None = None
+    """Where the runs took different op sequences, if they did."""
+    mismatches: tuple[str, ...] = ()
+    """Outputs, loss, gradients or parameters that differed."""
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Report:
+    """A full audit: environment, settings, summary and one finding per signature."""
+
+    environment: Mapping[str, Any]
+    settings: Mapping[str, Any]
+    all_findings: tuple[Finding, ...]
+    """One finding per signature, worst first (see :func:`sort_findings`); :meth:`findings` filters them."""
+    view_calls: Mapping[str, int] = field(default_factory=dict)
+    """Calls of view/metadata ops by op name: counted, not replayed."""
+    total_calls: int = 0
+    complete: bool = True
+    """False when the audit was interrupted; ``all_findings`` then holds what was classified."""
+    env_warnings: tuple[str, ...] = ()
+    run_checks: tuple[RunCheck, ...] = ()
+    format: str = FORMAT
+    version: int = VERSION
+
+    # -- queries ------------------------------------------------------------
+    @property
+    def summary(self) -> dict[str, int]:
+        """Count of signatures per verdict (every verdict present), plus view-op counts."""
+        counts = {v.value: 0 for v in Verdict}
+        for f in self.all_findings:
+            counts[f.verdict.value] += 1
+        counts["signatures"] = len(self.all_findings)
+        counts["view_ops"] = len(self.view_calls)
+        counts["view_calls"] = sum(self.view_calls.values())
+        counts["total_calls"] = self.total_calls
+        return counts
+
+    def findings(self, at_least: Verdict | str | None = None, *, verdicts: Iterable[Verdict | str] = ()) -> list[Finding]:
+        """Findings at or above the severity ``at_least`` and/or with one of ``verdicts``.
+
+        With neither, every finding. ``report.findings(at_least="diverges")`` is the
+        usual assertion in a test.
+        """
+        out = list(self.all_findings)
+        if at_least is not None:
+            floor = Verdict(at_least).severity
+            out = [f for f in out if f.verdict.severity >= floor]
+        want = {Verdict(v) for v in verdicts}
+        if want:
+            out = [f for f in out if f.verdict in want]
+        return out
+
+    def raising(self) -> list[Finding]:
+        """The ``raises`` findings (ops that raise under deterministic mode), in execution order."""
+        return sorted(self.findings(verdicts=[Verdict.RAISES]), key=lambda f: f.first_call)
+
+    def finding(self, op: str) -> Finding:
+        """The worst finding of ``op`` (``KeyError`` if the op was not recorded)."""
+        for f in self.all_findings:
+            if f.op == op:
+                return f
+        raise KeyError(op)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, ordered, serialisable form (the file schema)."""
+        return {
+            "format": self.format,
+            "version": self.version,
+            "complete": self.complete,
+            "environment": dict(sorted(self.environment.items())),
+            "settings": dict(sorted(self.settings.items())),
+            "summary": self.summary,
+            "env_warnings": list(self.env_warnings),
+            "run_checks": [_run_check_dict(r) for r in self.run_checks],
+            "view_calls": dict(sorted(self.view_calls.items())),
+            "findings": [finding_dict(f) for f in self.all_findings],
+        }
+
+    def to_dataframe(self) -> "pandas.DataFrame":
+        """One row per signature (pandas imported on first use)."""
+        import pandas as pd
+
+        return pd.DataFrame([flat_row(f) for f in self.all_findings], columns=list(ROW_FIELDS))
+
+
+def sort_findings(findings: Iterable[Finding]) -> tuple[Finding, ...]:
+    """Worst first, then by op and signature id: a total, stable order."""
+    return tuple(sorted(findings, key=lambda f: (-f.verdict.severity, f.op, f.id)))
+
+
+# -- dict / row forms -------------------------------------------------------
+ROW_FIELDS = (
+    "id", "op", "verdict", "reason", "calls", "phases", "modules", "locations", "signature", "device",
+    "alert_kind", "strict_error", "warnings", "default_diverged", "deterministic_diverged",
+    "max_abs_diff", "frac_differing", "time_default_us", "time_deterministic_us", "det_cost",
+    "rng", "cudnn", "remedy", "first_call",
+)
+"""Column order of CSV and DataFrame rows."""
+
+
+def _num(x: float | None, digits: int = 6) -> float | str | None:
+    if x is None:
+        return None
+    if math.isinf(x):
+        return "inf"
+    if math.isnan(x):
+        return "nan"
+    return float(f"{x:.{digits}g}")
+
+
+def flat_row(f: Finding) -> dict[str, Any]:
+    """A flat row (lists joined with ``;``) for CSV and DataFrames."""
+    cost = f.det_cost
+    return {
+        "id": f.id, "op": f.op, "verdict": f.verdict.value, "reason": f.reason, "calls": f.calls,
+        "phases": ";".join(f.phases), "modules": ";".join(f.modules), "locations": ";".join(f.locations),
+        "signature": f.signature, "device": f.device, "alert_kind": f.alert_kind or "",
+        "strict_error": f.strict_error or "", "warnings": " | ".join(f.warnings),
+        "default_diverged": f.default_diverged, "deterministic_diverged": f.deterministic_diverged,
+        "max_abs_diff": _num(f.max_abs_diff), "frac_differing": _num(f.frac_differing),
+        "time_default_us": _num(f.time_default_us, 4), "time_deterministic_us": _num(f.time_deterministic_us, 4),
+        "det_cost": _num(cost, 3), "rng": f.rng, "cudnn": ";".join(f"{k}:{v}" for k, v in f.cudnn),
+        "remedy": f.remedy, "first_call": f.first_call,
+    }
+
+
+def finding_dict(f: Finding) -> dict[str, Any]:
+    """Nested form of one finding, as written to YAML and JSON."""
+    d: dict[str, Any] = {
+        "id": f.id, "op": f.op, "verdict": f.verdict.value, "calls": f.calls, "signature": f.signature,
+        "device": f.device, "phases": list(f.phases),
+        "sites": [{"file": s.file, "line": s.line, "function": s.function, "module": s.module} for s in f.sites],
+        "first_call": f.first_call,
+    }
+    if f.sites_dropped:
+        d["sites_dropped"] = f.sites_dropped
+    if f.reason:
+        d["reason"] = f.reason
+    for name in ("alert_kind", "strict_error"):
+        if getattr(f, name):
+            d[name] = getattr(f, name)
+    if f.warnings:
+        d["warnings"] = list(f.warnings)
+    if f.default_diverged:
+        d["default_diverged"] = f.default_diverged
+        d["deterministic_diverged"] = f.deterministic_diverged
+        d["max_abs_diff"] = _num(f.max_abs_diff)
+        d["frac_differing"] = _num(f.frac_differing)
+    if f.time_default_us is not None:
+        d["time_default_us"] = _num(f.time_default_us, 4)
+        d["time_deterministic_us"] = _num(f.time_deterministic_us, 4)
+        d["det_cost"] = _num(f.det_cost, 3)
+    if f.rng:
+        d["rng"] = True
+    if f.cudnn:
+        d["cudnn"] = {k: v for k, v in f.cudnn}
+    if f.remedy:
+        d["remedy"] = f.remedy
+    return d
+
+
+def _run_check_dict(r: RunCheck) -> dict[str, Any]:
+    d = dataclasses.asdict(r)
+    d["mismatches"] = list(r.mismatches)
+    return {k: v for k, v in d.items() if v is not None}
+
+
+# -- parsing (strict: every field checked) ----------------------------------
+def _need(d: Mapping, key: str, types: type | tuple, where: str) -> Any:
+    if key not in d:
+        raise ReportError(f"{where}: missing field {key!r}")
+    v = d[key]
+    if not isinstance(v, types) or (isinstance(v, bool) and bool not in (types if isinstance(types, tuple) else (types,))):
+        raise ReportError(f"{where}: field {key!r} has the wrong type ({type(v).__name__})")
+    return v
+
+
+def _opt(d: Mapping, key: str, types: type | tuple, where: str, default: Any = None) -> Any:
+    if key not in d or d[key] is None:
+        return default
+    return _need(d, key, types, where)
+
+
+def _float(v: Any, where: str) -> float | None:
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+        raise ReportError(f"{where}: expected a number, got {type(v).__name__}")
+    try:
+        return float(v)
+    except ValueError:
+        raise ReportError(f"{where}: expected a number, got {v!r}") from None
+
+
+def parse_site(s: Any, where: str) -> Site:
+    """A :class:`Site` from its dict form."""
+    if not isinstance(s, Mapping):
+        raise ReportError(f"{where}: a site must be a mapping")
+    return Site(_need(s, "file", str, where), _need(s, "line", int, where),
+                _opt(s, "function", str, where, ""), _opt(s, "module", str, where, ""))
+
+
+def parse_finding(d: Any, where: str) -> Finding:
+    """A :class:`Finding` from its dict form, checking every field's type."""
+    if not isinstance(d, Mapping):
+        raise ReportError(f"{where}: a finding must be a mapping")
+    try:
+        verdict = Verdict.parse(_need(d, "verdict", str, where))
+    except ValueError as e:
+        raise ReportError(f"{where}: {e}") from None
+    sites = tuple(parse_site(s, f"{where}.sites") for s in _opt(d, "sites", list, where, []))
+    warnings_ = _strings(d, "warnings", where)
+    cudnn = _opt(d, "cudnn", dict, where, {})
+    return Finding(
+        id=_need(d, "id", str, where), op=_need(d, "op", str, where), verdict=verdict,
+        calls=_need(d, "calls", int, where), signature=_need(d, "signature", str, where),
+        device=_opt(d, "device", str, where, "cpu"), reason=_opt(d, "reason", str, where, ""),
+        phases=_strings(d, "phases", where), sites=sites,
+        sites_dropped=_opt(d, "sites_dropped", int, where, 0), first_call=_opt(d, "first_call", int, where, 0),
+        alert_kind=_opt(d, "alert_kind", str, where), strict_error=_opt(d, "strict_error", str, where),
+        warnings=tuple(warnings_), default_diverged=_opt(d, "default_diverged", str, where, ""),
+        deterministic_diverged=_opt(d, "deterministic_diverged", str, where, ""),
+        max_abs_diff=_float(d.get("max_abs_diff"), f"{where}.max_abs_diff"),
+        frac_differing=_float(d.get("frac_differing"), f"{where}.frac_differing"),
+        time_default_us=_float(d.get("time_default_us"), f"{where}.time_default_us"),
+        time_deterministic_us=_float(d.get("time_deterministic_us"), f"{where}.time_deterministic_us"),
+        rng=bool(_opt(d, "rng", bool, where, False)),
+        cudnn=tuple((str(k), str(v)) for k, v in sorted(cudnn.items())),
+        remedy=_opt(d, "remedy", str, where, ""),
+    )
+
+
+def from_dict(data: Any, path: str = "<report>") -> Report:
+    """A :class:`Report` from its dict form; :class:`ReportError` on any mismatch."""
+    data = check_header(data, FORMAT, VERSION, path)
+    findings = _need(data, "findings", list, path)
+    runs = []
+    for i, r in enumerate(_opt(data, "run_checks", list, path, [])):
+        w = f"{path}: run_checks[{i}]"
+        if not isinstance(r, Mapping):
+            raise ReportError(f"{w}: must be a mapping")
+        runs.append(RunCheck(
+            mode=_need(r, "mode", str, w), runs=_need(r, "runs", int, w),
+            reproducible=_need(r, "reproducible", bool, w), ops=_need(r, "ops", int, w),
+            differing_ops=_opt(r, "differing_ops", int, w, 0), root_cause=_opt(r, "root_cause", dict, w),
+            path_split=_opt(r, "path_split", dict, w), mismatches=_strings(r, "mismatches", w),
+            error=_opt(r, "error", str, w)))
+    view_calls = _opt(data, "view_calls", dict, path, {})
+    if not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in view_calls.items()):
+        raise ReportError(f"{path}: view_calls must map op names to counts")
+    summary = _opt(data, "summary", dict, path, {})
+    report = Report(
+        environment=_need(data, "environment", dict, path),
+        settings=_need(data, "settings", dict, path),
+        all_findings=tuple(parse_finding(f, f"{path}: findings[{i}]") for i, f in enumerate(findings)),
+        view_calls=view_calls,
+        total_calls=int(summary.get("total_calls", 0)) if isinstance(summary.get("total_calls", 0), int) else 0,
+        complete=bool(_opt(data, "complete", bool, path, True)),
+        env_warnings=_strings(data, "env_warnings", path),
+        run_checks=tuple(runs),
+    )
+    _check_summary(summary, report, path)
+    return report
+
+
+def _strings(d: Mapping, key: str, where: str) -> tuple[str, ...]:
+    items = _opt(d, key, list, where, [])
+    if not all(isinstance(x, str) for x in items):
+        raise ReportError(f"{where}: {key} must be a list of strings")
+    return tuple(items)
+
+
+def _check_summary(summary: Mapping[str, Any], report: Report, path: str) -> None:
+    """Refuse a summary that does not add up: a file cut after a whole finding still parses."""
+    held = report.summary
+    for key in ("signatures", *held):
+        if key in summary and summary[key] != held[key]:
+            raise ReportError(f"{path}: summary gives {key}: {summary[key]!r} but the file holds {held[key]} "
+                              "(truncated or hand-edited?)")
+
+
+def load(path: str) -> Report:
+    """Load a report file written by ``opaudit -o`` (YAML or JSON)."""
+    return from_dict(read_document(path), path)

@@ -1,0 +1,61 @@
+"""The dispatch mode that intercepts every aten call and hands it to an ``on_call`` callback.
+
+It only intercepts (the shape of PyTorch's ``FlopCounterMode``): the recorder and
+the run-check's tracer own what happens to each call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+def _dispatch(self: "RecordingMode", func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+    call = self.on_call(func, args, kwargs)
+    return call(*args, **kwargs) if kwargs else call(*args)
+
+
+def _skip_dynamo(code: Any) -> bool:
+    """Tell Dynamo never to trace ``code`` nor anything it calls; ``False`` if this torch cannot.
+
+    ``TorchDispatchMode`` otherwise wraps every ``__torch_dispatch__`` in
+    ``torch._dynamo.disable``, which imports Dynamo on first use (about 1.5 s)
+    and adds two Python frames to every op. Marking the code object gives the
+    same protection (a ``torch.compile``'d function run while recording never
+    traces into the recorder) at no cost per call.
+    """
+    try:
+        from torch._C._dynamo.eval_frame import _FrameAction, _FrameExecStrategy, set_code_exec_strategy
+
+        set_code_exec_strategy(code, _FrameExecStrategy(_FrameAction.SKIP, _FrameAction.SKIP))
+    except Exception:  # noqa: BLE001 - older or newer torch: keep TorchDispatchMode's own wrapper
+        return False
+    return True
+
+
+DYNAMO_SKIPPED = _skip_dynamo(_dispatch.__code__)
+
+
+class RecordingMode(TorchDispatchMode):
+    """Intercepts every aten call, lets the recorder see it, then runs it.
+
+    ``on_call(func, args, kwargs)`` records the call and returns the callable
+    that runs it.
+    """
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        return not DYNAMO_SKIPPED
+
+    __torch_dispatch__ = _dispatch
+
+    def __enter__(self) -> "RecordingMode":
+        if DYNAMO_SKIPPED:
+            _skip_dynamo(_dispatch.__code__)  # again: ``torch._dynamo.reset()`` may have cleared it
+        return super().__enter__()
+
+    def __init__(self, on_call: Callable[[Any, tuple, dict | None], Callable[..., Any]]) -> None:
+        super().__init__()
+        self.on_call = on_call

@@ -1,0 +1,426 @@
+"""Recording: every aten op the user's code runs, deduplicated by signature.
+
+The public :class:`Recorder` owns the results; a private ``TorchDispatchMode``
+only intercepts calls and forwards them to it (the shape of PyTorch's own
+``FlopCounterMode``). Ops are attributed to the user's source line and module; a
+backward op is attributed to the forward line that created its autograd node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from opaudit.aten.ops import OpKind, op_kind, written_args
+from opaudit.aten.signature import signature_id, signature_text
+from opaudit.aten.tensors import CaptureError, Snapshot, copy_span
+from opaudit.data.report import Site
+from opaudit.engine.mode import RecordingMode
+from opaudit.engine.sites import PHASE_BITS, SiteTracker
+
+DEFAULT_CAPTURE_BUDGET = 2 * 1024**3
+"""Default memory budget for captured inputs, in bytes (2 GiB)."""
+
+MAX_SITES = 8
+"""Distinct source sites kept per signature; further sites are only counted."""
+
+class RecordError(Exception):
+    """Recording could not start or finish (e.g. nested recorders)."""
+
+
+@dataclass(frozen=True)
+class RecordedSignature:
+    """One unique op signature seen while recording. Holds no tensors."""
+
+    id: str
+    """Stable short hash of op and signature text."""
+    op: str
+    """Overload name, e.g. ``aten.index_put_.default``."""
+    kind: OpKind
+    signature: str
+    """Arguments by dtype, shape, stride (when not contiguous) and device; other values as given."""
+    device: str
+    calls: int
+    phases: tuple[str, ...]
+    sites: tuple[Site, ...]
+    """Distinct sites in first-seen order, at most :data:`MAX_SITES`."""
+    sites_dropped: int
+    """Sites seen beyond :data:`MAX_SITES`."""
+    first_call: int
+    """1-based position of the first call in execution order."""
+    skip_reason: str | None
+    """Why the op cannot be replayed (capture budget, capture OOM...), else ``None``."""
+
+
+class _Entry:
+    """Mutable accumulator behind a :class:`RecordedSignature`."""
+
+    __slots__ = ("func", "kind", "key", "first_call", "calls", "phases", "sites", "sites_dropped",
+                 "snapshot", "skip_reason", "text")
+
+    def __init__(self, func: Any, kind: OpKind, key: Any, first_call: int) -> None:
+        self.func = func
+        self.kind = kind
+        self.key = key
+        self.first_call = first_call
+        self.calls = 0
+        self.phases = 0
+        """Bits of ``PHASE_BITS``."""
+        self.sites: dict[int, int] = {}
+        """Site id (see :meth:`SiteTracker.site`) → calls from there."""
+        self.sites_dropped = 0
+        self.snapshot: Snapshot | None = None
+        self.skip_reason: str | None = None
+        self.text: str | None = None
+
+
+class _OpTraits:
+    """What the hot path needs to know about one op overload, worked out once per process."""
+
+    __slots__ = ("func", "call", "kind", "skip_reason", "view", "name", "written", "writes")
+
+    def __init__(self, func: Any) -> None:
+        self.func = func
+        # ``OpOverload.__call__`` is a Python frame that only forwards to ``_op``.
+        self.call = getattr(func, "_op", func)
+        self.kind, self.skip_reason = op_kind(func)
+        self.view = self.kind is OpKind.VIEW
+        self.name = str(func)
+        self.written: tuple[tuple[bool, ...], frozenset[str]] = written_args(func)
+        """Positional arguments and keyword names the op writes (schema ``Tensor(a!)``)."""
+        self.writes = any(self.written[0]) or bool(self.written[1])
+
+
+# Keyed by ``id(func)``: ``OpOverload.__hash__`` is a Python method, and this dict is
+# read on every call. Each value holds its ``func``, so no id is ever reused.
+_OP_TRAITS: dict[int, _OpTraits] = {}
+
+
+def _op_traits(func: Any) -> _OpTraits:
+    info = _OP_TRAITS.get(id(func))
+    if info is None or info.func is not func:
+        info = _OP_TRAITS[id(func)] = _OpTraits(func)
+    return info
+
+
+_Tensor = torch.Tensor
+_storage_use_count: Callable[[Any], int] | None = getattr(torch._C, "_storage_Use_Count", None)
+_NAN_KEY = ("nan",)
+
+
+def _args_key(args: Iterable[Any]) -> tuple:
+    """Signature key of a sequence of arguments, built for what aten passes.
+
+    Aten arguments are tensors, scalars, and lists or tuples of those; a tensor
+    stands for its dtype, shape, strides and device. Hashability is left to the
+    dict lookup that uses the key; the caller falls back to the signature text
+    when it fails.
+    """
+    out = []
+    for a in args:
+        if isinstance(a, _Tensor):
+            out.append((a.dtype, a.shape, a.stride(), a.device))
+        elif isinstance(a, (list, tuple)):
+            out.append(_args_key(a))
+        elif a.__class__ is float and a != a:
+            out.append(_NAN_KEY)
+        else:
+            out.append(a)
+    return tuple(out)
+
+
+class Recorder:
+    """Records every aten op run inside ``with Recorder() as rec:``.
+
+    >>> with Recorder() as rec:
+    ...     loss = model(x).sum(); loss.backward()
+    >>> report = opaudit.build_report(rec, reps=5)
+
+    Each unique signature keeps its call count, phases, sites and a snapshot of
+    the inputs of its first call, within ``capture_budget`` bytes.
+
+    Snapshots are copy on write: an input the op only reads is held as it is,
+    and copied only when a later op is about to write it (its schema says so) or,
+    when recording ends, if anything besides the recorder still references it.
+    This relies on every write going through an aten op, as every
+    ``TorchDispatchMode`` does; for code that writes tensors some other way (a
+    C++ extension writing through ``data_ptr()``, a NumPy view) pass
+    ``copy_inputs=True`` to copy every input when it is captured. See
+    ``docs/performance.md``.
+    """
+
+    def __init__(self, capture_budget: int = DEFAULT_CAPTURE_BUDGET, root: str | None = None, *,
+                 copy_inputs: bool = False) -> None:
+        self.capture_budget = capture_budget
+        self.copy_inputs = copy_inputs
+        """Copy every input when it is captured, instead of holding the ones the op
+        only reads until something is about to write them (see :meth:`_before_write`).
+        Needed only when the recorded code writes tensors other than through aten
+        ops (a C++ extension writing through ``data_ptr()``, a NumPy view)."""
+        self.sites = SiteTracker(root)
+        self._entries: dict[Any, _Entry] = {}
+        self._held: dict[int, list[Any]] = {}
+        """Storage data pointer → ``[storage, [(entry, buffer), ...]]``: the snapshots holding it uncopied."""
+        self._view_calls: dict[_OpTraits, int] = {}
+        self.total_calls = 0
+        self.captured_bytes = 0
+        self._mode: RecordingMode | None = None
+        self._active = False
+
+    # -- context ------------------------------------------------------------
+    def __enter__(self) -> "Recorder":
+        if self._active:
+            raise RecordError("this Recorder is already recording")
+        self._active = True
+        self.sites.start()
+        self._mode = RecordingMode(self._on_call)
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            if self._mode is not None:
+                self._mode.__exit__(*exc)
+        finally:
+            self._mode = None
+            self.sites.stop()
+            self._active = False
+            self._seal()
+
+    # -- hot path -----------------------------------------------------------
+    def _on_call(self, func: Any, args: tuple, kwargs: dict | None) -> Callable[..., Any]:
+        """Account for one call; return what runs it. Runs before every aten op: keep it lean."""
+        self.total_calls += 1
+        info = _OP_TRAITS.get(id(func))
+        if info is None or info.func is not func:
+            info = _op_traits(func)
+        if info.writes and self._held:
+            self._before_write(info, args, kwargs)
+        if info.view:
+            views = self._view_calls
+            views[info] = views.get(info, 0) + 1
+            return info.call
+        entries = self._entries
+        try:
+            key = (info, _args_key(args), (tuple(kwargs), _args_key(kwargs.values())) if kwargs else None)
+            entry = entries.get(key)
+        except Exception:  # noqa: BLE001 - unhashable values, tensors without strides
+            key = (info, signature_text(args, kwargs or {}))
+            entry = entries.get(key)
+        phase, site = self.sites.current()
+        if entry is None:
+            entry = entries[key] = _Entry(func, info.kind, key, self.total_calls)
+            self._first_call(entry, info, args, kwargs or {})
+        entry.calls += 1
+        entry.phases |= phase
+        sites = entry.sites
+        n = sites.get(site)
+        if n is not None:
+            sites[site] = n + 1
+        elif len(sites) < MAX_SITES:
+            sites[site] = 1
+        else:
+            entry.sites_dropped += 1
+        return info.call
+
+    def _first_call(self, entry: _Entry, info: _OpTraits, args: tuple, kwargs: dict) -> None:
+        if info.kind in (OpKind.COMPUTE, OpKind.RANDOM, OpKind.UNINITIALIZED):
+            self._capture(entry, info, args, kwargs)
+        elif info.kind is OpKind.SIDE_EFFECT:
+            entry.skip_reason = info.skip_reason
+        if entry.snapshot is None:
+            # With a snapshot the text waits for ``signatures()`` (see ``_text``).
+            entry.text = signature_text(args, kwargs)
+
+    def _capture(self, entry: _Entry, info: _OpTraits, args: tuple, kwargs: dict) -> None:
+        written = None
+        if info.writes:
+            pos_w, kw_w = info.written
+            written = [pos_w[i] if i < len(pos_w) else False for i in range(len(args))]
+            written += [k in kw_w for k in kwargs]
+        try:
+            # An op returning uninitialized memory is only ever timed: its inputs'
+            # values do not matter, so none are held.
+            snap = Snapshot(args, kwargs, written, share=not self.copy_inputs,
+                            budget=self.capture_budget - self.captured_bytes,
+                            values=info.kind is not OpKind.UNINITIALIZED)
+        except CaptureError as e:
+            entry.skip_reason = str(e) if str(e) in ("capture OOM", "capture budget") else f"capture failed: {e}"
+            return
+        except Exception as e:  # noqa: BLE001 - the user's run must carry on
+            entry.skip_reason = f"capture failed: {type(e).__name__}: {e}"
+            return
+        if self.captured_bytes + snap.nbytes > self.capture_budget:
+            entry.skip_reason = "capture budget"
+            return
+        self.captured_bytes += snap.nbytes
+        entry.snapshot = snap
+        held = self._held
+        for b, storage in snap.shared():
+            ptr = storage.data_ptr()
+            slot = held.get(ptr)
+            if slot is None:
+                held[ptr] = [storage, [(entry, b)]]
+            else:
+                slot[1].append((entry, b))
+                if slot[0] is not storage:
+                    # Two storages share this memory (``from_numpy`` twice, DLPack...):
+                    # their reference counts say nothing about each other, so seal copies it.
+                    slot[0] = None
+
+    # -- copy on write ------------------------------------------------------
+    # A snapshot copies at once only the storages its op writes; the storages it
+    # only reads are held as they are. Before any later op writes one of those
+    # (the op schema says which arguments it writes: ``Tensor(a!)``),
+    # ``_before_write`` copies it; when recording ends, ``_seal`` copies those that
+    # something outside the recorder still references. Activations, most of what
+    # a step captures, are never copied at all.
+    def _before_write(self, info: _OpTraits, args: tuple, kwargs: dict | None) -> None:
+        pos, kw = info.written
+        for i, w in enumerate(pos):
+            if w and i < len(args):
+                self._unhold(args[i])
+        if kw and kwargs:
+            for name in kw:
+                if name in kwargs:
+                    self._unhold(kwargs[name])
+
+    def _unhold(self, a: Any) -> None:
+        if isinstance(a, torch.Tensor):
+            try:
+                ptr = a.untyped_storage().data_ptr()
+            except Exception:  # noqa: BLE001 - no storage (sparse, nested...): nothing held
+                return
+            slot = self._held.pop(ptr, None)
+            if slot is not None:
+                self._own(slot[1])
+        elif isinstance(a, (list, tuple)):
+            for x in a:
+                self._unhold(x)
+
+    def _own(self, waiting: list[tuple[_Entry, int]]) -> None:
+        """Copy one held storage, once, over the union of the spans its holders need."""
+        live = []
+        lo = hi = -1
+        for e, b in waiting:
+            snap = e.snapshot
+            if snap is not None:
+                live.append((e, b))
+                s_lo, s_hi = snap.span(b)
+                if lo < 0 or s_lo < lo:
+                    lo = s_lo
+                if s_hi > hi:
+                    hi = s_hi
+        if not live:
+            return
+        storage = live[0][0].snapshot.shared_storage(live[0][1])
+        try:
+            copy = copy_span(storage, lo, hi, storage.device)
+        except CaptureError as e:
+            for entry, _ in live:
+                self._drop(entry, str(e))
+            return
+        except Exception as e:  # noqa: BLE001 - the user's run must carry on
+            for entry, _ in live:
+                self._drop(entry, f"capture failed: {type(e).__name__}: {e}")
+            return
+        for entry, b in live:
+            entry.snapshot.own(b, copy)
+
+    def _drop(self, entry: _Entry, reason: str) -> None:
+        self._text(entry)
+        if entry.snapshot is not None:
+            self.captured_bytes -= entry.snapshot.nbytes
+        entry.snapshot = None
+        entry.skip_reason = reason
+
+    def _seal(self) -> None:
+        """Copy the held storages that anything besides the snapshots still references."""
+        held, self._held = self._held, {}
+        count = _storage_use_count
+        for storage, waiting in held.values():
+            # One reference is the snapshots' own Python storage object (torch
+            # keeps one per storage): any other means something else can still write it.
+            if storage is None or count is None or count(storage._cdata) > 1:
+                self._own(waiting)
+
+    # -- results ------------------------------------------------------------
+    def _entries_in_order(self) -> Iterator[_Entry]:
+        return iter(sorted(self._entries.values(), key=lambda e: e.first_call))
+
+    def signatures(self) -> list[RecordedSignature]:
+        """Every unique non-view signature, in order of first call."""
+        out = []
+        for e in self._entries_in_order():
+            op = str(e.func)
+            # Two ids can name equal sites (e.g. two code objects on one line): merge them.
+            sites = dict.fromkeys(self.sites.site(i) for i in e.sites)
+            text = self._text(e)
+            out.append(RecordedSignature(
+                id=signature_id(op, text),
+                op=op,
+                kind=e.kind,
+                signature=text,
+                device=_device_of(e),
+                calls=e.calls,
+                phases=tuple(name for name, bit in PHASE_BITS if e.phases & bit),
+                sites=tuple(sites),
+                sites_dropped=e.sites_dropped,
+                first_call=e.first_call,
+                skip_reason=e.skip_reason,
+            ))
+        return out
+
+    def items(self) -> list[tuple[RecordedSignature, Any, Snapshot | None]]:
+        """``(signature, op overload, snapshot)`` triples in order of first call."""
+        sigs = self.signatures()
+        return [(s, e.func, e.snapshot) for s, e in zip(sigs, self._entries_in_order())]
+
+    @property
+    def view_calls(self) -> dict[str, int]:
+        """Calls of view and metadata ops, by op name (not replayed)."""
+        return dict(sorted((info.name, n) for info, n in self._view_calls.items()))
+
+    def release(self) -> None:
+        """Drop every captured input (the signatures stay)."""
+        for e in self._entries.values():
+            self._text(e)
+            e.snapshot = None
+        self._held.clear()
+        self.captured_bytes = 0
+
+    @staticmethod
+    def _text(e: _Entry) -> str:
+        """The signature text, worked out from the snapshot the first time it is asked for.
+
+        The snapshot rebuilds the first call's arguments with the same dtypes,
+        shapes, strides, layouts and devices, so the text is the one the call
+        itself would give; the hot path is spared ``describe()``.
+        """
+        if e.text is None:
+            if e.snapshot is not None:
+                args, kwargs = e.snapshot.arguments()
+                e.text = signature_text(args, kwargs)
+            else:
+                e.text = ""
+        return e.text
+
+
+def _device_of(e: _Entry) -> str:
+    if e.snapshot is not None:
+        devices = [str(d) for d in e.snapshot.devices]
+    else:
+        devices = [str(p) for p in _walk_key(e.key) if isinstance(p, torch.device)]
+    accelerators = sorted(d for d in devices if d != "cpu")
+    return accelerators[0] if accelerators else "cpu"
+
+
+def _walk_key(k: Any) -> Iterator[Any]:
+    if isinstance(k, tuple) and not isinstance(k, torch.Size):
+        for x in k:
+            yield from _walk_key(x)
+    else:
+        yield k

@@ -1,0 +1,191 @@
+"""The audit pipeline in one place: record → replay → classify → :class:`Report`.
+
+``audit(fn, *args)`` is the Python API; the CLI and ``Recorder.classify()`` call
+:func:`build_report`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from opaudit.aten.ops import OpKind, is_cudnn_op
+from opaudit.aten.tensors import Snapshot
+from opaudit.data.observation import Observation
+from opaudit.data.report import Finding, Report, RunCheck, sort_findings
+from opaudit.data.verdict import Verdict
+from opaudit.engine.classify import classify
+from opaudit.engine.environment import environment_warnings, fingerprint
+from opaudit.engine.record import DEFAULT_CAPTURE_BUDGET, RecordedSignature, Recorder
+from opaudit.engine.replay import preserved_state, replay, time_fill
+
+DEFAULT_REPS = 5
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a running audit stands; passed to an ``on_progress`` callback."""
+
+    done: int
+    total: int
+    op: str
+
+
+ReplayFn = Callable[[Any, Snapshot, int, bool], Observation]
+"""How one signature is replayed: in-process by default, in a worker with ``--isolate``."""
+
+
+def _in_process(func: Any, snap: Snapshot, reps: int, cudnn: bool) -> Observation:
+    return replay(func, snap, reps, cudnn_variants=cudnn)
+
+
+def make_finding(sig: RecordedSignature, obs: Observation | None, remedy: str = "") -> Finding:
+    """Combine a recorded signature and its replay into a :class:`Finding`."""
+    verdict, reason = classify(sig, obs)
+    f = Finding(
+        id=sig.id, op=sig.op, verdict=verdict, calls=sig.calls, signature=sig.signature, device=sig.device,
+        reason=reason, phases=sig.phases, sites=sig.sites, sites_dropped=sig.sites_dropped,
+        first_call=sig.first_call,
+    )
+    if obs is None:
+        return _with(f, remedy=remedy)
+    changes: dict[str, Any] = {
+        "alert_kind": obs.strict_kind if obs.strict_kind != "error" else None,
+        "strict_error": obs.strict_error,
+        "warnings": obs.warnings,
+        "rng": obs.rng_used or sig.kind is OpKind.RANDOM,
+        "remedy": remedy,
+    }
+    if obs.default is not None and obs.deterministic is not None:
+        d, t = obs.default, obs.deterministic
+        changes.update(
+            default_diverged=d.ratio, deterministic_diverged=t.ratio,
+            max_abs_diff=_round(max(d.max_abs_diff, t.max_abs_diff), 6),
+            frac_differing=_round(max(d.frac_differing, t.frac_differing), 6),
+            time_default_us=None if d.median_s is None else _round(d.median_s * 1e6, 4),
+            time_deterministic_us=None if t.median_s is None else _round(t.median_s * 1e6, 4),
+        )
+    if obs.variants:
+        changes["cudnn"] = tuple((name, stats.ratio) for name, stats in obs.variants)
+    return _with(f, **changes)
+
+
+def _with_fill_timing(f: Finding, func: Any, snap: Snapshot, reps: int) -> Finding:
+    timed = time_fill(func, snap, reps)
+    if timed is None:
+        return f
+    return _with(f, time_default_us=_round(timed[0] * 1e6, 4), time_deterministic_us=_round(timed[1] * 1e6, 4))
+
+
+def _round(x: float, digits: int) -> float:
+    """Significant digits kept in reports, so that a saved report loads back equal."""
+    return x if x != x or x in (float("inf"), float("-inf")) else float(f"{x:.{digits}g}")
+
+
+def _with(f: Finding, **changes: Any) -> Finding:
+    import dataclasses
+
+    return dataclasses.replace(f, **changes)
+
+
+def build_report(
+    rec: Recorder,
+    *,
+    reps: int = DEFAULT_REPS,
+    seed: int = 0,
+    settings: dict[str, Any] | None = None,
+    timings: bool = True,
+    remedies: bool = True,
+    replay_fn: ReplayFn | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+    run_checks: Iterable[RunCheck] = (),
+) -> Report:
+    """Replay every recorded signature and classify it.
+
+    A ``KeyboardInterrupt`` during replay returns a report marked
+    ``complete=False`` holding every finding classified so far; the interrupt is
+    re-raised after the report is attached to it as ``report``.
+    """
+    if reps < 1:
+        raise ValueError("reps must be at least 1")
+    replay_fn = replay_fn or _in_process
+    kb = None
+    if remedies:
+        from opaudit.engine.remedies import KnowledgeBase
+
+        kb = KnowledgeBase.load_default()
+    items = rec.items()
+    findings: list[Finding] = []
+    devices: set[str] = set()
+    interrupted: KeyboardInterrupt | None = None
+    with preserved_state():
+        torch.manual_seed(seed)
+        try:
+            for i, (sig, func, snap) in enumerate(items):
+                devices.add(sig.device)
+                obs = None
+                if sig.kind in (OpKind.COMPUTE, OpKind.RANDOM) and snap is not None and not sig.skip_reason:
+                    cudnn = sig.device.startswith("cuda") and is_cudnn_op(func)
+                    obs = replay_fn(func, snap, reps, cudnn)
+                f = make_finding(sig, obs)
+                if sig.kind is OpKind.UNINITIALIZED and snap is not None:
+                    f = _with_fill_timing(f, func, snap, reps)
+                if not timings:
+                    f = _with(f, time_default_us=None, time_deterministic_us=None)
+                if kb is not None:
+                    # After the timings are dropped, so that --no-timing keeps the remedy text stable too.
+                    f = _with(f, remedy=kb.remedy(f))
+                findings.append(f)
+                if on_progress is not None:
+                    on_progress(Progress(i + 1, len(items), sig.op))
+        except KeyboardInterrupt as e:
+            interrupted = e
+    report = assemble(rec, findings, reps=reps, seed=seed, settings=settings, devices=devices,
+                      complete=interrupted is None, run_checks=tuple(run_checks))
+    if interrupted is not None:
+        interrupted.report = report  # type: ignore[attr-defined]
+        raise interrupted
+    return report
+
+
+def assemble(rec: Recorder, findings: list[Finding], *, reps: int, seed: int, settings: dict | None,
+             devices: set[str], complete: bool = True, run_checks: tuple[RunCheck, ...] = ()) -> Report:
+    """Build the :class:`Report` around classified findings."""
+    accel = sorted(d for d in devices if d != "cpu")
+    env = fingerprint(accel[0] if accel else "cpu")
+    uninit = [f for f in findings if f.verdict is Verdict.UNINITIALIZED]
+    timed = [f for f in uninit if f.time_default_us is not None and f.time_deterministic_us is not None]
+    fill_cost = sum((f.time_deterministic_us - f.time_default_us) * f.calls for f in timed) * 1e-6 if timed else None
+    warnings = environment_warnings(devices, sum(f.calls for f in uninit), fill_cost)
+    all_settings = {"reps": reps, "seed": seed, "capture_budget_mib": rec.capture_budget // 2**20}
+    all_settings.update(settings or {})
+    return Report(
+        environment=env, settings=all_settings, all_findings=sort_findings(findings),
+        view_calls=rec.view_calls, total_calls=rec.total_calls, complete=complete,
+        env_warnings=tuple(warnings), run_checks=run_checks,
+    )
+
+
+def audit(fn: Callable[..., Any], *args: Any, reps: int = DEFAULT_REPS, seed: int = 0,
+          capture_budget: int = DEFAULT_CAPTURE_BUDGET, **kwargs: Any) -> Report:
+    """Record one call of ``fn(*args, **kwargs)`` and return its audit :class:`Report`.
+
+    ``reps``, ``seed`` and ``capture_budget`` are opaudit's own options; every
+    other keyword goes to ``fn``.
+    """
+    root = None
+    code = getattr(fn, "__code__", None)
+    if code is not None:
+        import os
+
+        root = os.path.dirname(os.path.abspath(code.co_filename))
+    rec = Recorder(capture_budget=capture_budget, root=root)
+    with rec:
+        fn(*args, **kwargs)
+    try:
+        return build_report(rec, reps=reps, seed=seed, settings={"entry": getattr(fn, "__qualname__", repr(fn))})
+    finally:
+        rec.release()

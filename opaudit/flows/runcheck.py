@@ -1,0 +1,525 @@
+"""Whole-step reproducibility: run the user's step K times from identical state and compare.
+
+Each run re-executes the script from scratch (a fresh module load, the same seed),
+so the model, the optimizer and the inputs start from the same state every time.
+A private ``TorchDispatchMode`` digests the inputs and outputs of every op in
+execution order; after the step, the entry's return value and every parameter's
+value and gradient are kept. Run 1 is then compared with each later run:
+
+* the **root cause** is the first op whose outputs differ although all its
+  inputs were identical, pinned to the user's source line (backward ops to the
+  forward line that created them);
+* every other op whose outputs differ is counted as downstream damage;
+* if the runs took different op sequences, the check reports where they first
+  part instead of failing;
+* return values, gradients, parameters and buffers that differ are listed.
+
+The check runs once with ``torch.use_deterministic_algorithms(False)`` and once
+with ``True`` (``warn_only=True``, so ops without a deterministic implementation
+still run): together they answer "does deterministic mode make my step
+reproducible?". Global flags and RNG states are restored afterwards.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch.utils._python_dispatch import _disable_current_modes
+from torch.utils.weak import WeakIdKeyDictionary
+
+from opaudit.aten.ops import OpKind, op_kind, written_args
+from opaudit.aten.tensors import difference, digest, flat_tensors, same_bits
+from opaudit.data.report import RunCheck
+from opaudit.engine import loader
+from opaudit.engine.mode import RecordingMode
+from opaudit.engine.replay import preserved_state
+from opaudit.engine.sites import PHASE_BITS, SiteTracker
+
+DEFAULT, DETERMINISTIC = "default", "deterministic"
+MODES = (DEFAULT, DETERMINISTIC)
+"""The determinism settings a step is checked under, in report order."""
+
+DEFAULT_RUNS = 2
+
+_MAX_DEPTH = 3
+"""How deep containers and user objects in the module's globals are searched for models."""
+
+_UNINITIALIZED = ("uninitialized",)
+"""Input digest of a tensor straight out of ``empty``: its garbage bits say nothing about the run."""
+
+_END = "<end of run>"
+
+
+class RunCheckError(Exception):
+    """The check cannot be set up: fewer than two runs, or an unknown mode."""
+
+
+# -- tracing ----------------------------------------------------------------
+class _Step(NamedTuple):
+    """One dispatched op of one run; ``ins``/``outs`` are ``None`` where not compared."""
+
+    func: Any
+    where: tuple[int, int] | None
+    """``SiteTracker.current()``: phase bit and site id; ``None`` for view ops."""
+    ins: tuple | None
+    outs: tuple | None
+
+
+def _leaves(x: Any, out: list) -> list:
+    """Flatten the lists, tuples and dicts an op's arguments nest tensors in."""
+    if isinstance(x, (list, tuple)):
+        for y in x:
+            _leaves(y, out)
+    elif isinstance(x, dict):
+        for y in x.values():
+            _leaves(y, out)
+    else:
+        out.append(x)
+    return out
+
+
+_PLAIN = (bool, int, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format)
+
+
+def _value_key(x: Any) -> Any:
+    """A non-tensor argument as something that compares equal across runs."""
+    if isinstance(x, _PLAIN):
+        return x
+    if isinstance(x, (float, complex)):
+        return repr(x)  # NaN != NaN, but its repr is stable
+    # Generators, script objects...: their repr holds an address, which differs run to run.
+    return type(x).__name__
+
+
+@dataclass(frozen=True)
+class _ArgRoles:
+    """Which arguments of an overload are write-only (``out=``) and which it writes."""
+
+    out_kwargs: frozenset[str]
+    written_pos: tuple[bool, ...]
+    written_kw: frozenset[str]
+
+
+_ROLES: dict[Any, _ArgRoles] = {}
+
+
+def _roles(func: Any) -> _ArgRoles:
+    roles = _ROLES.get(func)
+    if roles is None:
+        pos, kw = written_args(func)
+        outs = frozenset(a.name for a in func._schema.arguments if getattr(a, "is_out", False))
+        roles = _ROLES[func] = _ArgRoles(outs, pos, kw)
+    return roles
+
+
+class _Tracer:
+    """Digests the inputs and outputs of every op run inside ``with _Tracer(root):``.
+
+    The dispatch mode is the recorder's: it only intercepts, and this tracer's
+    ``_on_call`` hands back the callable that runs the op and digests its outputs.
+    """
+
+    def __init__(self, root: str | None) -> None:
+        self.sites = SiteTracker(root)
+        self.steps: list[_Step] = []
+        # Tensors straight out of ``empty``: their garbage bits differ run to run and
+        # say nothing, until an op writes them.
+        self._uninitialized: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        # Most inputs are an earlier op's outputs: their digest is reused while the
+        # tensor's version counter and its storage's write count are unchanged. The
+        # write count catches writes through another alias (``p.data``), which has a
+        # version counter of its own.
+        self._known: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._writes: dict[int, int] = {}
+        self._mode: RecordingMode | None = None
+
+    def __enter__(self) -> _Tracer:
+        self.sites.start()
+        self._mode = RecordingMode(self._on_call)
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            if self._mode is not None:
+                self._mode.__exit__(*exc)
+        finally:
+            self._mode = None
+            self.sites.stop()
+
+    def _on_call(self, func: Any, args: tuple, kwargs: dict | None) -> Callable[..., Any]:
+        kind = op_kind(func)[0]
+        if kind is OpKind.VIEW:
+            # No arithmetic, nothing to digest; kept so that the op sequence and its
+            # numbering match the audit's.
+            self.steps.append(_Step(func, None, None, None))
+            return func
+        where = self.sites.current()
+        roles = _roles(func)
+        leaves = _leaves(args, [])
+        if kwargs:
+            _leaves([v for k, v in kwargs.items() if k not in roles.out_kwargs], leaves)
+        with _disable_current_modes(), torch.no_grad():
+            ins = self._digests(leaves)
+        return functools.partial(self._run_op, func, kind, roles, where, ins)
+
+    def _run_op(self, func: Any, kind: OpKind, roles: _ArgRoles, where: tuple[int, int], ins: tuple,
+                *args: Any, **kwargs: Any) -> Any:
+        result = func(*args, **kwargs)
+        with _disable_current_modes(), torch.no_grad():
+            written = _written(roles, args, kwargs)
+            if kind is OpKind.UNINITIALIZED:
+                for t in _leaves(result, []):
+                    if isinstance(t, torch.Tensor):
+                        self._uninitialized[t] = True
+                outs = None
+            else:
+                writes = self._writes
+                for t in written:
+                    self._uninitialized.pop(t, None)
+                    ptr = _storage_ptr(t)
+                    if ptr is not None:
+                        writes[ptr] = writes.get(ptr, 0) + 1
+                leaves = _leaves(result, [])
+                seen = {id(x) for x in leaves}
+                outs = self._digests(leaves + [t for t in written if id(t) not in seen])
+        self.steps.append(_Step(func, where, ins, outs))
+        return result
+
+    def _digests(self, leaves: list) -> tuple:
+        """One digest per leaf; a tensor that appears twice is digested once."""
+        out = []
+        seen: dict[int, tuple] = {}
+        for x in leaves:
+            if not isinstance(x, torch.Tensor):
+                out.append(_value_key(x))
+                continue
+            d = seen.get(id(x))
+            if d is None:
+                d = seen[id(x)] = self._digest(x)
+            out.append(d)
+        return tuple(out)
+
+    def _digest(self, t: torch.Tensor) -> tuple:
+        if len(self._uninitialized) and t in self._uninitialized:
+            return _UNINITIALIZED
+        ptr = _storage_ptr(t)
+        if ptr is None or t.is_inference():
+            return _safe_digest(t)  # no storage or no version counter: nothing to key a reuse on
+        stamp = (t._version, ptr, self._writes.get(ptr, 0))
+        known = self._known.get(t)
+        if known is not None and known[0] == stamp:
+            return known[1]
+        d = _safe_digest(t)
+        self._known[t] = (stamp, d)
+        return d
+
+
+def _written(roles: _ArgRoles, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """Tensors an op wrote to: in-place ``self``, ``out=``, foreach lists."""
+    found: list[Any] = []
+    for i, w in enumerate(roles.written_pos):
+        if w and i < len(args):
+            _leaves(args[i], found)
+    for k in roles.written_kw:
+        if k in kwargs:
+            _leaves(kwargs[k], found)
+    return [t for t in found if isinstance(t, torch.Tensor)]
+
+
+def _storage_ptr(t: torch.Tensor) -> int | None:
+    try:
+        return t.untyped_storage().data_ptr()
+    except Exception:  # noqa: BLE001 - sparse, nested, functional or fake tensors have none
+        return None
+
+
+def _safe_digest(t: torch.Tensor) -> tuple:
+    try:
+        return digest(t)
+    except Exception as e:  # noqa: BLE001 - meta, fake or exotic tensors: compare what can be compared
+        return ("undigestable", type(t).__name__, str(t.dtype), tuple(t.shape), type(e).__name__)
+
+
+# -- one run ------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Run:
+    """What one run left behind: its op trace and its final tensors."""
+
+    steps: tuple[_Step, ...]
+    state: dict[str, Any]
+    """``return value[i]``, ``grad of model.x``, ``value of model.x`` → tensor or scalar."""
+    sites: SiteTracker
+    """Resolves the site ids in ``steps``."""
+    error: str | None = None
+    """Why the run stopped early (the user's code raised), if it did."""
+
+    def op_fields(self, i: int) -> dict[str, Any]:
+        """Report fields of op ``i`` (0-based): number, op, site and phase."""
+        step = self.steps[i]
+        fields: dict[str, Any] = {"index": i + 1, "op": str(step.func)}
+        if step.where is not None:
+            phase, site = _PHASE_NAMES.get(step.where[0], ""), self.sites.site(step.where[1])
+            fields.update(where=site.location, function=site.function, module=site.module, phase=phase)
+        return fields
+
+    def location(self, i: int) -> str:
+        """``file:line (phase)`` of op ``i``, or ``""``."""
+        if i >= len(self.steps) or self.steps[i].where is None:
+            return ""
+        f = self.op_fields(i)
+        return f"{f['where']} ({f['phase']})"
+
+
+_PHASE_NAMES = {bit: name for name, bit in PHASE_BITS}
+
+
+def _execute(target: loader.Target, mode: str, seed: int | None, *, keep_errors: bool) -> _Run:
+    """Run the target once, from a fresh module load, under ``mode``.
+
+    With ``keep_errors``, the user's code failing ends the run early with its
+    error recorded instead of raising.
+    """
+    torch.use_deterministic_algorithms(mode == DETERMINISTIC, warn_only=True)
+    tracer = _Tracer(target.root)
+    result: Any = None
+    with loader.sandboxed(target):
+        try:
+            prepared = loader.prepare(target, seed)
+            namespace = prepared.namespace
+            with tracer:
+                result = loader.call_user(prepared.call)
+        except (loader.UserCodeError, loader.ScriptExitError) as e:
+            if not keep_errors:
+                raise
+            return _Run(tuple(tracer.steps), {}, tracer.sites, error=str(e))
+    with _disable_current_modes(), torch.no_grad():
+        state = _final_state(result if target.entry is not None else None, namespace)
+    return _Run(tuple(tracer.steps), state, tracer.sites)
+
+
+def _final_state(result: Any, namespace: dict[str, Any]) -> dict[str, Any]:
+    """Copies of the return value and of every parameter, gradient and buffer reachable."""
+    state: dict[str, Any] = {}
+    leaves = flat_tensors(result)
+    for i, x in enumerate(leaves):
+        state["return value" if len(leaves) == 1 else f"return value[{i}]"] = _copy(x)
+    for path, t, is_param in _tensors(namespace):
+        if is_param:
+            state[f"grad of {path}"] = _copy(t.grad)
+        state[f"value of {path}"] = _copy(t)
+    return state
+
+
+def _copy(x: Any) -> Any:
+    return x.detach().clone() if isinstance(x, torch.Tensor) else x
+
+
+def _tensors(namespace: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor, bool]]:
+    """``(path, tensor, is_parameter)`` for the models and optimizers in the module's globals.
+
+    Parameters come from every ``nn.Module`` (by its attribute path and parameter
+    name) and every optimizer's param groups, plus leaf tensors that require grad;
+    buffers come from the modules. Each tensor is listed once, under the first path
+    that reaches it; globals are searched in definition order.
+    """
+    seen_tensors: set[int] = set()
+    seen_objects: set[int] = set()
+    module_name = namespace.get("__name__")
+
+    def take(path: str, t: Any, is_param: bool) -> Iterator[tuple[str, torch.Tensor, bool]]:
+        if isinstance(t, torch.Tensor) and id(t) not in seen_tensors:
+            seen_tensors.add(id(t))
+            yield path, t, is_param
+
+    def visit(obj: Any, path: str, depth: int) -> Iterator[tuple[str, torch.Tensor, bool]]:
+        if id(obj) in seen_objects:
+            return
+        if isinstance(obj, torch.nn.Module):
+            seen_objects.add(id(obj))
+            for name, p in obj.named_parameters():
+                yield from take(f"{path}.{name}", p, True)
+            for name, b in obj.named_buffers():
+                yield from take(f"{path}.{name}", b, False)
+        elif isinstance(obj, torch.optim.Optimizer):
+            seen_objects.add(id(obj))
+            for gi, group in enumerate(obj.param_groups):
+                for pi, p in enumerate(group.get("params", ())):
+                    yield from take(f"{path}.param_groups[{gi}].params[{pi}]", p, True)
+        elif isinstance(obj, torch.Tensor):
+            if obj.requires_grad and obj.is_leaf:
+                yield from take(path, obj, True)
+        elif depth >= _MAX_DEPTH:
+            return
+        elif isinstance(obj, (list, tuple)):
+            seen_objects.add(id(obj))
+            for i, x in enumerate(obj):
+                yield from visit(x, f"{path}[{i}]", depth + 1)
+        elif isinstance(obj, dict):
+            seen_objects.add(id(obj))
+            for k, x in list(obj.items()):
+                if isinstance(k, (str, int)):
+                    yield from visit(x, f"{path}[{k!r}]", depth + 1)
+        elif module_name is not None and type(obj).__module__ == module_name and hasattr(obj, "__dict__"):
+            # An instance of a class the user's script defines (a Trainer holding the model).
+            seen_objects.add(id(obj))
+            for k, x in list(vars(obj).items()):
+                yield from visit(x, f"{path}.{k}", depth + 1)
+
+    for name, value in list(namespace.items()):
+        if not name.startswith("__"):
+            yield from visit(value, name, 0)
+
+
+# -- comparing runs -----------------------------------------------------------
+@dataclass(frozen=True)
+class _Comparison:
+    """How one later run differs from run 1."""
+
+    run: int
+    """1-based number of the later run."""
+    split: int | None
+    """0-based op position where the sequences part, if they do."""
+    split_info: dict[str, Any] | None
+    differing: frozenset[int]
+    """0-based positions, before any split, of ops whose outputs differ."""
+    root: int | None
+    """First of ``differing`` whose inputs were identical."""
+    mismatches: tuple[tuple[str, str], ...]
+    """``(key, description)`` of the final tensors that differ."""
+    error: str | None
+    """Why the later run stopped early, if it did."""
+
+
+def _compare(first: _Run, other: _Run, run: int) -> _Comparison:
+    a, b = first.steps, other.steps
+    n = min(len(a), len(b))
+    split = next((i for i in range(n) if a[i].func is not b[i].func), None)
+    if split is None and len(a) != len(b):
+        split = n
+    split_info = None
+    if split is not None:
+        split_info = {
+            "index": split + 1,
+            "runs": [1, run],
+            "ops": [str(a[split].func) if split < len(a) else _END, str(b[split].func) if split < len(b) else _END],
+            "where": [first.location(split), other.location(split)],
+        }
+    differing: set[int] = set()
+    root = None
+    for i in range(n if split is None else split):
+        sa, sb = a[i], b[i]
+        if sa.outs is None or sa.outs == sb.outs:
+            continue
+        differing.add(i)
+        if root is None and sa.ins == sb.ins:
+            root = i
+    # A run that raised has no final state to compare; its error says enough.
+    mismatches = () if other.error else _state_mismatches(first.state, other.state, run)
+    return _Comparison(run, split, split_info, frozenset(differing), root, mismatches, other.error)
+
+
+def _state_mismatches(a: dict[str, Any], b: dict[str, Any], run: int) -> tuple[tuple[str, str], ...]:
+    """``(key, description)`` for every return value, gradient or tensor that differs."""
+    out = []
+    for key, x in a.items():
+        if key not in b:
+            out.append((key, f"{key} (missing in run {run})"))
+            continue
+        y = b[key]
+        if (x is None) != (y is None):
+            out.append((key, f"{key} (None in run {1 if x is None else run} only)"))
+        elif x is not None and not same_bits(x, y):
+            out.append((key, f"{key} ({_how_far(x, y)}; run {run} vs run 1)"))
+    out += [(key, f"{key} (only in run {run})") for key in b if key not in a]
+    return tuple(out)
+
+
+def _how_far(x: Any, y: Any) -> str:
+    d = difference(x, y)
+    if d.elements == 1:
+        return f"|diff| {d.max_abs_diff:.3g}"
+    return f"{d.elements_differing} of {d.elements} elements, max |diff| {d.max_abs_diff:.3g}"
+
+
+def _summarise(mode: str, runs: int, first: _Run, comparisons: list[_Comparison]) -> RunCheck:
+    differing = frozenset().union(*(c.differing for c in comparisons))
+    mismatches: dict[str, str] = {}
+    for c in comparisons:
+        for key, text in c.mismatches:
+            mismatches.setdefault(key, text)  # each tensor once, as the first run that differed saw it
+    roots = [c.root for c in comparisons if c.root is not None]
+    root_cause = None
+    if roots or differing:
+        # Without a root, no traced op turned identical inputs into different
+        # outputs: the difference came in from outside the ops (Python or NumPy
+        # values, files, uninitialized memory); the first op that saw it is shown.
+        i = min(roots) if roots else min(differing)
+        root_cause = {**first.op_fields(i), "inputs_identical": bool(roots),
+                      "downstream": sum(1 for j in differing if j > i)}
+        if min(differing) < i:
+            # Data from outside the ops already differed before the root cause.
+            earlier = first.op_fields(min(differing))
+            root_cause["first_difference"] = {k: earlier[k] for k in ("index", "op", "where") if k in earlier}
+    splits = [c for c in comparisons if c.split is not None]
+    path_split = min(splits, key=lambda c: (c.split, c.run)).split_info if splits else None
+    error = "; ".join(f"run {c.run}: {c.error}" for c in comparisons if c.error) or None
+    return RunCheck(
+        mode=mode, runs=runs, ops=len(first.steps), differing_ops=len(differing),
+        reproducible=not (differing or mismatches or path_split or error),
+        root_cause=root_cause, path_split=path_split, mismatches=tuple(mismatches.values()), error=error,
+    )
+
+
+# -- public -------------------------------------------------------------------
+def run_check(
+    target: loader.Target,
+    mode: str = DEFAULT,
+    runs: int = DEFAULT_RUNS,
+    *,
+    seed: int | None = 0,
+    on_run: Callable[[str, int, int], None] | None = None,
+) -> RunCheck:
+    """Run ``target`` ``runs`` times from identical state under ``mode`` and compare the bits.
+
+    ``mode`` is ``"default"`` (deterministic algorithms off) or ``"deterministic"``
+    (on, with ``warn_only=True``). ``on_run(mode, i, runs)`` is called before run
+    ``i`` (1-based). The user's code failing in the first run raises the loader's
+    :class:`~opaudit.engine.loader.UserCodeError` or :class:`~opaudit.engine.loader.ScriptExitError`;
+    a later run failing where the first did not is reported in ``RunCheck.error``.
+    ``seed=None`` leaves the RNG unseeded, so ops that draw from it differ run to run.
+    """
+    if mode not in MODES:
+        raise RunCheckError(f"unknown mode {mode!r} (expected one of: {', '.join(MODES)})")
+    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 2:
+        raise RunCheckError(f"a run check needs at least 2 runs, got {runs!r}")
+    with preserved_state():
+        if on_run is not None:
+            on_run(mode, 1, runs)
+        first = _execute(target, mode, seed, keep_errors=False)
+        comparisons = []
+        for k in range(2, runs + 1):
+            if on_run is not None:
+                on_run(mode, k, runs)
+            other = _execute(target, mode, seed, keep_errors=True)
+            comparisons.append(_compare(first, other, k))
+            del other
+            gc.collect()  # the previous run's model and optimizer, before the next run builds its own
+    return _summarise(mode, runs, first, comparisons)
+
+
+def run_checks(
+    target: loader.Target,
+    runs: int = DEFAULT_RUNS,
+    *,
+    seed: int | None = 0,
+    modes: Iterable[str] = MODES,
+    on_run: Callable[[str, int, int], None] | None = None,
+) -> tuple[RunCheck, ...]:
+    """:func:`run_check` under each of ``modes`` (default and deterministic), in that order."""
+    return tuple(run_check(target, mode, runs, seed=seed, on_run=on_run) for mode in modes)

@@ -1,0 +1,36 @@
+"""The package's layers only import downward, with no cycle: import-linter holds the picture.
+
+The contracts live in ``pyproject.toml`` (``[tool.importlinter]``); import-linter
+counts imports made inside functions and under ``TYPE_CHECKING`` too.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LINT = "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
+
+
+def _lint(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", LINT, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.timeout(150)
+def test_import_linter_contracts_hold():
+    r = _lint("--no-cache")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Contracts: 2 kept, 0 broken." in r.stdout
+
+
+@pytest.mark.parametrize("module", ["opaudit", "opaudit.data.report", "opaudit.data.files",
+                                    "opaudit.cli.formats"])
+def test_lower_and_presentation_modules_do_not_import_torch(module):
+    code = f"import sys, {module}; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "False"
