@@ -1316,7 +1316,7 @@ class _Worker:
         from multiprocessing.connection import Connection
 
         ours, theirs = socket.socketpair()
-        code = "import sys; from opaudit.flows.catalog import _worker_process; _worker_process(int(sys.argv[1]))"
+        code = "import sys; from opaudit.flows.catalog.sweep import _worker_process; _worker_process(int(sys.argv[1]))"
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-c", code, str(theirs.fileno())], pass_fds=(theirs.fileno(),),
