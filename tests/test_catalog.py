@@ -20,6 +20,7 @@ from opaudit.flows.catalog import (
     Catalog,
     CatalogEntry,
     CatalogError,
+    CatalogRequest,
     build_catalog,
     catalog_from_dict,
     entry_key,
@@ -47,13 +48,13 @@ def _divergence_sweep(ops: list[str], want: dict[tuple[str, str], str], tries: i
     when other processes keep one of the two cores busy, the threads rarely overlap and a
     whole sweep can see every replay agree.
     """
-    catalog = build_catalog("cpu", ops, **FAST)
+    catalog = build_catalog(CatalogRequest("cpu", tuple(ops), **FAST))
     for _ in range(tries - 1):
         missing = {src for (op, variant), src in want.items()
                    if catalog.get(op, "float32", variant).verdict is not Verdict.DIVERGES}
         if not missing:
             break
-        again = build_catalog("cpu", sorted(missing), **FAST)
+        again = build_catalog(CatalogRequest("cpu", tuple(sorted(missing)), **FAST))
         better = {k: again.get(*k) for k in ((op, "float32", v) for op, v in want)
                   if again.get(*k) is not None and again.get(*k).verdict is Verdict.DIVERGES}
         catalog = dataclasses.replace(catalog, entries=tuple(better.get(e.key, e) for e in catalog.entries))
@@ -148,17 +149,17 @@ def test_unknown_ops_name_the_closest():
 @pytest.mark.parametrize("kwargs, message", [
     (dict(dtypes="float33"), "unknown dtype 'float33'"),
     (dict(device="tpu"), "expected cpu, cuda or cuda:N"),
-    (dict(ops=["nn.functional.max_unpool2d"], dtypes="int64"), "none of the selected ops supports int64"),
+    (dict(ops=("nn.functional.max_unpool2d",), dtypes="int64"), "none of the selected ops supports int64"),
 ])
 def test_bad_options(kwargs, message):
     with pytest.raises(CatalogError, match=message):
-        build_catalog(**{"ops": ["put"], **kwargs, "isolate": False})
+        build_catalog(CatalogRequest(**{"ops": ("put",), **kwargs, "isolate": False}))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_cuda():
     with pytest.raises(CatalogError, match="CUDA is not available"):
-        build_catalog("cuda", ["put"])
+        build_catalog(CatalogRequest("cuda", ("put",)))
 
 
 # -- files -------------------------------------------------------------------------------
@@ -244,16 +245,17 @@ def test_interrupted_sweep_resumes_from_partial_file(tmp_path):
 
     opts = dict(FAST, stress=False)
     with pytest.raises(KeyboardInterrupt):
-        build_catalog("cpu", ["put", "take"], partial=partial, on_progress=stop_after_first, **opts)
+        build_catalog(CatalogRequest("cpu", ("put", "take"), partial=partial, **opts), on_progress=stop_after_first)
     first = load_catalog(partial)
     assert not first.complete and [s.task_id for s in first.swept] == ["put:float32"]
     done = []
-    full = build_catalog("cpu", ["put", "take"], resume=partial, on_progress=lambda p: done.append(p.op), **opts)
+    full = build_catalog(CatalogRequest("cpu", ("put", "take"), resume=partial, **opts),
+                         on_progress=lambda p: done.append(p.op))
     assert done == ["take:float32"] and full.complete
     assert {s.source for s in full.swept} == {"put", "take"}
     assert full.get("aten.put.default", "float32").verdict is Verdict.RAISES
     with pytest.raises(CatalogError, match="cannot resume: it was made with reps=2"):
-        build_catalog("cpu", ["put"], resume=partial, **dict(opts, reps=3))
+        build_catalog(CatalogRequest("cpu", ("put",), resume=partial, **dict(opts, reps=3)))
 
 
 # -- command line --------------------------------------------------------------------------

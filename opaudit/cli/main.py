@@ -367,7 +367,7 @@ def catalog_main(argv: list[str]) -> int:
         Format.parse(args.format)
     elif output:
         Format.from_path(output)
-    from opaudit.flows.catalog import build_catalog, load_catalog, partial_path
+    from opaudit.flows.catalog import CatalogRequest, build_catalog, load_catalog, partial_path
 
     if args.source:
         emit(load_catalog(args.source), "catalog", args.format, output, args.quiet, default="yaml")
@@ -377,12 +377,13 @@ def catalog_main(argv: list[str]) -> int:
     partial = partial_path(output) if output else None
     update, close = _progress(not args.quiet and sys.stderr.isatty(), "sweeping", "op")
     try:
-        catalog = build_catalog(
-            args.device, (args.ops or "").split(",") if args.ops else None, args.dtypes,
+        request = CatalogRequest(
+            device=args.device, ops=tuple(args.ops.split(",")) if args.ops else (), dtypes=args.dtypes,
             stress=not args.no_stress, reps=args.reps, op_timeout=args.op_timeout, max_samples=args.max_samples,
             stress_elements=args.stress_elements, modules=not args.no_modules,
             resume=partial if args.resume else None, partial=partial, isolate=not args.in_process,
-            threads=args.threads, quiet_worker=not args.debug, on_progress=update)
+            threads=args.threads, quiet_worker=not args.debug)
+        catalog = build_catalog(request, on_progress=update)
     except KeyboardInterrupt:
         close()
         if partial:

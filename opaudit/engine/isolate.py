@@ -49,6 +49,7 @@ import torch
 from opaudit.aten.tensors import Snapshot
 from opaudit.data.observation import CRASHED, TIMEOUT, NotReplayed, Observation
 from opaudit.engine.replay import replay
+from opaudit.engine.worker import TIMED_OUT, Worker, WorkerStartError, exit_reason
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
@@ -57,9 +58,6 @@ if TYPE_CHECKING:
 
 STARTUP_TIMEOUT = 300.0
 """Seconds a fresh worker may take to start (a spawned one imports torch)."""
-
-_JOIN_TIMEOUT = 10.0
-
 
 class IsolationError(Exception):
     """The worker process could not be started."""
@@ -114,17 +112,6 @@ def _resolve_op(ref: tuple[str, str, tuple[str, ...]]) -> Any:
 def _one_line(e: BaseException) -> str:
     lines = str(e).strip().splitlines()
     return f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
-
-
-def _exit_reason(exitcode: int | None) -> str:
-    if exitcode is None:
-        return "the worker stopped answering"
-    if exitcode < 0:
-        try:
-            return signal.Signals(-exitcode).name
-        except ValueError:
-            return f"signal {-exitcode}"
-    return f"exit status {exitcode}"
 
 
 # -- global state the worker must share with the parent ---------------------
@@ -226,20 +213,6 @@ def _dumps(obj: Any) -> bytes:
     return buf.getvalue()
 
 
-_TIMED_OUT = object()
-
-
-def _receive(conn: "Connection", deadline: float | None) -> Any:
-    """The worker's next message, ``_TIMED_OUT`` past ``deadline``, ``None`` if it went away."""
-    wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-    if not conn.poll(wait):
-        return _TIMED_OUT
-    try:
-        return conn.recv()
-    except (EOFError, OSError):
-        return None
-
-
 # -- the worker -------------------------------------------------------------
 def _serve(conn: "Connection", table: list[tuple[Any, Snapshot]] | None, state: dict[str, Any] | None,
            inherited: "Connection | None") -> None:
@@ -309,31 +282,6 @@ def _loop(conn: "Connection", table: list[tuple[Any, Snapshot]] | None) -> None:
         conn.send(("ok", obs))
 
 
-class _Worker:
-    """One live worker process and the parent's end of its pipe."""
-
-    def __init__(self, process: Any, conn: "Connection", table_size: int) -> None:
-        self.process = process
-        self.conn = conn
-        self.table_size = table_size
-
-    def kill(self) -> None:
-        if self.process.is_alive():
-            self.process.kill()
-        self.process.join(_JOIN_TIMEOUT)
-        self.conn.close()
-
-    def exit_reason(self) -> str:
-        self.process.join(_JOIN_TIMEOUT)
-        if self.process.exitcode is None:
-            self.process.kill()
-            self.process.join(_JOIN_TIMEOUT)
-            self.conn.close()
-            return _exit_reason(None)
-        self.conn.close()
-        return _exit_reason(self.process.exitcode)
-
-
 class Isolator:
     """A ``replay_fn`` for :func:`opaudit.flows.pipeline.build_report` that replays in a worker process.
 
@@ -365,14 +313,16 @@ class Isolator:
         if start_method not in ("fork", "spawn"):
             raise ValueError(f"start_method must be 'fork' or 'spawn', not {start_method!r}")
         self.start_method = start_method
-        self._worker: _Worker | None = None
+        self._worker: Worker | None = None
+        self._worker_table = 0
+        """Snapshots registered when the running worker was forked (all it can see)."""
         self.starts = 0
         """Workers started so far: 1 + one per crash or timeout that needed a new one."""
 
     @property
     def pid(self) -> int | None:
         """Process id of the running worker, or ``None`` when none runs."""
-        return self._worker.process.pid if self._worker is not None else None
+        return self._worker.pid if self._worker is not None else None
 
     # -- context --------------------------------------------------------------
     def __enter__(self) -> "Isolator":
@@ -384,14 +334,8 @@ class Isolator:
     def close(self) -> None:
         """Stop the worker, if one is running."""
         w, self._worker = self._worker, None
-        if w is None:
-            return
-        try:
-            w.conn.send_bytes(_dumps(None))
-        except OSError:
-            pass
-        w.process.join(_JOIN_TIMEOUT)
-        w.kill()
+        if w is not None:
+            w.stop(lambda: w.conn.send_bytes(_dumps(None)))
 
     # -- replay ---------------------------------------------------------------
     def __call__(self, func: Any, snap: Snapshot, reps: int, cudnn: bool) -> Observation:
@@ -425,8 +369,8 @@ class Isolator:
             except (OSError, EOFError):
                 taken = None
             else:
-                taken = _receive(worker.conn, deadline)
-            if taken is _TIMED_OUT:
+                taken = worker.receive(deadline)
+            if taken is TIMED_OUT:
                 self._discard()
                 return NotReplayed.because(TIMEOUT)
             if taken is None:
@@ -435,8 +379,8 @@ class Isolator:
                     continue
                 return NotReplayed.because(f"{CRASHED}: {reason}")
             break
-        reply = _receive(worker.conn, deadline)
-        if reply is _TIMED_OUT:
+        reply = worker.receive(deadline)
+        if reply is TIMED_OUT:
             self._discard()
             return NotReplayed.because(TIMEOUT)
         if reply is None:
@@ -457,9 +401,9 @@ class Isolator:
             self._table.append((func, snap))
         return i
 
-    def _ensure_worker(self, need: int = 0) -> _Worker:
+    def _ensure_worker(self, need: int = 0) -> Worker:
         w = self._worker
-        if w is not None and w.table_size < need:
+        if w is not None and self._worker_table < need:
             # A snapshot registered after this worker was forked: it cannot see it.
             self.close()
             w = None
@@ -467,7 +411,7 @@ class Isolator:
             w = self._worker = self._start()
         return w
 
-    def _start(self) -> _Worker:
+    def _start(self) -> Worker:
         ctx = multiprocessing.get_context(self.start_method)
         parent_end, child_end = ctx.Pipe(duplex=True)
         if self.start_method == "fork":
@@ -479,25 +423,18 @@ class Isolator:
             process.start()
         child_end.close()
         self.starts += 1
-        worker = _Worker(process, parent_end, len(self._table))
+        worker = Worker(process, parent_end)
         try:
-            ready = parent_end.poll(STARTUP_TIMEOUT)
-            hello = parent_end.recv() if ready else None
-        except (EOFError, OSError):
-            hello = None
-        except BaseException:
-            worker.kill()
-            raise
-        if hello != ("ready", None):
-            reason = worker.exit_reason() if ready else "no answer in time"
-            worker.kill()
-            raise IsolationError(f"the replay worker ({self.start_method}) did not start: {reason}")
+            worker.await_ready(STARTUP_TIMEOUT)
+        except WorkerStartError as e:
+            raise IsolationError(f"the replay worker ({self.start_method}) did not start: {e}") from None
+        self._worker_table = len(self._table)
         return worker
 
     def _reap(self) -> str:
         """Collect a worker that went away; the reason, e.g. ``SIGSEGV`` or ``exit status 1``."""
         w, self._worker = self._worker, None
-        return w.exit_reason() if w is not None else _exit_reason(None)
+        return w.exit_reason() if w is not None else exit_reason(None)
 
     def _discard(self) -> None:
         w, self._worker = self._worker, None

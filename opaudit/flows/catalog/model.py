@@ -1,0 +1,305 @@
+"""The catalog model and its file form: entries, swept ops, merging, strict load.
+
+A catalog file carries ``format: opaudit-catalog`` and ``version: 1``; loading
+anything else is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from opaudit.data.files import ReportError, check_header, read_document
+from opaudit.data.verdict import Verdict
+from opaudit.flows.catalog.keys import entry_key
+
+FORMAT = "opaudit-catalog"
+
+
+VERSION = 1
+
+
+OPINFO, STRESS = "opinfo", "stress"
+
+
+INPUT_KINDS = (OPINFO, STRESS)
+"""Input kinds, in the order a tie between them is resolved (OpInfo's own samples first)."""
+
+
+OK, PARTIAL, FAILED, TIMEOUT, CRASHED = "ok", "partial", "failed", "timeout", "crashed"
+"""Status of one swept (OpInfo entry, dtype): every sample ran / the time limit cut it short /
+no sample could run / the worker was killed at the hard limit / the worker died."""
+
+
+class CatalogError(Exception):
+    """A catalog cannot be built or read: bad options, no CUDA, a mismatched partial file."""
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    """The worst behaviour seen for one op overload, dtype and variant on this device."""
+
+    op: str
+    """Overload, e.g. ``aten.index_put_.default``."""
+    dtype: str
+    """``float32``...: the first floating tensor argument's dtype (see :func:`signature_dtype`)."""
+    variant: str
+    """Non-default bool and string arguments, e.g. ``accumulate=True``; empty for the default kernel."""
+    verdict: Verdict
+    input_kind: str
+    """``opinfo`` or ``stress``: the input kind of the sample behind the verdict (OpInfo's if both showed it)."""
+    phase: str
+    """``forward``, ``backward`` or both, for the sample behind the verdict."""
+    source: str
+    """OpInfo or module entry whose sample gave the verdict, e.g. ``nn.functional.max_unpool2d``."""
+    signature: str
+    """Signature of that sample's call."""
+    opinfo: Verdict | None = None
+    """Worst verdict on OpInfo's samples (``None``: no OpInfo sample reached this op)."""
+    stress: Verdict | None = None
+    """Worst verdict on stress samples."""
+    seen_in: int = 1
+    """Swept entries (OpInfo entry or module, per dtype) whose samples ran this op."""
+    alert: str | None = None
+    """``no_deterministic_impl`` or ``cublas_workspace`` when deterministic mode raised."""
+    error: str = ""
+    """First line of the deterministic-mode error (``raises``) or why it was skipped."""
+    warning: str = ""
+    """First determinism warning under ``warn_only=True`` (``warns``)."""
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        """``(op, dtype, variant)``: unique within a catalog."""
+        return (self.op, self.dtype, self.variant)
+
+
+@dataclass(frozen=True)
+class SweptOp:
+    """One OpInfo entry or module swept for one dtype, and how it went."""
+
+    source: str
+    dtype: str
+    status: str
+    """``ok``, ``partial``, ``failed``, ``timeout`` or ``crashed``."""
+    samples: int = 0
+    """OpInfo samples that ran."""
+    stress_samples: int = 0
+    """Stress samples that ran."""
+    reason: str = ""
+    """Why it is not ``ok``; for ``ok``, notes such as ``no stress input``."""
+
+    @property
+    def task_id(self) -> str:
+        """``source:dtype``."""
+        return f"{self.source}:{self.dtype}"
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """Every op's verdict on one device and software stack."""
+
+    environment: Mapping[str, Any]
+    """The fingerprint of the process that ran the ops (see :func:`opaudit.engine.environment.fingerprint`)."""
+    settings: Mapping[str, Any]
+    entries: tuple[CatalogEntry, ...]
+    """Sorted by op, dtype and variant."""
+    swept: tuple[SweptOp, ...] = ()
+    """Every OpInfo entry or module swept, per dtype, sorted; a resumed sweep skips these."""
+    complete: bool = True
+    """False for the partial file of a sweep still running or interrupted."""
+    format: str = FORMAT
+    version: int = VERSION
+
+    @property
+    def summary(self) -> dict[str, int]:
+        """Entries per verdict (every verdict present), plus totals."""
+        counts = {v.value: 0 for v in Verdict}
+        for e in self.entries:
+            counts[e.verdict.value] += 1
+        counts["entries"] = len(self.entries)
+        counts["ops"] = len({e.op for e in self.entries})
+        counts["swept"] = len(self.swept)
+        counts["not_swept"] = sum(1 for s in self.swept if s.status in (FAILED, TIMEOUT, CRASHED))
+        return counts
+
+    @functools.cached_property
+    def _index(self) -> dict[tuple[str, str, str], CatalogEntry]:
+        return {e.key: e for e in self.entries}
+
+    def get(self, op: str, dtype: str, variant: str = "") -> CatalogEntry | None:
+        """The entry for exactly this key, or ``None``."""
+        return self._index.get((op, dtype, variant))
+
+    def variants(self, op: str, dtype: str) -> list[CatalogEntry]:
+        """Every entry of ``op`` and ``dtype``, whatever its variant."""
+        return [e for e in self.entries if e.op == op and e.dtype == dtype]
+
+    def entries_with(self, *verdicts: Verdict | str) -> list[CatalogEntry]:
+        """Entries whose verdict is one of ``verdicts``."""
+        want = {Verdict(v) for v in verdicts}
+        return [e for e in self.entries if e.verdict in want]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, ordered, serialisable form (the file schema)."""
+        return {
+            "format": self.format,
+            "version": self.version,
+            "complete": self.complete,
+            "environment": dict(sorted(self.environment.items())),
+            "settings": dict(sorted(self.settings.items())),
+            "summary": self.summary,
+            "swept": [swept_dict(s) for s in self.swept],
+            "entries": [entry_dict(e) for e in self.entries],
+        }
+
+
+def entry_dict(e: CatalogEntry) -> dict[str, Any]:
+    """Dict form of an entry; empty optional fields are left out."""
+    d: dict[str, Any] = {
+        "op": e.op, "dtype": e.dtype, "variant": e.variant, "verdict": e.verdict.value,
+        "input_kind": e.input_kind, "phase": e.phase, "source": e.source, "signature": e.signature,
+        "opinfo": e.opinfo.value if e.opinfo else None, "stress": e.stress.value if e.stress else None,
+        "seen_in": e.seen_in, "alert": e.alert, "error": e.error, "warning": e.warning,
+    }
+    return {k: v for k, v in d.items() if v not in (None, "") or k == "variant"}
+
+
+def swept_dict(s: SweptOp) -> dict[str, Any]:
+    """Dict form of a swept op; an empty reason is left out."""
+    d: dict[str, Any] = {"source": s.source, "dtype": s.dtype, "status": s.status,
+                         "samples": s.samples, "stress_samples": s.stress_samples}
+    if s.reason:
+        d["reason"] = s.reason
+    return d
+
+
+def _field(d: Mapping, key: str, types: type | tuple, where: str, default: Any = ...) -> Any:
+    if key not in d or d[key] is None:
+        if default is ...:
+            raise ReportError(f"{where}: missing field {key!r}")
+        return default
+    v = d[key]
+    if isinstance(v, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise ReportError(f"{where}: field {key!r} has the wrong type (bool)")
+    if not isinstance(v, types):
+        raise ReportError(f"{where}: field {key!r} has the wrong type ({type(v).__name__})")
+    return v
+
+
+def _verdict(text: Any, where: str) -> Verdict:
+    try:
+        return Verdict.parse(str(text))
+    except ValueError as e:
+        raise ReportError(f"{where}: {e}") from None
+
+
+def parse_entry(d: Any, where: str) -> CatalogEntry:
+    """A :class:`CatalogEntry` from its dict form, checking every field."""
+    if not isinstance(d, Mapping):
+        raise ReportError(f"{where}: an entry must be a mapping")
+    kind = _field(d, "input_kind", str, where)
+    if kind not in INPUT_KINDS:
+        raise ReportError(f"{where}: input_kind {kind!r} is not one of {', '.join(INPUT_KINDS)}")
+    opinfo, stress = d.get("opinfo"), d.get("stress")
+    return CatalogEntry(
+        op=_field(d, "op", str, where), dtype=_field(d, "dtype", str, where),
+        variant=_field(d, "variant", str, where, ""), verdict=_verdict(_field(d, "verdict", str, where), where),
+        input_kind=kind, phase=_field(d, "phase", str, where, ""), source=_field(d, "source", str, where, ""),
+        signature=_field(d, "signature", str, where, ""),
+        opinfo=_verdict(opinfo, where) if opinfo is not None else None,
+        stress=_verdict(stress, where) if stress is not None else None,
+        seen_in=_field(d, "seen_in", int, where, 1), alert=_field(d, "alert", str, where, None),
+        error=_field(d, "error", str, where, ""), warning=_field(d, "warning", str, where, ""),
+    )
+
+
+def parse_swept(d: Any, where: str) -> SweptOp:
+    """A :class:`SweptOp` from its dict form."""
+    if not isinstance(d, Mapping):
+        raise ReportError(f"{where}: a swept op must be a mapping")
+    status = _field(d, "status", str, where)
+    if status not in (OK, PARTIAL, FAILED, TIMEOUT, CRASHED):
+        raise ReportError(f"{where}: unknown status {status!r}")
+    return SweptOp(source=_field(d, "source", str, where), dtype=_field(d, "dtype", str, where), status=status,
+                   samples=_field(d, "samples", int, where, 0), stress_samples=_field(d, "stress_samples", int, where, 0),
+                   reason=_field(d, "reason", str, where, ""))
+
+
+def catalog_from_dict(data: Any, path: str = "<catalog>") -> Catalog:
+    """A :class:`Catalog` from its dict form; :class:`~opaudit.data.report.ReportError` on any mismatch."""
+    data = check_header(data, FORMAT, VERSION, path)
+    entries = tuple(parse_entry(e, f"{path}: entries[{i}]")
+                    for i, e in enumerate(_field(data, "entries", list, path)))
+    keys = [e.key for e in entries]
+    if len(set(keys)) != len(keys):
+        dup = next(k for k in keys if keys.count(k) > 1)
+        raise ReportError(f"{path}: entry {'/'.join(x for x in dup if x)} appears twice (hand-edited?)")
+    swept = tuple(parse_swept(s, f"{path}: swept[{i}]") for i, s in enumerate(_field(data, "swept", list, path, [])))
+    return Catalog(
+        environment=_field(data, "environment", dict, path), settings=_field(data, "settings", dict, path),
+        entries=tuple(sorted(entries, key=lambda e: e.key)), swept=tuple(sorted(swept, key=swept_order)),
+        complete=_field(data, "complete", bool, path, True),
+    )
+
+
+def load_catalog(path: str) -> Catalog:
+    """Load a catalog file (YAML or JSON); refuses other formats, versions and unsafe YAML."""
+    return catalog_from_dict(read_document(path), path)
+
+
+def _rank(v: Verdict | None) -> int:
+    """Severity for merging: ``skipped`` says nothing about the op, so any measurement beats it."""
+    if v is None:
+        return -2
+    return -1 if v is Verdict.SKIPPED else v.severity
+
+
+def _worse(a: Verdict | None, b: Verdict | None) -> Verdict | None:
+    return a if _rank(a) >= _rank(b) else b
+
+
+def _preference(e: CatalogEntry) -> tuple:
+    return (-_rank(e.verdict), INPUT_KINDS.index(e.input_kind), e.source, e.phase, e.signature)
+
+
+def merge_entries(a: CatalogEntry, b: CatalogEntry, *, same_sweep: bool = False) -> CatalogEntry:
+    """One entry for the same key: the worse verdict's evidence, both kinds' verdicts.
+
+    Ties go to OpInfo's own samples, then to the alphabetically first source, so
+    the result does not depend on the order ops were swept in.
+    """
+    best = min(a, b, key=_preference)
+    return dataclasses.replace(
+        best, opinfo=_worse(a.opinfo, b.opinfo), stress=_worse(a.stress, b.stress),
+        seen_in=max(a.seen_in, b.seen_in) if same_sweep else a.seen_in + b.seen_in,
+    )
+
+
+def first_line(text: str | None) -> str:
+    return (text or "").strip().splitlines()[0].strip() if (text or "").strip() else ""
+
+
+def entry_from_finding(f: Any, kind: str, source: str) -> CatalogEntry:
+    """A one-sample :class:`CatalogEntry` from an audit :class:`~opaudit.data.report.Finding`."""
+    op, dtype, variant = entry_key(f.op, f.signature)
+    error = f.reason if f.verdict is Verdict.SKIPPED else (
+        _alert_text(f.strict_error) if f.verdict is Verdict.RAISES else "")
+    return CatalogEntry(
+        op=op, dtype=dtype, variant=variant, verdict=f.verdict, input_kind=kind, phase="/".join(f.phases),
+        source=source, signature=f.signature, opinfo=f.verdict if kind == OPINFO else None,
+        stress=f.verdict if kind == STRESS else None, seen_in=1, alert=f.alert_kind,
+        error=error, warning=_alert_text(f.warnings[0]) if f.warnings and f.verdict is Verdict.WARNS else "",
+    )
+
+
+def _alert_text(message: str | None) -> str:
+    """What PyTorch's alert says about the op, without its boilerplate advice."""
+    line = first_line(message)
+    return line.split(", but you set 'torch.use_deterministic_algorithms", 1)[0]
+
+
+def swept_order(s: SweptOp) -> tuple[str, str]:
+    return (s.source, s.dtype)
