@@ -14,13 +14,14 @@ from typing import TYPE_CHECKING, Any
 
 from opaudit.data.version import __version__
 
-__all__ = ["Recorder", "Report", "Finding", "Verdict", "audit", "build_report", "load_report", "__version__"]
+__all__ = ["Recorder", "Report", "Finding", "Verdict", "audit", "batch_invariance", "build_report", "load_report", "__version__"]
 
 if TYPE_CHECKING:
     from opaudit.data.report import Finding, Report
     from opaudit.data.report import load as load_report
     from opaudit.data.verdict import Verdict
     from opaudit.engine.record import Recorder
+    from opaudit.flows.batchinv import batch_invariance
     from opaudit.flows.pipeline import audit, build_report
 
 _LAZY = {
@@ -30,6 +31,7 @@ _LAZY = {
     "Verdict": ("opaudit.data.verdict", "Verdict"),
     "audit": ("opaudit.flows.pipeline", "audit"),
     "build_report": ("opaudit.flows.pipeline", "build_report"),
+    "batch_invariance": ("opaudit.flows.batchinv", "batch_invariance"),
     "load_report": ("opaudit.data.report", "load"),
 }
 

@@ -61,7 +61,7 @@ def _recorded():
 
 def test_document_header_and_no_absolute_paths(report):
     d = yaml.safe_load(render(report, Kind.REPORT, Format.YAML))
-    assert d["format"] == "opaudit-report" and d["version"] == 1 and d["complete"] is True
+    assert d["format"] == "opaudit-report" and d["version"] == 2 and d["complete"] is True
     assert set(d["summary"]) >= {"raises", "stable", "random", "uninitialized", "view_calls", "total_calls"}
     for f in d["findings"]:
         for s in f["sites"]:
@@ -102,8 +102,9 @@ def test_wrong_format_or_version_is_refused(report, tmp_path):
     d = report.to_dict()
     with pytest.raises(ReportError, match="format"):
         from_dict({**d, "format": "something-else"})
-    with pytest.raises(ReportError, match="version 2"):
-        from_dict({**d, "version": 2})
+    with pytest.raises(ReportError, match="version 3"):
+        from_dict({**d, "version": 3})
+    assert from_dict({**d, "version": 1}).results == report.results  # version 1 files are still read
     bad = {**d, "findings": [{**d["findings"][0], "calls": "many"}]}
     with pytest.raises(ReportError, match="calls"):
         from_dict(bad)

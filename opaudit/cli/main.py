@@ -75,6 +75,27 @@ def _run_count(text: str) -> int:
     return v
 
 
+def _row_counts(text: str) -> tuple[int, ...]:
+    """``1,2,3`` → row counts (each checked against the batch once it is known)."""
+    parts = [t.strip() for t in text.split(",")]
+    if not any(parts):
+        raise argparse.ArgumentTypeError("expected comma-separated row counts, e.g. 1,2,3")
+    out = []
+    for t in parts:
+        try:
+            out.append(int(t))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated row counts, got {t!r} in {text!r}") from None
+    return tuple(out)
+
+
+def _dim(text: str) -> int:
+    v = _int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {v}")
+    return v
+
+
 def parse_verdicts(text: str) -> tuple:
     """``raises,diverges`` → verdicts; ``none`` or empty → no verdict fails."""
     from opaudit.data.verdict import Verdict
@@ -101,6 +122,13 @@ def _audit_parser() -> _Parser:
     p.add_argument("--run-check", nargs="?", const=2, type=_run_count, metavar="K",
                    help="also run the whole step K times (default 2) from identical state, in default and in "
                         "deterministic mode, and report whether its bits reproduce and which op is the root cause")
+    p.add_argument("--batch-invariance", action="store_true",
+                   help="instead of an audit, check that opaudit_forward(batch)'s first b rows do not depend on the "
+                        "rest of the batch: the script defines opaudit_batch() and opaudit_forward(batch); exit 1 "
+                        "when a row count gives other bits")
+    p.add_argument("--batch-sizes", type=_row_counts, metavar="LIST",
+                   help="row counts checked with --batch-invariance (default 1,2,3)")
+    p.add_argument("--batch-dim", type=_dim, metavar="N", help="the batch dim for --batch-invariance (default 0)")
     p.add_argument("-o", "--output", metavar="PATH", help="write the report here (format from the extension)")
     p.add_argument("--format", metavar="FMT", help="yaml, json, csv, md or table (default: from -o, else table)")
     p.add_argument("--fail-on", type=parse_verdicts, default=parse_verdicts(DEFAULT_FAIL_ON), metavar="LIST",
@@ -222,6 +250,11 @@ def audit_main(argv: list[str]) -> int:
 
         Format.from_path(output)
 
+    if args.batch_invariance:
+        return _batch_invariance_main(args, script_args, output)
+    for flag, value in (("--batch-sizes", args.batch_sizes), ("--batch-dim", args.batch_dim)):
+        if value is not None:
+            raise UsageError(f"{flag} needs --batch-invariance")
     against = _load_against(args.against) if args.against else None
 
     import torch
@@ -289,6 +322,27 @@ def audit_main(argv: list[str]) -> int:
     if failing and not args.exit_zero:
         return EXIT_FINDINGS
     return EXIT_OK
+
+
+def _batch_invariance_main(args: argparse.Namespace, script_args: list[str], output: str | None) -> int:
+    """``opaudit SCRIPT --batch-invariance``: exit 1 when a row count gives other bits."""
+    for flag, value in (("--run-check", args.run_check), ("--against", args.against), ("--entry", args.entry),
+                        ("--isolate", args.isolate), ("--op-timeout", args.op_timeout)):
+        if value:
+            raise UsageError(f"{flag} cannot be combined with --batch-invariance")
+    import torch
+
+    from opaudit.engine import loader
+    from opaudit.flows.batchinv import DEFAULT_ROWS, batch_report, check_script
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    target = loader.load_target(args.script, None, script_args)
+    dim = args.batch_dim if args.batch_dim is not None else 0
+    result = check_script(target, args.batch_sizes or DEFAULT_ROWS, dim, seed=args.seed)
+    report = batch_report(result, {"script": target.name, "entry": "opaudit_forward"})
+    emit(report, "report", args.format, output, args.quiet)
+    return EXIT_FINDINGS if not result.invariant and not args.exit_zero else EXIT_OK
 
 
 SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {}
@@ -452,6 +506,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [UsageError, ModelLoadError, ScriptExitError, ReportError, FormatError]
     for mod, name in (("opaudit.flows.catalog", "CatalogError"), ("opaudit.flows.diff", "DiffError"),
                       ("opaudit.flows.runcheck", "RunCheckError"), ("opaudit.engine.remedies", "KnowledgeBaseError"),
+                      ("opaudit.flows.batchinv", "BatchInvarianceError"),
                       ("opaudit.engine.isolate", "IsolationError")):
         try:
             errors.append(getattr(__import__(mod, fromlist=[name]), name))

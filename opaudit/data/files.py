@@ -40,15 +40,18 @@ class ReportError(Exception):
     """A report or catalog file is missing, malformed, or of another format/version."""
 
 
-def check_header(data: Any, fmt: str, version: int, path: str) -> Mapping[str, Any]:
-    """Refuse anything that is not a mapping of format ``fmt`` and ``version``."""
+def check_header(data: Any, fmt: str, version: int | tuple[int, ...], path: str) -> Mapping[str, Any]:
+    """Refuse anything that is not a mapping of format ``fmt`` and ``version`` (or one of several)."""
     if not isinstance(data, Mapping):
         raise ReportError(f"{path}: not an opaudit file (expected a mapping at the top level)")
     got = data.get("format")
     if got != fmt:
         raise ReportError(f"{path}: format is {got!r}, expected {fmt!r}")
-    if data.get("version") != version:
-        raise ReportError(f"{path}: {fmt} version {data.get('version')!r} is not supported (this opaudit reads version {version})")
+    versions = version if isinstance(version, tuple) else (version,)
+    v = data.get("version")
+    if isinstance(v, bool) or v not in versions:
+        readable = " or ".join(map(str, versions))
+        raise ReportError(f"{path}: {fmt} version {v!r} is not supported (this opaudit reads version {readable})")
     return data
 
 

@@ -1,7 +1,7 @@
 """The report model: frozen records (findings, sites, run-checks), a stable dict form, and strict load.
 
-A report file carries ``format: opaudit-report`` and ``version: 1``; loading
-anything else is refused. Files are read with ``yaml.safe_load`` only.
+A report file carries ``format: opaudit-report`` and ``version: 2`` (version 1
+files are read too); loading anything else is refused. Files are read with ``yaml.safe_load`` only.
 """
 
 from __future__ import annotations
@@ -12,34 +12,20 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from opaudit.data import invariance
 from opaudit.data.files import ReportError, check_header, read_document
+from opaudit.data.invariance import BatchInvariance
+from opaudit.data.site import Site
 from opaudit.data.verdict import Verdict
 
 if TYPE_CHECKING:
     import pandas
 
 FORMAT = "opaudit-report"
-VERSION = 1
-
-
-@dataclass(frozen=True)
-class Site:
-    """Where a call came from: the user's innermost frame and the module running."""
-
-    file: str
-    """Path relative to the audit root (or to the ``sys.path`` entry holding it)."""
-    line: int
-    function: str
-    module: str
-    """Fully qualified module path, e.g. ``TwoTower.mlp.0``; empty outside any module."""
-
-    @property
-    def location(self) -> str:
-        """``file:line``."""
-        return f"{self.file}:{self.line}"
-
-    def __str__(self) -> str:
-        return f"{self.location} ({self.function})"
+VERSION = 2
+"""Version 2 added the optional ``batch_invariance`` section."""
+READ_VERSIONS = (1, 2)
+"""Versions :func:`load` reads: a version 1 file is a version 2 file without that section."""
 
 
 @dataclass(frozen=True)
@@ -141,6 +127,8 @@ class Report:
     """False when the audit was interrupted; ``all_findings`` then holds what was classified."""
     env_warnings: tuple[str, ...] = ()
     run_checks: tuple[RunCheck, ...] = ()
+    batch_invariance: BatchInvariance | None = None
+    """The ``--batch-invariance`` check, when it ran (see :mod:`opaudit.flows.batchinv`)."""
     format: str = FORMAT
     version: int = VERSION
 
@@ -185,7 +173,7 @@ class Report:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, ordered, serialisable form (the file schema)."""
-        return {
+        d = {
             "format": self.format,
             "version": self.version,
             "complete": self.complete,
@@ -194,9 +182,12 @@ class Report:
             "summary": self.summary,
             "env_warnings": list(self.env_warnings),
             "run_checks": [_run_check_dict(r) for r in self.run_checks],
-            "view_calls": dict(sorted(self.view_calls.items())),
-            "findings": [finding_dict(f) for f in self.all_findings],
         }
+        if self.batch_invariance is not None:
+            d["batch_invariance"] = self.batch_invariance.to_dict()
+        d["view_calls"] = dict(sorted(self.view_calls.items()))
+        d["findings"] = [finding_dict(f) for f in self.all_findings]
+        return d
 
     def to_dataframe(self) -> "pandas.DataFrame":
         """One row per signature (pandas imported on first use)."""
@@ -354,8 +345,16 @@ def parse_finding(d: Any, where: str) -> Finding:
 
 def from_dict(data: Any, path: str = "<report>") -> Report:
     """A :class:`Report` from its dict form; :class:`ReportError` on any mismatch."""
-    data = check_header(data, FORMAT, VERSION, path)
+    data = check_header(data, FORMAT, READ_VERSIONS, path)
     findings = _need(data, "findings", list, path)
+    batch = None
+    if data.get("batch_invariance") is not None:
+        if data["version"] < 2:
+            raise ReportError(f"{path}: a version 1 report cannot hold a batch_invariance section")
+        try:
+            batch = invariance.from_dict(data["batch_invariance"], "batch_invariance")
+        except ValueError as e:
+            raise ReportError(f"{path}: {e}") from None
     runs = []
     for i, r in enumerate(_opt(data, "run_checks", list, path, [])):
         w = f"{path}: run_checks[{i}]"
@@ -380,6 +379,7 @@ def from_dict(data: Any, path: str = "<report>") -> Report:
         complete=bool(_opt(data, "complete", bool, path, True)),
         env_warnings=_strings(data, "env_warnings", path),
         run_checks=tuple(runs),
+        batch_invariance=batch,
     )
     _check_summary(summary, report, path)
     return report

@@ -109,6 +109,15 @@ def load_target(path: str, entry: str | None = None, argv: tuple[str, ...] | lis
     return Target(os.path.abspath(path), entry, tuple(argv), source)
 
 
+def require_functions(target: Target, names: tuple[str, ...], purpose: str) -> None:
+    """:class:`ModelLoadError` unless the script defines every one of ``names`` at top level."""
+    defined = _top_level_functions(ast.parse(target.source, filename=target.path))
+    missing = [n for n in names if n not in defined]
+    if missing:
+        raise ModelLoadError(f"{target.path}: {purpose} needs the script to define {' and '.join(names)}() "
+                             f"(missing: {', '.join(missing)})")
+
+
 def _top_level_functions(tree: ast.Module) -> set[str]:
     names = set()
     for node in tree.body:

@@ -126,7 +126,8 @@ class Entry:
         return dict(self.remedies).get(key)
 
 
-_REMEDY_KEYS = ("raises", "diverges", "diverges_deterministic", "warns", "cublas")
+_REMEDY_KEYS = ("raises", "diverges", "diverges_deterministic", "warns", "cublas", "batch_variant",
+                "batch_variant_cuda")
 
 
 class KnowledgeBase:
@@ -181,6 +182,18 @@ class KnowledgeBase:
             if docs:
                 text += " PyTorch documents: " + "; ".join(docs[:2]) + "."
         return text
+
+    def batch_remedy(self, op: str, device: str = "cpu") -> str:
+        """What to do about ``op`` giving a row other bits when the batch has another size, on ``device``."""
+        keys = ("batch_variant_cuda", "batch_variant") if device.startswith("cuda") else ("batch_variant",)
+        for key in keys:
+            for e in self.entries_for(op):
+                text = e.remedy(key)
+                if text:
+                    return text
+        return ("its result for a row depends on how many rows share the call (the kernel's blocking or "
+                "reduction split follows the batch size): pad every batch to one fixed row count, or use a "
+                "batch-invariant kernel for this op")
 
     def _advice(self, f: "Finding") -> str:
         entries = self.entries_for(f.op)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from opaudit.cli.formats import batch_invariance
 from opaudit.cli.formats._common import (
     FINDING_HEADERS,
     crash_rows,
@@ -32,6 +33,12 @@ def render(report: "Report") -> str:
     if not report.complete:
         out += ["> **Incomplete**: the audit was interrupted; this lists what was classified so far.", ""]
     device = env.get("gpu") or env.get("cpu")
+    if report.batch_invariance is not None and not report.all_findings:
+        # A batch-invariance check replays nothing: its section is the whole report.
+        out += [f"torch {env.get('torch')} on {device}, {env.get('threads')} threads.", ""]
+        out += batch_invariance.markdown(report.batch_invariance)
+        out += (["## Environment", ""] + [f"- {w}" for w in report.env_warnings] + [""]) if report.env_warnings else []
+        return "\n".join(out)
     out += [f"torch {env.get('torch')} on {device}, {env.get('threads')} threads; "
             f"{report.settings.get('reps')} replays per mode.", "", summary_line(report), ""]
     counts = report.summary
@@ -56,6 +63,8 @@ def render(report: "Report") -> str:
     remedies = remedy_rows(report)
     if remedies:
         out += ["## What to do", "", _table(("op", "verdict", "remedy"), remedies), ""]
+    if report.batch_invariance is not None:
+        out += batch_invariance.markdown(report.batch_invariance)
     if report.env_warnings:
         out += ["## Environment", ""] + [f"- {w}" for w in report.env_warnings] + [""]
     return "\n".join(out)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from opaudit.cli.formats import batch_invariance
 from opaudit.cli.formats._common import (
     FINDING_HEADERS,
     crash_rows,
@@ -45,7 +46,10 @@ def render(report: "Report") -> str:
         out.append("\nWhat to do:")
         out.append(tabulate(remedies, headers=("op", "verdict", "remedy"), tablefmt="simple",
                             maxcolwidths=[None, None, 90]))
+    if report.batch_invariance is not None:
+        out.append("\n" + batch_invariance.table(report.batch_invariance))
     for w in report.env_warnings:
         out.append(f"warning: {w}")
-    out.append("\n" + summary_line(report))
+    if report.all_findings or report.batch_invariance is None:
+        out.append("\n" + summary_line(report))
     return "\n".join(out).lstrip("\n") + "\n"

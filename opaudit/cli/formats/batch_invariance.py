@@ -1,0 +1,131 @@
+"""The ``batch_invariance`` section of a report, for the table, Markdown and CSV renderers.
+
+YAML and JSON carry it through ``Report.to_dict()``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from typing import TYPE_CHECKING, Any
+
+from opaudit.invariance import BATCH_INVARIANT, OP_ROW_FIELDS, OP_VERDICTS, op_row
+
+if TYPE_CHECKING:
+    from opaudit.invariance import BatchInvariance, BatchOp, RowCheck
+
+OP_HEADERS = ("verdict", "op", "rows", "max |diff|", "calls", "where", "module")
+
+
+def _rows(n: int) -> str:
+    return f"{n} row" if n == 1 else f"{n} rows"
+
+
+def headline(bi: "BatchInvariance") -> str:
+    """``Batch invariance, batch of 8 rows along dim 0 (cpu): NOT invariant``."""
+    verdict = "invariant at every row count" if bi.invariant else "NOT invariant"
+    return f"Batch invariance, batch of {bi.batch_size} rows along dim {bi.dim} ({bi.device}): {verdict}"
+
+
+def check_lines(c: "RowCheck") -> list[str]:
+    """One row count: identical or not, the root cause, where the runs part, what differs."""
+    lines = [f"{_rows(c.rows)} vs the first {_rows(c.rows)} of the full batch: "
+             + ("bitwise identical" if c.invariant else "DIFFERENT")]
+    rc = c.root_cause
+    if rc:
+        at = f"{rc.get('op')} at {rc.get('where', '?')}" + (f" ({rc['module']})" if rc.get("module") else "")
+        if rc.get("reason"):
+            lines.append(f"  root cause: op #{rc.get('index')} {at}: {rc['reason']}")
+        else:
+            lines.append(f"  root cause: op #{rc.get('index')} {at}: its input rows were identical, its output rows "
+                         f"were not (max |diff| {float(rc.get('max_abs_diff') or 0):.3g})")
+        lines.append(f"    signature: {rc.get('signature')} (full batch) vs {rc.get('row_signature')}")
+        if rc.get("downstream"):
+            lines.append(f"    {rc['downstream']} later op(s) carried the difference")
+    ps = c.path_split
+    if ps:
+        where = f" at {ps['where']}" if ps.get("where") else ""
+        lines.append(f"  the runs took different paths at op #{ps.get('index')}{where}: {ps.get('full_batch_op')} "
+                     f"(full batch) vs {ps.get('row_op')} ({_rows(c.rows)})")
+    for m in c.mismatches[:8]:
+        lines.append(f"  differs: {m}")
+    if len(c.mismatches) > 8:
+        lines.append(f"  ... and {len(c.mismatches) - 8} more")
+    return lines
+
+
+def op_table_row(o: "BatchOp") -> list[Any]:
+    """One table row for an op verdict."""
+    s = o.site
+    verdict = o.verdict + (f" ({o.reason})" if o.reason else "")
+    return [verdict, o.op, ",".join(map(str, o.variant_rows)) or "-",
+            f"{o.max_abs_diff:.3g}" if o.max_abs_diff is not None else "-", o.calls,
+            s.location if s else "-", (s.module if s else "") or "-"]
+
+
+def notable_ops(bi: "BatchInvariance") -> list["BatchOp"]:
+    """Op verdicts worth a row: all but ``batch_invariant``."""
+    return [o for o in bi.ops if o.verdict != BATCH_INVARIANT]
+
+
+def remedy_rows(bi: "BatchInvariance") -> list[list[str]]:
+    """One row per distinct remedy of the variant ops: the ops it covers, the remedy."""
+    by_text: dict[str, dict[str, None]] = {}
+    for o in bi.variant_ops():
+        if o.remedy:
+            by_text.setdefault(o.remedy, {})[o.op] = None
+    return [[", ".join(ops), text] for text, ops in by_text.items()]
+
+
+def counts_line(bi: "BatchInvariance") -> str:
+    """``29 op signatures: 5 batch_variant, 24 batch_invariant, 0 not_comparable``."""
+    counts = bi.counts()
+    return f"{len(bi.ops)} op signatures: " + ", ".join(f"{counts[v]} {v}" for v in OP_VERDICTS)
+
+
+def table(bi: "BatchInvariance") -> str:
+    """The section as plain text for a terminal."""
+    from tabulate import tabulate
+
+    out = [headline(bi)]
+    for c in bi.checks:
+        out += ["  " + line for line in check_lines(c)]
+    rows = [op_table_row(o) for o in notable_ops(bi)]
+    if rows:
+        out += ["", tabulate(rows, headers=OP_HEADERS, tablefmt="simple", maxcolwidths=[40, None, None, None, None,
+                                                                                         None, None])]
+    remedies = remedy_rows(bi)
+    if remedies:
+        out += ["", "What to do:", tabulate(remedies, headers=("op", "remedy"), tablefmt="simple",
+                                            maxcolwidths=[None, 100])]
+    out += ["", counts_line(bi)]
+    return "\n".join(out)
+
+
+def markdown(bi: "BatchInvariance") -> list[str]:
+    """The section as Markdown lines."""
+    from tabulate import tabulate
+
+    out = ["## Batch invariance", "", f"**{headline(bi)}**", ""]
+    for c in bi.checks:
+        lines = check_lines(c)
+        out += [f"- {lines[0]}"] + [f"  - {line.strip()}" for line in lines[1:]]
+    out.append("")
+    rows = [op_table_row(o) for o in notable_ops(bi)]
+    if rows:
+        out += [tabulate(rows, headers=OP_HEADERS, tablefmt="github"), ""]
+    remedies = remedy_rows(bi)
+    if remedies:
+        out += ["### What to do", "", tabulate(remedies, headers=("op", "remedy"), tablefmt="github"), ""]
+    out += [counts_line(bi), ""]
+    return out
+
+
+def csv_text(bi: "BatchInvariance") -> str:
+    """One row per op signature, columns :data:`~opaudit.invariance.OP_ROW_FIELDS`."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(OP_ROW_FIELDS), lineterminator="\n")
+    w.writeheader()
+    for o in bi.ops:
+        w.writerow(op_row(o))
+    return buf.getvalue()
