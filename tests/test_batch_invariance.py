@@ -196,7 +196,7 @@ def variant_report(wide):
 def test_section_round_trips_through_yaml_and_json(variant_report, tmp_path):
     for fmt, ext in ((Format.YAML, "yaml"), (Format.JSON, "json")):
         path = tmp_path / f"r.{ext}"
-        path.write_text(render(variant_report, fmt))
+        path.write_text(render(variant_report, Kind.REPORT, fmt))
         loaded = opaudit.load_report(str(path))
         assert loaded.batch_invariance == variant_report.batch_invariance
         assert loaded.version == 2

@@ -104,7 +104,7 @@ def test_wrong_format_or_version_is_refused(report, tmp_path):
         from_dict({**d, "format": "something-else"})
     with pytest.raises(ReportError, match="version 3"):
         from_dict({**d, "version": 3})
-    assert from_dict({**d, "version": 1}).results == report.results  # version 1 files are still read
+    assert from_dict({**d, "version": 1}).all_findings == report.all_findings  # version 1 files are still read
     bad = {**d, "findings": [{**d["findings"][0], "calls": "many"}]}
     with pytest.raises(ReportError, match="calls"):
         from_dict(bad)

@@ -9,10 +9,10 @@ import csv
 import io
 from typing import TYPE_CHECKING, Any
 
-from opaudit.invariance import BATCH_INVARIANT, OP_ROW_FIELDS, OP_VERDICTS, op_row
+from opaudit.data.invariance import BATCH_INVARIANT, OP_ROW_FIELDS, OP_VERDICTS, op_row
 
 if TYPE_CHECKING:
-    from opaudit.invariance import BatchInvariance, BatchOp, RowCheck
+    from opaudit.data.invariance import BatchInvariance, BatchOp, RowCheck
 
 OP_HEADERS = ("verdict", "op", "rows", "max |diff|", "calls", "where", "module")
 
@@ -122,7 +122,7 @@ def markdown(bi: "BatchInvariance") -> list[str]:
 
 
 def csv_text(bi: "BatchInvariance") -> str:
-    """One row per op signature, columns :data:`~opaudit.invariance.OP_ROW_FIELDS`."""
+    """One row per op signature, columns :data:`~opaudit.data.invariance.OP_ROW_FIELDS`."""
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(OP_ROW_FIELDS), lineterminator="\n")
     w.writeheader()
