@@ -173,7 +173,7 @@ def test_yaml_round_trip_is_byte_stable(documented, tmp_path):
     assert render(again, Kind.CATALOG, Format.YAML) == text
     assert [e.key for e in again.entries] == sorted(e.key for e in again.entries)
     data = yaml.safe_load(text)
-    assert data["format"] == FORMAT and data["version"] == 1 and "generated" not in text
+    assert data["format"] == FORMAT and data["version"] == 2 and "generated" not in text
 
 
 def test_every_format_renders(documented, tmp_path):
@@ -197,7 +197,7 @@ def test_markdown_is_grouped_by_verdict_with_counts(documented):
 
 @pytest.mark.parametrize("text, message", [
     ("format: opaudit-catalog\nversion: 1\nentries:\n  - op: aten.put", "truncated"),
-    ("format: opaudit-catalog\nversion: 2\nentries: []\n...\n", "version 2 is not supported"),
+    ("format: opaudit-catalog\nversion: 3\nentries: []\n...\n", "version 3 is not supported"),
     ("format: opaudit-report\nversion: 1\n...\n", "expected 'opaudit-catalog'"),
     ("!!python/object/apply:os.system ['echo pwned']\n...\n", "unsafe or unknown YAML tag"),
     ("format: opaudit-catalog\nversion: 1\nenvironment: {}\nsettings: {}\nentries:\n"

@@ -406,6 +406,9 @@ def _catalog_parser() -> _Parser:
     p.add_argument("--no-modules", action="store_true", help="skip the torch.nn modules OpInfo does not cover")
     p.add_argument("--in-process", action="store_true",
                    help="run ops in this process (faster start; no hard time limit, a crashing op ends the sweep)")
+    p.add_argument("--batch-invariance", action="store_true",
+                   help="after the sweep, check the matmul family, reductions, normalisations, softmax and attention "
+                        "(those --ops selects) for batch invariance over 1..128 rows of 256")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary on stderr")
     p.add_argument("--debug", action="store_true", help="show full tracebacks, and the worker's stderr")
     return p
@@ -436,7 +439,7 @@ def catalog_main(argv: list[str]) -> int:
             stress=not args.no_stress, reps=args.reps, op_timeout=args.op_timeout, max_samples=args.max_samples,
             stress_elements=args.stress_elements, modules=not args.no_modules,
             resume=partial if args.resume else None, partial=partial, isolate=not args.in_process,
-            threads=args.threads, quiet_worker=not args.debug)
+            threads=args.threads, quiet_worker=not args.debug, batch_invariance=args.batch_invariance)
         catalog = build_catalog(request, on_progress=update)
     except KeyboardInterrupt:
         close()

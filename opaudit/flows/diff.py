@@ -20,12 +20,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from opaudit.data.files import ReportError, read_document
+from opaudit.data.invariance import BATCH_INVARIANT, BATCH_VARIANT, NOT_COMPARABLE
 from opaudit.data.verdict import Verdict
 
 FORMAT = "opaudit-diff"
 VERSION = 1
 MISSING = "missing"
 """The verdict side of an op that one document does not have."""
+VERDICT, BATCH_FIELD = "verdict", "batch_invariance"
+"""What a :class:`Change` is about: the op's determinism verdict, or its batch-invariance verdict (catalogs
+made with ``--batch-invariance``)."""
+_BATCH_SEVERITY = {BATCH_INVARIANT: 0, NOT_COMPARABLE: 1, BATCH_VARIANT: 4}
 
 DEFAULT_FAIL_ON = "*->raises,*->diverges,*->diverges_deterministic"
 """Transitions that make ``opaudit diff`` exit 1 unless ``--fail-on`` says otherwise."""
@@ -50,6 +55,8 @@ class Change:
     """Verdict in the second document, or ``missing``."""
     where: str = ""
     """Reports: the first source location; catalogs: the OpInfo entry behind the new verdict."""
+    field: str = VERDICT
+    """:data:`VERDICT`, or :data:`BATCH_FIELD` for a catalog's batch-invariance verdict."""
 
     @property
     def transition(self) -> str:
@@ -116,6 +123,8 @@ class Diff:
             d = {"op": c.op, "detail": c.detail, "before": c.before, "after": c.after}
             if c.where:
                 d["where"] = c.where
+            if c.field != VERDICT:
+                d["field"] = c.field
             return d
 
         def fields(fs: tuple[FieldChange, ...]) -> list[dict[str, Any]]:
@@ -131,7 +140,7 @@ class Diff:
 
 
 # -- --fail-on -----------------------------------------------------------------
-_SIDES = tuple(v.value for v in Verdict) + (MISSING,)
+_SIDES = tuple(v.value for v in Verdict) + tuple(_BATCH_SEVERITY) + (MISSING,)
 
 
 def parse_fail_on(text: str) -> tuple[tuple[str, str], ...]:
@@ -178,7 +187,9 @@ def load_document(path: str) -> tuple[str, Any]:
 
 # -- diffing -------------------------------------------------------------------------
 def _severity(v: str) -> int:
-    return Verdict(v).severity if v != MISSING else -1
+    if v == MISSING:
+        return -1
+    return _BATCH_SEVERITY[v] if v in _BATCH_SEVERITY else Verdict(v).severity
 
 
 def _order(c: Change) -> tuple:
@@ -236,9 +247,32 @@ def _diff_catalogs(a: Any, b: Any, a_label: str, b_label: str) -> Diff:
             only_a.append(Change(ea.op, detail(ea), ea.verdict.value, MISSING, ea.source))
         elif eb is not None:
             only_b.append(Change(eb.op, detail(eb), MISSING, eb.verdict.value, eb.source))
+    if a.batch_invariance and b.batch_invariance:
+        # Only when both sweeps checked it: a catalog made without --batch-invariance says nothing about it.
+        same += _diff_batch(a.batch_invariance, b.batch_invariance, changes, only_a, only_b)
     return Diff("catalog", a_label, b_label, tuple(sorted(changes, key=_order)), tuple(sorted(only_a, key=_order)),
                 tuple(sorted(only_b, key=_order)), _fields(a.environment, b.environment),
                 _fields(a.settings, b.settings), same)
+
+
+def _diff_batch(a: Any, b: Any, changes: list[Change], only_a: list[Change], only_b: list[Change]) -> int:
+    """Batch-invariance transitions between two catalogs' sections; returns how many stayed the same."""
+    ia, ib = {e.key: e for e in a}, {e.key: e for e in b}
+    same = 0
+    for k in sorted(set(ia) | set(ib)):
+        ea, eb = ia.get(k), ib.get(k)
+        e = eb or ea
+        detail, where = f"{e.dtype} batch invariance", ", ".join(e.probes)
+        if ea is not None and eb is not None:
+            if ea.verdict == eb.verdict:
+                same += 1
+            else:
+                changes.append(Change(e.op, detail, ea.verdict, eb.verdict, where, BATCH_FIELD))
+        elif ea is not None:
+            only_a.append(Change(e.op, detail, ea.verdict, MISSING, where, BATCH_FIELD))
+        else:
+            only_b.append(Change(e.op, detail, MISSING, eb.verdict, where, BATCH_FIELD))
+    return same
 
 
 def _diff_reports(a: Any, b: Any, a_label: str, b_label: str) -> Diff:

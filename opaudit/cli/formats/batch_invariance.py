@@ -129,3 +129,43 @@ def csv_text(bi: "BatchInvariance") -> str:
     for o in bi.ops:
         w.writerow(op_row(o))
     return buf.getvalue()
+
+
+# -- the catalog's section (``opaudit catalog --batch-invariance``) ---------------------
+CATALOG_HEADERS = ("verdict", "op", "dtype", "rows that differ", "max |diff|", "probes")
+
+
+def _catalog_rows(entries: Any, all_entries: bool) -> list[list[Any]]:
+    order = {v: k for k, v in enumerate(OP_VERDICTS)}
+    rows = []
+    for e in sorted(entries, key=lambda e: (order[e.verdict], e.op, e.dtype)):
+        if all_entries or e.verdict != BATCH_INVARIANT:
+            rows.append([e.verdict + (f" ({e.reason})" if e.reason else ""), e.op, e.dtype,
+                         ",".join(map(str, e.variant_rows)) or "-",
+                         f"{e.max_abs_diff:.3g}" if e.max_abs_diff is not None else "-", ", ".join(e.probes)])
+    return rows
+
+
+def catalog_table(entries: Any) -> str:
+    """The non-invariant batch-invariance entries of a catalog, and a count line."""
+    from tabulate import tabulate
+
+    rows = _catalog_rows(entries, all_entries=False)
+    counts = {v: sum(1 for e in entries if e.verdict == v) for v in OP_VERDICTS}
+    out = [tabulate(rows, headers=CATALOG_HEADERS, tablefmt="simple"), ""] if rows else []
+    out.append("batch invariance: " + ", ".join(f"{counts[v]} {v}" for v in OP_VERDICTS))
+    return "\n".join(out)
+
+
+def catalog_markdown(entries: Any, settings: Any) -> list[str]:
+    """The catalog's batch-invariance section as Markdown lines."""
+    from tabulate import tabulate
+
+    bi = settings.get("batch_invariance") or {}
+    rows_checked = ", ".join(map(str, bi.get("rows", []))) or "?"
+    out = ["## Batch invariance", "",
+           f"Each op was run on the first b rows of a {bi.get('batch', '?')}-row input (b = {rows_checked}) and on "
+           "the whole input; `batch_variant` means some b gave those rows other bits than the full input did, so "
+           "a request's result depends on how many others share its batch.", "",
+           tabulate(_catalog_rows(entries, all_entries=True), headers=CATALOG_HEADERS, tablefmt="github"), ""]
+    return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from opaudit.cli.formats import batch_invariance
 from opaudit.data.verdict import Verdict
 
 if TYPE_CHECKING:
@@ -110,6 +111,8 @@ def render(catalog: "Catalog") -> str:
     if not_swept:
         out += [_table(("entry", "dtype", "status", "reason"),
                        [[s.source, s.dtype, s.status, _cell(s.reason)] for s in not_swept]), ""]
+    if catalog.batch_invariance:
+        out += batch_invariance.catalog_markdown(catalog.batch_invariance, st)
     stable = catalog.entries_with(Verdict.STABLE)
     out += [f"## stable ({len(stable)})", "", _PLAIN[Verdict.STABLE], "", "<details><summary>Show the list</summary>",
             "", ", ".join(f"`{e.op}` {e.dtype}" + (f" ({e.variant})" if e.variant else "") for e in stable)

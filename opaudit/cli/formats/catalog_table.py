@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from opaudit.cli.formats import batch_invariance
 from opaudit.data.verdict import Verdict
 
 if TYPE_CHECKING:
@@ -25,6 +26,8 @@ def render(catalog: "Catalog") -> str:
         out.append(tabulate(rows, headers=("verdict", "op", "dtype", "variant", "phase", "shown by", "OpInfo entry"),
                             tablefmt="simple"))
         out.append("")
+    if catalog.batch_invariance:
+        out += [batch_invariance.catalog_table(catalog.batch_invariance), ""]
     parts = ", ".join(f"{counts[v.value]} {v.value}" for v in Verdict if counts[v.value])
     state = "" if catalog.complete else " (INCOMPLETE)"
     out.append(f"catalog of {device}, torch {env.get('torch')}{state}: {counts['entries']} entries "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -113,6 +114,9 @@ class CatalogRequest:
     threads: int | None = None
     quiet_worker: bool = True
     """Discard the worker's stderr."""
+    batch_invariance: bool = False
+    """After the sweep, run the batch-invariance probes (:mod:`opaudit.flows.catalog.batch`) here, for the
+    probes ``ops`` selects."""
 
     def sweep_config(self, device: str) -> SweepConfig:
         """The part the worker needs, for the checked ``device``."""
@@ -181,7 +185,14 @@ def build_catalog(request: CatalogRequest, on_progress: Callable[[SweepProgress]
             raise
     finally:
         runner.stop()
-    return acc.catalog(env, settings, complete=True)
+    catalog = acc.catalog(env, settings, complete=True)
+    if request.batch_invariance:
+        from opaudit.flows.catalog.batch import BATCH, ROWS, probe_batch_invariance
+
+        entries = probe_batch_invariance(device, dtype_names, patterns, request.threads)
+        settings["batch_invariance"] = {"batch": BATCH, "rows": list(ROWS)}
+        catalog = dataclasses.replace(catalog, settings=settings, batch_invariance=entries)
+    return catalog
 
 
 def _write_partial(path: str, catalog: Catalog) -> None:

@@ -1,7 +1,8 @@
 """The catalog model and its file form: entries, swept ops, merging, strict load.
 
-A catalog file carries ``format: opaudit-catalog`` and ``version: 1``; loading
-anything else is refused.
+A catalog file carries ``format: opaudit-catalog`` and ``version: 2`` (version 1,
+the same without the ``batch_invariance`` section, is read too); loading anything
+else is refused.
 """
 
 from __future__ import annotations
@@ -13,13 +14,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from opaudit.data.files import ReportError, check_header, read_document
+from opaudit.data.invariance import OP_VERDICTS as BATCH_VERDICTS
 from opaudit.data.verdict import Verdict
 from opaudit.flows.catalog.keys import entry_key
 
 FORMAT = "opaudit-catalog"
 
 
-VERSION = 1
+VERSION = 2
+"""Version 2 added the optional ``batch_invariance`` section."""
+READ_VERSIONS = (1, 2)
 
 
 OPINFO, STRESS = "opinfo", "stress"
@@ -98,6 +102,42 @@ class SweptOp:
 
 
 @dataclass(frozen=True)
+class BatchEntry:
+    """Whether one op gives a row the same bits whatever the number of rows around it (``--batch-invariance``)."""
+
+    op: str
+    dtype: str
+    verdict: str
+    """``batch_invariant``, ``batch_variant`` or ``not_comparable`` (see :mod:`opaudit.data.invariance`)."""
+    probes: tuple[str, ...]
+    """The probes (``linear``, ``softmax``...) that ran this op."""
+    batch: int
+    """Rows of the full input."""
+    rows: tuple[int, ...]
+    """Row counts compared with the full input's leading rows."""
+    variant_rows: tuple[int, ...] = ()
+    """Row counts that gave other bits (``batch_variant``)."""
+    max_abs_diff: float | None = None
+    signature: str = ""
+    """At the full input, from the first probe that ran it."""
+    reason: str = ""
+    """Why it is ``not_comparable``."""
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """``(op, dtype)``: unique within a catalog's ``batch_invariance`` section."""
+        return (self.op, self.dtype)
+
+
+def batch_entry_dict(e: BatchEntry) -> dict[str, Any]:
+    """Dict form of a batch-invariance entry; empty optional fields are left out."""
+    d: dict[str, Any] = {"op": e.op, "dtype": e.dtype, "verdict": e.verdict, "probes": list(e.probes),
+                         "batch": e.batch, "rows": list(e.rows), "variant_rows": list(e.variant_rows),
+                         "max_abs_diff": e.max_abs_diff, "signature": e.signature, "reason": e.reason}
+    return {k: v for k, v in d.items() if v not in (None, "", [])}
+
+
+@dataclass(frozen=True)
 class Catalog:
     """Every op's verdict on one device and software stack."""
 
@@ -110,6 +150,8 @@ class Catalog:
     """Every OpInfo entry or module swept, per dtype, sorted; a resumed sweep skips these."""
     complete: bool = True
     """False for the partial file of a sweep still running or interrupted."""
+    batch_invariance: tuple[BatchEntry, ...] = ()
+    """Per-op batch invariance (``opaudit catalog --batch-invariance``), sorted by op and dtype."""
     format: str = FORMAT
     version: int = VERSION
 
@@ -153,7 +195,8 @@ class Catalog:
             "summary": self.summary,
             "swept": [swept_dict(s) for s in self.swept],
             "entries": [entry_dict(e) for e in self.entries],
-        }
+        } | ({"batch_invariance": [batch_entry_dict(e) for e in self.batch_invariance]}
+             if self.batch_invariance else {})
 
 
 def entry_dict(e: CatalogEntry) -> dict[str, Any]:
@@ -228,9 +271,43 @@ def parse_swept(d: Any, where: str) -> SweptOp:
                    reason=_field(d, "reason", str, where, ""))
 
 
+def _ints(d: Mapping, key: str, where: str) -> tuple[int, ...]:
+    items = _field(d, key, list, where, [])
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in items):
+        raise ReportError(f"{where}: {key} must be a list of integers")
+    return tuple(items)
+
+
+def parse_batch_entry(d: Any, where: str) -> BatchEntry:
+    """A :class:`BatchEntry` from its dict form."""
+    if not isinstance(d, Mapping):
+        raise ReportError(f"{where}: a batch-invariance entry must be a mapping")
+    verdict = _field(d, "verdict", str, where)
+    if verdict not in BATCH_VERDICTS:
+        raise ReportError(f"{where}: unknown verdict {verdict!r} (expected one of: {', '.join(BATCH_VERDICTS)})")
+    probes = _field(d, "probes", list, where, [])
+    if not all(isinstance(p, str) for p in probes):
+        raise ReportError(f"{where}: probes must be a list of strings")
+    diff = _field(d, "max_abs_diff", (int, float, str), where, None)
+    try:
+        diff = float(diff) if diff is not None else None
+    except ValueError:
+        raise ReportError(f"{where}: max_abs_diff must be a number, got {diff!r}") from None
+    return BatchEntry(op=_field(d, "op", str, where), dtype=_field(d, "dtype", str, where), verdict=verdict,
+                      probes=tuple(probes), batch=_field(d, "batch", int, where), rows=_ints(d, "rows", where),
+                      variant_rows=_ints(d, "variant_rows", where), max_abs_diff=diff,
+                      signature=_field(d, "signature", str, where, ""), reason=_field(d, "reason", str, where, ""))
+
+
 def catalog_from_dict(data: Any, path: str = "<catalog>") -> Catalog:
     """A :class:`Catalog` from its dict form; :class:`~opaudit.data.report.ReportError` on any mismatch."""
-    data = check_header(data, FORMAT, VERSION, path)
+    data = check_header(data, FORMAT, READ_VERSIONS, path)
+    batch = tuple(parse_batch_entry(e, f"{path}: batch_invariance[{i}]")
+                  for i, e in enumerate(_field(data, "batch_invariance", list, path, [])))
+    if batch and data["version"] < 2:
+        raise ReportError(f"{path}: a version 1 catalog cannot hold a batch_invariance section")
+    if len({e.key for e in batch}) != len(batch):
+        raise ReportError(f"{path}: an op and dtype appear twice in batch_invariance (hand-edited?)")
     entries = tuple(parse_entry(e, f"{path}: entries[{i}]")
                     for i, e in enumerate(_field(data, "entries", list, path)))
     keys = [e.key for e in entries]
@@ -241,7 +318,7 @@ def catalog_from_dict(data: Any, path: str = "<catalog>") -> Catalog:
     return Catalog(
         environment=_field(data, "environment", dict, path), settings=_field(data, "settings", dict, path),
         entries=tuple(sorted(entries, key=lambda e: e.key)), swept=tuple(sorted(swept, key=swept_order)),
-        complete=_field(data, "complete", bool, path, True),
+        complete=_field(data, "complete", bool, path, True), batch_invariance=tuple(sorted(batch, key=lambda e: e.key)),
     )
 
 
