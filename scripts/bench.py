@@ -5,7 +5,7 @@
     python scripts/bench.py --quick          # smoke run (well under a minute)
     python scripts/bench.py --device cuda    # the same on a GPU
 
-Three parts (``--only`` picks some):
+Four parts (``--only`` picks some):
 
 * **overhead**: one training step (forward + backward) of two models, each wrapped
   in: nothing (plain eager), a bare pass-through ``TorchDispatchMode``, the same
@@ -18,6 +18,11 @@ Three parts (``--only`` picks some):
 * **audit**: record + classify (``reps`` runs per mode, both modes) of one step of
   ``nn.TransformerEncoder`` at several depths, split into record and replay time,
   with unique signatures vs total ops.
+* **cli**: the whole ``opaudit model.py`` command on a 12-layer encoder step, as a
+  user runs it: a subprocess of the real CLI, a subprocess of the plain script
+  (build the model, one step), and a subprocess that only imports torch, run
+  round-robin. The figure is (CLI - import) / (plain script - import), wall
+  clock, median over rounds; CPU seconds (user + sys) are printed beside it.
 * **memory**: peak memory of the audit vs the plain step. On CPU each
   measurement runs in a fresh process: peak RSS minus the RSS before the model
   was built (so the interpreter and torch's libraries, the same in both, do not
@@ -63,7 +68,31 @@ TARGETS = {
     "replay growth 12 -> 24 layers": 0.15,
     "whole audit / plain step (24 layers)": 2.5,
     "peak memory audit / plain step": 1.5,
+    "whole CLI run / plain script, minus import (12 layers)": 2.5,
 }
+
+# The plain script the ``cli`` part audits: the same model as ``audit_workload(12)``.
+CLI_SCRIPT = """\
+import os
+import torch
+from torch import nn
+
+torch.manual_seed(0)
+layer = nn.TransformerEncoderLayer(256, 4, 1024, dropout=0.0, batch_first=True)
+model = nn.TransformerEncoder(layer, {layers}, enable_nested_tensor=False).to("{device}").train()
+x = torch.randn(8, 128, 256, generator=torch.Generator().manual_seed(0)).to("{device}")
+
+
+def opaudit_step():
+    model.zero_grad(set_to_none=True)
+    model(x).sum().backward()
+    if x.is_cuda:
+        torch.cuda.synchronize()
+
+
+if __name__ == "__main__":
+    opaudit_step()
+"""
 
 
 # -- models -----------------------------------------------------------------
@@ -221,6 +250,7 @@ class Results:
     """Minor page faults per step (first touches of fresh memory), by model and tool."""
     audit: list[dict[str, Any]] = field(default_factory=list)
     memory: list[dict[str, Any]] = field(default_factory=list)
+    cli: dict[str, Any] = field(default_factory=dict)
     targets: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -307,6 +337,60 @@ def audit_once(w: Workload, args: argparse.Namespace) -> tuple[float, float, dic
     return record_s, replay_s, row
 
 
+# -- the whole command line -------------------------------------------------
+def bench_cli(args: argparse.Namespace, res: Results) -> None:
+    import resource
+    import tempfile
+
+    print(f"\n## Whole command line: `opaudit model.py` on a {args.cli_layers}-layer encoder step (d=256, batch 8,"
+          f" seq 128), each a fresh process, wall seconds\n")
+    tmp = tempfile.mkdtemp(prefix="opaudit-bench-")
+    script = os.path.join(tmp, "model.py")
+    with open(script, "w") as f:
+        f.write(CLI_SCRIPT.format(layers=args.cli_layers, device=args.device))
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    commands = {
+        "import torch": [sys.executable, "-c", "import torch"],
+        "plain script": [sys.executable, script],
+        "opaudit model.py": [sys.executable, "-m", "opaudit", script, "--reps", str(args.reps)],
+    }
+    walls: dict[str, list[float]] = {k: [] for k in commands}
+    cpus: dict[str, list[float]] = {k: [] for k in commands}
+    for _ in range(args.cli_rounds):
+        for name, cmd in commands.items():
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=tmp,
+                                  check=False)
+            wall = time.perf_counter() - t0
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            if proc.returncode not in (0, 1):  # 1: the audit found something, still a whole run
+                raise SystemExit(f"{name} failed with exit code {proc.returncode}:\n{proc.stderr.decode()}")
+            walls[name].append(wall)
+            cpus[name].append((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime))
+    med = {k: statistics.median(v) for k, v in walls.items()}
+    cpu = {k: statistics.median(v) for k, v in cpus.items()}
+    base = med["import torch"]
+    # Per round, so that load that comes and goes hits the three alike.
+    per_round = [(c - i) / (p - i) for i, p, c in zip(walls["import torch"], walls["plain script"],
+                                                     walls["opaudit model.py"])]
+    ratio = (med["opaudit model.py"] - base) / (med["plain script"] - base)
+    cpu_ratio = (cpu["opaudit model.py"] - cpu["import torch"]) / (cpu["plain script"] - cpu["import torch"])
+    print(f"  {'process':20s} {'wall s':>8s} {'- import':>9s} {'cpu s':>7s}   ({args.cli_rounds} rounds, medians)")
+    for name in commands:
+        print(f"  {name:20s} {med[name]:8.2f} {med[name] - base:9.2f} {cpu[name]:7.2f}")
+    print(f"  whole CLI / plain script, each minus import: {ratio:.2f}x wall"
+          f" (per-round median {statistics.median(per_round):.2f}x, range {min(per_round):.2f}-{max(per_round):.2f});"
+          f" {cpu_ratio:.2f}x CPU seconds")
+    inproc = next((r for r in res.audit if r["layers"] == args.cli_layers), None)
+    if inproc is not None:
+        print(f"  in-process audit (record + classify) / plain step, same model: {inproc['audit_ratio']:.2f}x")
+        print(f"  CLI minus import / in-process plain step: {(med['opaudit model.py'] - base) / inproc['plain_s']:.2f}x"
+              " (the model build is charged to the CLI here)")
+    res.cli = {"layers": args.cli_layers, "rounds": args.cli_rounds, "wall_s": walls, "cpu_s": cpus,
+               "ratio": ratio, "per_round": per_round, "cpu_ratio": cpu_ratio}
+
+
 # -- memory -----------------------------------------------------------------
 def _status_kib(field_name: str) -> int:
     with open("/proc/self/status") as f:
@@ -371,7 +455,7 @@ def bench_memory(args: argparse.Namespace, res: Results) -> None:
 
 # -- targets ----------------------------------------------------------------
 def check_targets(res: Results) -> None:
-    print("\n## Targets (issue 5)\n")
+    print("\n## Targets (issues 5 and 8)\n")
     found: dict[str, float] = {}
     small = next((v for k, v in res.overhead.items() if k.startswith("encoder-4 d=64")), None)
     if small:
@@ -383,18 +467,20 @@ def check_targets(res: Results) -> None:
         found["replay growth 12 -> 24 layers"] = by_depth[24]["replay_s"] / by_depth[12]["replay_s"] - 1
     if 24 in by_depth:
         found["whole audit / plain step (24 layers)"] = by_depth[24]["audit_ratio"]
+    if res.cli:
+        found["whole CLI run / plain script, minus import (12 layers)"] = res.cli["ratio"]
     if res.memory:
         found["peak memory audit / plain step"] = max(r["ratio"] for r in res.memory)
     for name, target in TARGETS.items():
         if name not in found:
-            print(f"  {name:44s} not measured in this run")
+            print(f"  {name:56s} not measured in this run")
             continue
         value = found[name]
         shown = f"{value * 100:+.1f}%" if "growth" in name else f"{value:.2f}x"
         limit = f"{target * 100:.0f}%" if "growth" in name else f"{target:.2f}x"
         ok = value <= target
         res.targets.append({"figure": name, "value": value, "target": target, "met": ok})
-        print(f"  {name:44s} {shown:>8s}  target <= {limit:6s} {'met' if ok else 'MISSED'}")
+        print(f"  {name:56s} {shown:>8s}  target <= {limit:6s} {'met' if ok else 'MISSED'}")
 
 
 # -- main -------------------------------------------------------------------
@@ -420,11 +506,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--quick", action="store_true", help="a fast smoke run: fewer steps, depths 2 and 12 only")
-    p.add_argument("--only", default="overhead,audit,memory", help="comma-separated parts to run")
+    p.add_argument("--only", default="overhead,audit,cli,memory", help="comma-separated parts to run")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds per tool (overhead)")
     p.add_argument("--reps", type=int, default=5, help="replays per mode (audit)")
     p.add_argument("--depths", default=None, help="encoder depths for the audit part (default 2,6,12,24)")
+    p.add_argument("--cli-rounds", type=int, default=None, help="rounds of the three processes (cli; default 5)")
     p.add_argument("--json", default=None, help="also write the raw numbers to this file")
     p.add_argument("--_memory", choices=["plain", "audit"], help=argparse.SUPPRESS)
     p.add_argument("--_depth", type=int, default=12, help=argparse.SUPPRESS)
@@ -436,6 +523,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     a.audit_repeats = 1 if a.quick else 3
     a.depths = [int(d) for d in (a.depths or ("2,12" if a.quick else "2,6,12,24")).split(",")]
     a.memory_depths = [12] if a.quick else [12, 24]
+    a.cli_layers = 12
+    a.cli_rounds = a.cli_rounds or (2 if a.quick else 5)
     return a
 
 
@@ -462,6 +551,8 @@ def main(argv: list[str] | None = None) -> int:
         bench_overhead(args, res)
     if "audit" in parts:
         bench_audit(args, res)
+    if "cli" in parts:
+        bench_cli(args, res)
     if "memory" in parts:
         bench_memory(args, res)
     check_targets(res)

@@ -48,7 +48,7 @@ import torch
 
 from opaudit.aten.tensors import Snapshot
 from opaudit.data.observation import CRASHED, TIMEOUT, NotReplayed, Observation
-from opaudit.engine.replay import replay
+from opaudit.engine.replay import replay, set_deterministic
 from opaudit.engine.worker import TIMED_OUT, Worker, WorkerStartError, exit_reason
 
 if TYPE_CHECKING:
@@ -148,7 +148,7 @@ def _apply_settings(state: dict[str, Any]) -> None:
     torch.set_float32_matmul_precision(state["matmul_precision"])
     det_utils.fill_uninitialized_memory = state["fill_uninitialized"]
     det, warn_only = state["deterministic"]
-    torch.use_deterministic_algorithms(det, warn_only=warn_only)
+    set_deterministic(det, warn_only)
 
 
 def _context_error(snap: Snapshot) -> str | None:

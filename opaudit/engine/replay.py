@@ -52,6 +52,24 @@ def _cudnn_mutation_allowed() -> contextlib.AbstractContextManager[Any]:
     return allow() if allow is not None else contextlib.nullcontext()
 
 
+_INDUCTOR_CONFIG = "torch._inductor.config"
+
+
+def set_deterministic(mode: bool, warn_only: bool = False) -> None:
+    """``torch.use_deterministic_algorithms(mode, warn_only=...)`` for eager ops.
+
+    The public function also sets ``torch._inductor.config.deterministic``, and
+    the first call imports that module, which imports Dynamo: about 1.7 s of a
+    CLI run on 2 cores, for a flag eager replay never reads. This sets ATen's
+    flag only, and Inductor's too when its config is already imported (so the
+    two never disagree while it is loaded). :func:`preserved_state` restores both.
+    """
+    torch._C._set_deterministic_algorithms(mode, warn_only=warn_only)
+    inductor = sys.modules.get(_INDUCTOR_CONFIG)
+    if inductor is not None:
+        inductor.deterministic = mode
+
+
 @contextlib.contextmanager
 def preserved_state() -> Iterator[None]:
     """Restore every global flag a replay can touch, whatever happens inside."""
@@ -59,6 +77,8 @@ def preserved_state() -> Iterator[None]:
 
     det = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    inductor = sys.modules.get(_INDUCTOR_CONFIG)
+    inductor_det = inductor.deterministic if inductor is not None else None
     fill = det_utils.fill_uninitialized_memory
     grad = torch.is_grad_enabled()
     threads = torch.get_num_threads()
@@ -69,7 +89,10 @@ def preserved_state() -> Iterator[None]:
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(det, warn_only=warn_only)
+        set_deterministic(det, warn_only)
+        if inductor is not None:
+            # Inductor's flag may differ from ATen's (set on its own): put back its own value.
+            inductor.deterministic = inductor_det
         det_utils.fill_uninitialized_memory = fill
         torch.set_grad_enabled(grad)
         if torch.get_num_threads() != threads:
@@ -223,7 +246,7 @@ def replay(func: Any, snap: Snapshot, reps: int = 5, *, cudnn_variants: bool = F
         rng = _Rng(devices)
         timer = _Timer(devices)
         strict_kind = strict_error = None
-        torch.use_deterministic_algorithms(True)
+        set_deterministic(True)
         try:
             args, kwargs, _ = snap.materialize()
             rng.restore()
@@ -235,7 +258,7 @@ def replay(func: Any, snap: Snapshot, reps: int = 5, *, cudnn_variants: bool = F
             strict_kind, strict_error = _alert_kind(str(e)), str(e).strip()
         sink: list[str] = []
         try:
-            torch.use_deterministic_algorithms(True, warn_only=True)
+            set_deterministic(True, warn_only=True)
             with _stderr_captured(sink), warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 det, rng_det = _runs(func, snap, reps, rng, timer)
@@ -243,7 +266,7 @@ def replay(func: Any, snap: Snapshot, reps: int = 5, *, cudnn_variants: bool = F
                 msg = str(w.message)
                 if _is_determinism_warning(msg) and msg not in sink:
                     sink.append(msg)
-            torch.use_deterministic_algorithms(False)
+            set_deterministic(False)
             default, rng_def = _runs(func, snap, reps, rng, timer)
             variants: list[tuple[str, RunStats]] = []
             if cudnn_variants:
@@ -271,7 +294,7 @@ def time_fill(func: Any, snap: Snapshot, reps: int = 5) -> tuple[float, float] |
         timer = _Timer(snap.devices)
         det_utils.fill_uninitialized_memory = True
         for mode in (False, True):
-            torch.use_deterministic_algorithms(mode, warn_only=True)
+            set_deterministic(mode, warn_only=True)
             times = []
             for _ in range(reps):
                 args, kwargs, _ = snap.materialize()
