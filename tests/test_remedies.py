@@ -6,7 +6,6 @@ import dataclasses
 
 import pytest
 import torch
-import yaml
 from fixtures import models as zoo
 
 import opaudit
@@ -73,9 +72,21 @@ def test_knowledge_base_refuses_other_files():
         KnowledgeBase.from_data({"format": "opaudit-report", "version": 1})
     with pytest.raises(KnowledgeBaseError):
         KnowledgeBase.from_data({"format": "opaudit-remedies", "version": 1, "entries": [{"ops": "x"}]})
-    # safe_load: a python tag is an error, never executed
-    with pytest.raises(yaml.YAMLError):
-        yaml.safe_load("!!python/object/apply:os.system ['echo pwned']")
+
+
+@pytest.mark.parametrize("payload, message", [
+    ("!!python/object/apply:os.system ['touch {marker}']\n", "unsafe or unknown YAML tag"),
+    ("format: opaudit-remedies\nversion: 1\nentries:\n- ops: !!python/object/new:subprocess.Popen [['touch', '{marker}']]\n",
+     "unsafe or unknown YAML tag"),
+    ("format: opaudit-remedies\nversion: 1\nentries: [\n", "invalid YAML"),
+])
+def test_hostile_remedies_file_is_refused_and_nothing_runs(tmp_path, payload, message):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "remedies.yaml"
+    path.write_text(payload.format(marker=marker))
+    with pytest.raises(KnowledgeBaseError, match=f"^{path}: {message}"):
+        KnowledgeBase.from_text(path.read_text(), str(path))
+    assert not marker.exists()
 
 
 def test_findings_carry_remedies_with_measured_cost_and_documentation():
@@ -96,17 +107,34 @@ def test_cublas_error_gets_the_environment_remedy():
 
 
 def test_cudnn_settings_are_replayed_and_reported():
+    """Each cuDNN setting really runs the op ``reps`` times under that setting (the flags
+    are read inside the op's call), and the finding carries each setting's k/N."""
     conv = torch.nn.Conv2d(3, 4, 3)
     x = torch.randn(2, 3, 16, 16)
     with Recorder() as rec:
         conv(x)
     (sig, func, snap), = [i for i in rec.items() if i[0].op == "aten.convolution.default"]
-    obs = replay(func, snap, 2, cudnn_variants=True)
-    assert [name for name, _ in obs.variants] == [
-        "cudnn.deterministic=False,benchmark=False", "cudnn.deterministic=False,benchmark=True",
-        "cudnn.deterministic=True,benchmark=False", "cudnn.deterministic=True,benchmark=True"]
-    assert all(stats.runs == 2 for _, stats in obs.variants)
+    seen = []
+
+    def observed(*args, **kwargs):
+        seen.append((torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.enabled,
+                     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark))
+        return func(*args, **kwargs)
+
+    before = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    obs = replay(observed, snap, 3, cudnn_variants=True)
+    assert obs.error is None
+    # 1 strict run, 3 deterministic-mode runs, 3 default runs, then 3 runs under each cuDNN setting.
+    settings = [(False, True, False, False), (False, True, False, True), (False, True, True, False),
+                (False, True, True, True)]
+    assert seen[:7] == [(True,) + seen[0][1:]] * 4 + [(False,) + seen[0][1:]] * 3
+    assert seen[7:] == [s for s in settings for _ in range(3)]
+    assert (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) == before
+    names = ["cudnn.deterministic=False,benchmark=False", "cudnn.deterministic=False,benchmark=True",
+             "cudnn.deterministic=True,benchmark=False", "cudnn.deterministic=True,benchmark=True"]
+    assert [name for name, _ in obs.variants] == names
+    assert all(stats.median_s is not None and stats.median_s > 0 for _, stats in obs.variants)
     f = opaudit.flows.pipeline.make_finding(sig, obs)
-    assert len(f.cudnn) == 4
+    assert dict(f.cudnn) == dict.fromkeys(names, "0/3")  # a CPU convolution is deterministic
     kb = KnowledgeBase.load_default()
     assert "cudnn.deterministic=True" in kb.remedy(dataclasses.replace(f, verdict=Verdict.DIVERGES))

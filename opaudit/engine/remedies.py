@@ -154,13 +154,24 @@ class KnowledgeBase:
     @functools.lru_cache(maxsize=1)
     def load_default(cls) -> "KnowledgeBase":
         """The shipped ``catalogs/remedies.yaml``."""
-        import yaml
-
         try:
             text = resources.files("opaudit.catalogs").joinpath("remedies.yaml").read_text(encoding="utf-8")
         except (FileNotFoundError, ModuleNotFoundError) as e:
             raise KnowledgeBaseError(f"shipped remedies.yaml not found ({e})") from None
-        return cls.from_data(yaml.safe_load(text), "catalogs/remedies.yaml")
+        return cls.from_text(text, "catalogs/remedies.yaml")
+
+    @classmethod
+    def from_text(cls, text: str, where: str = "remedies") -> "KnowledgeBase":
+        """Parse a remedies file with ``yaml.safe_load``: a Python tag or broken YAML is a
+        :class:`KnowledgeBaseError`, never executed and never a raw ``yaml`` traceback."""
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            problem = "unsafe or unknown YAML tag" if isinstance(e, yaml.constructor.ConstructorError) else "invalid YAML"
+            raise KnowledgeBaseError(f"{where}: {problem} ({' '.join(str(e).split())[:120]})") from None
+        return cls.from_data(data, where)
 
     def entries_for(self, op: str) -> list[Entry]:
         """Curated entries whose ops match ``op``."""
