@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -39,17 +43,56 @@ def _run(argv, capsys):
     return code, out, err
 
 
+TABLE_COLUMNS = ["verdict", "op", "calls", "phase", "where", "module", "default", "determ.", "max |diff|",
+                 "det. cost"]
+
+
+def _table(text):
+    """The first plain-text table in ``text``: its header and its rows as dicts, cut at the
+    column spans the dashed rule gives (a row of a table that lost its shape fails here)."""
+    lines = text.splitlines()
+    rule = next(i for i, line in enumerate(lines) if re.fullmatch(r"-+( +-+)+", line))
+    spans = [m.span() for m in re.finditer(r"-+", lines[rule])]
+    header = [lines[rule - 1][a:b].strip() for a, b in spans]
+    rows = []
+    for line in lines[rule + 1:]:
+        if not line.strip():
+            break
+        assert line[spans[0][1]:spans[1][0]].strip() == "", f"row does not line up with the rule: {line!r}"
+        rows.append(dict(zip(header, (line[a:b if b < len(line) else None].strip() for a, b in spans))))
+    return header, rows
+
+
+def _line_of(path, text):
+    with open(path, encoding="utf-8") as f:
+        return next(i for i, line in enumerate(f, 1) if text in line)
+
+
 def test_findings_exit_1_and_table_on_stdout(tmp_path, capsys):
-    code, out, err = _run([_script(tmp_path, RAISING), "--reps", "2"], capsys)
+    script = _script(tmp_path, RAISING)
+    code, out, err = _run([script, "--reps", "2"], capsys)
     assert code == 1
-    assert "aten.put_.default" in out and "raises" in out
+    header, rows = _table(out)
+    assert header == TABLE_COLUMNS
+    where = f"train.py:{_line_of(script, 'put_(')}"
+    assert [(r["verdict"], r["op"], r["calls"], r["phase"], r["where"], r["default"], r["determ."]) for r in rows] == [
+        ("raises", "aten.put_.default", "1", "forward", where, "0/2", "0/2"),
+    ]  # stable findings are counted in the summary line, not listed
     assert "Will deterministic mode crash this run? Yes" in out
+    assert out.rstrip().splitlines()[-1] == \
+        "4 op calls, 2 unique signatures (+2 view/metadata calls not replayed): 1 raises, 1 stable"
 
 
 def test_clean_script_exits_0(tmp_path, capsys):
-    code, out, _ = _run([_script(tmp_path, CLEAN), "--reps", "2"], capsys)
+    script = _script(tmp_path, CLEAN)
+    code, out, _ = _run([script, "--reps", "2"], capsys)
     assert code == 0
-    assert "stable" in out
+    header, rows = _table(out)
+    assert header == TABLE_COLUMNS
+    where = f"train.py:{_line_of(script, 'randn')}"
+    assert [(r["verdict"], r["op"], r["where"]) for r in rows] == [("random", "aten.randn.default", where)]
+    assert out.rstrip().splitlines()[-1] == \
+        "4 op calls, 4 unique signatures (+0 view/metadata calls not replayed): 1 random, 3 stable"
 
 
 @pytest.mark.parametrize("flags", [["--exit-zero"], ["--fail-on", "none"], ["--fail-on", "diverges"]])
@@ -68,17 +111,48 @@ def test_output_file_gets_the_report_and_stderr_the_summary(tmp_path, capsys):
     assert doc["settings"]["script"] == "train.py"
 
 
+def _check_raising_report(doc):
+    """The RAISING script's report, whatever file format carried it."""
+    assert doc["format"] == "opaudit-report" and doc["version"] == 1
+    assert {k: doc["summary"][k] for k in ("raises", "stable", "signatures", "total_calls")} == \
+        {"raises": 1, "stable": 1, "signatures": 2, "total_calls": 4}
+    assert [(f["op"], f["verdict"], f["signature"]) for f in doc["findings"]] == [
+        ("aten.put_.default", "raises", "f32[10], i64[2], f32[2]"),
+        ("aten.zeros.default", "stable", "[10], device=device(type='cpu'), pin_memory=False"),
+    ]
+
+
 @pytest.mark.parametrize("ext", ["json", "csv", "md"])
 def test_output_format_from_extension(tmp_path, capsys, ext):
     out_path = tmp_path / f"report.{ext}"
-    _run([_script(tmp_path, RAISING), "--reps", "2", "-o", str(out_path), "-q"], capsys)
+    script = _script(tmp_path, RAISING)
+    code, out, err = _run([script, "--reps", "2", "-o", str(out_path), "-q"], capsys)
+    assert code == 1 and out == "" and err == ""
     text = out_path.read_text()
-    assert "aten.put_.default" in text
+    where = f"train.py:{_line_of(script, 'put_(')}"
+    if ext == "json":
+        _check_raising_report(json.loads(text))
+    elif ext == "csv":
+        rows = list(csv.DictReader(io.StringIO(text)))
+        assert [(r["op"], r["verdict"], r["locations"], r["calls"]) for r in rows] == [
+            ("aten.put_.default", "raises", where, "1"), ("aten.zeros.default", "stable", where, "1")]
+        assert rows[0]["alert_kind"] == "no_deterministic_impl"
+        assert rows[0]["strict_error"].startswith("put_ does not have a deterministic implementation")
+    else:
+        lines = text.splitlines()
+        assert lines[0] == "# opaudit report"
+        counts = {cells[0]: cells[1] for cells in
+                  ([c.strip() for c in line.strip("|").split("|")] for line in lines if line.startswith("| "))
+                  if len(cells) == 3}
+        assert counts["raises"] == "1" and counts["stable"] == "1" and counts["diverges"] == "0"
+        assert "## Will deterministic mode crash this run?" in lines
+        assert any("aten.put_.default" in line and where in line for line in lines if line.startswith("|"))
 
 
 def test_format_to_stdout(tmp_path, capsys):
     code, out, _ = _run([_script(tmp_path, RAISING), "--reps", "2", "--format", "json"], capsys)
-    assert out.lstrip().startswith("{") and '"opaudit-report"' in out
+    assert code == 1
+    _check_raising_report(json.loads(out))
 
 
 def test_entry_function_is_recorded_not_main(tmp_path, capsys):
