@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -77,14 +78,40 @@ def _model_dtype(dtype):
     return step
 
 
+def _line_of(text):
+    with open(__file__, encoding="utf-8") as f:
+        return next(i for i, line in enumerate(f, 1) if text in line)
+
+
 def test_report_diff_lines_up_signatures():
     a = audit(_model_dtype(torch.float32), reps=2)
     b = audit(_model_dtype(torch.float64), reps=2)
     d = diff_documents(a, b)
-    assert d.kind == "report" and not d.changes
-    assert any(c.op == "aten.put_.default" and c.after == "missing" for c in d.only_a)
-    assert any(c.op == "aten.put_.default" and c.before == "missing" and c.where.endswith(".py:" + c.where.split(":")[-1])
-               for c in d.only_b)
+    assert d.kind == "report" and not d.changes and d.unchanged == 0
+    zeros, put, mul = (_line_of(t) for t in ("x = torch.zeros(64, dtype=dtype)", "x.put_(torch.tensor([1, 1, 5])",
+                                              "(x * 2).sum()"))
+
+    def expected(t):
+        return sorted([
+            ("aten.mul.Tensor", f"{t}[64], 2", "stable", mul),
+            ("aten.ones.default", f"[3], device=device(type='cpu'), dtype=torch.{dict(f32='float32', f64='float64')[t]}"
+                                  ", pin_memory=False", "stable", put),
+            ("aten.put_.default", f"{t}[64], i64[3], {t}[3]", "raises", put),
+            ("aten.sum.default", f"{t}[64]", "stable", mul),
+            ("aten.zeros.default", f"[64], device=device(type='cpu'), dtype=torch."
+                                   f"{dict(f32='float32', f64='float64')[t]}, pin_memory=False", "stable", zeros),
+        ])
+
+    def line(where):
+        m = re.fullmatch(r"(?:.*/)?test_diff\.py:(\d+)", where)
+        assert m, where
+        return int(m.group(1))
+
+    assert sorted((c.op, c.detail, c.before, line(c.where)) for c in d.only_a) == expected("f32")
+    assert all(c.after == "missing" for c in d.only_a)
+    assert sorted((c.op, c.detail, c.after, line(c.where)) for c in d.only_b) == expected("f64")
+    assert all(c.before == "missing" for c in d.only_b)
+    assert d.summary == {"changed": 0, "only_a": 5, "only_b": 5, "unchanged": 0, "environment": 0, "settings": 0}
     assert normalize_signature("f32[2]@cuda:0, i64[2]@cuda:1") == "f32[2], i64[2]"
 
 
