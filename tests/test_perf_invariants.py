@@ -5,18 +5,21 @@
 * Capture copies only what could change: inputs an op merely reads are held,
   not copied, until something is about to write them (copy on write); what the
   snapshot then replays is still the value the op saw.
-* Recording does not import Dynamo, and a ``torch.compile``'d function run while
-  recording does not trace into the recorder.
+* Recording does not import Dynamo, and Dynamo never traces the recorder's dispatch
+  function (its code object is marked to be skipped, in place of the
+  ``torch._dynamo.disable`` wrapper ``TorchDispatchMode`` would put around it).
 """
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from opaudit.engine.record import Recorder
 from opaudit.engine.replay import replay
@@ -131,19 +134,55 @@ def test_recording_does_not_import_dynamo(code):
     assert out.stdout.strip() == "False"
 
 
-def test_a_compiled_function_does_not_trace_into_the_recorder():
+def _recording_dispatch():
+    """The ``__torch_dispatch__`` function of the mode a ``Recorder`` installs."""
+    with Recorder():
+        mode = _get_current_dispatch_mode()
+    return mode, type(mode).__torch_dispatch__
+
+
+class _Forwarding:
+    """Stands in for the mode's ``self``: forwards every call unchanged."""
+
+    on_call = staticmethod(lambda func, args, kwargs: func)
+
+
+def _graphs_traced(fn) -> int:
     graphs = []
 
     def backend(gm, example_inputs):
         graphs.append(gm)
         return gm.forward
 
-    @torch.compile(backend=backend)
+    out = torch.compile(fn, backend=backend)(_Forwarding(), torch.ops.aten.sin.default, (), (torch.ones(3),))
+    assert torch.equal(out, torch.ones(3).sin())
+    return len(graphs)
+
+
+@pytest.mark.timeout(120)
+def test_dynamo_never_traces_the_recorders_dispatch_function():
+    """opaudit's own guarantee, in place of ``TorchDispatchMode``'s ``torch._dynamo.disable``
+    wrapper: its dispatch function's code object is marked for Dynamo to skip, so compiling
+    it, even directly and after ``torch._dynamo.reset()``, traces nothing."""
+    import torch._dynamo
+
+    mode, dispatch = _recording_dispatch()
+    assert mode._should_skip_dynamo() is False  # no per-call wrapper: the mark replaces it
+    torch._dynamo.reset()
+    _recording_dispatch()
+    assert _graphs_traced(dispatch) == 0
+    # The same code, unmarked, is traced: the check above can fail.
+    unmarked = types.FunctionType(dispatch.__code__.replace(co_name="unmarked"), dispatch.__globals__, "unmarked",
+                                  dispatch.__defaults__)
+    assert _graphs_traced(unmarked) == 1
+
+
+def test_a_compiled_function_run_while_recording_is_recorded_op_by_op():
+    @torch.compile(backend="eager")
     def f(x):
         return (x.sin() + 1).cos()
 
     with Recorder() as rec:
         f(torch.randn(4))
-    assert not graphs  # Dynamo skips frames while a dispatch mode is active, ours included
     assert [s.op for s in rec.signatures()] == ["aten.randn.default", "aten.sin.default", "aten.add.Tensor",
                                                  "aten.cos.default"]
