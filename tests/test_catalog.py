@@ -278,6 +278,7 @@ def test_cli_resume_without_partial_file(tmp_path, capsys):
     assert code == 2 and "no partial file" in err
 
 
+@pytest.mark.timeout(120)
 def test_cli_sweeps_in_a_worker_and_writes_the_file(tmp_path, capsys):
     out_path = tmp_path / "cat.md"
     code, out, err = _cli(["catalog", "--ops", "put", "--no-stress", "--max-samples", "2", "--reps", "2",

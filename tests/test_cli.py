@@ -270,6 +270,7 @@ def test_debug_shows_the_traceback(tmp_path):
         main([str(tmp_path / "nope.py"), "--debug"])
 
 
+@pytest.mark.timeout(200)
 def test_console_entry_point_runs_the_shipped_example():
     env = {**os.environ, "PYTHONPATH": ROOT}
     proc = subprocess.run(

@@ -122,6 +122,7 @@ def test_a_worker_killed_between_ops_does_not_blame_the_next_op():
     assert iso.starts == 2
 
 
+@pytest.mark.timeout(120)
 def test_isolated_replay_finds_what_in_process_replay_finds():
     """The forked worker keeps its intra-op threads: the CPU accumulation race still shows."""
     from fixtures import models as zoo
@@ -145,6 +146,7 @@ def test_isolated_replay_finds_what_in_process_replay_finds():
     assert isolated.findings(verdicts=["raises"])
 
 
+@pytest.mark.timeout(120)
 def test_spawned_worker_gets_inputs_sent_and_ops_by_name():
     """The path CUDA needs (no fork after CUDA init), checked on the CPU."""
     g = torch.Generator().manual_seed(0)
@@ -197,6 +199,7 @@ MISBEHAVING = """
 """
 
 
+@pytest.mark.timeout(150)
 def test_cli_op_timeout_implies_isolation(tmp_path):
     out = tmp_path / "report.json"
     proc = _cli([_script(tmp_path, MISBEHAVING), "--op-timeout", "2", "--reps", "2", "-o", str(out)])
@@ -253,6 +256,7 @@ def _replayed_sizes(mark):
         return set()
 
 
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize("mode", ["in-process", "isolated", "stdout"])
 def test_ctrl_c_during_replay_writes_a_partial_report_and_exits_130(tmp_path, mode):
     out, mark = tmp_path / "report.json", tmp_path / "mark"
@@ -282,6 +286,7 @@ def test_ctrl_c_during_replay_writes_a_partial_report_and_exits_130(tmp_path, mo
     assert sorted(os.listdir(tmp_path)) == ["mark", "report.json", "train.py"]  # no temp file left
 
 
+@pytest.mark.timeout(60)
 def test_ctrl_c_before_replay_leaves_the_previous_report_alone(tmp_path):
     out, mark = tmp_path / "report.json", tmp_path / "mark"
     previous = '{"an": "older report"}\n'
@@ -322,6 +327,7 @@ CAPTURE_OOM = """
 """
 
 
+@pytest.mark.timeout(60)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc are Linux")
 def test_capture_oom_skips_that_signature_and_the_run_carries_on(tmp_path):
     out = tmp_path / "report.json"

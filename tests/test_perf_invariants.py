@@ -129,6 +129,7 @@ def test_held_inputs_replay_the_values_the_op_saw():
     "with Recorder(): torch.ones(3).add(1).sum()\n"
     "print('torch._dynamo' in sys.modules)",
 ])
+@pytest.mark.timeout(60)
 def test_recording_does_not_import_dynamo(code):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

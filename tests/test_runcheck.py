@@ -116,6 +116,7 @@ def counter(tmp_path, monkeypatch):
     return path
 
 
+@pytest.mark.timeout(90)
 def test_diverging_step_names_the_root_cause_op_and_its_forward_line(tmp_path):
     target = _script(tmp_path, COLLIDE)
     r = run_check(target, "default", runs=3)
@@ -138,6 +139,7 @@ def test_diverging_step_names_the_root_cause_op_and_its_forward_line(tmp_path):
     assert len(names) == len(set(names)), "each tensor is listed once, however many runs differ"
 
 
+@pytest.mark.timeout(60)
 def test_deterministic_mode_makes_the_same_step_reproducible(tmp_path):
     before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     r = run_check(_script(tmp_path, COLLIDE), "deterministic", runs=3)
@@ -174,6 +176,7 @@ def test_data_from_outside_the_ops_is_reported_with_the_gradients_it_changed(tmp
     assert "came from outside the ops" in "\n".join(run_check_lines(r))
 
 
+@pytest.mark.timeout(90)
 def test_outside_data_before_the_root_cause_is_pointed_out_too(tmp_path, counter):
     """Both at once: ``x`` changes from run to run, and the lookup's backward races."""
     target = _script(tmp_path, textwrap.dedent(COLLIDE) + textwrap.dedent("""
