@@ -298,7 +298,8 @@ def test_cli_on_the_shipped_example(capsys):
     assert rc["where"] in lookups
     assert any(m.startswith("grad of model.") for m in default["mismatches"])
     assert deterministic["mode"] == "deterministic" and deterministic["reproducible"] is True
-    assert (deterministic["runs"], deterministic["root_cause"], deterministic["mismatches"]) == (3, None, [])
+    assert deterministic == {"mode": "deterministic", "runs": 3, "reproducible": True, "ops": default["ops"],
+                             "differing_ops": 0, "mismatches": []}
 
 
 @pytest.mark.parametrize("value, message", [
