@@ -349,6 +349,8 @@ def bench_cli(args: argparse.Namespace, res: Results) -> None:
     with open(script, "w") as f:
         f.write(CLI_SCRIPT.format(layers=args.cli_layers, device=args.device))
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)  # torch's default thread count in all three processes
     commands = {
         "import torch": [sys.executable, "-c", "import torch"],
         "plain script": [sys.executable, script],
