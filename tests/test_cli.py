@@ -16,6 +16,7 @@ import yaml
 from conftest import EXAMPLES, ROOT
 
 from opaudit.cli.main import main
+from opaudit.data.report import VERSION as REPORT_VERSION
 from opaudit.engine.loader import ModelLoadError
 
 
@@ -113,7 +114,7 @@ def test_output_file_gets_the_report_and_stderr_the_summary(tmp_path, capsys):
 
 def _check_raising_report(doc):
     """The RAISING script's report, whatever file format carried it."""
-    assert doc["format"] == "opaudit-report" and doc["version"] == 1
+    assert doc["format"] == "opaudit-report" and doc["version"] == REPORT_VERSION
     assert {k: doc["summary"][k] for k in ("raises", "stable", "signatures", "total_calls")} == \
         {"raises": 1, "stable": 1, "signatures": 2, "total_calls": 4}
     assert [(f["op"], f["verdict"], f["signature"]) for f in doc["findings"]] == [
