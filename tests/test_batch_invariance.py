@@ -310,3 +310,19 @@ def test_an_audit_without_the_flag_never_loads_the_check():
     proc = subprocess.run([sys.executable, "-c", code, os.path.join(EXAMPLES, "mlp.py")], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.stdout.strip().splitlines()[-1] == "0 []", proc.stdout + proc.stderr
+
+
+def test_diff_of_two_reports_shows_batch_invariance_transitions(variant_report):
+    import dataclasses
+
+    from opaudit.flows.diff import BATCH_FIELD, diff_documents
+
+    bi = variant_report.batch_invariance
+    fixed = dataclasses.replace(variant_report, batch_invariance=dataclasses.replace(bi, ops=tuple(
+        dataclasses.replace(o, verdict=BATCH_INVARIANT, variant_rows=(), max_abs_diff=None, remedy="")
+        for o in bi.ops)))
+    diff = diff_documents(fixed, variant_report)
+    (change,) = diff.changes
+    assert change.field == BATCH_FIELD and change.transition == "batch_invariant->batch_variant"
+    assert change.op == "aten.addmm.default" and change.where.startswith("tests/fixtures/models.py:")
+    assert diff_documents(variant_report, variant_report).changes == ()

@@ -13,6 +13,7 @@ tool for that question.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import re
 from collections.abc import Iterable, Mapping
@@ -249,29 +250,53 @@ def _diff_catalogs(a: Any, b: Any, a_label: str, b_label: str) -> Diff:
             only_b.append(Change(eb.op, detail(eb), MISSING, eb.verdict.value, eb.source))
     if a.batch_invariance and b.batch_invariance:
         # Only when both sweeps checked it: a catalog made without --batch-invariance says nothing about it.
-        same += _diff_batch(a.batch_invariance, b.batch_invariance, changes, only_a, only_b)
+        same += _diff_batch(_catalog_batch(a), _catalog_batch(b), changes, only_a, only_b)
     return Diff("catalog", a_label, b_label, tuple(sorted(changes, key=_order)), tuple(sorted(only_a, key=_order)),
                 tuple(sorted(only_b, key=_order)), _fields(a.environment, b.environment),
                 _fields(a.settings, b.settings), same)
 
 
-def _diff_batch(a: Any, b: Any, changes: list[Change], only_a: list[Change], only_b: list[Change]) -> int:
-    """Batch-invariance transitions between two catalogs' sections; returns how many stayed the same."""
+@dataclasses.dataclass(frozen=True)
+class _BatchVerdict:
+    """One op's batch-invariance verdict, from a catalog entry or a report's op, ready to diff."""
+
+    key: tuple[str, str]
+    op: str
+    verdict: str
+    detail: str
+    where: str
+
+
+def _catalog_batch(catalog: Any) -> list[_BatchVerdict]:
+    return [_BatchVerdict(e.key, e.op, e.verdict, f"{e.dtype} batch invariance", ", ".join(e.probes))
+            for e in catalog.batch_invariance]
+
+
+def _report_batch(report: Any) -> list[_BatchVerdict]:
+    out = []
+    for o in report.batch_invariance.ops:
+        sig = normalize_signature(o.signature)
+        out.append(_BatchVerdict((o.op, sig), o.op, o.verdict, f"{sig} (batch invariance)",
+                                 o.site.location if o.site else ""))
+    return out
+
+
+def _diff_batch(a: list[_BatchVerdict], b: list[_BatchVerdict], changes: list[Change], only_a: list[Change],
+                only_b: list[Change]) -> int:
+    """Batch-invariance transitions between two documents' sections; returns how many stayed the same."""
     ia, ib = {e.key: e for e in a}, {e.key: e for e in b}
     same = 0
     for k in sorted(set(ia) | set(ib)):
         ea, eb = ia.get(k), ib.get(k)
-        e = eb or ea
-        detail, where = f"{e.dtype} batch invariance", ", ".join(e.probes)
         if ea is not None and eb is not None:
             if ea.verdict == eb.verdict:
                 same += 1
             else:
-                changes.append(Change(e.op, detail, ea.verdict, eb.verdict, where, BATCH_FIELD))
+                changes.append(Change(eb.op, eb.detail, ea.verdict, eb.verdict, eb.where, BATCH_FIELD))
         elif ea is not None:
-            only_a.append(Change(e.op, detail, ea.verdict, MISSING, where, BATCH_FIELD))
-        else:
-            only_b.append(Change(e.op, detail, MISSING, eb.verdict, where, BATCH_FIELD))
+            only_a.append(Change(ea.op, ea.detail, ea.verdict, MISSING, ea.where, BATCH_FIELD))
+        elif eb is not None:
+            only_b.append(Change(eb.op, eb.detail, MISSING, eb.verdict, eb.where, BATCH_FIELD))
     return same
 
 
@@ -301,6 +326,9 @@ def _diff_reports(a: Any, b: Any, a_label: str, b_label: str) -> Diff:
             only_a.append(Change(k[0], k[1], fa.verdict.value, MISSING, where(fa)))
         elif fb is not None:
             only_b.append(Change(k[0], k[1], MISSING, fb.verdict.value, where(fb)))
+    if a.batch_invariance is not None and b.batch_invariance is not None:
+        # Both reports of a --batch-invariance check: their per-op verdicts too.
+        same += _diff_batch(_report_batch(a), _report_batch(b), changes, only_a, only_b)
     return Diff("report", a_label, b_label, tuple(sorted(changes, key=_order)), tuple(sorted(only_a, key=_order)),
                 tuple(sorted(only_b, key=_order)), _fields(a.environment, b.environment),
                 _fields(a.settings, b.settings), same)
