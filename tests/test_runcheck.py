@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import EXAMPLES
 
-from opaudit.cli.formats._common import run_check_lines
+from opaudit.cli.formats.common import run_check_lines
 from opaudit.cli.main import main
 from opaudit.data.report import Report, from_dict
 from opaudit.engine import loader

@@ -72,3 +72,9 @@ class NotReplayed(Observation):
     def because(cls, reason: str) -> "NotReplayed":
         """An empty observation carrying ``reason``."""
         return cls(None, None, (), None, None, False, reason=reason)
+
+
+def error_text(e: BaseException) -> str:
+    """``TypeName: first line of the message``: how an error reads in a finding's reason."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")

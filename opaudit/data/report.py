@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 from opaudit.data import invariance
 from opaudit.data.files import ReportError, check_header, read_document
 from opaudit.data.invariance import BatchInvariance
-from opaudit.data.site import Site
-from opaudit.data.verdict import Verdict
+from opaudit.data.site import Site, locations_of, modules_of
+from opaudit.data.verdict import Verdict, verdict_counts
 
 if TYPE_CHECKING:
     import pandas
@@ -64,12 +64,12 @@ class Finding:
     @property
     def modules(self) -> tuple[str, ...]:
         """Distinct module paths, in first-seen order."""
-        return tuple(dict.fromkeys(s.module for s in self.sites if s.module))
+        return modules_of(self.sites)
 
     @property
     def locations(self) -> tuple[str, ...]:
         """Distinct ``file:line`` locations, in first-seen order."""
-        return tuple(dict.fromkeys(s.location for s in self.sites))
+        return locations_of(self.sites)
 
     @property
     def det_cost(self) -> float | None:
@@ -136,9 +136,7 @@ class Report:
     @property
     def summary(self) -> dict[str, int]:
         """Count of signatures per verdict (every verdict present), plus view-op counts."""
-        counts = {v.value: 0 for v in Verdict}
-        for f in self.all_findings:
-            counts[f.verdict.value] += 1
+        counts = verdict_counts(f.verdict for f in self.all_findings)
         counts["signatures"] = len(self.all_findings)
         counts["view_ops"] = len(self.view_calls)
         counts["view_calls"] = sum(self.view_calls.values())
@@ -242,7 +240,7 @@ def finding_dict(f: Finding) -> dict[str, Any]:
     d: dict[str, Any] = {
         "id": f.id, "op": f.op, "verdict": f.verdict.value, "calls": f.calls, "signature": f.signature,
         "device": f.device, "phases": list(f.phases),
-        "sites": [{"file": s.file, "line": s.line, "function": s.function, "module": s.module} for s in f.sites],
+        "sites": [s.to_dict() for s in f.sites],
         "first_call": f.first_call,
     }
     if f.sites_dropped:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -23,3 +25,17 @@ class Site:
 
     def __str__(self) -> str:
         return f"{self.location} ({self.function})"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The dict form written to YAML and JSON."""
+        return {"file": self.file, "line": self.line, "function": self.function, "module": self.module}
+
+
+def locations_of(sites: Iterable[Site]) -> tuple[str, ...]:
+    """Distinct ``file:line`` locations of ``sites``, in first-seen order."""
+    return tuple(dict.fromkeys(s.location for s in sites))
+
+
+def modules_of(sites: Iterable[Site]) -> tuple[str, ...]:
+    """Distinct module paths of ``sites`` (empty ones left out), in first-seen order."""
+    return tuple(dict.fromkeys(s.module for s in sites if s.module))

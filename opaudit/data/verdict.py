@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 
 
 class Verdict(str, enum.Enum):
@@ -55,3 +56,11 @@ MEANINGS = {
 
 FAILING_DEFAULT = (Verdict.RAISES, Verdict.DIVERGES, Verdict.DIVERGES_DETERMINISTIC)
 """Verdicts that fail an audit unless ``--fail-on`` says otherwise."""
+
+
+def verdict_counts(verdicts: Iterable[Verdict]) -> dict[str, int]:
+    """How many of each verdict, every verdict present (zero when absent), in severity order."""
+    counts = {v.value: 0 for v in Verdict}
+    for v in verdicts:
+        counts[v.value] += 1
+    return counts

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from opaudit.aten.tensors import Snapshot
-from opaudit.data.observation import CRASHED, TIMEOUT, NotReplayed, Observation
+from opaudit.data.observation import CRASHED, TIMEOUT, NotReplayed, Observation, error_text
 from opaudit.engine.replay import replay, set_deterministic
 from opaudit.engine.worker import TIMED_OUT, Worker, WorkerStartError, exit_reason
 
@@ -109,11 +109,6 @@ def _resolve_op(ref: tuple[str, str, tuple[str, ...]]) -> Any:
     return getattr(getattr(getattr(torch.ops, namespace), name), overload)
 
 
-def _one_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
-
-
 # -- global state the worker must share with the parent ---------------------
 def _settings() -> dict[str, Any]:
     """What a spawned worker needs to replay exactly as the parent would."""
@@ -158,7 +153,7 @@ def _context_error(snap: Snapshot) -> str | None:
             try:
                 torch.cuda.synchronize(device)
             except Exception as e:  # noqa: BLE001 - any failure here means the context is gone
-                return _one_line(e)
+                return error_text(e)
     return None
 
 
@@ -255,7 +250,7 @@ def _loop(conn: "Connection", table: list[tuple[Any, Snapshot]] | None) -> None:
             return
         except Exception as e:  # noqa: BLE001 - inputs that cannot be rebuilt here (a CUDA IPC failure...)
             conn.send(("started", None))
-            conn.send(("unavailable", f"inputs cannot be received by the worker: {_one_line(e)}"))
+            conn.send(("unavailable", f"inputs cannot be received by the worker: {error_text(e)}"))
             continue
         if request is None:
             return
@@ -268,12 +263,12 @@ def _loop(conn: "Connection", table: list[tuple[Any, Snapshot]] | None) -> None:
                 ref, snap = target
                 func = _resolve_op(ref)
         except Exception as e:  # noqa: BLE001 - e.g. a custom op unknown to a spawned worker
-            conn.send(("unavailable", f"not available in the worker process: {_one_line(e)}"))
+            conn.send(("unavailable", f"not available in the worker process: {error_text(e)}"))
             continue
         try:
             obs = replay(func, snap, reps, cudnn_variants=cudnn)
         except Exception as e:  # noqa: BLE001 - not an op failure: this process is suspect now
-            conn.send(("crashed", _one_line(e)))
+            conn.send(("crashed", error_text(e)))
             return
         broken = _context_error(snap)
         if broken is not None:
@@ -362,7 +357,7 @@ class Isolator:
                 message = _dumps(request)
             except Exception as e:  # noqa: BLE001 - an argument that does not pickle
                 return Observation(None, None, (), None, None, False,
-                                   error=f"inputs cannot be sent to the worker: {_one_line(e)}")
+                                   error=f"inputs cannot be sent to the worker: {error_text(e)}")
             deadline = None if self.timeout is None else time.monotonic() + self.timeout
             try:
                 worker.conn.send_bytes(message)

@@ -17,7 +17,7 @@ import torch
 from opaudit.aten.ops import OpKind, op_kind, written_args
 from opaudit.aten.signature import signature_id, signature_text
 from opaudit.aten.tensors import CaptureError, Snapshot, copy_span
-from opaudit.data.report import Site
+from opaudit.data.site import Site
 from opaudit.engine.mode import RecordingMode
 from opaudit.engine.sites import PHASE_BITS, SiteTracker
 

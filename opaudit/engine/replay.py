@@ -32,7 +32,14 @@ import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
 from opaudit.aten.tensors import Snapshot, difference, flat_tensors, same_bits
-from opaudit.data.observation import CUBLAS_WORKSPACE, NO_DETERMINISTIC_IMPL, OTHER_ERROR, Observation, RunStats
+from opaudit.data.observation import (
+    CUBLAS_WORKSPACE,
+    NO_DETERMINISTIC_IMPL,
+    OTHER_ERROR,
+    Observation,
+    RunStats,
+    error_text,
+)
 
 _ALERT_TEXT = "does not have a deterministic implementation"
 _CUBLAS_TEXT = "CUBLAS_WORKSPACE_CONFIG"
@@ -148,11 +155,6 @@ def _alert_kind(message: str) -> str:
 def _is_determinism_warning(message: str) -> bool:
     m = message.lower()
     return "determinis" in m or _CUBLAS_TEXT.lower() in m
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
 _CPP_WARNING = re.compile(r"Warning: (.*?)(?: \(function [\w:~<>]+\))?$")
@@ -276,7 +278,7 @@ def replay(func: Any, snap: Snapshot, reps: int = 5, *, cudnn_variants: bool = F
                             stats, _ = _runs(func, snap, reps, rng, timer)
                         variants.append((f"cudnn.deterministic={d},benchmark={b}", stats))
         except Exception as e:  # noqa: BLE001
-            return Observation(strict_kind, strict_error, tuple(sink), None, None, False, error=_one_line(e))
+            return Observation(strict_kind, strict_error, tuple(sink), None, None, False, error=error_text(e))
         return Observation(strict_kind, strict_error, tuple(sink), default, det,
                            rng_def or rng_det, variants=tuple(variants))
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from opaudit.data.report import Site
+from opaudit.data.site import Site
 
 FORWARD, BACKWARD, OPTIMIZER = "forward", "backward", "optimizer"
 # The hot path keeps phases as bits of one int; ``signatures()`` turns them into names.

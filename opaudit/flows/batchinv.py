@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from opaudit.engine.batchtrace import DIFFERS, INPUTS_DIFFER, MIXES, NOT_COMPARED, SAME, Pairing, Split, Tracer
+from opaudit.aten.signature import signature_id
+from opaudit.aten.tensors import difference, same_bits
 from opaudit.data.invariance import (
     BATCH_INVARIANT,
     BATCH_VARIANT,
@@ -34,9 +35,8 @@ from opaudit.data.invariance import (
     BatchOp,
     RowCheck,
 )
-from opaudit.aten.signature import signature_id
-from opaudit.aten.tensors import difference, same_bits
 from opaudit.data.site import Site
+from opaudit.engine.batchtrace import DIFFERS, INPUTS_DIFFER, MIXES, NOT_COMPARED, SAME, Pairing, Split, Tracer
 from opaudit.engine.record import MAX_SITES
 from opaudit.engine.replay import preserved_state
 

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from opaudit.data.report import Site
+from opaudit.data.site import Site, locations_of
 from opaudit.data.verdict import FAILING_DEFAULT, Verdict
 
 FORMAT = "opaudit-prediction"
@@ -65,7 +65,7 @@ class Predicted:
     @property
     def locations(self) -> tuple[str, ...]:
         """Distinct ``file:line`` locations, in first-seen order."""
-        return tuple(dict.fromkeys(s.location for s in self.sites))
+        return locations_of(self.sites)
 
 
 @dataclass(frozen=True)
@@ -106,8 +106,7 @@ class Prediction:
             d: dict[str, Any] = {
                 "op": r.op, "dtype": r.dtype, "variant": r.variant, "predicted": r.predicted,
                 "here": r.here.value, "match": r.match, "calls": r.calls, "phases": list(r.phases),
-                "sites": [{"file": s.file, "line": s.line, "function": s.function, "module": s.module}
-                          for s in r.sites],
+                "sites": [s.to_dict() for s in r.sites],
                 "signature": r.signature, "source": r.source, "input_kind": r.input_kind, "note": r.note,
             }
             return {k: v for k, v in d.items() if v not in ("", None) or k == "variant"}

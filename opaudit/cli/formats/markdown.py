@@ -1,32 +1,32 @@
-"""Markdown report, for pasting into a review or an issue."""
+"""Markdown for every document, for pasting into a review or an issue (GitHub-flavoured)."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 from opaudit.cli.formats import batch_invariance
-from opaudit.cli.formats._common import (
+from opaudit.cli.formats.common import (
     FINDING_HEADERS,
     crash_rows,
     finding_row,
+    grouped_predictions,
+    md_table,
     notable,
     remedy_rows,
     run_check_lines,
     summary_line,
+    target_name,
 )
 from opaudit.data.verdict import Verdict
 
 if TYPE_CHECKING:
     from opaudit.data.report import Report
+    from opaudit.flows.catalog import Catalog, CatalogEntry
+    from opaudit.flows.diff import Change, Diff
+    from opaudit.flows.predict import Prediction
 
 
-def _table(headers, rows) -> str:
-    from tabulate import tabulate
-
-    return tabulate(rows, headers=headers, tablefmt="github")
-
-
-def render(report: "Report") -> str:
+def report(report: "Report") -> str:
     """The report as GitHub-flavoured Markdown."""
     env = report.environment
     out = ["# opaudit report", ""]
@@ -42,13 +42,13 @@ def render(report: "Report") -> str:
     out += [f"torch {env.get('torch')} on {device}, {env.get('threads')} threads; "
             f"{report.settings.get('reps')} replays per mode.", "", summary_line(report), ""]
     counts = report.summary
-    out += [_table(("verdict", "signatures", "meaning"),
+    out += [md_table(("verdict", "signatures", "meaning"),
                    [[v.value, counts[v.value], v.meaning] for v in Verdict]), ""]
     crashes = crash_rows(report)
     out += ["## Will deterministic mode crash this run?", ""]
     if crashes:
         out += ["Yes. Every op that raises under `torch.use_deterministic_algorithms(True)`, in execution order:", "",
-                _table(("#", "op", "where", "phase", "error"), crashes), ""]
+                md_table(("#", "op", "where", "phase", "error"), crashes), ""]
     else:
         out += ["No op raises under `torch.use_deterministic_algorithms(True)`.", ""]
     if report.run_checks:
@@ -59,12 +59,168 @@ def render(report: "Report") -> str:
         out.append("")
     rows = [finding_row(f) for f in notable(report)]
     out += ["## Findings", ""]
-    out += [_table(FINDING_HEADERS, rows) if rows else "Every replayed op was stable.", ""]
+    out += [md_table(FINDING_HEADERS, rows) if rows else "Every replayed op was stable.", ""]
     remedies = remedy_rows(report)
     if remedies:
-        out += ["## What to do", "", _table(("op", "verdict", "remedy"), remedies), ""]
+        out += ["## What to do", "", md_table(("op", "verdict", "remedy"), remedies), ""]
     if report.batch_invariance is not None:
         out += batch_invariance.markdown(report.batch_invariance)
     if report.env_warnings:
         out += ["## Environment", ""] + [f"- {w}" for w in report.env_warnings] + [""]
+    return "\n".join(out)
+
+
+# What each verdict means for someone deciding whether a training run is reproducible.
+_PLAIN = {
+    Verdict.RAISES: "Crashes a run that sets `torch.use_deterministic_algorithms(True)`: PyTorch has no "
+                    "deterministic version of this op here. Avoid the op, or run without deterministic mode "
+                    "and accept run-to-run differences.",
+    Verdict.DIVERGES_DETERMINISTIC: "Gives different results from run to run even with deterministic mode on, "
+                                    "and PyTorch does not warn. Deterministic mode does not make it safe.",
+    Verdict.DIVERGES: "Gives different results from run to run by default; deterministic mode makes them "
+                      "identical. Turn deterministic mode on if you need reproducible runs.",
+    Verdict.WARNS: "Warns under deterministic mode (`warn_only=True`) without crashing strict mode.",
+    Verdict.RANDOM: "Draws random numbers: identical from run to run once the random seed is fixed.",
+    Verdict.UNINITIALIZED: "Returns memory that was never written (e.g. `torch.empty`); its contents mean "
+                           "nothing until overwritten.",
+    Verdict.SKIPPED: "Could not be measured; the reason is given.",
+    Verdict.STABLE: "Bit-for-bit identical in every run, with and without deterministic mode.",
+}
+
+_DETAILED = (Verdict.RAISES, Verdict.DIVERGES_DETERMINISTIC, Verdict.DIVERGES, Verdict.WARNS)
+
+
+
+
+def _cell(text: str, limit: int = 90) -> str:
+    text = text.replace("|", "\\|").replace("\n", " ")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _kind(e: "CatalogEntry") -> str:
+    if e.input_kind == "stress" and e.opinfo is not None and e.opinfo is not e.verdict:
+        return f"stress only (OpInfo samples: {e.opinfo.value})"
+    return e.input_kind
+
+
+def _environment(catalog: "Catalog") -> list[str]:
+    env = catalog.environment
+    keys = ("gpu", "compute_capability", "sm_count", "driver", "cuda", "cudnn", "cublas", "torch", "cpu",
+            "threads", "platform", "python")
+    rows = [[k, str(env[k])] for k in keys if env.get(k) not in (None, "")]
+    return [md_table(("", "value"), rows)]
+
+
+def catalog(catalog: "Catalog") -> str:
+    """The catalog as GitHub-flavoured Markdown."""
+    env, st = catalog.environment, catalog.settings
+    device = env.get("gpu") or env.get("cpu") or st.get("device")
+    counts = catalog.summary
+    out = [f"# Determinism catalog: {device}, torch {env.get('torch')}", ""]
+    if not catalog.complete:
+        out += ["> **Incomplete**: this sweep was interrupted; resume it with `--resume`.", ""]
+    out += [
+        f"Every op in PyTorch's OpInfo test database (plus the `torch.nn` modules it does not cover) was run on "
+        f"`{st.get('device')}` for {', '.join(st.get('dtypes', []))}, forward and backward, on PyTorch's own "
+        f"test inputs and on **stress** inputs (about {int(st.get('stress_elements') or 0):,} elements, indices "
+        f"with many repeats). Each op was then re-run {st.get('reps')} times with and without "
+        "`torch.use_deterministic_algorithms(True)`"
+        + (f" ({st.get('index_reps')} times for stress inputs that take an index)" if st.get("index_reps") else "")
+        + " and its outputs compared bit for bit.",
+        "",
+        f"**{counts['entries']} entries** ({counts['ops']} distinct ops; an entry is one op, dtype and "
+        f"argument variant) from {counts['swept']} swept OpInfo entries and modules.",
+        "",
+        md_table(("verdict", "entries", "what it means"),
+               [[v.value, counts[v.value], _PLAIN[v]] for v in Verdict]),
+        "",
+        "## Environment",
+        "",
+        *_environment(catalog),
+        "",
+    ]
+    for v in _DETAILED:
+        entries = catalog.entries_with(v)
+        out += [f"## {v.value} ({len(entries)})", "", _PLAIN[v], ""]
+        if not entries:
+            out += ["None.", ""]
+            continue
+        rows = []
+        for e in entries:
+            evidence = e.error if v is Verdict.RAISES else (e.warning if v is Verdict.WARNS else "")
+            rows.append([f"`{e.op}`", e.dtype, e.variant or "", e.phase, _kind(e), e.source, _cell(evidence)])
+        out += [md_table(("op", "dtype", "variant", "phase", "shown by", "OpInfo entry", "message"), rows), ""]
+    for v in (Verdict.RANDOM, Verdict.UNINITIALIZED):
+        entries = catalog.entries_with(v)
+        out += [f"## {v.value} ({len(entries)})", "", _PLAIN[v], ""]
+        out += [", ".join(f"`{e.op}` {e.dtype}" + (f" ({e.variant})" if e.variant else "") for e in entries)
+                or "None.", ""]
+    skipped = catalog.entries_with(Verdict.SKIPPED)
+    out += [f"## skipped ({len(skipped)})", "", _PLAIN[Verdict.SKIPPED], ""]
+    if skipped:
+        out += [md_table(("op", "dtype", "variant", "reason"),
+                       [[f"`{e.op}`", e.dtype, e.variant, _cell(e.error)] for e in skipped]), ""]
+    not_swept = [s for s in catalog.swept if s.status not in ("ok", "partial")]
+    out += [f"## Not swept ({len(not_swept)})", "",
+            "OpInfo entries or modules whose samples could not run at all on this device (no op from them is in "
+            "the catalog unless another entry ran it).", ""]
+    if not_swept:
+        out += [md_table(("entry", "dtype", "status", "reason"),
+                       [[s.source, s.dtype, s.status, _cell(s.reason)] for s in not_swept]), ""]
+    if catalog.batch_invariance:
+        out += batch_invariance.catalog_markdown(catalog.batch_invariance, st)
+    stable = catalog.entries_with(Verdict.STABLE)
+    out += [f"## stable ({len(stable)})", "", _PLAIN[Verdict.STABLE], "", "<details><summary>Show the list</summary>",
+            "", ", ".join(f"`{e.op}` {e.dtype}" + (f" ({e.variant})" if e.variant else "") for e in stable)
+            or "None.", "", "</details>", ""]
+    return "\n".join(out)
+
+
+def _diff_rows(changes: "tuple[Change, ...]") -> list[list[str]]:
+    return [[f"{c.before} → {c.after}", f"`{c.op}`", c.detail.replace("|", "\\|"), c.where] for c in changes]
+
+
+def diff(diff: "Diff") -> str:
+    """The diff as GitHub-flavoured Markdown."""
+    s = diff.summary
+    detail = "dtype / variant" if diff.kind == "catalog" else "signature"
+    where = "OpInfo entry" if diff.kind == "catalog" else "where"
+    out = [f"# opaudit {diff.kind} diff", "", f"- **A**: `{diff.a}`", f"- **B**: `{diff.b}`", "",
+           f"{s['changed']} ops changed verdict, {s['only_a']} are only in A, {s['only_b']} only in B, "
+           f"{s['unchanged']} are unchanged.", ""]
+    transitions = diff.transitions()
+    if transitions:
+        out += [md_table(("A → B", "ops"), [[t.replace("->", " → "), n] for t, n in transitions.items()]), ""]
+    for title, changes in (("Verdict changed", diff.changes), ("Only in A", diff.only_a), ("Only in B", diff.only_b)):
+        out += [f"## {title} ({len(changes)})", ""]
+        out += [md_table(("A → B", "op", detail, where), _diff_rows(changes)) if changes else "None.", ""]
+    fields = [("environment", f) for f in diff.environment] + [("settings", f) for f in diff.settings]
+    out += ["## What differs between the two setups", ""]
+    if fields:
+        out += [md_table(("", "field", "A", "B"),
+                       [[k, f.name, "-" if f.before is None else f"`{f.before}`",
+                         "-" if f.after is None else f"`{f.after}`"] for k, f in fields]), ""]
+    else:
+        out += ["Nothing: same environment fingerprint and settings.", ""]
+    return "\n".join(out)
+
+
+def prediction(prediction: "Prediction") -> str:
+    """The prediction as GitHub-flavoured Markdown."""
+    s = prediction.summary
+    out = [f"# opaudit prediction: {target_name(prediction)}", "",
+           f"Recorded here on {prediction.here.get('gpu') or prediction.here.get('cpu')} "
+           f"(torch {prediction.here.get('torch')}); verdicts looked up in `{prediction.catalog}`. "
+           "`unknown` means the catalog did not measure that op, dtype and variant: it is not a promise "
+           "of stability.", ""]
+    if not prediction.complete:
+        out += ["> **Incomplete**: the audit was interrupted.", ""]
+    out += [md_table(("predicted", "signatures"), [[k, v] for k, v in s.items() if k not in ("signatures", "changed")]),
+            ""]
+    rows = [[r.predicted, r.here.value, f"`{r.op}`" + (f" (x{n})" if n > 1 else ""),
+             f"{r.dtype} {r.variant}".strip(), locs, r.note.replace("|", "\\|")]
+            for r, locs, n in grouped_predictions(prediction, 3) if r.predicted != "stable"]
+    out += ["## Ops that are not predicted stable", ""]
+    out += [md_table(("predicted", "here", "op", "dtype / variant", "where", "note"), rows) if rows
+            else "None: every recorded op is stable in the catalog.", ""]
     return "\n".join(out)

@@ -12,20 +12,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from opaudit.cli.formats import (
-    catalog_csv,
-    catalog_markdown,
-    catalog_table,
-    csv_,
-    diff_csv,
-    diff_markdown,
-    diff_table,
-    markdown,
-    prediction_csv,
-    prediction_markdown,
-    prediction_table,
-    table,
-)
+from opaudit.cli.formats import csv_, markdown, table
 from opaudit.cli.formats.choice import Format, Kind
 from opaudit.data.files import dump_yaml
 
@@ -45,24 +32,24 @@ Renderer = Callable[[Any], str]
 RENDERERS: dict[tuple[Kind, Format], Renderer] = {
     (Kind.REPORT, Format.YAML): as_yaml,
     (Kind.REPORT, Format.JSON): as_json,
-    (Kind.REPORT, Format.CSV): csv_.render,
-    (Kind.REPORT, Format.MARKDOWN): markdown.render,
-    (Kind.REPORT, Format.TABLE): table.render,
+    (Kind.REPORT, Format.CSV): csv_.report,
+    (Kind.REPORT, Format.MARKDOWN): markdown.report,
+    (Kind.REPORT, Format.TABLE): table.report,
     (Kind.CATALOG, Format.YAML): as_yaml,
     (Kind.CATALOG, Format.JSON): as_json,
-    (Kind.CATALOG, Format.CSV): catalog_csv.render,
-    (Kind.CATALOG, Format.MARKDOWN): catalog_markdown.render,
-    (Kind.CATALOG, Format.TABLE): catalog_table.render,
+    (Kind.CATALOG, Format.CSV): csv_.catalog,
+    (Kind.CATALOG, Format.MARKDOWN): markdown.catalog,
+    (Kind.CATALOG, Format.TABLE): table.catalog,
     (Kind.DIFF, Format.YAML): as_yaml,
     (Kind.DIFF, Format.JSON): as_json,
-    (Kind.DIFF, Format.CSV): diff_csv.render,
-    (Kind.DIFF, Format.MARKDOWN): diff_markdown.render,
-    (Kind.DIFF, Format.TABLE): diff_table.render,
+    (Kind.DIFF, Format.CSV): csv_.diff,
+    (Kind.DIFF, Format.MARKDOWN): markdown.diff,
+    (Kind.DIFF, Format.TABLE): table.diff,
     (Kind.PREDICTION, Format.YAML): as_yaml,
     (Kind.PREDICTION, Format.JSON): as_json,
-    (Kind.PREDICTION, Format.CSV): prediction_csv.render,
-    (Kind.PREDICTION, Format.MARKDOWN): prediction_markdown.render,
-    (Kind.PREDICTION, Format.TABLE): prediction_table.render,
+    (Kind.PREDICTION, Format.CSV): csv_.prediction,
+    (Kind.PREDICTION, Format.MARKDOWN): markdown.prediction,
+    (Kind.PREDICTION, Format.TABLE): table.prediction,
 }
 """Every (kind, format) pair: each document kind is written in every format."""
 

@@ -1,27 +1,34 @@
-"""Terminal summary: worst findings first, then crashes, remedies and warnings."""
+"""Plain-text tables for a terminal, for every document: the worst rows first, then a one-line summary."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from opaudit.cli.formats import batch_invariance
-from opaudit.cli.formats._common import (
+from opaudit.cli.formats.common import (
     FINDING_HEADERS,
     crash_rows,
     finding_row,
+    grouped_predictions,
     notable,
     remedy_rows,
     run_check_lines,
     summary_line,
+    target_name,
 )
+from opaudit.data.verdict import Verdict
 
 if TYPE_CHECKING:
     from opaudit.data.report import Report
+    from opaudit.flows.catalog import Catalog
+    from opaudit.flows.diff import Change, Diff
+    from opaudit.flows.predict import Prediction
 
-MAX_ROWS = 40
+
+MAX_FINDINGS = 40
 
 
-def render(report: "Report") -> str:
+def report(report: "Report") -> str:
     """Plain-text tables (tabulate) for a terminal."""
     from tabulate import tabulate
 
@@ -30,10 +37,10 @@ def render(report: "Report") -> str:
         out.append("INCOMPLETE: the audit was interrupted; findings below are what was classified so far.\n")
     rows = [finding_row(f) for f in notable(report)]
     if rows:
-        shown = rows[:MAX_ROWS]
+        shown = rows[:MAX_FINDINGS]
         out.append(tabulate(shown, headers=FINDING_HEADERS, tablefmt="simple"))
-        if len(rows) > MAX_ROWS:
-            out.append(f"... {len(rows) - MAX_ROWS} more (see the full report with -o report.yaml)")
+        if len(rows) > MAX_FINDINGS:
+            out.append(f"... {len(rows) - MAX_FINDINGS} more (see the full report with -o report.yaml)")
     crashes = crash_rows(report)
     if crashes:
         out.append("\nWill deterministic mode crash this run? Yes, at these ops (execution order):")
@@ -53,3 +60,90 @@ def render(report: "Report") -> str:
     if report.all_findings or report.batch_invariance is None:
         out.append("\n" + summary_line(report))
     return "\n".join(out).lstrip("\n") + "\n"
+
+
+_QUIET = (Verdict.STABLE, Verdict.RANDOM, Verdict.UNINITIALIZED)
+
+
+def catalog(catalog: "Catalog") -> str:
+    """Plain-text tables (tabulate) for a terminal."""
+    from tabulate import tabulate
+
+    env, counts = catalog.environment, catalog.summary
+    device = env.get("gpu") or env.get("cpu")
+    rows = [[e.verdict.value, e.op, e.dtype, e.variant, e.phase, e.input_kind, e.source]
+            for e in sorted(catalog.entries, key=lambda e: (-e.verdict.severity, e.key)) if e.verdict not in _QUIET]
+    out = []
+    if rows:
+        out.append(tabulate(rows, headers=("verdict", "op", "dtype", "variant", "phase", "shown by", "OpInfo entry"),
+                            tablefmt="simple"))
+        out.append("")
+    if catalog.batch_invariance:
+        out += [batch_invariance.catalog_table(catalog.batch_invariance), ""]
+    parts = ", ".join(f"{counts[v.value]} {v.value}" for v in Verdict if counts[v.value])
+    state = "" if catalog.complete else " (INCOMPLETE)"
+    out.append(f"catalog of {device}, torch {env.get('torch')}{state}: {counts['entries']} entries "
+               f"({counts['ops']} ops) from {counts['swept']} swept entries, {counts['not_swept']} not swept: "
+               f"{parts or 'nothing'}")
+    return "\n".join(out) + "\n"
+
+
+MAX_CHANGES = 60
+
+
+def _diff_rows(changes: "tuple[Change, ...]") -> list[list[str]]:
+    return [[c.transition, c.op, c.detail if len(c.detail) <= 60 else c.detail[:59] + "…", c.where]
+            for c in changes]
+
+
+def _value(v: Any) -> str:
+    return "-" if v is None else str(v)
+
+
+def diff(diff: "Diff") -> str:
+    """Plain-text tables (tabulate) for a terminal."""
+    from tabulate import tabulate
+
+    out = [f"{diff.kind} diff: A = {diff.a}, B = {diff.b}"]
+    detail = "dtype/variant" if diff.kind == "catalog" else "signature"
+    where = "OpInfo entry" if diff.kind == "catalog" else "where"
+    for title, changes in (("verdict changed", diff.changes), ("only in A", diff.only_a), ("only in B", diff.only_b)):
+        if not changes:
+            continue
+        out.append(f"\n{title} ({len(changes)}):")
+        out.append(tabulate(_diff_rows(changes[:MAX_CHANGES]), headers=("A->B", "op", detail, where), tablefmt="simple"))
+        if len(changes) > MAX_CHANGES:
+            out.append(f"... {len(changes) - MAX_CHANGES} more (use --format csv or -o diff.yaml for all)")
+    for title, fields in (("environment differences", diff.environment), ("settings differences", diff.settings)):
+        if fields:
+            out.append(f"\n{title}:")
+            out.append(tabulate([[f.name, _value(f.before), _value(f.after)] for f in fields],
+                                headers=("field", "A", "B"), tablefmt="simple"))
+    s = diff.summary
+    out.append(f"\n{s['changed']} changed, {s['only_a']} only in A, {s['only_b']} only in B, "
+               f"{s['unchanged']} unchanged")
+    return "\n".join(out) + "\n"
+
+
+MAX_PREDICTIONS = 40
+
+
+def prediction(prediction: "Prediction") -> str:
+    """Plain-text tables (tabulate) for a terminal."""
+    from tabulate import tabulate
+
+    rows = [[r.predicted, r.here.value, r.op + (f" (x{n})" if n > 1 else ""), f"{r.dtype} {r.variant}".strip(),
+             locs, r.note] for r, locs, n in grouped_predictions(prediction) if r.predicted != Verdict.STABLE.value]
+    out = [f"prediction on {target_name(prediction)} (catalog {prediction.catalog})"]
+    if not prediction.complete:
+        out.append("INCOMPLETE: the audit was interrupted; only the signatures classified so far are predicted.")
+    if rows:
+        out.append(tabulate(rows[:MAX_PREDICTIONS], headers=("predicted", "here", "op", "dtype", "where", "note"),
+                            tablefmt="simple", maxcolwidths=[None, None, None, None, 40, 60]))
+        if len(rows) > MAX_PREDICTIONS:
+            out.append(f"... {len(rows) - MAX_PREDICTIONS} more (use -o prediction.yaml or --format csv for all)")
+    s = prediction.summary
+    parts = ", ".join(f"{s[k]} {k}" for k in s if k not in ("signatures", "changed") and s[k])
+    out.append(f"\n{s['signatures']} signatures: {parts or 'nothing recorded'}; "
+               f"{s['changed']} differ from this machine's verdict")
+    return "\n".join(out) + "\n"

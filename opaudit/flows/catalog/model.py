@@ -15,7 +15,7 @@ from typing import Any
 
 from opaudit.data.files import ReportError, check_header, read_document
 from opaudit.data.invariance import OP_VERDICTS as BATCH_VERDICTS
-from opaudit.data.verdict import Verdict
+from opaudit.data.verdict import Verdict, verdict_counts
 from opaudit.flows.catalog.keys import entry_key
 
 FORMAT = "opaudit-catalog"
@@ -158,9 +158,7 @@ class Catalog:
     @property
     def summary(self) -> dict[str, int]:
         """Entries per verdict (every verdict present), plus totals."""
-        counts = {v.value: 0 for v in Verdict}
-        for e in self.entries:
-            counts[e.verdict.value] += 1
+        counts = verdict_counts(e.verdict for e in self.entries)
         counts["entries"] = len(self.entries)
         counts["ops"] = len({e.op for e in self.entries})
         counts["swept"] = len(self.swept)

@@ -1,22 +1,45 @@
-"""Row building shared by the human-readable renderers (table and Markdown)."""
+"""What the renderers share: tables, ``where`` cells, CSV writing, and the rows of a report.
+
+tabulate is imported inside the functions that need it, so importing this stays light.
+"""
 
 from __future__ import annotations
 
+import csv
+import io
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from opaudit.data.verdict import Verdict
 
 if TYPE_CHECKING:
     from opaudit.data.report import Finding, Report, RunCheck
+    from opaudit.flows.predict import Predicted, Prediction
 
 FINDING_HEADERS = ("verdict", "op", "calls", "phase", "where", "module", "default", "determ.", "max |diff|", "det. cost")
 
 
-def where(f: "Finding", limit: int = 2) -> str:
-    """``file:line`` of the first sites, with a ``+N`` for the rest."""
-    locs = list(f.locations)
-    more = len(locs) - limit + f.sites_dropped
-    text = ", ".join(locs[:limit])
+def md_table(headers: Sequence[Any], rows: Iterable[Sequence[Any]]) -> str:
+    """A GitHub-flavoured Markdown table."""
+    from tabulate import tabulate
+
+    return tabulate(rows, headers=headers, tablefmt="github")
+
+
+def csv_text(fields: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> str:
+    """CSV with a header row and these columns, ``\\n`` line ends."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(fields), lineterminator="\n")
+    w.writeheader()
+    for row in rows:
+        w.writerow(row)
+    return buf.getvalue()
+
+
+def where(locations: Sequence[str], limit: int = 2, dropped: int = 0) -> str:
+    """The first ``limit`` ``file:line`` locations, with ``+N`` for the rest (``dropped`` more were not kept)."""
+    more = len(locations) - limit + dropped
+    text = ", ".join(locations[:limit])
     return f"{text} +{more}" if more > 0 else text
 
 
@@ -32,7 +55,7 @@ def finding_row(f: "Finding") -> list[Any]:
     cost = f.det_cost
     return [
         f.verdict.value + (f" ({f.reason})" if f.reason else ""),
-        f.op, f.calls, "/".join(f.phases), where(f), ", ".join(f.modules[:2]) or "-",
+        f.op, f.calls, "/".join(f.phases), where(f.locations, 2, f.sites_dropped), ", ".join(f.modules[:2]) or "-",
         f.default_diverged or "-", f.deterministic_diverged or "-",
         fmt_num(f.max_abs_diff) if f.diverges else "-",
         f"{cost:.2f}x" if cost is not None else "-",
@@ -57,7 +80,7 @@ def crash_rows(report: "Report") -> list[list[str]]:
     rows = []
     for f in report.raising():
         err = (f.strict_error or "").splitlines()[0] if f.strict_error else ""
-        rows.append([str(f.first_call), f.op, where(f, 1), "/".join(f.phases), err])
+        rows.append([str(f.first_call), f.op, where(f.locations, 1, f.sites_dropped), "/".join(f.phases), err])
     return rows
 
 
@@ -110,3 +133,21 @@ def remedy_rows(report: "Report") -> list[list[str]]:
         seen.add(key)
         rows.append([f.op, f.verdict.value, f.remedy])
     return rows
+
+
+def grouped_predictions(prediction: "Prediction", limit: int = 2) -> list[tuple["Predicted", str, int]]:
+    """Rows that differ only in signature merged: ``(first row, where, signatures)``, in order."""
+    groups: dict[tuple, list["Predicted"]] = {}
+    for r in prediction.rows:
+        groups.setdefault((r.predicted, r.here, r.op, r.dtype, r.variant, r.note), []).append(r)
+    out = []
+    for rows in groups.values():
+        locs = list(dict.fromkeys(loc for r in rows for loc in r.locations))
+        out.append((rows[0], where(locs, limit), len(rows)))
+    return out
+
+
+def target_name(prediction: "Prediction") -> str:
+    """``NVIDIA H100 80GB HBM3, torch 2.x`` style label of the catalog's machine."""
+    t = prediction.target
+    return f"{t.get('gpu') or t.get('cpu') or '?'}, torch {t.get('torch')}"
