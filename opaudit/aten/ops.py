@@ -100,10 +100,16 @@ def op_kind(func: torch._ops.OpOverload) -> tuple[OpKind, str]:
 
 @functools.cache
 def written_args(func: torch._ops.OpOverload) -> tuple[tuple[bool, ...], frozenset[str]]:
-    """Which positional arguments and keyword names the op writes to (schema ``Tensor(a!)``)."""
+    """Which positional arguments and keyword names the op writes to (schema ``Tensor(a!)``).
+
+    In-place c10d collectives (``allreduce_``...) write their first argument
+    (from another thread, once the work completes) without saying so in their schema.
+    """
     pos, kw = [], set()
-    for a in func._schema.arguments:
-        w = bool(a.alias_info is not None and a.alias_info.is_write)
+    name = func._schema.name
+    c10d_inplace = name.startswith("c10d::") and name.endswith("_")
+    for i, a in enumerate(func._schema.arguments):
+        w = bool(a.alias_info is not None and a.alias_info.is_write) or (c10d_inplace and i == 0)
         if a.kwarg_only:
             if w:
                 kw.add(a.name)

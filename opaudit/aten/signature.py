@@ -32,9 +32,34 @@ def describe(a: Any) -> str:
         return f"[{inner}]" if isinstance(a, list) else f"({inner}{',' if len(a) == 1 else ''})"
     if isinstance(a, torch.dtype):
         return str(a)
+    if isinstance(a, torch.ScriptObject):
+        return script_object_text(a)
+    if isinstance(a, torch.Generator):
+        return f"Generator({a.device})"  # its repr holds its address
     if isinstance(a, float):
         return repr(a)
     return repr(a)
+
+
+def script_object_text(obj: Any) -> str:
+    """A stable text for a TorchScript object argument (``repr`` would hold its address).
+
+    Collectives take their process group and reduce op as such objects:
+    ``ProcessGroup(size=2)``, ``ReduceOp.SUM``.
+    """
+    name = obj._type().qualified_name().rsplit(".", 1)[-1]
+    try:
+        import torch.distributed as dist
+
+        if name == "ProcessGroup":
+            return f"ProcessGroup(size={dist.ProcessGroup.unbox(obj).size()})"
+        if name == "ReduceOp":
+            code = int(obj.op())
+            names = {int(v): k for k, v in dist.ReduceOp.RedOpType.__members__.items()}
+            return f"ReduceOp.{names.get(code, code)}"
+    except Exception:  # noqa: BLE001 - another build of torch: the type name still reads stably
+        pass
+    return name
 
 
 def signature_text(args: tuple, kwargs: dict) -> str:

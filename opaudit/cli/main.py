@@ -147,6 +147,9 @@ def _audit_parser() -> _Parser:
                    help="skip (reason 'timeout') a signature whose replay takes longer; implies --isolate, "
                         "since a running C++ op cannot be stopped inside its own process")
     p.add_argument("--no-timing", action="store_true", help="leave timings out of the report (byte-stable output)")
+    from opaudit.cli import torchrun
+
+    torchrun.add_arguments(p, _positive_int, _positive_float)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary on stderr")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     p.add_argument("--version", action="version", version=f"opaudit {__version__}")
@@ -240,6 +243,17 @@ def audit_main(argv: list[str]) -> int:
     """``opaudit SCRIPT [options] [-- args]``."""
     own, script_args = _split_script_args(argv)
     args = _audit_parser().parse_args(own)
+    rank_audit = None
+    if args.nproc_per_node or args.per_rank_reports or "TORCHELASTIC_RUN_ID" in os.environ:
+        from opaudit.cli import torchrun
+
+        rank_audit = torchrun.rank_audit(args, UsageError)
+        if args.nproc_per_node:
+            from opaudit.flows.distributed.launch import launch
+
+            _check_output(args.output)
+            rest = script_args if "--" in argv else None
+            return launch(args.nproc_per_node, torchrun.without_option(own, rest, "--nproc-per-node"))
     output = _check_output(args.output)
     if args.format:
         from opaudit.cli.formats import Format
@@ -276,8 +290,9 @@ def audit_main(argv: list[str]) -> int:
             checks = run_checks(target, args.run_check, seed=args.seed, on_run=show)
         finally:
             clear()
-    rec = Recorder(capture_budget=args.capture_budget * 2**20, root=target.root)
-    loader.run(target, lambda: rec, seed=args.seed)
+    rec = Recorder(capture_budget=args.capture_budget * 2**20, root=target.root,
+                   capture_collectives=rank_audit is not None)
+    loader.run(target, rank_audit.recording(rec) if rank_audit else lambda: rec, seed=args.seed)
 
     update, close = _progress(not args.quiet and sys.stderr.isatty())
     settings = {"script": target.name, "entry": target.entry or "__main__", "timing": not args.no_timing}
@@ -295,6 +310,9 @@ def audit_main(argv: list[str]) -> int:
         report = build_report(rec, reps=args.reps, seed=args.seed, settings=settings,
                               timings=not args.no_timing, on_progress=update, replay_fn=isolator,
                               run_checks=checks)
+        if rank_audit is not None:
+            close()
+            report = rank_audit.finish(report, rec, reps=args.reps)
     except KeyboardInterrupt as e:
         close()
         partial = getattr(e, "report", None)
@@ -315,10 +333,25 @@ def audit_main(argv: list[str]) -> int:
         if isolator is not None:
             isolator.close()
         rec.release()
+    if rank_audit is None:
+        return _finish(report, against, args, output)
+    if report is None:
+        return EXIT_OK  # a rank other than 0: rank 0 writes the merged report
+    from opaudit.cli import torchrun
+
+    return torchrun.rank0_status(_finish(report, against, args, output))
+
+
+def _finish(report: Any, against: Any, args: argparse.Namespace, output: str | None) -> int:
+    """Write the report (or the ``--against`` prediction) and return the exit code."""
     if against is not None:
         return _emit_prediction(report, against, args, output)
     emit(report, "report", args.format, output, args.quiet)
     failing = [f for f in report.all_findings if f.verdict in args.fail_on]
+    if report.distributed and args.fail_on:
+        from opaudit.cli import torchrun
+
+        failing = failing or torchrun.replicas_differ(report)
     if failing and not args.exit_zero:
         return EXIT_FINDINGS
     return EXIT_OK
@@ -510,7 +543,9 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     for mod, name in (("opaudit.flows.catalog", "CatalogError"), ("opaudit.flows.diff", "DiffError"),
                       ("opaudit.flows.runcheck", "RunCheckError"), ("opaudit.engine.remedies", "KnowledgeBaseError"),
                       ("opaudit.flows.batchinv", "BatchInvarianceError"),
-                      ("opaudit.engine.isolate", "IsolationError")):
+                      ("opaudit.engine.isolate", "IsolationError"),
+                      ("opaudit.flows.distributed.comm", "DistributedError"),
+                      ("opaudit.flows.distributed.launch", "LaunchError")):
         try:
             errors.append(getattr(__import__(mod, fromlist=[name]), name))
         except (ImportError, AttributeError):
@@ -524,6 +559,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in _split_script_args(argv)[0]
     from opaudit.engine.loader import UserCodeError
 
+    # A torchrun worker names its rank: several ranks write to the same terminal.
+    name = f"opaudit [rank {os.environ.get('RANK')}]" if "TORCHELASTIC_RUN_ID" in os.environ else "opaudit"
     try:
         if argv and argv[0] in SUBCOMMANDS:
             return SUBCOMMANDS[argv[0]](argv[1:])
@@ -531,23 +568,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # --help / --version
         return int(e.code or 0) if isinstance(e.code, int) or e.code is None else EXIT_ERROR
     except KeyboardInterrupt:
-        sys.stderr.write("opaudit: interrupted\n")
+        sys.stderr.write(f"{name}: interrupted\n")
         return EXIT_INTERRUPTED
     except UserCodeError as e:
         if debug:
             raise
         sys.stderr.write(e.user_traceback)
-        sys.stderr.write(f"opaudit: error: {e}\n")
+        sys.stderr.write(f"{name}: error: {e}\n")
         return EXIT_ERROR
     except Exception as e:  # noqa: BLE001 - every error becomes exit 2 here
         if debug:
             raise
         if isinstance(e, _known_errors()):
-            sys.stderr.write(f"opaudit: error: {e}\n")
+            sys.stderr.write(f"{name}: error: {e}\n")
         elif isinstance(e, OSError):
-            sys.stderr.write(f"opaudit: error: {e.strerror or e}: {e.filename or ''}\n".replace(": \n", "\n"))
+            sys.stderr.write(f"{name}: error: {e.strerror or e}: {e.filename or ''}\n".replace(": \n", "\n"))
         else:
-            sys.stderr.write(f"opaudit: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)\n")
+            sys.stderr.write(f"{name}: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)\n")
         return EXIT_ERROR
 
 

@@ -29,6 +29,17 @@ READ_VERSIONS = (1, 2)
 
 
 @dataclass(frozen=True)
+class RankOutcome:
+    """What one rank of a distributed job found for a signature (merged reports only)."""
+
+    rank: int
+    verdict: Verdict
+    default_diverged: str = ""
+    deterministic_diverged: str = ""
+    reason: str = ""
+
+
+@dataclass(frozen=True)
 class Finding:
     """The verdict on one unique op signature, with the measurements behind it."""
 
@@ -60,6 +71,10 @@ class Finding:
     cudnn: tuple[tuple[str, str], ...] = ()
     """cuDNN setting → ``k/N`` divergence, for cuDNN-backed ops on CUDA."""
     remedy: str = ""
+    ranks: tuple[RankOutcome, ...] = ()
+    """Per rank, in a merged distributed report: verdict and ``k/N`` on each rank that ran the op."""
+    cross_rank: str = ""
+    """For a replayed collective whose result must match on every rank: ``identical`` or ``differs: ...``."""
 
     @property
     def modules(self) -> tuple[str, ...]:
@@ -129,6 +144,8 @@ class Report:
     run_checks: tuple[RunCheck, ...] = ()
     batch_invariance: BatchInvariance | None = None
     """The ``--batch-invariance`` check, when it ran (see :mod:`opaudit.flows.batchinv`)."""
+    distributed: Mapping[str, Any] = field(default_factory=dict)
+    """For a merged torchrun job: world size, ranks, collective plan, replica consistency (empty otherwise)."""
     format: str = FORMAT
     version: int = VERSION
 
@@ -183,6 +200,8 @@ class Report:
         }
         if self.batch_invariance is not None:
             d["batch_invariance"] = self.batch_invariance.to_dict()
+        if self.distributed:
+            d["distributed"] = dict(self.distributed)
         d["view_calls"] = dict(sorted(self.view_calls.items()))
         d["findings"] = [finding_dict(f) for f in self.all_findings]
         return d
@@ -204,7 +223,7 @@ ROW_FIELDS = (
     "id", "op", "verdict", "reason", "calls", "phases", "modules", "locations", "signature", "device",
     "alert_kind", "strict_error", "warnings", "default_diverged", "deterministic_diverged",
     "max_abs_diff", "frac_differing", "time_default_us", "time_deterministic_us", "det_cost",
-    "rng", "cudnn", "remedy", "first_call",
+    "rng", "cudnn", "remedy", "first_call", "ranks", "cross_rank",
 )
 """Column order of CSV and DataFrame rows."""
 
@@ -232,6 +251,8 @@ def flat_row(f: Finding) -> dict[str, Any]:
         "time_default_us": _num(f.time_default_us, 4), "time_deterministic_us": _num(f.time_deterministic_us, 4),
         "det_cost": _num(cost, 3), "rng": f.rng, "cudnn": ";".join(f"{k}:{v}" for k, v in f.cudnn),
         "remedy": f.remedy, "first_call": f.first_call,
+        "ranks": ";".join(f"{o.rank}:{o.verdict.value} {o.default_diverged}".rstrip() for o in f.ranks),
+        "cross_rank": f.cross_rank,
     }
 
 
@@ -267,7 +288,32 @@ def finding_dict(f: Finding) -> dict[str, Any]:
         d["cudnn"] = {k: v for k, v in f.cudnn}
     if f.remedy:
         d["remedy"] = f.remedy
+    if f.ranks:
+        d["ranks"] = [_rank_dict(o) for o in f.ranks]
+    if f.cross_rank:
+        d["cross_rank"] = f.cross_rank
     return d
+
+
+def _rank_dict(o: RankOutcome) -> dict[str, Any]:
+    d: dict[str, Any] = {"rank": o.rank, "verdict": o.verdict.value}
+    if o.default_diverged:
+        d["default_diverged"] = o.default_diverged
+        d["deterministic_diverged"] = o.deterministic_diverged
+    if o.reason:
+        d["reason"] = o.reason
+    return d
+
+
+def _parse_rank(d: Any, where: str) -> RankOutcome:
+    if not isinstance(d, Mapping):
+        raise ReportError(f"{where}: a rank entry must be a mapping")
+    try:
+        verdict = Verdict.parse(_need(d, "verdict", str, where))
+    except ValueError as e:
+        raise ReportError(f"{where}: {e}") from None
+    return RankOutcome(_need(d, "rank", int, where), verdict, _opt(d, "default_diverged", str, where, ""),
+                       _opt(d, "deterministic_diverged", str, where, ""), _opt(d, "reason", str, where, ""))
 
 
 def _run_check_dict(r: RunCheck) -> dict[str, Any]:
@@ -338,6 +384,8 @@ def parse_finding(d: Any, where: str) -> Finding:
         rng=bool(_opt(d, "rng", bool, where, False)),
         cudnn=tuple((str(k), str(v)) for k, v in sorted(cudnn.items())),
         remedy=_opt(d, "remedy", str, where, ""),
+        ranks=tuple(_parse_rank(r, f"{where}.ranks") for r in _opt(d, "ranks", list, where, [])),
+        cross_rank=_opt(d, "cross_rank", str, where, ""),
     )
 
 
@@ -378,6 +426,7 @@ def from_dict(data: Any, path: str = "<report>") -> Report:
         env_warnings=_strings(data, "env_warnings", path),
         run_checks=tuple(runs),
         batch_invariance=batch,
+        distributed=_opt(data, "distributed", dict, path, {}),
     )
     _check_summary(summary, report, path)
     return report

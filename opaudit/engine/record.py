@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from opaudit.aten.ops import OpKind, op_kind, written_args
-from opaudit.aten.signature import signature_id, signature_text
+from opaudit.aten.signature import script_object_text, signature_id, signature_text
 from opaudit.aten.tensors import CaptureError, Snapshot, copy_span
 from opaudit.data.site import Site
 from opaudit.engine.mode import RecordingMode
@@ -109,6 +109,7 @@ def _op_traits(func: Any) -> _OpTraits:
 _Tensor = torch.Tensor
 _storage_use_count: Callable[[Any], int] | None = getattr(torch._C, "_storage_Use_Count", None)
 _NAN_KEY = ("nan",)
+_ScriptObject = torch.ScriptObject
 
 
 def _args_key(args: Iterable[Any]) -> tuple:
@@ -127,6 +128,9 @@ def _args_key(args: Iterable[Any]) -> tuple:
             out.append(_args_key(a))
         elif a.__class__ is float and a != a:
             out.append(_NAN_KEY)
+        elif a.__class__ is _ScriptObject:
+            # Boxed afresh on each call: equal objects must give equal keys.
+            out.append(script_object_text(a))
         else:
             out.append(a)
     return tuple(out)
@@ -153,9 +157,12 @@ class Recorder:
     """
 
     def __init__(self, capture_budget: int = DEFAULT_CAPTURE_BUDGET, root: str | None = None, *,
-                 copy_inputs: bool = False) -> None:
+                 copy_inputs: bool = False, capture_collectives: bool = False) -> None:
         self.capture_budget = capture_budget
         self.copy_inputs = copy_inputs
+        self.capture_collectives = capture_collectives
+        """Also capture the inputs of collectives (still ``skipped``, reason ``collective``),
+        for :mod:`opaudit.flows.distributed` to replay them in lockstep on every rank."""
         """Copy every input when it is captured, instead of holding the ones the op
         only reads until something is about to write them (see :meth:`_before_write`).
         Needed only when the recorded code writes tensors other than through aten
@@ -230,7 +237,9 @@ class Recorder:
         if info.kind in (OpKind.COMPUTE, OpKind.RANDOM, OpKind.UNINITIALIZED):
             self._capture(entry, info, args, kwargs)
         elif info.kind is OpKind.SIDE_EFFECT:
-            entry.skip_reason = info.skip_reason
+            if self.capture_collectives and info.skip_reason == "collective":
+                self._capture(entry, info, args, kwargs)
+            entry.skip_reason = entry.skip_reason or info.skip_reason
         if entry.snapshot is None:
             # With a snapshot the text waits for ``signatures()`` (see ``_text``).
             entry.text = signature_text(args, kwargs)

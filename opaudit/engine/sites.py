@@ -184,6 +184,10 @@ class SiteTracker:
         """The :class:`Site` behind an id returned by :meth:`current`."""
         return self._site_list[site_id]
 
+    def frame_site(self, f: Any) -> Site:
+        """The site of a call made in frame ``f``: its innermost user frame, and the module being called."""
+        return self._site_list[self._site_id(f)]
+
     def _site_id(self, f: Any, with_module: bool = True) -> int:
         """Id of the site of the innermost user frame at or above ``f``, and of the innermost module."""
         last_f, last_line, last_site = self._last if with_module else self._last_bare

@@ -50,13 +50,26 @@ def fmt_num(x: float | None) -> str:
     return f"{x:.3g}"
 
 
+def _per_rank(f: "Finding", field: str) -> str:
+    """``k/N`` per rank (``4/5 r0, 0/5 r1``) in a merged distributed report, else the plain value."""
+    if len(f.ranks) < 2 or not any(getattr(o, field) for o in f.ranks):
+        return getattr(f, field) or "-"
+    return ", ".join(f"{getattr(o, field) or '-'} r{o.rank}" for o in f.ranks)
+
+
 def finding_row(f: "Finding") -> list[Any]:
     """One table row for a finding."""
     cost = f.det_cost
+    verdict = f.verdict.value + (f" ({f.reason})" if f.reason else "")
+    on = [o.rank for o in f.ranks if o.verdict is f.verdict]
+    if f.ranks and len(on) < len(f.ranks):
+        verdict += f" on rank {','.join(map(str, on))}"
+    if f.cross_rank.startswith("differs"):
+        verdict += f"; across ranks {f.cross_rank}"
     return [
-        f.verdict.value + (f" ({f.reason})" if f.reason else ""),
+        verdict,
         f.op, f.calls, "/".join(f.phases), where(f.locations, 2, f.sites_dropped), ", ".join(f.modules[:2]) or "-",
-        f.default_diverged or "-", f.deterministic_diverged or "-",
+        _per_rank(f, "default_diverged"), _per_rank(f, "deterministic_diverged"),
         fmt_num(f.max_abs_diff) if f.diverges else "-",
         f"{cost:.2f}x" if cost is not None else "-",
     ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from opaudit.cli.formats import batch_invariance
+from opaudit.cli.formats import batch_invariance, distributed
 from opaudit.cli.formats.common import (
     FINDING_HEADERS,
     crash_rows,
@@ -57,6 +57,8 @@ def report(report: "Report") -> str:
             lines = run_check_lines(r)
             out += [f"- **{lines[0]}**"] + [f"  - {line.strip()}" for line in lines[1:]]
         out.append("")
+    if report.distributed:
+        out += distributed.markdown(report)
     rows = [finding_row(f) for f in notable(report)]
     out += ["## Findings", ""]
     out += [md_table(FINDING_HEADERS, rows) if rows else "Every replayed op was stable.", ""]

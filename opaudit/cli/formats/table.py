@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from opaudit.cli.formats import batch_invariance
+from opaudit.cli.formats import batch_invariance, distributed
 from opaudit.cli.formats.common import (
     FINDING_HEADERS,
     crash_rows,
@@ -48,6 +48,8 @@ def report(report: "Report") -> str:
                             maxcolwidths=[None, None, None, None, 70]))
     for r in report.run_checks:
         out.append("\nWhole-step check, " + "\n".join(run_check_lines(r)))
+    if report.distributed:
+        out.append("\n" + distributed.table(report))
     remedies = remedy_rows(report)
     if remedies:
         out.append("\nWhat to do:")
