@@ -230,3 +230,21 @@ def test_world_of_one_without_a_process_group(tmp_path, capfd):
     assert report.finding("aten.mm.default").ranks == (RankOutcome(0, Verdict.STABLE, "0/2", "0/2"),)
     assert torch.get_num_threads() == 2  # the launcher left this process's settings alone
 
+
+
+@pytest.mark.timeout(150)
+def test_sharded_catalog_equals_a_single_process_sweep(tmp_path):
+    """``torchrun -m opaudit catalog``: each rank sweeps its share, rank 0 merges; equal to one sweep."""
+    from opaudit.flows.catalog import CatalogRequest, build_catalog, load_catalog
+
+    ops = ("put", "take", "nn.functional.max_unpool1d", "cumsum")
+    out = tmp_path / "cat.yaml"
+    opts = ["--dtypes", "float32", "--no-stress", "--max-samples", "2", "--reps", "2", "--in-process"]
+    proc = _torchrun("catalog", "--ops", ",".join(ops), *opts, "--threads", "2", "-o", str(out), "-q", timeout=140)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(os.listdir(tmp_path)) == ["cat.yaml"]  # the ranks' partial files are gone, no other output
+    sharded = load_catalog(str(out))
+    single = build_catalog(CatalogRequest("cpu", ops, dtypes="float32", stress=False, max_samples=2, reps=2,
+                                          isolate=False, threads=2))
+    assert [s.task_id for s in sharded.swept] == [s.task_id for s in single.swept] and len(single.swept) >= 4
+    assert sharded.to_dict() == single.to_dict()

@@ -437,6 +437,8 @@ def _catalog_parser() -> _Parser:
                         "at 1.5x that plus 30 s and the op recorded as timeout")
     p.add_argument("--threads", type=_positive_int, metavar="N", help="torch.set_num_threads(N) in the worker")
     p.add_argument("--no-modules", action="store_true", help="skip the torch.nn modules OpInfo does not cover")
+    p.add_argument("--dist-timeout", type=_positive_float, default=60.0, metavar="SECONDS",
+                   help="under torchrun (a sharded sweep), time limit for reaching torchrun's store")
     p.add_argument("--in-process", action="store_true",
                    help="run ops in this process (faster start; no hard time limit, a crashing op ends the sweep)")
     p.add_argument("--batch-invariance", action="store_true",
@@ -465,14 +467,26 @@ def catalog_main(argv: list[str]) -> int:
     if args.resume and not output:
         raise UsageError("--resume needs -o PATH: the sweep resumes from PATH.partial")
     partial = partial_path(output) if output else None
+    world = device = None
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        from opaudit.flows.distributed import shard, world_from_env
+
+        world = world_from_env()
+    if world is not None:  # one shard of the sweep per rank, merged on rank 0
+        device = shard.shard_device(args.device, world)
+        partial = shard.shard_partial(partial, world) if partial else None
+        if args.resume and partial and not os.path.exists(partial):
+            args.resume = False  # this shard had not written its partial file yet: it starts over
+        args.quiet = args.quiet or world.rank != 0
     update, close = _progress(not args.quiet and sys.stderr.isatty(), "sweeping", "op")
     try:
         request = CatalogRequest(
-            device=args.device, ops=tuple(args.ops.split(",")) if args.ops else (), dtypes=args.dtypes,
+            device=device or args.device, ops=tuple(args.ops.split(",")) if args.ops else (), dtypes=args.dtypes,
             stress=not args.no_stress, reps=args.reps, op_timeout=args.op_timeout, max_samples=args.max_samples,
             stress_elements=args.stress_elements, modules=not args.no_modules,
             resume=partial if args.resume else None, partial=partial, isolate=not args.in_process,
-            threads=args.threads, quiet_worker=not args.debug, batch_invariance=args.batch_invariance)
+            threads=args.threads, quiet_worker=not args.debug, batch_invariance=args.batch_invariance and (world is None or world.rank == 0),
+            shard=(world.rank, world.world_size) if world is not None else None)
         catalog = build_catalog(request, on_progress=update)
     except KeyboardInterrupt:
         close()
@@ -483,6 +497,13 @@ def catalog_main(argv: list[str]) -> int:
         return EXIT_INTERRUPTED
     finally:
         close()
+    if world is not None:
+        merged = shard.gather_catalog(world, catalog, args.dist_timeout)
+        if partial and os.path.exists(partial):
+            os.unlink(partial)  # this shard is safe on rank 0 now
+        if merged is None:
+            return EXIT_OK  # a rank other than 0: rank 0 writes the merged catalog
+        catalog = merged
     emit(catalog, "catalog", args.format, output, args.quiet, default="yaml")
     if partial and os.path.exists(partial):
         os.unlink(partial)

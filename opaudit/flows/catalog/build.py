@@ -117,6 +117,10 @@ class CatalogRequest:
     batch_invariance: bool = False
     """After the sweep, run the batch-invariance probes (:mod:`opaudit.flows.catalog.batch`) here, for the
     probes ``ops`` selects."""
+    shard: tuple[int, int] | None = None
+    """``(index, count)``: sweep only every ``count``-th selected task from ``index`` on (one rank of a
+    sharded sweep, see :mod:`opaudit.flows.distributed.shard`). Not part of the catalog's settings: the
+    shards of one sweep merge into the catalog a single sweep makes."""
 
     def sweep_config(self, device: str) -> SweepConfig:
         """The part the worker needs, for the checked ``device``."""
@@ -139,6 +143,9 @@ def build_catalog(request: CatalogRequest, on_progress: Callable[[SweepProgress]
     patterns = tuple(p.strip() for p in request.ops if p.strip())
     cfg = request.sweep_config(device)
     tasks = select_tasks(device, patterns, dtype_names, modules=request.modules)
+    if request.shard is not None:
+        index, count = request.shard
+        tasks = tasks[index::count]
     settings = cfg.settings(dtype_names, patterns, request.modules)
     if request.isolate:
         settings["worker_memory_gib"] = round(worker_memory_limit() / 1024**3, 1)
