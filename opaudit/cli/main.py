@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from opaudit.cli import batch
 from opaudit.data.version import __version__
 
 EXIT_OK, EXIT_FINDINGS, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -75,27 +76,6 @@ def _run_count(text: str) -> int:
     return v
 
 
-def _row_counts(text: str) -> tuple[int, ...]:
-    """``1,2,3`` → row counts (each checked against the batch once it is known)."""
-    parts = [t.strip() for t in text.split(",")]
-    if not any(parts):
-        raise argparse.ArgumentTypeError("expected comma-separated row counts, e.g. 1,2,3")
-    out = []
-    for t in parts:
-        try:
-            out.append(int(t))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated row counts, got {t!r} in {text!r}") from None
-    return tuple(out)
-
-
-def _dim(text: str) -> int:
-    v = _int(text)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {v}")
-    return v
-
-
 def parse_verdicts(text: str) -> tuple:
     """``raises,diverges`` → verdicts; ``none`` or empty → no verdict fails."""
     from opaudit.data.verdict import Verdict
@@ -126,9 +106,9 @@ def _audit_parser() -> _Parser:
                    help="instead of an audit, check that opaudit_forward(batch)'s first b rows do not depend on the "
                         "rest of the batch: the script defines opaudit_batch() and opaudit_forward(batch); exit 1 "
                         "when a row count gives other bits")
-    p.add_argument("--batch-sizes", type=_row_counts, metavar="LIST",
+    p.add_argument("--batch-sizes", type=batch.row_counts, metavar="LIST",
                    help="row counts checked with --batch-invariance (default 1,2,3)")
-    p.add_argument("--batch-dim", type=_dim, metavar="N", help="the batch dim for --batch-invariance (default 0)")
+    p.add_argument("--batch-dim", type=batch.batch_dim, metavar="N", help="the batch dim for --batch-invariance (default 0)")
     p.add_argument("-o", "--output", metavar="PATH", help="write the report here (format from the extension)")
     p.add_argument("--format", metavar="FMT", help="yaml, json, csv, md or table (default: from -o, else table)")
     p.add_argument("--fail-on", type=parse_verdicts, default=parse_verdicts(DEFAULT_FAIL_ON), metavar="LIST",
@@ -359,23 +339,12 @@ def _finish(report: Any, against: Any, args: argparse.Namespace, output: str | N
 
 def _batch_invariance_main(args: argparse.Namespace, script_args: list[str], output: str | None) -> int:
     """``opaudit SCRIPT --batch-invariance``: exit 1 when a row count gives other bits."""
-    for flag, value in (("--run-check", args.run_check), ("--against", args.against), ("--entry", args.entry),
-                        ("--isolate", args.isolate), ("--op-timeout", args.op_timeout)):
-        if value:
-            raise UsageError(f"{flag} cannot be combined with --batch-invariance")
-    import torch
-
-    from opaudit.engine import loader
-    from opaudit.flows.batchinv import DEFAULT_ROWS, batch_report, check_script
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    target = loader.load_target(args.script, None, script_args)
-    dim = args.batch_dim if args.batch_dim is not None else 0
-    result = check_script(target, args.batch_sizes or DEFAULT_ROWS, dim, seed=args.seed)
-    report = batch_report(result, {"script": target.name, "entry": "opaudit_forward"})
+    for name in batch.CONFLICTS:
+        if getattr(args, name):
+            raise UsageError(f"--{name.replace('_', '-')} cannot be combined with --batch-invariance")
+    report = batch.run(args, script_args)
     emit(report, "report", args.format, output, args.quiet)
-    return EXIT_FINDINGS if not result.invariant and not args.exit_zero else EXIT_OK
+    return EXIT_FINDINGS if not report.batch_invariance.invariant and not args.exit_zero else EXIT_OK
 
 
 SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {}
