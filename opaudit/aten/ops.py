@@ -29,14 +29,16 @@ class OpKind(str, enum.Enum):
 
 
 # Ops that only read or rewrite tensor metadata. Their schemas do not all mark them
-# as views (``_unsafe_view`` returns a fresh tensor, ``set_`` and ``resize_`` write
-# metadata in place), so they are named here.
+# as views (``_unsafe_view`` returns a fresh tensor, ``set_`` writes metadata in
+# place), so they are named here. An op that can allocate or raise is not metadata:
+# ``resize_`` and ``resize_as_`` grow storage (uninitialized memory, filled under
+# deterministic mode) and raise for quantized tensors, so they are replayed.
 _METADATA_OPS = frozenset({
     "aten::size", "aten::sym_size", "aten::stride", "aten::sym_stride", "aten::numel",
     "aten::sym_numel", "aten::dim", "aten::storage_offset", "aten::sym_storage_offset",
     "aten::is_contiguous", "aten::sym_is_contiguous", "aten::is_strides_like_format",
     "aten::is_non_overlapping_and_dense", "aten::_unsafe_view", "aten::lift_fresh",
-    "aten::lift", "aten::set_", "aten::resize_", "aten::resize_as_", "aten::_reshape_alias",
+    "aten::lift", "aten::set_", "aten::_reshape_alias",
     "aten::squeeze_", "aten::unsqueeze_", "aten::t_", "aten::transpose_", "aten::as_strided_",
     "aten::swapaxes_", "aten::swapdims_", "aten::_version", "aten::is_same_size",
     "aten::_has_compatible_shallow_copy_type", "aten::requires_grad_", "aten::retain_grad",

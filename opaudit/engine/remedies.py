@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
+from opaudit.aten.signature import mode_values
 from opaudit.data.verdict import Verdict
 
 if TYPE_CHECKING:
@@ -177,16 +178,33 @@ class KnowledgeBase:
         """Curated entries whose ops match ``op``."""
         return [e for e in self.entries if e.matches(op)]
 
-    def documentation(self, op: str, device: str = "cpu") -> list[DocumentedOp]:
-        """What the installed torch documents about ``op`` on ``device``."""
+    def documentation(self, op: str, device: str = "cpu", verdict: Verdict | None = None,
+                      signature: str | None = None) -> list[DocumentedOp]:
+        """What the installed torch documents about ``op`` on ``device``.
+
+        With ``verdict``, only the bullets of the matching section (``raises`` for
+        raises and warns, ``deterministic`` for diverges). With ``signature``, not the
+        bullets whose argument condition the call does not meet (``put_ when
+        accumulate=False`` for a call with ``accumulate=True``). Among several
+        documented APIs of one entry, the ones named like the op (``MaxUnpool3d`` for
+        ``aten.max_unpool3d``) are preferred.
+        """
         apis = {a for e in self.entries_for(op) for a in e.apis}
-        return [d for d in self.documented if d.api in apis and d.applies_to(device)]
+        found = [d for d in self.documented if d.api in apis and d.applies_to(device)]
+        want = _SECTION_OF.get(verdict) if verdict is not None else None
+        if want is not None:
+            found = [d for d in found if d.behaviour == want]
+        if signature is not None:
+            values = mode_values(op, signature)
+            found = [d for d in found if all(values.get(k, v) == v for k, v in _CONDITION.findall(d.text))]
+        own = [d for d in found if _api_key(d.api) == _op_key(op)]
+        return own or found
 
     def remedy(self, f: "Finding") -> str:
         """The advice for one finding, with its measured cost and PyTorch's own words where they exist."""
         text = self._advice(f)
         if text and f.verdict in (Verdict.RAISES, Verdict.DIVERGES, Verdict.DIVERGES_DETERMINISTIC, Verdict.WARNS):
-            found = self.documentation(f.op, f.device)
+            found = self.documentation(f.op, f.device, f.verdict, f.signature)
             # Prefer the bullets that name this device over the device-less ones.
             named = [d for d in found if d.devices]
             docs = [d.text for d in (named or found)]
@@ -255,3 +273,24 @@ def _cudnn_advice(f: "Finding") -> str | None:
     if not stable:
         return "unstable under every cudnn.deterministic / cudnn.benchmark setting tried"
     return f"stable with {' or '.join(stable)}: set torch.backends.cudnn.deterministic=True, benchmark=False."
+
+
+_SECTION_OF = {
+    Verdict.RAISES: "raises", Verdict.WARNS: "raises",
+    Verdict.DIVERGES: "deterministic", Verdict.DIVERGES_DETERMINISTIC: "deterministic",
+}
+"""The section of the documented list that speaks to a verdict."""
+
+_CONDITION = re.compile(r"\b([a-z_]+)=(True|False)\b")
+"""``accumulate=False`` in a bullet: the bullet is about calls with that argument value."""
+
+
+def _api_key(api: str) -> str:
+    """``maxunpool3d`` for ``torch.nn.MaxUnpool3d``, ``put`` for ``torch.Tensor.put_``."""
+    return api.rsplit(".", 1)[-1].lower().replace("_", "")
+
+
+def _op_key(op: str) -> str:
+    """``maxunpool3d`` for ``aten.max_unpool3d.default``, ``put`` for ``aten.put_.default``."""
+    parts = op.split(".")
+    return (parts[1] if len(parts) >= 2 else op).lower().replace("_", "")

@@ -34,6 +34,7 @@ One module per job, each importing only those above it in this list:
 
 from __future__ import annotations
 
+from opaudit.aten.signature import signature_dtype, signature_variant, split_signature
 from opaudit.flows.catalog.build import PARTIAL_EVERY_S, CatalogRequest, SweepProgress, build_catalog, partial_path
 from opaudit.flows.catalog.config import (
     DEFAULT_DTYPES,
@@ -45,7 +46,7 @@ from opaudit.flows.catalog.config import (
     STRESS_ELEMENTS,
     SweepConfig,
 )
-from opaudit.flows.catalog.keys import entry_key, signature_dtype, signature_variant, split_signature
+from opaudit.flows.catalog.keys import entry_key
 from opaudit.flows.catalog.model import (
     FORMAT,
     VERSION,

@@ -9,6 +9,7 @@ from typing import Any
 
 from opaudit.flows.catalog.config import SweepConfig
 from opaudit.flows.catalog.model import OPINFO, STRESS
+from opaudit.flows.catalog.select import FUNCTION, INPLACE
 from opaudit.flows.catalog.stress import (
     STRESS_CALL_S,
     STRESS_TRIAL_BUDGET_S,
@@ -49,9 +50,48 @@ def _cloned_call(op: Any, sample: Any) -> Callable[[], Any]:
     return lambda: sample_call(op, map_sample(sample, clone_tensor))()
 
 
-def opinfo_cases(op: Any, device: str, dtype: Any, cfg: SweepConfig, kind: str) -> tuple[list[Case], str]:
+def form_cases(op: Any, device: str, dtype: Any, cfg: SweepConfig, form: str) -> list[Case]:
+    """OpInfo's own samples called in place (on a copy of the input) or with ``out=`` tensors.
+
+    No gradient: autograd refuses ``out=``, and an in-place op on a leaf that requires
+    grad. No stress inputs either: the scaled kernels are the function form's.
+    """
+    import torch
+    from torch.utils._pytree import tree_map
+
+    cases = []
+    for i, s in enumerate(opinfo_samples(op, device, dtype, False, cfg.max_samples)):
+        if form == INPLACE:
+            # Written in place: a copy made before recording, so the sample stays as OpInfo made it.
+            inp = s.input.detach().clone()
+
+            def call(s: Any = s, inp: Any = inp) -> Any:
+                return op.inplace_variant(inp, *s.args, **s.kwargs)
+        else:
+            try:
+                with torch.no_grad():
+                    result = op(s.input, *s.args, **s.kwargs)
+                outs = tree_map(lambda t: torch.empty_like(t) if isinstance(t, torch.Tensor) else t, result)
+                with torch.no_grad():
+                    op(s.input, *s.args, **s.kwargs, out=outs)
+            except Exception:  # noqa: BLE001 - a sample this form does not take is not a case
+                continue
+
+            def call(s: Any = s, outs: Any = outs) -> Any:
+                return op(s.input, *s.args, **s.kwargs, out=outs)
+        cases.append(Case(call, False, f"{form} sample {i}"))
+    return cases
+
+
+def opinfo_cases(op: Any, device: str, dtype: Any, cfg: SweepConfig, kind: str,
+                 form: str = FUNCTION) -> tuple[list[Case], str]:
+    """The cases of an OpInfo entry for one input kind: its samples, or stress samples built from them."""
     import torch
 
+    if form != FUNCTION:
+        if kind == OPINFO:
+            return form_cases(op, device, dtype, cfg, form), ""
+        return [], ""
     dtype_name = str(dtype).replace("torch.", "")
     grad = bool(op.supports_autograd) and dtype in op.supported_backward_dtypes(device.split(":")[0])
     base = opinfo_samples(op, device, dtype, grad, cfg.max_samples)
@@ -82,7 +122,9 @@ def opinfo_cases(op: Any, device: str, dtype: Any, cfg: SweepConfig, kind: str) 
     return cases, note
 
 
-def module_cases(info: Any, device: str, dtype: Any, cfg: SweepConfig, kind: str) -> tuple[list[Case], str]:
+def module_cases(info: Any, device: str, dtype: Any, cfg: SweepConfig, kind: str,
+                 form: str = FUNCTION) -> tuple[list[Case], str]:
+    """The cases of a ``torch.nn`` module for one input kind: its inputs, or inputs tiled along dim 0."""
     import torch
     from torch.testing._internal.opinfo.core import SampleInput
 

@@ -48,7 +48,7 @@ def serve(fd: int) -> None:
             result = sweep_task(task, cfg)
         except Exception as e:  # noqa: BLE001 - reported to the parent as this task's failure
             sys.stderr.write(traceback.format_exc(limit=5))
-            result = TaskResult(SweptOp(task.source, task.dtype, FAILED, reason=f"sweep error: {error_line(e)}"), ())
+            result = TaskResult(SweptOp(task.label, task.dtype, FAILED, reason=f"sweep error: {error_line(e)}"), ())
         conn.send(("result", result))
 
 
@@ -115,11 +115,11 @@ class WorkerRunner:
         reply = worker.receive(time.monotonic() + limit)
         if reply is TIMED_OUT:
             self.stop()
-            return TaskResult(SweptOp(task.source, task.dtype, TIMEOUT,
+            return TaskResult(SweptOp(task.label, task.dtype, TIMEOUT,
                                       reason=f"killed after {limit:.0f}s (hung or too slow)"), ())
         if reply is None:
             self._worker = None
-            return TaskResult(SweptOp(task.source, task.dtype, CRASHED,
+            return TaskResult(SweptOp(task.label, task.dtype, CRASHED,
                                       reason=f"worker died ({worker.exit_reason()})"), ())
         return reply[1]
 

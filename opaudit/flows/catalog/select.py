@@ -7,12 +7,12 @@ import fnmatch
 import functools
 import itertools
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from opaudit.aten.signature import dtype_abbreviations
 from opaudit.flows.catalog.config import DEFAULT_DTYPES
-from opaudit.flows.catalog.keys import dtype_abbreviations
 from opaudit.flows.catalog.model import CatalogError
 
 # Names of torch.nn modules swept from ``common_modules.module_db`` are prefixed with
@@ -21,19 +21,38 @@ from opaudit.flows.catalog.model import CatalogError
 MODULE_TASK, OPINFO_TASK = "module", "opinfo"
 
 
+FUNCTION, INPLACE, OUT = "", "inplace", "out"
+"""How a task calls its OpInfo entry: the function (``torch.put``), its in-place method (``Tensor.put_``),
+or the function with ``out=`` tensors (``torch.median(x, 0, out=(v, i))``, aten's ``median.dim_values``)."""
+
+OUT_FORMS = frozenset({"median"})
+"""OpInfo entries that OpInfo marks without ``out=`` support although the function takes ``out=`` for some
+samples, and whose ``out=`` overload PyTorch documents (``median`` with indices output)."""
+
+INDEX_DTYPE = "int64"
+"""The dtype of an entry that supports none of the requested dtypes but takes integers only (``bincount``)."""
+
+
 @dataclass(frozen=True)
 class Task:
-    """One OpInfo entry or module, for one dtype."""
+    """One OpInfo entry or module, for one dtype, called one way."""
 
     source: str
     kind: str
     """``opinfo`` or ``module``."""
     dtype: str
+    form: str = FUNCTION
+    """:data:`FUNCTION`, :data:`INPLACE` or :data:`OUT`."""
+
+    @property
+    def label(self) -> str:
+        """``put``, or ``put@inplace`` / ``median@out``: the name the catalog's ``source`` fields use."""
+        return f"{self.source}@{self.form}" if self.form else self.source
 
     @property
     def task_id(self) -> str:
-        """``source:dtype``."""
-        return f"{self.source}:{self.dtype}"
+        """``label:dtype``."""
+        return f"{self.label}:{self.dtype}"
 
 
 def opinfo_name(op: Any) -> str:
@@ -70,15 +89,59 @@ def _module_covered(name: str, opinfos: Mapping[str, Any]) -> bool:
 
 
 def _aliases(name: str, op: Any) -> list[str]:
-    """Names an OpInfo entry answers to in ``--ops``: its own and its aten names."""
+    """Names an OpInfo entry's function form answers to in ``--ops``: its own and its aten names."""
     out = [name, op.name]
     aten = getattr(op, "aten_name", None) or op.name
     if "." not in aten:
-        out += [f"aten.{aten}", f"aten.{aten}_", f"aten::{aten}"]
+        out += [f"aten.{aten}", f"aten::{aten}"]
     back = getattr(op, "aten_backward_name", None)
     if back:
         out.append(f"aten.{back}")
     return out
+
+
+def _form_aliases(name: str, op: Any, form: str) -> list[str]:
+    """Names the in-place or ``out=`` form of an OpInfo entry answers to: ``put_``, ``aten.put_``,
+    ``put@inplace``; ``median@out`` and the aten ``out=`` overloads (``aten.median.dim_values``)."""
+    aten = getattr(op, "aten_name", None) or op.name
+    if form == INPLACE:
+        out = [f"{name}@{INPLACE}"]
+        if not op.name.endswith("_"):
+            out += [f"{op.name}_", f"aten.{aten}_", f"aten::{aten}_"]
+        return out
+    return [f"{name}@{OUT}", *_out_overloads(aten)]
+
+
+@functools.cache
+def _out_overloads(aten: str) -> tuple[str, ...]:
+    """``aten.median.dim_values``...: the overloads of ``aten`` that write ``out=`` tensors."""
+    import torch
+
+    if "." in aten:
+        return ()
+    packet = getattr(torch.ops.aten, aten, None)
+    if packet is None:
+        return ()
+    out = []
+    for overload in packet.overloads():
+        try:
+            schema = getattr(packet, overload)._schema
+        except (AttributeError, RuntimeError):
+            continue
+        if any(a.is_out for a in schema.arguments):
+            out.append(f"aten.{aten}.{overload}")
+    return tuple(out)
+
+
+def _forms(op: Any) -> tuple[str, ...]:
+    """The forms an OpInfo entry is swept in: the function, and its in-place and ``out=`` forms where it has
+    them (an entry named like a method, ``resize_``, is in-place already)."""
+    forms = [FUNCTION]
+    if getattr(op, "inplace_variant", None) is not None and not op.name.endswith("_"):
+        forms.append(INPLACE)
+    if getattr(op, "supports_out", False) or op.name in OUT_FORMS:
+        forms.append(OUT)
+    return tuple(forms)
 
 
 def parse_dtypes(text: str | Iterable[str] | None) -> tuple[str, ...]:
@@ -121,46 +184,61 @@ def check_device(device: str) -> str:
 
 def select_tasks(device: str, patterns: Iterable[str] | None, dtypes: Iterable[str],
                  modules: bool = True) -> list[Task]:
-    """The (entry, dtype) pairs to sweep, in a stable order.
+    """The (entry, form, dtype) tasks to sweep, in a stable order.
 
     ``patterns`` are globs over OpInfo names (``nn.functional.max_unpool2d``,
-    ``index_put``), their aten names (``aten.index_put*``) and module names
-    (``nn.LSTM``). Without patterns: every OpInfo entry, plus the modules that no
-    OpInfo entry covers when ``modules`` is true.
+    ``index_put``), their aten names (``aten.index_put*``), in-place names (``put_``),
+    ``out=`` overloads (``aten.median.dim_values``) and module names (``nn.LSTM``); a
+    name takes its variants and forms. Without patterns: every OpInfo entry in each of
+    its forms, plus the modules that no OpInfo entry covers when ``modules`` is true.
+    An OpInfo entry on integers only is swept in ``int64`` when none of ``dtypes`` applies.
     """
     import torch
 
     opinfos, module_infos = databases()
     device_type = device.split(":")[0]
     pats = [p.strip() for p in (patterns or []) if p.strip()]
-    chosen: dict[str, str] = {}
+    chosen: dict[tuple[str, str], str] = {}
+    """(name, form) → task kind."""
+
+    def candidates() -> Iterator[tuple[str, str, list[str]]]:
+        for n, o in opinfos.items():
+            for form in _forms(o):
+                yield n, form, (_aliases(n, o) if form == FUNCTION else _form_aliases(n, o, form))
+        for n in module_infos:
+            yield n, FUNCTION, [n]
+
     if pats:
+        every = list(candidates())
         for p in pats:
-            hits = [n for n, o in opinfos.items() if any(fnmatch.fnmatchcase(a, p) for a in _aliases(n, o))]
-            hits += [n for n in module_infos if fnmatch.fnmatchcase(n, p)]
+            hits = [(n, form) for n, form, aliases in every if any(fnmatch.fnmatchcase(a, p) for a in aliases)]
             if not hits:
-                names = sorted(set(itertools.chain.from_iterable(_aliases(n, o) for n, o in opinfos.items()))
-                               | set(module_infos))
+                names = sorted(set(itertools.chain.from_iterable(aliases for _, _, aliases in every)))
                 close = difflib.get_close_matches(p.replace("*", ""), names, n=5, cutoff=0.5)
                 hint = f"; closest: {', '.join(close)}" if close else ""
                 raise CatalogError(f"--ops {p!r} matches no OpInfo entry, aten name or module{hint}")
-            for n in hits:
-                chosen[n] = OPINFO_TASK if n in opinfos else MODULE_TASK
+            for n, form in hits:
+                chosen[(n, form)] = OPINFO_TASK if n in opinfos else MODULE_TASK
     else:
-        chosen = {n: OPINFO_TASK for n in opinfos}
+        chosen = {(n, form): OPINFO_TASK for n, o in opinfos.items() for form in _forms(o)}
         if modules:
-            chosen.update({n: MODULE_TASK for n in module_infos if not _module_covered(n, opinfos)})
+            chosen.update({(n, FUNCTION): MODULE_TASK for n in module_infos if not _module_covered(n, opinfos)})
     wanted = [getattr(torch, d) for d in dtypes]
+    index_dtype = getattr(torch, INDEX_DTYPE)
     tasks = []
-    for name in sorted(chosen):
-        info = opinfos[name] if chosen[name] == OPINFO_TASK else module_infos[name]
+    for name, form in sorted(chosen):
+        kind = chosen[(name, form)]
+        info = opinfos[name] if kind == OPINFO_TASK else module_infos[name]
         try:
             supported = info.supported_dtypes(device_type)
         except Exception:  # noqa: BLE001 - a broken entry is swept and reported, not fatal
             supported = set(wanted)
-        for dt in wanted:
-            if dt in supported:
-                tasks.append(Task(name, chosen[name], str(dt).replace("torch.", "")))
+        picked = [dt for dt in wanted if dt in supported]
+        if not picked and kind == OPINFO_TASK and supported and not any(
+                dt.is_floating_point or dt.is_complex for dt in supported) and index_dtype in supported:
+            # An op on integers only (bincount, histogram counts): swept in int64 rather than left out.
+            picked = [index_dtype]
+        tasks += [Task(name, kind, str(dt).replace("torch.", ""), form) for dt in picked]
     if not tasks:
         raise CatalogError(f"none of the selected ops supports {', '.join(dtypes)} on {device}")
     return tasks

@@ -95,7 +95,7 @@ def sweep_task(task: Task, cfg: SweepConfig) -> TaskResult:
     opinfos, module_infos = databases()
     info = opinfos.get(task.source) if task.kind == OPINFO_TASK else module_infos.get(task.source)
     if info is None:
-        return TaskResult(SweptOp(task.source, task.dtype, FAILED, reason="not in this torch's OpInfo database"), ())
+        return TaskResult(SweptOp(task.label, task.dtype, FAILED, reason="not in this torch's OpInfo database"), ())
     kinds = INPUT_KINDS if cfg.stress else (OPINFO,)
     results: dict[str, KindResult] = {}
     cut = False
@@ -124,7 +124,7 @@ def sweep_task(task: Task, cfg: SweepConfig) -> TaskResult:
         status, reason = PARTIAL, f"time limit of {cfg.op_timeout:g}s reached"
     else:
         status, reason = OK, "; ".join(r.note for r in results.values() if r.note)
-    swept = SweptOp(task.source, task.dtype, status, counts[OPINFO], counts[STRESS], reason)
+    swept = SweptOp(task.label, task.dtype, status, counts[OPINFO], counts[STRESS], reason)
     return TaskResult(swept, tuple(entries[k] for k in sorted(entries)))
 
 
@@ -144,7 +144,7 @@ def _sweep_kind(task: Task, info: Any, kind: str, dtype: Any, cfg: SweepConfig, 
             warnings.simplefilter("ignore")
             try:
                 make = opinfo_cases if task.kind == OPINFO_TASK else module_cases
-                cases, note = make(info, cfg.device, dtype, cfg, kind)
+                cases, note = make(info, cfg.device, dtype, cfg, kind, task.form)
             except Exception as e:  # noqa: BLE001 - OpInfo refusing its own samples is a result
                 cases, note = [], ""
                 first_error = f"{kind} samples: {error_line(e)}"
@@ -169,7 +169,7 @@ def _sweep_kind(task: Task, info: Any, kind: str, dtype: Any, cfg: SweepConfig, 
         return KindResult((), ran, note, first_error, cut=True)
     entries: dict[tuple, CatalogEntry] = {}
     for f in report.all_findings:
-        e = entry_from_finding(f, kind, task.source)
+        e = entry_from_finding(f, kind, task.label)
         entries[e.key] = merge_entries(entries[e.key], e, same_sweep=True) if e.key in entries else e
     return KindResult(tuple(entries.values()), ran, note, first_error, cut)
 
