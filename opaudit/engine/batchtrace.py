@@ -30,7 +30,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from opaudit.aten.ops import OpKind, op_kind, written_args
 from opaudit.aten.signature import signature_text
 from opaudit.aten.tensors import difference, same_bits
-from opaudit.engine.mode import RecordingMode
+from opaudit.engine.mode import Interception
 from opaudit.engine.sites import SiteTracker
 
 # Outcomes of one paired op.
@@ -158,21 +158,16 @@ class Tracer:
         self._computed = 0
         self._uninitialized: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._copies: WeakIdKeyDictionary = WeakIdKeyDictionary()
-        self._mode: RecordingMode | None = None
+        self._interception = Interception(self._on_call, self.sites)
 
     def __enter__(self) -> Tracer:
-        self.sites.start()
-        self._mode = RecordingMode(self._on_call)
-        self._mode.__enter__()
+        self._interception.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         try:
-            if self._mode is not None:
-                self._mode.__exit__(*exc)
+            self._interception.__exit__(*exc)
         finally:
-            self._mode = None
-            self.sites.stop()
             for k, ref in enumerate(self.references):
                 if self.splits[k] is None and len(ref) > self._computed:
                     self.splits[k] = Split(len(self.ops), "<end of run>", str(ref[self._computed].func))

@@ -1,15 +1,19 @@
 """The dispatch mode that intercepts every aten call and hands it to an ``on_call`` callback.
 
-It only intercepts (the shape of PyTorch's ``FlopCounterMode``): the recorder and
-the run-check's tracer own what happens to each call.
+It only intercepts (the shape of PyTorch's ``FlopCounterMode``): the recorder, the
+run-check's tracer and the batch-invariance trace own what happens to each call, and
+enter the mode together with their site tracker through :class:`Interception`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch.utils._python_dispatch import TorchDispatchMode
+
+if TYPE_CHECKING:
+    from opaudit.engine.sites import SiteTracker
 
 
 def _dispatch(self: "RecordingMode", func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
@@ -59,3 +63,30 @@ class RecordingMode(TorchDispatchMode):
     def __init__(self, on_call: Callable[[Any, tuple, dict | None], Callable[..., Any]]) -> None:
         super().__init__()
         self.on_call = on_call
+
+
+class Interception:
+    """A :class:`RecordingMode` and a site tracker, entered and left together around the watched code.
+
+    On the way out the mode is left first, then the tracker's hooks are removed,
+    whatever the watched code raised.
+    """
+
+    def __init__(self, on_call: Callable[[Any, tuple, dict | None], Callable[..., Any]], sites: "SiteTracker") -> None:
+        self.on_call = on_call
+        self.sites = sites
+        self._mode: RecordingMode | None = None
+
+    def __enter__(self) -> "Interception":
+        self.sites.start()
+        self._mode = RecordingMode(self.on_call)
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            if self._mode is not None:
+                self._mode.__exit__(*exc)
+        finally:
+            self._mode = None
+            self.sites.stop()

@@ -18,7 +18,7 @@ from opaudit.aten.ops import OpKind, op_kind, written_args
 from opaudit.aten.signature import script_object_text, signature_id, signature_text
 from opaudit.aten.tensors import CaptureError, Snapshot, copy_span
 from opaudit.data.site import Site
-from opaudit.engine.mode import RecordingMode
+from opaudit.engine.mode import Interception
 from opaudit.engine.sites import PHASE_BITS, SiteTracker
 
 DEFAULT_CAPTURE_BUDGET = 2 * 1024**3
@@ -174,7 +174,7 @@ class Recorder:
         self._view_calls: dict[_OpTraits, int] = {}
         self.total_calls = 0
         self.captured_bytes = 0
-        self._mode: RecordingMode | None = None
+        self._interception = Interception(self._on_call, self.sites)
         self._active = False
 
     # -- context ------------------------------------------------------------
@@ -182,18 +182,13 @@ class Recorder:
         if self._active:
             raise RecordError("this Recorder is already recording")
         self._active = True
-        self.sites.start()
-        self._mode = RecordingMode(self._on_call)
-        self._mode.__enter__()
+        self._interception.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         try:
-            if self._mode is not None:
-                self._mode.__exit__(*exc)
+            self._interception.__exit__(*exc)
         finally:
-            self._mode = None
-            self.sites.stop()
             self._active = False
             self._seal()
 

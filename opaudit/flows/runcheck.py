@@ -36,7 +36,7 @@ from opaudit.aten.ops import OpKind, op_kind, written_args
 from opaudit.aten.tensors import difference, digest, flat_tensors, same_bits
 from opaudit.data.report import RunCheck
 from opaudit.engine import loader
-from opaudit.engine.mode import RecordingMode
+from opaudit.engine.mode import Interception
 from opaudit.engine.replay import preserved_state
 from opaudit.engine.sites import PHASE_BITS, SiteTracker
 
@@ -136,21 +136,14 @@ class _Tracer:
         # version counter of its own.
         self._known: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._writes: dict[int, int] = {}
-        self._mode: RecordingMode | None = None
+        self._interception = Interception(self._on_call, self.sites)
 
     def __enter__(self) -> _Tracer:
-        self.sites.start()
-        self._mode = RecordingMode(self._on_call)
-        self._mode.__enter__()
+        self._interception.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        try:
-            if self._mode is not None:
-                self._mode.__exit__(*exc)
-        finally:
-            self._mode = None
-            self.sites.stop()
+        self._interception.__exit__(*exc)
 
     def _on_call(self, func: Any, args: tuple, kwargs: dict | None) -> Callable[..., Any]:
         kind = op_kind(func)[0]
