@@ -2,8 +2,8 @@
 
 Each run re-executes the script from scratch (a fresh module load, the same seed),
 so the model, the optimizer and the inputs start from the same state every time.
-A private ``TorchDispatchMode`` digests the inputs and outputs of every op in
-execution order; after the step, the entry's return value and every parameter's
+The recorder's dispatch mode (:class:`~opaudit.engine.mode.Interception`) hands every
+op to a tracer here that digests its inputs and outputs in execution order; after the step, the entry's return value and every parameter's
 value and gradient are kept. Run 1 is then compared with each later run:
 
 * the **root cause** is the first op whose outputs differ although all its
@@ -18,6 +18,10 @@ The check runs once with ``torch.use_deterministic_algorithms(False)`` and once
 with ``True`` (``warn_only=True``, so ops without a deterministic implementation
 still run): together they answer "does deterministic mode make my step
 reproducible?". Global flags and RNG states are restored afterwards.
+
+One module of about 520 lines, over the usual 500: the tracer, the run records
+(``_Run``, ``_Step``), the comparison and the summary share private records that
+nothing else uses.
 """
 
 from __future__ import annotations
