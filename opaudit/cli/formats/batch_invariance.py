@@ -5,10 +5,9 @@ YAML and JSON carry it through ``Report.to_dict()``.
 
 from __future__ import annotations
 
-import csv
-import io
 from typing import TYPE_CHECKING, Any
 
+from opaudit.cli.formats import common
 from opaudit.data.invariance import BATCH_INVARIANT, OP_ROW_FIELDS, OP_VERDICTS, op_row
 
 if TYPE_CHECKING:
@@ -104,8 +103,6 @@ def table(bi: "BatchInvariance") -> str:
 
 def markdown(bi: "BatchInvariance") -> list[str]:
     """The section as Markdown lines."""
-    from tabulate import tabulate
-
     out = ["## Batch invariance", "", f"**{headline(bi)}**", ""]
     for c in bi.checks:
         lines = check_lines(c)
@@ -113,22 +110,17 @@ def markdown(bi: "BatchInvariance") -> list[str]:
     out.append("")
     rows = [op_table_row(o) for o in notable_ops(bi)]
     if rows:
-        out += [tabulate(rows, headers=OP_HEADERS, tablefmt="github"), ""]
+        out += [common.md_table(OP_HEADERS, rows), ""]
     remedies = remedy_rows(bi)
     if remedies:
-        out += ["### What to do", "", tabulate(remedies, headers=("op", "remedy"), tablefmt="github"), ""]
+        out += ["### What to do", "", common.md_table(("op", "remedy"), remedies), ""]
     out += [counts_line(bi), ""]
     return out
 
 
 def csv_text(bi: "BatchInvariance") -> str:
     """One row per op signature, columns :data:`~opaudit.data.invariance.OP_ROW_FIELDS`."""
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(OP_ROW_FIELDS), lineterminator="\n")
-    w.writeheader()
-    for o in bi.ops:
-        w.writerow(op_row(o))
-    return buf.getvalue()
+    return common.csv_text(OP_ROW_FIELDS, (op_row(o) for o in bi.ops))
 
 
 # -- the catalog's section (``opaudit catalog --batch-invariance``) ---------------------
@@ -159,13 +151,11 @@ def catalog_table(entries: Any) -> str:
 
 def catalog_markdown(entries: Any, settings: Any) -> list[str]:
     """The catalog's batch-invariance section as Markdown lines."""
-    from tabulate import tabulate
-
     bi = settings.get("batch_invariance") or {}
     rows_checked = ", ".join(map(str, bi.get("rows", []))) or "?"
     out = ["## Batch invariance", "",
            f"Each op was run on the first b rows of a {bi.get('batch', '?')}-row input (b = {rows_checked}) and on "
            "the whole input; `batch_variant` means some b gave those rows other bits than the full input did, so "
            "a request's result depends on how many others share its batch.", "",
-           tabulate(_catalog_rows(entries, all_entries=True), headers=CATALOG_HEADERS, tablefmt="github"), ""]
+           common.md_table(CATALOG_HEADERS, _catalog_rows(entries, all_entries=True)), ""]
     return out
