@@ -287,17 +287,18 @@ def test_ctrl_c_during_replay_writes_a_partial_report_and_exits_130(tmp_path, mo
 
 
 @pytest.mark.timeout(60)
-def test_ctrl_c_before_replay_leaves_the_previous_report_alone(tmp_path):
+def test_ctrl_c_while_the_script_runs_audits_what_was_recorded(tmp_path):
+    """Issue 13 §9: Ctrl-C during the user's code stops recording; what it recorded is audited."""
     out, mark = tmp_path / "report.json", tmp_path / "mark"
-    previous = '{"an": "older report"}\n'
-    out.write_text(previous)
+    out.write_text('{"an": "older report"}\n')
     proc = _cli([_script(tmp_path, SLOW), "-o", str(out)],
                 env={"FT_MARK": str(mark), "FT_HANG_WHILE_RECORDING": "1"}, start_new_session=True)
     _wait_for(mark.exists, proc, "the script started")
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
-    assert out.read_text() == previous
+    report = load(str(out))
+    assert report.complete is False and report.settings["recording_cut_short"] == "interrupted"
     assert sorted(os.listdir(tmp_path)) == ["mark", "report.json", "train.py"]
 
 

@@ -120,6 +120,17 @@ def written_args(func: torch._ops.OpOverload) -> tuple[tuple[bool, ...], frozens
     return tuple(pos), frozenset(kw)
 
 
+ALERT_TEXT = "does not have a deterministic implementation"
+"""What ``torch.use_deterministic_algorithms(True)``'s error says for an op without a deterministic kernel."""
+CUBLAS_TEXT = "CUBLAS_WORKSPACE_CONFIG"
+"""What its error says when cuBLAS needs a fixed workspace."""
+
+
+def is_determinism_alert(message: str) -> bool:
+    """True when an error message is strict deterministic mode refusing an op."""
+    return ALERT_TEXT in message or CUBLAS_TEXT in message
+
+
 def is_cudnn_op(func: torch._ops.OpOverload) -> bool:
     """True for ops that cuDNN can back on CUDA."""
     return func._schema.name in CUDNN_OPS

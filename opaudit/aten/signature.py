@@ -38,9 +38,11 @@ def describe(a: Any) -> str:
         return script_object_text(a)
     if isinstance(a, torch.Generator):
         return f"Generator({a.device})"  # its repr holds its address
-    if isinstance(a, float):
-        return repr(a)
-    return repr(a)
+    text = repr(a)
+    if " at 0x" in text:
+        # A default ``object.__repr__``: the address is process-specific, and signature text feeds the stable id.
+        return f"<{type(a).__name__}>"
+    return text
 
 
 def script_object_text(obj: Any) -> str:

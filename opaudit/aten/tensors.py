@@ -270,6 +270,19 @@ class Snapshot:
         self._shared = shared
         self.nbytes = nbytes
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable form (``torch.save``, to ship a child process's recording): storages
+        travel as byte tensors, since a bare storage comes back typed. Call :meth:`own_all` first."""
+        state = {name: getattr(self, name) for name in self.__slots__}
+        state["_storages"] = [torch.empty(0, dtype=torch.uint8, device=st.device).set_(st, 0, (st.nbytes(),), (1,))
+                              for st in self._storages]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for name, value in state.items():
+            setattr(self, name, value)
+        self._storages = [t.untyped_storage() for t in self._storages]
+
     def shared(self) -> list[tuple[int, Any]]:
         """``(buffer, storage)`` for every storage held rather than copied."""
         return [(b, self._storages[b]) for b in self._shared]
@@ -409,6 +422,29 @@ def same_bits(a: Any, b: Any) -> bool:
     if isinstance(a, float) and isinstance(b, float):
         return a == b or (math.isnan(a) and math.isnan(b))
     return type(a) is type(b) and a == b
+
+
+def differing_mask(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Boolean mask of the elements whose bits differ (NaNs in the same place are equal).
+
+    ``a`` and ``b`` must have the same shape and dtype; a complex element differs
+    when either of its parts does.
+    """
+    if a.layout != torch.strided:
+        a, b = a.to_dense(), b.to_dense()
+    return _diff_mask(a, b)
+
+
+def fill_mask(t: torch.Tensor) -> torch.Tensor:
+    """Boolean mask of the elements holding the value ``fill_uninitialized_memory`` writes:
+    NaN for floating and complex dtypes, the largest value for integer and bool dtypes."""
+    if t.layout != torch.strided:
+        t = t.to_dense()
+    if t.is_floating_point() or t.is_complex():
+        return torch.isnan(t)
+    if t.dtype == torch.bool:
+        return t.clone()
+    return t == torch.iinfo(t.dtype).max
 
 
 def _diff_mask(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

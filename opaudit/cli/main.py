@@ -5,7 +5,8 @@ The only place where errors become exit codes:
 * 0: clean (no finding in ``--fail-on``), or ``--exit-zero``;
 * 1: findings in ``--fail-on``;
 * 2: usage, model-load, user-code, file-format or internal errors;
-* 130: interrupted (a partial report marked ``complete: false`` is still written).
+* 130: interrupted (a partial report marked ``complete: false`` is still written);
+* 143: terminated by SIGTERM (a CI timeout): the same partial report as for Ctrl-C.
 
 Reports go to ``-o FILE`` (written atomically, only once the analysis is done)
 or to stdout; progress and the summary go to stderr.
@@ -18,20 +19,62 @@ options (``cli/torchrun.py``) already live apart, and the next command should to
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from opaudit.cli import batch
 from opaudit.data.version import __version__
 
-EXIT_OK, EXIT_FINDINGS, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FINDINGS, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 DEFAULT_FAIL_ON = "raises,diverges,diverges_deterministic"
 
 
 class UsageError(Exception):
     """Bad command-line input (exit 2)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every path that writes a partial report on
+    Ctrl-C does so on a CI job's timeout too; the exit code is 143 instead of 130."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Any:
+    """Turn SIGTERM into :class:`Terminated` while the audit runs (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupted_code(e: BaseException) -> int:
+    return EXIT_TERMINATED if isinstance(e, Terminated) else EXIT_INTERRUPTED
+
+
+def _emit_partial(partial: Any, fmt_name: str | None, output: str | None, why: str) -> None:
+    """Write a partial report (``complete: false``) and say where it went."""
+    if output:
+        emit(partial, "report", fmt_name, output, quiet=True)
+        sys.stderr.write(f"opaudit: {why}; partial report (complete: false) written to {output}\n")
+        return
+    try:
+        emit(partial, "report", fmt_name, None, quiet=True)
+    except OSError:
+        pass  # the reader of our stdout may have been interrupted too
+    sys.stderr.write(f"opaudit: {why}; the report above is partial (complete: false)\n")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -80,16 +123,45 @@ def _run_count(text: str) -> int:
     return v
 
 
+NOT_REPRODUCIBLE = "not_reproducible"
+NOT_REPRODUCIBLE_DETERMINISTIC = "not_reproducible_deterministic"
+RUN_CHECK_FAILURES = {
+    NOT_REPRODUCIBLE: ("default", "deterministic"),
+    NOT_REPRODUCIBLE_DETERMINISTIC: ("deterministic",),
+}
+"""``--fail-on`` keywords for ``--run-check``: a whole-step check in one of these modes
+that is NOT reproducible makes the exit code 1."""
+
+
 def parse_verdicts(text: str) -> tuple:
-    """``raises,diverges`` → verdicts; ``none`` or empty → no verdict fails."""
+    """``raises,diverges`` → verdicts (and run-check keywords); ``none`` or empty → nothing fails."""
     from opaudit.data.verdict import Verdict
 
     if text.strip().lower() in ("", "none"):
         return ()
-    try:
-        return tuple(Verdict.parse(t) for t in text.split(",") if t.strip())
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+    out: list = []
+    for t in (t.strip() for t in text.split(",")):
+        if not t:
+            continue
+        if t in RUN_CHECK_FAILURES:
+            out.append(t)
+            continue
+        try:
+            out.append(Verdict.parse(t))
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{e}, or a --run-check keyword: {', '.join(RUN_CHECK_FAILURES)}") from None
+    return tuple(out)
+
+
+def _verdicts_only(fail_on: tuple) -> tuple:
+    from opaudit.data.verdict import Verdict
+
+    return tuple(v for v in fail_on if isinstance(v, Verdict))
+
+
+def _failing_run_checks(report: Any, fail_on: tuple) -> list:
+    modes = {m for k in fail_on if k in RUN_CHECK_FAILURES for m in RUN_CHECK_FAILURES[k]}
+    return [r for r in report.run_checks if r.mode in modes and not r.reproducible]
 
 
 def _audit_parser() -> _Parser:
@@ -116,7 +188,8 @@ def _audit_parser() -> _Parser:
     p.add_argument("-o", "--output", metavar="PATH", help="write the report here (format from the extension)")
     p.add_argument("--format", metavar="FMT", help="yaml, json, csv, md or table (default: from -o, else table)")
     p.add_argument("--fail-on", type=parse_verdicts, default=parse_verdicts(DEFAULT_FAIL_ON), metavar="LIST",
-                   help=f"verdicts that make the exit code 1 (default {DEFAULT_FAIL_ON}; 'none' for never)")
+                   help=f"verdicts that make the exit code 1 (default {DEFAULT_FAIL_ON}; 'none' for never); with "
+                        f"--run-check also '{NOT_REPRODUCIBLE}' (either mode) or '{NOT_REPRODUCIBLE_DETERMINISTIC}'")
     p.add_argument("--exit-zero", action="store_true", help="exit 0 even when findings match --fail-on")
     p.add_argument("--against", metavar="CATALOG",
                    help="predict each recorded op's verdict on the hardware CATALOG was built on (ops it lacks "
@@ -253,6 +326,9 @@ def audit_main(argv: list[str]) -> int:
     for flag, value in (("--batch-sizes", args.batch_sizes), ("--batch-dim", args.batch_dim)):
         if value is not None:
             raise UsageError(f"{flag} needs --batch-invariance")
+    keywords = [k for k in args.fail_on if k in RUN_CHECK_FAILURES]
+    if keywords and not args.run_check:
+        raise UsageError(f"--fail-on {keywords[0]} needs --run-check")
     against = _load_against(args.against) if args.against else None
 
     import torch
@@ -276,10 +352,18 @@ def audit_main(argv: list[str]) -> int:
             clear()
     rec = Recorder(capture_budget=args.capture_budget * 2**20, root=target.root,
                    capture_collectives=rank_audit is not None)
-    loader.run(target, rank_audit.recording(rec) if rank_audit else lambda: rec, seed=args.seed)
+    cut: KeyboardInterrupt | None = None
+    try:
+        loader.run(target, rank_audit.recording(rec) if rank_audit else lambda: rec, seed=args.seed)
+    except KeyboardInterrupt as e:
+        # Ctrl-C (or SIGTERM) while the user's code runs: recording stops there, and
+        # what was recorded is still audited (a second interrupt stops that too).
+        cut = e
 
     update, close = _progress(not args.quiet and sys.stderr.isatty())
     settings = {"script": target.name, "entry": target.entry or "__main__", "timing": not args.no_timing}
+    if cut is not None:
+        settings["recording_cut_short"] = "terminated" if isinstance(cut, Terminated) else "interrupted"
     if args.run_check:
         settings["run_check"] = args.run_check
     isolator = None
@@ -293,30 +377,28 @@ def audit_main(argv: list[str]) -> int:
     try:
         report = build_report(rec, reps=args.reps, seed=args.seed, settings=settings,
                               timings=not args.no_timing, on_progress=update, replay_fn=isolator,
-                              run_checks=checks)
+                              run_checks=checks, complete=cut is None)
         if rank_audit is not None:
             close()
             report = rank_audit.finish(report, rec, reps=args.reps)
     except KeyboardInterrupt as e:
         close()
         partial = getattr(e, "report", None)
+        why = "terminated" if isinstance(e, Terminated) else "interrupted"
         if partial is None:
-            sys.stderr.write("opaudit: interrupted\n")
-        elif output:
-            emit(partial, "report", args.format, output, quiet=True)
-            sys.stderr.write(f"opaudit: interrupted; partial report (complete: false) written to {output}\n")
+            sys.stderr.write(f"opaudit: {why}\n")
         else:
-            try:
-                emit(partial, "report", args.format, None, quiet=True)
-            except OSError:
-                pass  # the reader of our stdout may have been interrupted too
-            sys.stderr.write("opaudit: interrupted; the report above is partial (complete: false)\n")
-        return EXIT_INTERRUPTED
+            _emit_partial(partial, args.format, output, why)
+        return _interrupted_code(e)
     finally:
         close()
         if isolator is not None:
             isolator.close()
         rec.release()
+    if cut is not None and report is not None:
+        why = "terminated" if isinstance(cut, Terminated) else "interrupted"
+        _emit_partial(report, args.format, output, f"{why} while the script ran; what it ran until then is audited")
+        return _interrupted_code(cut)
     if rank_audit is None:
         return _finish(report, against, args, output)
     if report is None:
@@ -331,11 +413,12 @@ def _finish(report: Any, against: Any, args: argparse.Namespace, output: str | N
     if against is not None:
         return _emit_prediction(report, against, args, output)
     emit(report, "report", args.format, output, args.quiet)
-    failing = [f for f in report.all_findings if f.verdict in args.fail_on]
+    failing: Any = [f for f in report.all_findings if f.verdict in _verdicts_only(args.fail_on)]
     if report.distributed and args.fail_on:
         from opaudit.cli import torchrun
 
         failing = failing or torchrun.replicas_differ(report)
+    failing = failing or _failing_run_checks(report, args.fail_on)
     if failing and not args.exit_zero:
         return EXIT_FINDINGS
     return EXIT_OK
@@ -372,7 +455,7 @@ def _emit_prediction(report: Any, catalog: Any, args: argparse.Namespace, output
 
     prediction = predict(report, catalog, args.against)
     emit(prediction, "prediction", args.format, output, args.quiet)
-    if prediction.failing(args.fail_on) and not args.exit_zero:
+    if prediction.failing(_verdicts_only(args.fail_on)) and not args.exit_zero:
         return EXIT_FINDINGS
     return EXIT_OK
 
@@ -558,12 +641,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if argv and argv[0] in SUBCOMMANDS:
             return SUBCOMMANDS[argv[0]](argv[1:])
-        return audit_main(argv)
+        with _sigterm_interrupts():
+            return audit_main(argv)
     except SystemExit as e:  # --help / --version
         return int(e.code or 0) if isinstance(e.code, int) or e.code is None else EXIT_ERROR
-    except KeyboardInterrupt:
-        sys.stderr.write(f"{name}: interrupted\n")
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as e:
+        sys.stderr.write(f"{name}: {'terminated' if isinstance(e, Terminated) else 'interrupted'}\n")
+        return _interrupted_code(e)
     except UserCodeError as e:
         if debug:
             raise

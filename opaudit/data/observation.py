@@ -27,6 +27,8 @@ class RunStats:
     """Largest fraction of output elements differing in any run."""
     median_s: float | None
     """Median seconds per call (CUDA synchronised)."""
+    outputs: tuple[str, ...] = ()
+    """The outputs that differed in any run (``output 1``, ``input self``: see :func:`opaudit.engine.replay.output_names`)."""
 
     @property
     def diverges(self) -> bool:
@@ -37,6 +39,27 @@ class RunStats:
     def ratio(self) -> str:
         """``k/N`` text."""
         return f"{self.differing}/{self.runs}"
+
+
+@dataclass(frozen=True)
+class Unwritten:
+    """Part of one output that the kernel leaves as uninitialized memory.
+
+    Found as the elements that differed between default-mode runs and that hold the
+    value ``fill_uninitialized_memory`` writes (NaN, or an integer dtype's largest
+    value) when the op runs in deterministic mode: memory no run ever wrote
+    (``nn.CTCLoss``'s ``log_alpha`` past each sequence's length).
+    """
+
+    output: str
+    """Which output, as :func:`opaudit.engine.replay.output_names` names it."""
+    elements: int
+    """Elements holding the fill value under deterministic mode."""
+    total: int
+    """Elements of that output."""
+
+    def __str__(self) -> str:
+        return f"{self.output}: {self.elements} of {self.total} elements never written by the kernel"
 
 
 @dataclass(frozen=True)
@@ -56,6 +79,9 @@ class Observation:
     """Why the op could not be replayed at all, if it could not."""
     variants: tuple[tuple[str, RunStats], ...] = ()
     """cuDNN settings → stats, for cuDNN-backed ops on CUDA."""
+    unwritten: tuple[Unwritten, ...] = ()
+    """Output regions the kernel never writes. When set, every element that differed
+    between default runs lay in them, and ``default`` compares only the rest."""
 
 
 @dataclass(frozen=True)

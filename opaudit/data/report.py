@@ -50,7 +50,8 @@ class Finding:
     signature: str
     device: str = "cpu"
     reason: str = ""
-    """Why a ``skipped`` op was not replayed."""
+    """Why a ``skipped`` op was not replayed; for an op whose output is only partly
+    uninitialized (``uninitialized`` after replay), which output and how much of it."""
     phases: tuple[str, ...] = ()
     sites: tuple[Site, ...] = ()
     sites_dropped: int = 0
@@ -64,6 +65,8 @@ class Finding:
     deterministic_diverged: str = ""
     max_abs_diff: float | None = None
     frac_differing: float | None = None
+    outputs: tuple[str, ...] = ()
+    """The outputs whose bits differed between runs (``output 1``, ``input self``)."""
     time_default_us: float | None = None
     time_deterministic_us: float | None = None
     rng: bool = False
@@ -125,6 +128,9 @@ class RunCheck:
     mismatches: tuple[str, ...] = ()
     """Outputs, loss, gradients or parameters that differed."""
     error: str | None = None
+    compared: int | None = None
+    """Final tensors compared after the step (return value, parameters, gradients,
+    buffers, optimizer state); ``0`` says none could be found."""
 
 
 @dataclass(frozen=True)
@@ -222,7 +228,7 @@ def sort_findings(findings: Iterable[Finding]) -> tuple[Finding, ...]:
 ROW_FIELDS = (
     "id", "op", "verdict", "reason", "calls", "phases", "modules", "locations", "signature", "device",
     "alert_kind", "strict_error", "warnings", "default_diverged", "deterministic_diverged",
-    "max_abs_diff", "frac_differing", "time_default_us", "time_deterministic_us", "det_cost",
+    "max_abs_diff", "frac_differing", "outputs", "time_default_us", "time_deterministic_us", "det_cost",
     "rng", "cudnn", "remedy", "first_call", "ranks", "cross_rank",
 )
 """Column order of CSV and DataFrame rows."""
@@ -248,7 +254,7 @@ def flat_row(f: Finding) -> dict[str, Any]:
         "strict_error": f.strict_error or "", "warnings": " | ".join(f.warnings),
         "default_diverged": f.default_diverged, "deterministic_diverged": f.deterministic_diverged,
         "max_abs_diff": _num(f.max_abs_diff), "frac_differing": _num(f.frac_differing),
-        "time_default_us": _num(f.time_default_us, 4), "time_deterministic_us": _num(f.time_deterministic_us, 4),
+        "outputs": ";".join(f.outputs), "time_default_us": _num(f.time_default_us, 4), "time_deterministic_us": _num(f.time_deterministic_us, 4),
         "det_cost": _num(cost, 3), "rng": f.rng, "cudnn": ";".join(f"{k}:{v}" for k, v in f.cudnn),
         "remedy": f.remedy, "first_call": f.first_call,
         "ranks": ";".join(f"{o.rank}:{o.verdict.value} {o.default_diverged}".rstrip() for o in f.ranks),
@@ -278,6 +284,8 @@ def finding_dict(f: Finding) -> dict[str, Any]:
         d["deterministic_diverged"] = f.deterministic_diverged
         d["max_abs_diff"] = _num(f.max_abs_diff)
         d["frac_differing"] = _num(f.frac_differing)
+    if f.outputs:
+        d["outputs"] = list(f.outputs)
     if f.time_default_us is not None:
         d["time_default_us"] = _num(f.time_default_us, 4)
         d["time_deterministic_us"] = _num(f.time_deterministic_us, 4)
@@ -379,6 +387,7 @@ def parse_finding(d: Any, where: str) -> Finding:
         deterministic_diverged=_opt(d, "deterministic_diverged", str, where, ""),
         max_abs_diff=_float(d.get("max_abs_diff"), f"{where}.max_abs_diff"),
         frac_differing=_float(d.get("frac_differing"), f"{where}.frac_differing"),
+        outputs=_strings(d, "outputs", where),
         time_default_us=_float(d.get("time_default_us"), f"{where}.time_default_us"),
         time_deterministic_us=_float(d.get("time_deterministic_us"), f"{where}.time_deterministic_us"),
         rng=bool(_opt(d, "rng", bool, where, False)),
@@ -411,7 +420,7 @@ def from_dict(data: Any, path: str = "<report>") -> Report:
             reproducible=_need(r, "reproducible", bool, w), ops=_need(r, "ops", int, w),
             differing_ops=_opt(r, "differing_ops", int, w, 0), root_cause=_opt(r, "root_cause", dict, w),
             path_split=_opt(r, "path_split", dict, w), mismatches=_strings(r, "mismatches", w),
-            error=_opt(r, "error", str, w)))
+            error=_opt(r, "error", str, w), compared=_opt(r, "compared", int, w)))
     view_calls = _opt(data, "view_calls", dict, path, {})
     if not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in view_calls.items()):
         raise ReportError(f"{path}: view_calls must map op names to counts")

@@ -9,7 +9,8 @@ from opaudit.engine.record import RecordedSignature
 
 
 def classify(sig: RecordedSignature, obs: Observation | None) -> tuple[Verdict, str]:
-    """The verdict for ``sig`` and, for ``skipped``, the reason.
+    """The verdict for ``sig`` and, for ``skipped``, the reason (for an op whose output
+    is only partly uninitialized, which output and how much of it).
 
     ``obs`` is ``None`` when the op was not replayed, and a
     :class:`~opaudit.data.observation.NotReplayed` when its replay crashed or timed out.
@@ -28,7 +29,9 @@ def classify(sig: RecordedSignature, obs: Observation | None) -> tuple[Verdict, 
         return Verdict.SKIPPED, f"replay failed: {obs.error or obs.strict_error}"
     if obs.warnings:
         return Verdict.WARNS, ""
-    random = sig.kind is OpKind.RANDOM or obs.rng_used
+    # Observed, not taken from the op's ``nondeterministic_seeded`` tag: its arguments
+    # can switch the randomness off (SDPA or dropout with p=0, dropout in eval mode).
+    random = obs.rng_used
     if obs.default.diverges:
         if obs.deterministic.diverges:
             return Verdict.DIVERGES_DETERMINISTIC, ""
@@ -37,5 +40,7 @@ def classify(sig: RecordedSignature, obs: Observation | None) -> tuple[Verdict, 
         return Verdict.DIVERGES_DETERMINISTIC, ""
     if random:
         return Verdict.RANDOM, ""
+    if obs.unwritten:
+        return Verdict.UNINITIALIZED, "; ".join(str(u) for u in obs.unwritten)
     return Verdict.STABLE, ""
 

@@ -7,10 +7,14 @@ enter the mode together with their site tracker through :class:`Interception`.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from opaudit.aten.ops import is_determinism_alert
 
 if TYPE_CHECKING:
     from opaudit.engine.sites import SiteTracker
@@ -18,7 +22,28 @@ if TYPE_CHECKING:
 
 def _dispatch(self: "RecordingMode", func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
     call = self.on_call(func, args, kwargs)
-    return call(*args, **kwargs) if kwargs else call(*args)
+    try:
+        return call(*args, **kwargs) if kwargs else call(*args)
+    except RuntimeError as e:
+        if self.on_alert is None or not _strict_alert(e):
+            raise
+    # The user's code turned strict deterministic mode on itself (Lightning's
+    # ``Trainer(deterministic=True)`` does): the op's refusal is a finding (the
+    # replay classifies it ``raises``), not the end of the run. The setting stays
+    # on; only this call runs with ``warn_only``.
+    self.on_alert(func)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return call(*args, **kwargs) if kwargs else call(*args)
+    finally:
+        torch.use_deterministic_algorithms(True, warn_only=False)
+
+
+def _strict_alert(e: RuntimeError) -> bool:
+    return (torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
+            and is_determinism_alert(str(e)))
 
 
 def _skip_dynamo(code: Any) -> bool:
@@ -46,7 +71,8 @@ class RecordingMode(TorchDispatchMode):
     """Intercepts every aten call, lets the recorder see it, then runs it.
 
     ``on_call(func, args, kwargs)`` records the call and returns the callable
-    that runs it.
+    that runs it; ``on_alert(func)`` hears of ops that strict deterministic mode
+    refused (see :func:`_dispatch`).
     """
 
     @classmethod
@@ -60,26 +86,32 @@ class RecordingMode(TorchDispatchMode):
             _skip_dynamo(_dispatch.__code__)  # again: ``torch._dynamo.reset()`` may have cleared it
         return super().__enter__()
 
-    def __init__(self, on_call: Callable[[Any, tuple, dict | None], Callable[..., Any]]) -> None:
+    def __init__(self, on_call: Callable[[Any, tuple, dict | None], Callable[..., Any]],
+                 on_alert: Callable[[Any], None] | None = None) -> None:
         super().__init__()
         self.on_call = on_call
+        self.on_alert = on_alert
+        """Called with the op when strict deterministic mode, turned on by the recorded
+        code itself, refuses it; the op then runs with ``warn_only``. ``None``: the error propagates."""
 
 
 class Interception:
     """A :class:`RecordingMode` and a site tracker, entered and left together around the watched code.
 
     On the way out the mode is left first, then the tracker's hooks are removed,
-    whatever the watched code raised.
+    whatever the watched code raised. ``on_alert`` goes to the mode (see :func:`_dispatch`).
     """
 
-    def __init__(self, on_call: Callable[[Any, tuple, dict | None], Callable[..., Any]], sites: "SiteTracker") -> None:
+    def __init__(self, on_call: Callable[[Any, tuple, dict | None], Callable[..., Any]], sites: "SiteTracker",
+                 on_alert: Callable[[Any], None] | None = None) -> None:
         self.on_call = on_call
+        self.on_alert = on_alert
         self.sites = sites
         self._mode: RecordingMode | None = None
 
     def __enter__(self) -> "Interception":
         self.sites.start()
-        self._mode = RecordingMode(self.on_call)
+        self._mode = RecordingMode(self.on_call, self.on_alert)
         self._mode.__enter__()
         return self
 

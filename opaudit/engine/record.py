@@ -18,6 +18,7 @@ from opaudit.aten.ops import OpKind, op_kind, written_args
 from opaudit.aten.signature import script_object_text, signature_id, signature_text
 from opaudit.aten.tensors import CaptureError, Snapshot, copy_span
 from opaudit.data.site import Site
+from opaudit.engine.children import ChildProcesses
 from opaudit.engine.mode import Interception
 from opaudit.engine.sites import PHASE_BITS, SiteTracker
 
@@ -131,6 +132,10 @@ def _args_key(args: Iterable[Any]) -> tuple:
         elif a.__class__ is _ScriptObject:
             # Boxed afresh on each call: equal objects must give equal keys.
             out.append(script_object_text(a))
+        elif a.__class__ is torch.Generator:
+            # By device, never by object: its address differs run to run (and the
+            # snapshot keeps the state the first call saw).
+            out.append(("generator", a.device))
         else:
             out.append(a)
     return tuple(out)
@@ -174,16 +179,26 @@ class Recorder:
         self._view_calls: dict[_OpTraits, int] = {}
         self.total_calls = 0
         self.captured_bytes = 0
-        self._interception = Interception(self._on_call, self.sites)
+        self.strict_refusals: dict[str, int] = {}
+        """Op → calls that strict deterministic mode, turned on by the recorded code, refused
+        (each then ran with ``warn_only`` so that the run could go on)."""
+        self._interception = Interception(self._on_call, self.sites, self._on_alert)
         self._active = False
+        self.children = ChildProcesses(self)
+        """Child processes (DataLoader workers) forked while recording, and what came back from them."""
 
     # -- context ------------------------------------------------------------
     def __enter__(self) -> "Recorder":
         if self._active:
             raise RecordError("this Recorder is already recording")
         self._active = True
+        self.children.start()
         self._interception.__enter__()
         return self
+
+    def _on_alert(self, func: Any) -> None:
+        name = str(func)
+        self.strict_refusals[name] = self.strict_refusals.get(name, 0) + 1
 
     def __exit__(self, *exc: Any) -> None:
         try:
@@ -191,6 +206,8 @@ class Recorder:
         finally:
             self._active = False
             self._seal()
+            for _, shipment in self.children.finish():
+                self.merge(shipment)
 
     # -- hot path -----------------------------------------------------------
     def _on_call(self, func: Any, args: tuple, kwargs: dict | None) -> Callable[..., Any]:
@@ -351,6 +368,72 @@ class Recorder:
             if storage is None or count is None or count(storage._cdata) > 1:
                 self._own(waiting)
 
+    # -- child processes (see opaudit.engine.children) --------------------------------
+    def forget_for_child(self) -> None:
+        """In a forked child: drop what the parent recorded, keep recording the child's own ops."""
+        self._entries = {}
+        self._held = {}
+        self._view_calls = {}
+        self.total_calls = 0
+        self.captured_bytes = 0
+        self.strict_refusals = {}
+
+    def shipment(self) -> dict[str, Any]:
+        """What this (child) recorder recorded, as plain values and snapshots, for :meth:`merge`."""
+        items = []
+        for e in self._entries_in_order():
+            if e.snapshot is not None:
+                e.snapshot.own_all()
+            sites = [(self.sites.site(i), n) for i, n in e.sites.items()]
+            items.append((str(e.func), self._text(e), e.calls, e.phases, sites, e.sites_dropped, e.first_call,
+                          e.snapshot, e.skip_reason))
+        views = {info.name: n for info, n in self._view_calls.items()}
+        return {"total_calls": self.total_calls, "signatures": items, "view_calls": views}
+
+    def merge(self, shipment: dict[str, Any]) -> None:
+        """Add what a child process recorded: its calls count after this process's own.
+
+        A signature the parent also has (same op and signature text) gains the
+        child's calls and sites; the others become new signatures, within the
+        capture budget.
+        """
+        by_text = {(str(e.func), self._text(e)): e for e in self._entries.values()}
+        base = self.total_calls
+        for op, text, calls, phases, sites, dropped, first, snap, reason in shipment["signatures"]:
+            entry = by_text.get((op, text))
+            if entry is None:
+                func = _op_by_name(op)
+                if func is None:
+                    continue
+                info = _op_traits(func)
+                entry = _Entry(func, info.kind, ("child", op, text), base + first)
+                entry.text = text
+                entry.skip_reason = reason
+                if snap is not None and reason is None:
+                    if self.captured_bytes + snap.nbytes > self.capture_budget:
+                        entry.skip_reason = "capture budget"
+                    else:
+                        self.captured_bytes += snap.nbytes
+                        entry.snapshot = snap
+                self._entries[entry.key] = by_text[(op, text)] = entry
+            entry.calls += calls
+            entry.phases |= phases
+            entry.sites_dropped += dropped
+            for site, n in sites:
+                sid = self.sites.add_site(site)
+                if sid in entry.sites:
+                    entry.sites[sid] += n
+                elif len(entry.sites) < MAX_SITES:
+                    entry.sites[sid] = n
+                else:
+                    entry.sites_dropped += 1
+        for name, n in shipment["view_calls"].items():
+            func = _op_by_name(name)
+            if func is not None:
+                info = _op_traits(func)
+                self._view_calls[info] = self._view_calls.get(info, 0) + n
+        self.total_calls += shipment["total_calls"]
+
     # -- results ------------------------------------------------------------
     def _entries_in_order(self) -> Iterator[_Entry]:
         return iter(sorted(self._entries.values(), key=lambda e: e.first_call))
@@ -411,6 +494,15 @@ class Recorder:
             else:
                 e.text = ""
         return e.text
+
+
+def _op_by_name(name: str) -> Any:
+    """``torch.ops.aten.index_put_.default`` from ``"aten.index_put_.default"``; ``None`` if unknown here."""
+    try:
+        namespace, packet, overload = name.rsplit(".", 2)
+        return getattr(getattr(getattr(torch.ops, namespace), packet), overload)
+    except (AttributeError, ValueError, RuntimeError):
+        return None
 
 
 def _device_of(e: _Entry) -> str:

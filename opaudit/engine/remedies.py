@@ -260,6 +260,10 @@ class KnowledgeBase:
         if v is Verdict.RANDOM:
             return ("draws from the RNG: seed it (torch.manual_seed(seed); on GPU also "
                     "torch.cuda.manual_seed_all) before the step; replays with the same RNG state were identical")
+        if v is Verdict.UNINITIALIZED and f.reason:
+            return (f"part of its result is memory the kernel never writes ({f.reason}): it differs run to run "
+                    "and means nothing, and deterministic mode fills it with NaN; every other element was "
+                    "bitwise identical in every run. Nothing to fix unless your code reads that part")
         if v is Verdict.UNINITIALIZED:
             return ("its output is uninitialized memory: harmless if always overwritten; deterministic mode "
                     "fills it (torch.utils.deterministic.fill_uninitialized_memory)")

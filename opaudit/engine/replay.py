@@ -26,23 +26,26 @@ import tempfile
 import time
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
-from opaudit.aten.tensors import Snapshot, difference, flat_tensors, same_bits
+from opaudit.aten.ops import ALERT_TEXT, CUBLAS_TEXT
+from opaudit.aten.tensors import Snapshot, difference, differing_mask, fill_mask, flat_tensors, same_bits
 from opaudit.data.observation import (
     CUBLAS_WORKSPACE,
     NO_DETERMINISTIC_IMPL,
     OTHER_ERROR,
     Observation,
     RunStats,
+    Unwritten,
     error_text,
 )
 
-_ALERT_TEXT = "does not have a deterministic implementation"
-_CUBLAS_TEXT = "CUBLAS_WORKSPACE_CONFIG"
+_ALERT_TEXT = ALERT_TEXT
+_CUBLAS_TEXT = CUBLAS_TEXT
 
 
 class ReplayError(Exception):
@@ -197,14 +200,55 @@ def _outputs(result: Any, written: list[torch.Tensor]) -> list[Any]:
     return leaves + [t for t in written if id(t) not in seen]
 
 
-def _runs(func: Any, snap: Snapshot, reps: int, rng: _Rng, timer: _Timer) -> tuple[RunStats, bool]:
-    """``reps`` runs compared bitwise with the first; returns stats and whether the RNG moved."""
+def output_names(func: Any, result: Any, written: list[torch.Tensor]) -> list[str]:
+    """Names of the outputs :func:`_outputs` lists, for reports.
+
+    Returned values are ``output`` (or ``output 0``, ``output 1``... for several);
+    inputs the op writes that it does not also return are ``input <name>``, named
+    from the op's schema (``input self``).
+    """
+    leaves = flat_tensors(result)
+    seen = {id(x) for x in leaves if isinstance(x, torch.Tensor)}
+    names = ["output"] if len(leaves) == 1 else [f"output {i}" for i in range(len(leaves))]
+    schema = getattr(func, "_schema", None)
+    writes = [a.name for a in getattr(schema, "arguments", ()) if a.alias_info is not None and a.alias_info.is_write]
+    extra = [t for t in written if id(t) not in seen]
+    if len(writes) != len(written):
+        writes = [str(i) for i in range(len(written))]
+    by_id = {id(t): name for t, name in zip(written, writes)}
+    return names + [f"input {by_id.get(id(t), '?')}" for t in extra]
+
+
+def _generator_states(args: tuple, kwargs: dict) -> list[tuple[torch.Generator, torch.Tensor]]:
+    gens = [x for x in (*args, *kwargs.values()) if type(x) is torch.Generator]
+    return [(g, g.get_state()) for g in gens]
+
+
+@dataclass
+class _Runs:
+    """What :func:`_runs` saw, before it becomes :class:`RunStats`."""
+
+    stats: RunStats
+    rng_used: bool
+    masks: dict[int, torch.Tensor | None]
+    """Output index → elements that differed from the first run in any run (``None``: not
+    comparable element by element, e.g. another shape)."""
+    names: list[str]
+    first: list[Any]
+    """The first run's outputs."""
+
+
+def _runs(func: Any, snap: Snapshot, reps: int, rng: _Rng, timer: _Timer) -> _Runs:
+    """``reps`` runs compared bitwise with the first, output by output."""
     first: list[Any] | None = None
+    names: list[str] = []
     differing, max_diff, max_frac = 0, 0.0, 0.0
     times: list[float] = []
     rng_used = False
+    masks: dict[int, torch.Tensor | None] = {}
     for _ in range(reps):
         args, kwargs, written = snap.materialize()
+        generators = _generator_states(args, kwargs)
         rng.restore()
         timer.sync()
         t0 = time.perf_counter()
@@ -212,18 +256,19 @@ def _runs(func: Any, snap: Snapshot, reps: int, rng: _Rng, timer: _Timer) -> tup
         timer.sync()
         t1 = time.perf_counter()
         times.append(t1 - t0)
-        if not rng_used and rng.advanced():
+        if not rng_used and (rng.advanced() or any(not torch.equal(g.get_state(), s) for g, s in generators)):
             rng_used = True
         outs = _outputs(result, written)
         if first is None:
-            first = outs
+            first, names = outs, output_names(func, result, written)
             continue
         if len(outs) != len(first):
             differing += 1
             max_diff, max_frac = float("inf"), 1.0
+            masks.update(dict.fromkeys(range(len(first))))
             continue
         run_differs, changed, total = False, 0, 0
-        for a, b in zip(first, outs):
+        for i, (a, b) in enumerate(zip(first, outs)):
             n = a.numel() if isinstance(a, torch.Tensor) else 1
             total += n
             if same_bits(a, b):
@@ -232,11 +277,71 @@ def _runs(func: Any, snap: Snapshot, reps: int, rng: _Rng, timer: _Timer) -> tup
             d = difference(a, b)
             changed += d.elements_differing
             max_diff = max(max_diff, d.max_abs_diff)
+            comparable = (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+                          and a.shape == b.shape and a.dtype == b.dtype)
+            if comparable and masks.get(i, 0) is not None:
+                m = differing_mask(a, b)
+                masks[i] = m if i not in masks else masks[i] | m
+            else:
+                masks[i] = None
         if run_differs:
             differing += 1
             max_frac = max(max_frac, changed / total if total else 1.0)
     median = statistics.median(times) if times else None
-    return RunStats(reps, differing, max_diff, max_frac, median), rng_used
+    outputs = tuple(names[i] for i in sorted(masks) if i < len(names))
+    return _Runs(RunStats(reps, differing, max_diff, max_frac, median, outputs), rng_used, masks, names, first or [])
+
+
+def _never_written(filled_outs: list[Any], default: _Runs, floating_only: bool) -> tuple[Unwritten, ...]:
+    """The outputs' never-written regions, if they hold every element that differed between default runs.
+
+    ``filled_outs`` are the outputs of a deterministic-mode run with
+    ``fill_uninitialized_memory`` on: memory the kernel allocates and never writes
+    holds the fill value there (NaN, or an integer dtype's largest value). An
+    element that differed between default runs but was written (a race over
+    colliding indices) holds a real value there, and the op keeps its divergence:
+    ``()``. With ``floating_only``, an output counts as partly unwritten also when
+    its default runs agreed (the garbage happened to repeat) but it holds NaN only
+    in ``filled_outs``: NaN is a fill nobody computes by accident; an integer
+    maximum could be.
+    """
+    if any(m is None for m in default.masks.values()):
+        return ()
+    found = []
+    for i, out in enumerate(filled_outs):
+        mask = default.masks.get(i)
+        ref = default.first[i] if i < len(default.first) else None
+        if not isinstance(out, torch.Tensor) or not isinstance(ref, torch.Tensor) or out.shape != ref.shape:
+            if mask is not None:
+                return ()
+            continue
+        if mask is None and (not floating_only or not (out.is_floating_point() or out.is_complex())):
+            continue
+        filled = fill_mask(out)
+        if mask is not None and bool((mask & ~filled).any()):
+            return ()
+        if mask is None and not bool((filled & ~fill_mask(ref)).any()):
+            continue
+        found.append(Unwritten(default.names[i], int(filled.sum()), filled.numel()))
+    if any(i >= len(filled_outs) for i in default.masks):
+        return ()
+    return tuple(found)
+
+
+def _filled_run(func: Any, snap: Snapshot, rng: _Rng) -> list[Any] | None:
+    """The outputs of one run in deterministic mode with ``fill_uninitialized_memory`` on."""
+    from torch.utils import deterministic as det_utils
+
+    det_utils.fill_uninitialized_memory = True
+    set_deterministic(True, warn_only=True)
+    try:
+        args, kwargs, written = snap.materialize()
+        rng.restore()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _outputs(func(*args, **kwargs), written)
+    except Exception:  # noqa: BLE001 - no filled run, no excuse: a divergence stands
+        return None
 
 
 def replay(func: Any, snap: Snapshot, reps: int = 5, *, cudnn_variants: bool = False) -> Observation:
@@ -259,28 +364,41 @@ def replay(func: Any, snap: Snapshot, reps: int = 5, *, cudnn_variants: bool = F
         except Exception as e:  # noqa: BLE001 - an op's own failure is an observation
             strict_kind, strict_error = _alert_kind(str(e)), str(e).strip()
         sink: list[str] = []
+        from torch.utils import deterministic as det_utils
+
+        fill_on = bool(det_utils.fill_uninitialized_memory)
         try:
             set_deterministic(True, warn_only=True)
             with _stderr_captured(sink), warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                det, rng_det = _runs(func, snap, reps, rng, timer)
+                det = _runs(func, snap, reps, rng, timer)
             for w in caught:
                 msg = str(w.message)
                 if _is_determinism_warning(msg) and msg not in sink:
                     sink.append(msg)
             set_deterministic(False)
-            default, rng_def = _runs(func, snap, reps, rng, timer)
+            default = _runs(func, snap, reps, rng, timer)
             variants: list[tuple[str, RunStats]] = []
             if cudnn_variants:
                 for d in (False, True):
                     for b in (False, True):
                         with torch.backends.cudnn.flags(enabled=True, deterministic=d, benchmark=b):
-                            stats, _ = _runs(func, snap, reps, rng, timer)
+                            stats = _runs(func, snap, reps, rng, timer).stats
                         variants.append((f"cudnn.deterministic={d},benchmark={b}", stats))
+            unwritten: tuple[Unwritten, ...] = ()
+            default_stats = default.stats
+            if strict_kind is None and not det.stats.diverges:
+                # The deterministic runs filled never-written memory unless the user turned that off.
+                filled = det.first if fill_on else (_filled_run(func, snap, rng) if default_stats.diverges else None)
+                if filled is not None:
+                    unwritten = _never_written(filled, default, floating_only=fill_on)
+                if unwritten and default_stats.diverges:
+                    # Everything that differed is memory the kernel never wrote: the rest is identical.
+                    default_stats = RunStats(reps, 0, 0.0, 0.0, default_stats.median_s)
         except Exception as e:  # noqa: BLE001
             return Observation(strict_kind, strict_error, tuple(sink), None, None, False, error=error_text(e))
-        return Observation(strict_kind, strict_error, tuple(sink), default, det,
-                           rng_def or rng_det, variants=tuple(variants))
+        return Observation(strict_kind, strict_error, tuple(sink), default_stats, det.stats,
+                           default.rng_used or det.rng_used, variants=tuple(variants), unwritten=unwritten)
 
 
 def time_fill(func: Any, snap: Snapshot, reps: int = 5) -> tuple[float, float] | None:

@@ -154,6 +154,10 @@ class SiteTracker:
         entry = names.get(id(mod))
         return entry[1] if entry is not None and entry[0] is mod else type(mod).__name__
 
+    def modules(self) -> list[tuple[str, torch.nn.Module]]:
+        """``(qualified name, module)`` of every module named while recording (until :meth:`stop`)."""
+        return [(name, mod) for mod, name in self._names.values()]
+
     def _opt_pre(self, *_: Any) -> None:
         if threading.get_ident() == self._thread:
             self.in_optimizer += 1
@@ -187,6 +191,15 @@ class SiteTracker:
     def frame_site(self, f: Any) -> Site:
         """The site of a call made in frame ``f``: its innermost user frame, and the module being called."""
         return self._site_list[self._site_id(f)]
+
+    def add_site(self, site: Site) -> int:
+        """Id of ``site`` (one seen elsewhere, e.g. in a child process), registering it if new."""
+        key = ("site", site)
+        site_id = self._site_ids.get(key)
+        if site_id is None:
+            site_id = self._site_ids[key] = len(self._site_list)
+            self._site_list.append(site)
+        return site_id
 
     def _site_id(self, f: Any, with_module: bool = True) -> int:
         """Id of the site of the innermost user frame at or above ``f``, and of the innermost module."""

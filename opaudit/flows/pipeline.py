@@ -56,7 +56,7 @@ def make_finding(sig: RecordedSignature, obs: Observation | None, remedy: str = 
         "alert_kind": obs.strict_kind if obs.strict_kind != "error" else None,
         "strict_error": obs.strict_error,
         "warnings": obs.warnings,
-        "rng": obs.rng_used or sig.kind is OpKind.RANDOM,
+        "rng": obs.rng_used if obs.default is not None else sig.kind is OpKind.RANDOM,
         "remedy": remedy,
     }
     if obs.default is not None and obs.deterministic is not None:
@@ -67,6 +67,7 @@ def make_finding(sig: RecordedSignature, obs: Observation | None, remedy: str = 
             frac_differing=_round(max(d.frac_differing, t.frac_differing), 6),
             time_default_us=None if d.median_s is None else _round(d.median_s * 1e6, 4),
             time_deterministic_us=None if t.median_s is None else _round(t.median_s * 1e6, 4),
+            outputs=tuple(dict.fromkeys(d.outputs + t.outputs)),
         )
     if obs.variants:
         changes["cudnn"] = tuple((name, stats.ratio) for name, stats in obs.variants)
@@ -102,8 +103,12 @@ def build_report(
     replay_fn: ReplayFn | None = None,
     on_progress: Callable[[Progress], None] | None = None,
     run_checks: Iterable[RunCheck] = (),
+    complete: bool = True,
 ) -> Report:
     """Replay every recorded signature and classify it.
+
+    ``complete=False`` marks the report partial from the start (the recording was
+    cut short).
 
     A ``KeyboardInterrupt`` during replay returns a report marked
     ``complete=False`` holding every finding classified so far; the interrupt is
@@ -144,7 +149,7 @@ def build_report(
         except KeyboardInterrupt as e:
             interrupted = e
     report = assemble(rec, findings, reps=reps, seed=seed, settings=settings, devices=devices,
-                      complete=interrupted is None, run_checks=tuple(run_checks))
+                      complete=complete and interrupted is None, run_checks=tuple(run_checks))
     if interrupted is not None:
         interrupted.report = report  # type: ignore[attr-defined]
         raise interrupted
@@ -160,7 +165,19 @@ def assemble(rec: Recorder, findings: list[Finding], *, reps: int, seed: int, se
     timed = [f for f in uninit if f.time_default_us is not None and f.time_deterministic_us is not None]
     fill_cost = sum((f.time_deterministic_us - f.time_default_us) * f.calls for f in timed) * 1e-6 if timed else None
     warnings = environment_warnings(devices, sum(f.calls for f in uninit), fill_cost)
+    if rec.strict_refusals:
+        ops = ", ".join(f"{op} ({n}x)" for op, n in sorted(rec.strict_refusals.items()))
+        warnings.append(f"the script turned on torch.use_deterministic_algorithms(True) itself, and it refused {ops}: "
+                        "each such call ran with warn_only=True so that the run could go on (see the raises "
+                        "findings); without opaudit the first of them ends the run")
+    children = rec.children
+    if children.unrecorded:
+        warnings.append(f"{children.unrecorded} of {children.forked} child process(es) forked while recording "
+                        "(DataLoader workers) ran ops that were not recorded: they did not exit normally before "
+                        "recording ended (persistent_workers=True, killed, os._exit); their ops are missing here")
     all_settings = {"reps": reps, "seed": seed, "capture_budget_mib": rec.capture_budget // 2**20}
+    if children.forked:
+        all_settings["child_processes"] = {"forked": children.forked, "recorded": children.recorded}
     all_settings.update(settings or {})
     return Report(
         environment=env, settings=all_settings, all_findings=sort_findings(findings),

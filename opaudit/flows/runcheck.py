@@ -11,8 +11,12 @@ value and gradient are kept. Run 1 is then compared with each later run:
   forward line that created them);
 * every other op whose outputs differ is counted as downstream damage;
 * if the runs took different op sequences, the check reports where they first
-  part instead of failing;
-* return values, gradients, parameters and buffers that differ are listed.
+  part instead of failing; ops that compute nothing (views, allocations,
+  profiler ``record_function`` markers, which a DataLoader's workers make land
+  at different places) do not count;
+* return values, gradients, parameters, buffers and optimizer state that differ
+  are listed: those reachable from the module's globals, and every parameter,
+  module and optimizer the traced step used (``def main(): model = ...``).
 
 The check runs once with ``torch.use_deterministic_algorithms(False)`` and once
 with ``True`` (``warn_only=True``, so ops without a deterministic implementation
@@ -57,6 +61,10 @@ _UNINITIALIZED = ("uninitialized",)
 """Input digest of a tensor straight out of ``empty``: its garbage bits say nothing about the run."""
 
 _END = "<end of run>"
+
+_SET_DATA = frozenset(getattr(torch.ops.aten.set_, name) for name in
+                      ("source_Storage", "source_Storage_storage_offset", "source_Tensor"))
+"""``set_`` onto existing data: the target's bits are no longer uninitialized."""
 
 
 class RunCheckError(Exception):
@@ -140,14 +148,34 @@ class _Tracer:
         # version counter of its own.
         self._known: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._writes: dict[int, int] = {}
-        self._interception = Interception(self._on_call, self.sites)
+        self.leaves: dict[int, torch.Tensor] = {}
+        """Parameters and other leaf tensors that require grad, as ops first used them."""
+        self.optimizers: dict[int, torch.optim.Optimizer] = {}
+        """Optimizers whose ``step`` ran, in order."""
+        self.modules: list[tuple[str, torch.nn.Module]] = []
+        """Modules called during the step, with their qualified names (set on exit)."""
+        self._hook: Any = None
+        # A script that turns strict mode on itself still runs to the end: the refused op runs with warn_only.
+        self._interception = Interception(self._on_call, self.sites, on_alert=lambda func: None)
 
     def __enter__(self) -> _Tracer:
+        from torch.optim import optimizer as optim_module
+
+        self._hook = optim_module.register_optimizer_step_post_hook(self._optimizer_stepped)
         self._interception.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self._interception.__exit__(*exc)
+        try:
+            self.modules = self.sites.modules()
+            self._interception.__exit__(*exc)
+        finally:
+            if self._hook is not None:
+                self._hook.remove()
+                self._hook = None
+
+    def _optimizer_stepped(self, opt: Any, *_: Any) -> None:
+        self.optimizers.setdefault(id(opt), opt)
 
     def _on_call(self, func: Any, args: tuple, kwargs: dict | None) -> Callable[..., Any]:
         kind = op_kind(func)[0]
@@ -155,12 +183,19 @@ class _Tracer:
             # No arithmetic, nothing to digest; kept so that the op sequence and its
             # numbering match the audit's.
             self.steps.append(_Step(func, None, None, None))
+            if func in _SET_DATA and args and isinstance(args[0], torch.Tensor):
+                # ``empty`` then ``set_`` onto real data: how a DataLoader batch
+                # arrives from a worker's shared memory. Its bits mean something now.
+                self._uninitialized.pop(args[0], None)
             return func
         where = self.sites.current()
         roles = _roles(func)
         leaves = _leaves(args, [])
         if kwargs:
             _leaves([v for k, v in kwargs.items() if k not in roles.out_kwargs], leaves)
+        for x in leaves:
+            if isinstance(x, torch.Tensor) and (type(x) is torch.nn.Parameter or x.requires_grad and x.is_leaf):
+                self.leaves.setdefault(id(x), x)
         with _disable_current_modes(), torch.no_grad():
             ins = self._digests(leaves)
         return functools.partial(self._run_op, func, kind, roles, where, ins)
@@ -296,20 +331,36 @@ def _execute(target: loader.Target, mode: str, seed: int | None, *, keep_errors:
                 raise
             return _Run(tuple(tracer.steps), {}, tracer.sites, error=str(e))
     with _disable_current_modes(), torch.no_grad():
-        state = _final_state(result if target.entry is not None else None, namespace)
+        state = _final_state(result if target.entry is not None else None, namespace, tracer)
     return _Run(tuple(tracer.steps), state, tracer.sites)
 
 
-def _final_state(result: Any, namespace: dict[str, Any]) -> dict[str, Any]:
-    """Copies of the return value and of every parameter, gradient and buffer reachable."""
+def _final_state(result: Any, namespace: dict[str, Any], tracer: _Tracer | None = None) -> dict[str, Any]:
+    """Copies of the return value and of every parameter, gradient, buffer and optimizer state reachable.
+
+    Reachable from the module's globals, and (with ``tracer``) used by the traced
+    step itself: the modules it called, the parameters its ops read, the
+    optimizers that stepped. A model built inside ``main()`` is gone from the
+    globals by the end, but the tracer saw it.
+    """
     state: dict[str, Any] = {}
     leaves = flat_tensors(result)
     for i, x in enumerate(leaves):
         state["return value" if len(leaves) == 1 else f"return value[{i}]"] = _copy(x)
-    for path, t, is_param in _tensors(namespace):
+    names: dict[int, str] = {}
+    for path, t, is_param in _tensors(namespace, tracer):
+        names[id(t)] = path
         if is_param:
             state[f"grad of {path}"] = _copy(t.grad)
         state[f"value of {path}"] = _copy(t)
+    for oi, opt in enumerate(tracer.optimizers.values() if tracer is not None else ()):
+        for p, slots in list(opt.state.items()):
+            if not isinstance(slots, dict):
+                continue
+            owner = names.get(id(p), f"optimizer {oi} parameter")
+            for key, v in slots.items():
+                if isinstance(v, torch.Tensor):
+                    state[f"optimizer state {key} of {owner}"] = _copy(v)
     return state
 
 
@@ -317,21 +368,30 @@ def _copy(x: Any) -> Any:
     return x.detach().clone() if isinstance(x, torch.Tensor) else x
 
 
-def _tensors(namespace: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor, bool]]:
-    """``(path, tensor, is_parameter)`` for the models and optimizers in the module's globals.
+def _tensors(namespace: dict[str, Any], tracer: _Tracer | None = None) -> Iterator[tuple[str, torch.Tensor, bool]]:
+    """``(path, tensor, is_parameter)`` for the models and optimizers in the module's globals,
+    then for those the traced step used.
 
     Parameters come from every ``nn.Module`` (by its attribute path and parameter
     name) and every optimizer's param groups, plus leaf tensors that require grad;
     buffers come from the modules. Each tensor is listed once, under the first path
-    that reaches it; globals are searched in definition order.
+    that reaches it; globals are searched in definition order, then the modules the
+    step called (``Net.conv1.weight``), the optimizers that stepped and the leaf
+    tensors its ops read.
     """
-    seen_tensors: set[int] = set()
+    seen_tensors: set[Any] = set()
     seen_objects: set[int] = set()
     module_name = namespace.get("__name__")
 
     def take(path: str, t: Any, is_param: bool) -> Iterator[tuple[str, torch.Tensor, bool]]:
-        if isinstance(t, torch.Tensor) and id(t) not in seen_tensors:
-            seen_tensors.add(id(t))
+        if not isinstance(t, torch.Tensor):
+            return
+        # By what it holds, not by Python object: autograd can hand an op another
+        # Python tensor over a parameter's own memory.
+        ptr = _storage_ptr(t)
+        key = (ptr, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype) if ptr else id(t)
+        if key not in seen_tensors:
+            seen_tensors.add(key)
             yield path, t, is_param
 
     def visit(obj: Any, path: str, depth: int) -> Iterator[tuple[str, torch.Tensor, bool]]:
@@ -371,6 +431,17 @@ def _tensors(namespace: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor, boo
     for name, value in list(namespace.items()):
         if not name.startswith("__"):
             yield from visit(value, name, 0)
+    if tracer is None:
+        return
+    for qualified, mod in tracer.modules:
+        for name, p in mod.named_parameters(recurse=False):
+            yield from take(f"{qualified}.{name}", p, True)
+        for name, b in mod.named_buffers(recurse=False):
+            yield from take(f"{qualified}.{name}", b, False)
+    for oi, opt in enumerate(tracer.optimizers.values()):
+        yield from visit(opt, f"optimizer {oi}", 0)
+    for i, t in enumerate(tracer.leaves.values()):
+        yield from take(f"leaf tensor {i} {list(t.shape)}", t, True)
 
 
 # -- comparing runs -----------------------------------------------------------
@@ -395,27 +466,35 @@ class _Comparison:
 
 def _compare(first: _Run, other: _Run, run: int) -> _Comparison:
     a, b = first.steps, other.steps
-    n = min(len(a), len(b))
-    split = next((i for i in range(n) if a[i].func is not b[i].func), None)
-    if split is None and len(a) != len(b):
+    # The path is the sequence of ops that compute. Views, profiler markers and
+    # allocations compute nothing, and a DataLoader's workers make them land at
+    # different places (``record_function`` markers; ``empty`` + ``set_`` as each
+    # batch arrives from shared memory): they neither split the path nor shift the alignment.
+    ca = [i for i, s in enumerate(a) if s.outs is not None]
+    cb = [i for i, s in enumerate(b) if s.outs is not None]
+    n = min(len(ca), len(cb))
+    split = next((j for j in range(n) if a[ca[j]].func is not b[cb[j]].func), None)
+    if split is None and len(ca) != len(cb):
         split = n
     split_info = None
     if split is not None:
+        ia = ca[split] if split < len(ca) else len(a)
+        ib = cb[split] if split < len(cb) else len(b)
         split_info = {
-            "index": split + 1,
+            "index": ia + 1,
             "runs": [1, run],
-            "ops": [str(a[split].func) if split < len(a) else _END, str(b[split].func) if split < len(b) else _END],
-            "where": [first.location(split), other.location(split)],
+            "ops": [str(a[ia].func) if ia < len(a) else _END, str(b[ib].func) if ib < len(b) else _END],
+            "where": [first.location(ia), other.location(ib)],
         }
     differing: set[int] = set()
     root = None
-    for i in range(n if split is None else split):
-        sa, sb = a[i], b[i]
-        if sa.outs is None or sa.outs == sb.outs:
+    for j in range(n if split is None else split):
+        sa, sb = a[ca[j]], b[cb[j]]
+        if sa.outs == sb.outs:
             continue
-        differing.add(i)
+        differing.add(ca[j])
         if root is None and sa.ins == sb.ins:
-            root = i
+            root = ca[j]
     # A run that raised has no final state to compare; its error says enough.
     mismatches = () if other.error else _state_mismatches(first.state, other.state, run)
     return _Comparison(run, split, split_info, frozenset(differing), root, mismatches, other.error)
@@ -470,6 +549,7 @@ def _summarise(mode: str, runs: int, first: _Run, comparisons: list[_Comparison]
         mode=mode, runs=runs, ops=len(first.steps), differing_ops=len(differing),
         reproducible=not (differing or mismatches or path_split or error),
         root_cause=root_cause, path_split=path_split, mismatches=tuple(mismatches.values()), error=error,
+        compared=len(first.state),
     )
 
 

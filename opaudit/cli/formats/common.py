@@ -57,10 +57,22 @@ def _per_rank(f: "Finding", field: str) -> str:
     return ", ".join(f"{getattr(o, field) or '-'} r{o.rank}" for o in f.ranks)
 
 
+def verdict_text(f: "Finding") -> str:
+    """The verdict with what qualifies it: a skip's reason, the outputs that differed or were never written."""
+    if f.verdict is Verdict.UNINITIALIZED and f.reason:
+        # ``output 1: 839 of 2040 elements never written...``: name the outputs only.
+        return f"{f.verdict.value} ({', '.join(part.split(':')[0] for part in f.reason.split('; '))}, partly)"
+    if f.reason:
+        return f"{f.verdict.value} ({f.reason})"
+    if f.outputs and f.outputs != ("output",):
+        return f"{f.verdict.value} ({', '.join(f.outputs)})"
+    return f.verdict.value
+
+
 def finding_row(f: "Finding") -> list[Any]:
     """One table row for a finding."""
     cost = f.det_cost
-    verdict = f.verdict.value + (f" ({f.reason})" if f.reason else "")
+    verdict = verdict_text(f)
     on = [o.rank for o in f.ranks if o.verdict is f.verdict]
     if f.ranks and len(on) < len(f.ranks):
         verdict += f" on rank {','.join(map(str, on))}"
@@ -127,6 +139,9 @@ def run_check_lines(r: "RunCheck") -> list[str]:
         downstream = (r.root_cause or {}).get("downstream")
         more = f" ({downstream} downstream of op #{r.root_cause.get('index')})" if downstream and r.root_cause else ""
         lines.append(f"  {r.differing_ops} of {r.ops} ops differed{more}")
+    if r.compared == 0:
+        lines.append("  nothing to compare after the step: no return value, parameter, gradient, buffer or "
+                     "optimizer state was found (only the ops were compared)")
     for m in r.mismatches[:8]:
         lines.append(f"  differs: {m}")
     if len(r.mismatches) > 8:

@@ -1,0 +1,205 @@
+"""Issue 13: verdicts users can trust on real scripts (no false alarms, no silent blind spots)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from conftest import ROOT
+
+from opaudit.cli.main import main
+from opaudit.data.report import load
+from opaudit.data.verdict import Verdict
+from opaudit.flows.catalog import CatalogRequest, build_catalog
+
+SCRIPTS = os.path.join(ROOT, "tests", "fixtures", "scripts")
+
+
+def _script(name: str) -> str:
+    return os.path.join(SCRIPTS, name)
+
+
+def _audit(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _report(tmp_path, capsys, *argv: str, name: str = "r.yaml") -> tuple[int, dict]:
+    path = tmp_path / name
+    code, _, err = _audit(capsys, *argv, "--no-timing", "-o", str(path))
+    assert path.exists(), err
+    return code, yaml.safe_load(path.read_text())
+
+
+def _by_op(report: dict, op: str) -> list[dict]:
+    return [f for f in report["findings"] if f["op"] == op]
+
+
+# -- 1: a partly uninitialized output is not a divergence -----------------------------
+def test_ctc_loss_is_partly_uninitialized_not_diverging(tmp_path, capsys):
+    code, report = _report(tmp_path, capsys, _script("ctc_train.py"), "--reps", "3")
+    assert report["summary"]["diverges"] == 0 and code == 0
+    (ctc,) = _by_op(report, "aten._ctc_loss.Tensor")
+    assert ctc["verdict"] == "uninitialized"
+    # The loss (output 0) is compared and identical; the never-written part of output 1 is named.
+    assert ctc["reason"].startswith("output 1: ") and "never written" in ctc["reason"]
+    assert ctc["default_diverged"] == "0/3"
+    assert "never writes" in ctc["remedy"]
+
+
+def test_ctc_loss_in_the_catalog_sweep_is_not_diverging():
+    """The catalog classifies through the same replay: ``_ctc_loss`` on OpInfo's and stress samples."""
+    catalog = build_catalog(CatalogRequest("cpu", ("nn.functional.ctc_loss",), isolate=False, max_samples=2,
+                                           stress_samples=1, stress_elements=100_000, reps=3, modules=False))
+    ctc = [e for e in catalog.entries if e.op.startswith("aten._ctc_loss.")]
+    assert ctc, catalog.entries
+    assert all(e.verdict is not Verdict.DIVERGES for e in ctc), ctc
+    assert any(e.verdict is Verdict.UNINITIALIZED for e in ctc), ctc
+
+
+# -- 6: random from observed RNG use -------------------------------------------------
+SDPA = "aten._scaled_dot_product_flash_attention_for_cpu.default"
+
+
+def test_sdpa_without_dropout_is_not_random(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SDPA_DROPOUT", "0.0")
+    _, report = _report(tmp_path, capsys, _script("sdpa_attention.py"), "--reps", "2")
+    (f,) = _by_op(report, SDPA)
+    assert f["verdict"] == "stable" and "rng" not in f
+
+
+def test_sdpa_with_dropout_is_random(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SDPA_DROPOUT", "0.5")
+    _, report = _report(tmp_path, capsys, _script("sdpa_attention.py"), "--reps", "2")
+    drawn = [f for f in report["findings"] if f["verdict"] == "random" and f["first_call"] > 3]
+    assert drawn, report["findings"]
+
+
+# -- 7: nothing process-specific in a signature ---------------------------------------
+def test_shuffling_loader_reports_are_byte_identical(tmp_path, capsys):
+    paths = []
+    for name in ("a.yaml", "b.yaml"):
+        _report(tmp_path, capsys, _script("shuffle_loader.py"), "--reps", "2", name=name)
+        paths.append(tmp_path / name)
+    a, b = (p.read_text() for p in paths)
+    assert a == b
+    assert "generator=Generator(cpu)" in a and " at 0x" not in a
+
+
+# -- 2-4: the whole-step check ---------------------------------------------------------
+@pytest.mark.timeout(120)
+def test_two_worker_dataloader_is_reproducible_in_deterministic_mode(tmp_path, capsys):
+    """Profiler markers and batch arrivals land at different places among the ops: not a path split."""
+    code, report = _report(tmp_path, capsys, _script("worker_loader.py"), "--reps", "1", "--run-check", "3",
+                           "--fail-on", "not_reproducible")
+    checks = {r["mode"]: r for r in report["run_checks"]}
+    assert checks["deterministic"]["reproducible"], checks["deterministic"]
+    assert checks["default"]["reproducible"], checks["default"]
+    assert "path_split" not in checks["deterministic"]
+    assert checks["deterministic"]["compared"] > 0
+    assert code == 0
+
+
+def test_main_style_script_lists_its_gradient_and_optimizer_mismatches(tmp_path, capsys):
+    code, report = _report(tmp_path, capsys, _script("main_style.py"), "--reps", "1", "--run-check",
+                           "--fail-on", "not_reproducible_deterministic")
+    check = {r["mode"]: r for r in report["run_checks"]}["deterministic"]
+    assert not check["reproducible"]
+    listed = " | ".join(check["mismatches"])
+    for name in ("grad of Sequential.0.weight", "grad of Sequential.2.weight", "value of Sequential.1.running_mean",
+                 "optimizer state momentum_buffer of Sequential.0.weight"):
+        assert name in listed, listed
+    assert "leaf tensor" not in listed  # each parameter once, under its module's name
+    assert code == 1  # gated by --fail-on not_reproducible_deterministic
+
+
+def test_run_check_exit_code_is_gated_only_when_asked(tmp_path, capsys):
+    code, report = _report(tmp_path, capsys, _script("main_style.py"), "--reps", "1", "--run-check")
+    assert not report["run_checks"][0]["reproducible"] and code == 0
+    code, _, err = _audit(capsys, _script("main_style.py"), "--fail-on", "not_reproducible")
+    assert code == 2 and "needs --run-check" in err
+
+
+def test_nothing_to_compare_is_said(tmp_path, capsys):
+    script = tmp_path / "plain.py"
+    script.write_text("import torch\nx = torch.randn(4)\nprint((x * 2).sum().item())\n")
+    code, out, err = _audit(capsys, str(script), "--reps", "1", "--run-check", "-q")
+    assert "nothing to compare after the step" in out and code == 0
+
+
+# -- 5: a script that turns strict mode on itself ----------------------------------------
+def test_script_in_strict_mode_gets_a_report_with_every_raising_op(tmp_path, capsys):
+    code, report = _report(tmp_path, capsys, _script("strict_mode.py"), "--reps", "2")
+    assert code == 1
+    raising = sorted((f["op"], f["sites"][0]["line"]) for f in report["findings"] if f["verdict"] == "raises")
+    assert raising == [("aten.max_unpool2d.default", 11), ("aten.put_.default", 13)]
+    assert any("turned on torch.use_deterministic_algorithms(True) itself" in w for w in report["env_warnings"])
+    # The script's own assertion (strict mode still on after the refused ops) held: the run went on to the end.
+    assert report["summary"]["total_calls"] > 15
+
+
+# -- 9: SIGTERM and Ctrl-C while the script runs --------------------------------------------
+def _start(argv: list[str], started) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               TRAINING_STARTED=str(started))
+    return subprocess.Popen([sys.executable, "-m", "opaudit.cli", *argv], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _wait_for_file(path, proc, limit: float = 60.0) -> None:
+    deadline = time.monotonic() + limit
+    while not path.exists():
+        if proc.poll() is not None:
+            pytest.fail(f"opaudit exited ({proc.returncode}) before the script started: {proc.stderr.read()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("timed out waiting for the script to start")
+        time.sleep(0.05)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_stopping_a_running_script_audits_what_it_recorded(tmp_path, signum, code):
+    out, started = tmp_path / "report.yaml", tmp_path / "started"
+    proc = _start([_script("long_training.py"), "--reps", "2", "--no-timing", "-o", str(out)], started)
+    _wait_for_file(started, proc)
+    os.kill(proc.pid, signum)
+    _, err = proc.communicate(timeout=90)
+    assert proc.returncode == code, err
+    assert "partial report (complete: false) written to" in err
+    report = load(str(out))
+    assert report.complete is False
+    assert report.settings["recording_cut_short"] == ("terminated" if signum == signal.SIGTERM else "interrupted")
+    assert {"aten.index_put_.default", "aten.randint.low"} <= {f.op for f in report.all_findings}
+    assert sorted(os.listdir(tmp_path)) == ["report.yaml", "started"]  # no temp file left
+
+
+# -- 8: DataLoader worker processes ----------------------------------------------------------
+@pytest.mark.timeout(120)
+def test_ops_in_dataloader_workers_are_recorded_and_replayed(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("ITEM_SIZE", "200000")
+    found = {}
+    for workers in ("0", "2"):
+        monkeypatch.setenv("WORKERS", workers)
+        _, report = _report(tmp_path, capsys, _script("worker_pipeline.py"), "--reps", "2", name=f"w{workers}.yaml")
+        (f,) = _by_op(report, "aten.index_put_.default")
+        found[workers] = f
+        assert f["calls"] == 2 and f["sites"][0]["line"] == 22 and f["verdict"] != "skipped"
+        assert f["default_diverged"]  # replayed in the parent
+    assert found["0"]["id"] == found["2"]["id"]
+    assert report["settings"]["child_processes"] == {"forked": 2, "recorded": 2}
+    assert not any("child process" in w for w in report["env_warnings"])
+
+
+def test_workers_that_outlive_the_recording_are_reported(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("ITEM_SIZE", "1000")
+    monkeypatch.setenv("PERSISTENT", "1")
+    _, report = _report(tmp_path, capsys, _script("worker_pipeline.py"), "--reps", "1")
+    assert report["settings"]["child_processes"] == {"forked": 2, "recorded": 0}
+    assert any(w.startswith("2 of 2 child process(es) forked while recording") for w in report["env_warnings"])
