@@ -299,7 +299,7 @@ def test_cli_on_the_shipped_example(capsys):
     assert any(m.startswith("grad of model.") for m in default["mismatches"])
     assert deterministic["mode"] == "deterministic" and deterministic["reproducible"] is True
     assert deterministic == {"mode": "deterministic", "runs": 3, "reproducible": True, "ops": default["ops"],
-                             "differing_ops": 0, "mismatches": []}
+                             "differing_ops": 0, "mismatches": [], "compared": 31}
 
 
 @pytest.mark.parametrize("value, message", [
