@@ -310,6 +310,11 @@ class Snapshot:
         self._storages[b], self._bases[b] = copy
         self._shared.remove(b)
 
+
+    def own_all(self) -> None:
+        """Copy every held buffer (see :meth:`own`): before the snapshot leaves this process."""
+        for b in list(self._shared):
+            self.own(b)
     def _values(self, fresh: set[int] | None, fresh_opaque: bool) -> tuple[list[Any], list[torch.Tensor]]:
         storages = self._storages
         if fresh:
