@@ -203,3 +203,91 @@ def test_workers_that_outlive_the_recording_are_reported(tmp_path, capsys, monke
     _, report = _report(tmp_path, capsys, _script("worker_pipeline.py"), "--reps", "1")
     assert report["settings"]["child_processes"] == {"forked": 2, "recorded": 0}
     assert any(w.startswith("2 of 2 child process(es) forked while recording") for w in report["env_warnings"])
+
+
+# -- 12: remedies that fit how the op was called ------------------------------------------
+INDEXING = """
+import torch
+
+g = torch.Generator().manual_seed(0)
+ids = torch.randint(0, 1000, (3_000_000,), generator=g)
+weights = torch.randn(3_000_000, generator=g) * torch.logspace(-3, 3, 3_000_000)
+if {backward}:
+    table = torch.zeros(1000, requires_grad=True)
+    (table[ids] * weights).sum().backward()
+else:
+    torch.zeros(1000).index_put_((ids,), weights, accumulate=True)
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backward", [True, False])
+def test_index_put_remedy_depends_on_how_it_was_called(tmp_path, capsys, backward):
+    script = tmp_path / "indexing.py"
+    script.write_text(INDEXING.format(backward=backward))
+    _, report = _report(tmp_path, capsys, str(script), "--reps", "6")
+    (f,) = [f for f in report["findings"] if f["op"].startswith("aten.index_put") and f["verdict"] == "diverges"]
+    assert ("backward of advanced indexing" in f["remedy"]) is backward
+    assert ("index_add_" in f["remedy"]) is not backward
+
+
+# -- 13: the capture budget ---------------------------------------------------------------------
+BUDGET = """
+import torch
+
+big = torch.randn(4_000_000)   # 16 MB
+counts = big.new_zeros(10)     # needs big's dtype and device, not its 16 MB
+doubled = big * 2
+"""
+
+
+def test_capture_budget_charges_only_values_that_matter_and_says_what_would_fit(tmp_path, capsys):
+    script = tmp_path / "budget.py"
+    script.write_text(BUDGET)
+    _, report = _report(tmp_path, capsys, str(script), "--reps", "1", "--capture-budget", "8")
+    (zeros,) = _by_op(report, "aten.new_zeros.default")
+    assert zeros["verdict"] == "stable"
+    (mul,) = _by_op(report, "aten.mul.Tensor")
+    assert mul["verdict"] == "skipped" and mul["reason"] == "capture budget"
+    assert "--capture-budget 16 (MiB)" in mul["remedy"]
+
+
+# -- 15: entry arguments, CSV on stdout, --against and factory ops ------------------------------
+def test_entry_with_required_arguments_is_a_clear_error(tmp_path, capsys):
+    script = tmp_path / "step.py"
+    script.write_text("def train(batch, lr=0.1):\n    return batch\n")
+    code, _, err = _audit(capsys, str(script), "--entry", "train")
+    assert code == 2
+    assert "takes required arguments (batch)" in err and "must take no arguments" in err
+    assert "TypeError" not in err
+
+
+def test_csv_on_stdout_still_tells_the_outcome_on_stderr(capsys):
+    code, out, err = _audit(capsys, _script("main_style.py"), "--reps", "1", "--run-check", "--format", "csv")
+    assert out.startswith("id,op,verdict")
+    assert "Whole-step check, deterministic mode, 2 runs: NOT reproducible" in err
+    assert "unique signatures" in err
+
+
+FACTORIES = """
+import torch
+
+torch.zeros(4, 4)
+torch.ones(4)
+torch.arange(0.0, 4.0, 0.5)
+torch.arange(4)
+"""
+
+
+def test_against_looks_up_factory_ops_under_the_dtype_they_ran_with(tmp_path, capsys):
+    script = tmp_path / "factories.py"
+    script.write_text(FACTORIES)
+    out = tmp_path / "prediction.yaml"
+    catalog = os.path.join(ROOT, "catalogs", "cpu-x86_64-torch2.13.0.yaml")
+    _audit(capsys, str(script), "--reps", "1", "--against", catalog, "-o", str(out))
+    rows = {(r["op"], r["signature"].split(",")[0]): r for r in yaml.safe_load(out.read_text())["predictions"]}
+    assert rows[("aten.zeros.default", "[4")]["predicted"] == "stable"
+    assert rows[("aten.zeros.default", "[4")]["dtype"] == "float32"
+    assert rows[("aten.arange.start_step", "0.0")]["dtype"] == "float32"
+    assert rows[("aten.arange.start_step", "0.0")]["predicted"] != "unknown"
+    assert all(r["predicted"] != "unknown" for r in rows.values()), rows

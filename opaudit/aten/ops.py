@@ -55,6 +55,13 @@ _UNINITIALIZED_OPS = frozenset({
     "aten::_empty_per_channel_affine_quantized", "aten::empty_quantized",
 })
 
+# Ops whose result depends on their tensor arguments' dtype, shape and device only,
+# never on their values: captured without values (no memory charged to the budget).
+_SHAPE_ONLY_OPS = frozenset({
+    "aten::new_zeros", "aten::new_ones", "aten::new_full", "aten::zeros_like", "aten::ones_like",
+    "aten::full_like", "aten::rand_like", "aten::randn_like", "aten::randint_like",
+})
+
 # Ops with effects beyond their outputs; replaying them would repeat the effect.
 _SIDE_EFFECT_OPS = frozenset({
     "aten::record_stream", "aten::_print", "aten::_assert_async", "aten::_assert_scalar",
@@ -98,6 +105,13 @@ def op_kind(func: torch._ops.OpOverload) -> tuple[OpKind, str]:
     if torch.Tag.nondeterministic_seeded in getattr(func, "tags", ()):
         return OpKind.RANDOM, "draws from the RNG"
     return OpKind.COMPUTE, ""
+
+
+def values_matter(func: torch._ops.OpOverload) -> bool:
+    """False for ops whose result does not depend on the values of their tensor arguments
+    (``empty_like``, ``new_zeros``): their inputs are captured as dtype, shape and device only."""
+    name = func._schema.name
+    return name not in _SHAPE_ONLY_OPS and name not in _UNINITIALIZED_OPS
 
 
 @functools.cache

@@ -23,6 +23,11 @@ _SPAN_ALIGN = 16
 class CaptureError(Exception):
     """A tensor could not be snapshotted (unsupported layout, device or memory)."""
 
+    def __init__(self, message: str, nbytes: int | None = None) -> None:
+        super().__init__(message)
+        self.nbytes = nbytes
+        """For ``capture budget``: the bytes the capture needed."""
+
 
 # A tensor argument captured from a storage is a plain tuple (one is built per
 # tensor captured, on the recorder's hot path, and a tuple is the cheapest record):
@@ -252,7 +257,7 @@ class Snapshot:
                 lo[b] = 0
             nbytes += hi[b] - lo[b]
         if budget is not None and nbytes > budget:
-            raise CaptureError("capture budget")
+            raise CaptureError("capture budget", nbytes)
         bases = [0] * len(storages)
         shared: list[int] = []
         for b, storage in enumerate(storages):

@@ -294,6 +294,12 @@ def emit(document: Any, kind: str, fmt_name: str | None, output: str | None, qui
         return
     fmt = Format.parse(fmt_name) if fmt_name else Format.parse(default)
     sys.stdout.write(render(document, kind, fmt))
+    if kind is Kind.REPORT and fmt is not Format.TABLE and not quiet:
+        # The report went to stdout for a program; the person still gets the outcome
+        # (CSV has no place for the whole-step checks at all).
+        from opaudit.cli.formats.table import outcome
+
+        sys.stderr.write(outcome(document))
 
 
 def audit_main(argv: list[str]) -> int:

@@ -234,7 +234,24 @@ def prepare(target: Target, seed: int | None = 0) -> Prepared:
     fn = module.__dict__.get(target.entry)
     if not callable(fn):
         raise ModelLoadError(f"{target.name}: {target.entry!r} is not a function")
+    required = _required_parameters(fn)
+    if required:
+        raise ModelLoadError(
+            f"{target.name}: the entry {target.entry!r} takes required arguments ({', '.join(required)}); "
+            "an entry must take no arguments: give them defaults, or add a function that builds them and calls it")
     return Prepared(fn, module.__dict__)
+
+
+def _required_parameters(fn: Callable[..., Any]) -> list[str]:
+    """Names of ``fn``'s parameters without a default (``*args``/``**kwargs`` need none)."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params if p.default is p.empty
+            and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
 
 def _seed(seed: int) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from opaudit.aten.ops import OpKind, op_kind, written_args
+from opaudit.aten.ops import OpKind, op_kind, values_matter, written_args
 from opaudit.aten.signature import script_object_text, signature_id, signature_text
 from opaudit.aten.tensors import CaptureError, Snapshot, copy_span
 from opaudit.data.site import Site
@@ -54,13 +54,15 @@ class RecordedSignature:
     """1-based position of the first call in execution order."""
     skip_reason: str | None
     """Why the op cannot be replayed (capture budget, capture OOM...), else ``None``."""
+    capture_needed: int | None = None
+    """For ``capture budget``: the budget, in bytes, that would have held this capture too."""
 
 
 class _Entry:
     """Mutable accumulator behind a :class:`RecordedSignature`."""
 
     __slots__ = ("func", "kind", "key", "first_call", "calls", "phases", "sites", "sites_dropped",
-                 "snapshot", "skip_reason", "text")
+                 "snapshot", "skip_reason", "text", "capture_needed")
 
     def __init__(self, func: Any, kind: OpKind, key: Any, first_call: int) -> None:
         self.func = func
@@ -76,12 +78,13 @@ class _Entry:
         self.snapshot: Snapshot | None = None
         self.skip_reason: str | None = None
         self.text: str | None = None
+        self.capture_needed: int | None = None
 
 
 class _OpTraits:
     """What the hot path needs to know about one op overload, worked out once per process."""
 
-    __slots__ = ("func", "call", "kind", "skip_reason", "view", "name", "written", "writes")
+    __slots__ = ("func", "call", "kind", "skip_reason", "view", "name", "written", "writes", "values")
 
     def __init__(self, func: Any) -> None:
         self.func = func
@@ -93,6 +96,8 @@ class _OpTraits:
         self.written: tuple[tuple[bool, ...], frozenset[str]] = written_args(func)
         """Positional arguments and keyword names the op writes (schema ``Tensor(a!)``)."""
         self.writes = any(self.written[0]) or bool(self.written[1])
+        self.values = values_matter(func)
+        """Whether the result depends on the input values (``new_zeros``' does not): else none are held."""
 
 
 # Keyed by ``id(func)``: ``OpOverload.__hash__`` is a Python method, and this dict is
@@ -266,16 +271,18 @@ class Recorder:
             # An op returning uninitialized memory is only ever timed: its inputs'
             # values do not matter, so none are held.
             snap = Snapshot(args, kwargs, written, share=not self.copy_inputs,
-                            budget=self.capture_budget - self.captured_bytes,
-                            values=info.kind is not OpKind.UNINITIALIZED)
+                            budget=self.capture_budget - self.captured_bytes, values=info.values)
         except CaptureError as e:
             entry.skip_reason = str(e) if str(e) in ("capture OOM", "capture budget") else f"capture failed: {e}"
+            if e.nbytes is not None:
+                entry.capture_needed = self.captured_bytes + e.nbytes
             return
         except Exception as e:  # noqa: BLE001 - the user's run must carry on
             entry.skip_reason = f"capture failed: {type(e).__name__}: {e}"
             return
         if self.captured_bytes + snap.nbytes > self.capture_budget:
             entry.skip_reason = "capture budget"
+            entry.capture_needed = self.captured_bytes + snap.nbytes
             return
         self.captured_bytes += snap.nbytes
         entry.snapshot = snap
@@ -458,6 +465,7 @@ class Recorder:
                 sites_dropped=e.sites_dropped,
                 first_call=e.first_call,
                 skip_reason=e.skip_reason,
+                capture_needed=e.capture_needed,
             ))
         return out
 

@@ -128,7 +128,9 @@ class Entry:
 
 
 _REMEDY_KEYS = ("raises", "diverges", "diverges_deterministic", "warns", "cublas", "batch_variant",
-                "batch_variant_cuda")
+                "batch_variant_cuda", "forward", "backward")
+"""Remedy texts by verdict; ``forward`` / ``backward`` are context added to a ``diverges`` remedy
+when the op ran in only that phase (a direct call, or the backward of another op)."""
 
 
 class KnowledgeBase:
@@ -246,8 +248,10 @@ class KnowledgeBase:
             cost = f.det_cost
             measured = f" Measured cost here: {cost:.2f}x this op's default time." if cost is not None else ""
             cudnn = _cudnn_advice(f)
-            return (cudnn or curated("diverges") or "torch.use_deterministic_algorithms(True) makes it "
-                    "deterministic.") + measured
+            text = cudnn or curated("diverges") or "torch.use_deterministic_algorithms(True) makes it deterministic."
+            context = {("backward",): "backward", ("forward",): "forward"}.get(tuple(f.phases))
+            extra = curated(context) if context and not cudnn else None
+            return text + (f" {extra}" if extra else "") + measured
         if v is Verdict.DIVERGES_DETERMINISTIC:
             cudnn = _cudnn_advice(f)
             return cudnn or curated("diverges_deterministic") or (

@@ -143,6 +143,10 @@ def build_report(
                 if kb is not None:
                     # After the timings are dropped, so that --no-timing keeps the remedy text stable too.
                     f = _with(f, remedy=kb.remedy(f))
+                if sig.capture_needed and not f.remedy:
+                    mib = -(-sig.capture_needed // 2**20)
+                    f = _with(f, remedy=f"not replayed: its inputs did not fit in the capture budget; "
+                                        f"--capture-budget {mib} (MiB) would have held them")
                 findings.append(f)
                 if on_progress is not None:
                     on_progress(Progress(i + 1, len(items), sig.op))

@@ -8,6 +8,7 @@ did not measure, or could not, is ``unknown``: never ``stable``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -148,6 +149,10 @@ def predict_finding(f: Any, catalog: Any) -> Predicted:
     from opaudit.flows.catalog import entry_key
 
     op, dtype, variant = entry_key(f.op, f.signature)
+    implied = ""
+    if dtype == "none":
+        # A factory op called without dtype= (``torch.zeros(4, 4)``) ran with the default dtype.
+        dtype = implied = implied_dtype(op, f.signature)
     base = dict(op=op, dtype=dtype, variant=variant, signature=f.signature, here=f.verdict, calls=f.calls,
                 phases=f.phases, sites=f.sites)
     entry, match, note = _lookup(catalog, op, dtype, variant)
@@ -157,6 +162,9 @@ def predict_finding(f: Any, catalog: Any) -> Predicted:
         if entry is not None:
             match = TWIN
             note = f"looked up as {twin}" + (f"; {note}" if note else "")
+    if implied:
+        why = f"no dtype in the signature: looked up as {implied}, the dtype the op ran with"
+        note = f"{why}; {note}" if note else why
     if entry is None:
         dtypes = sorted({e.dtype for e in catalog.entries if e.op in (op, twin)})
         note = (f"catalog has {op} only for {', '.join(dtypes)}" if dtypes else "op not in the catalog")
@@ -166,6 +174,24 @@ def predict_finding(f: Any, catalog: Any) -> Predicted:
                          note=f"the catalog could not measure it: {entry.error or 'skipped'}")
     return Predicted(**base, predicted=entry.verdict.value, match=match, source=entry.source,
                      input_kind=entry.input_kind, note=note)
+
+
+_INTEGER_FACTORIES = ("aten.randint.", "aten.randperm.")
+_INFERRING_FACTORIES = ("aten.arange.", "aten.range.", "aten.full.", "aten.scalar_tensor.")
+_FLOAT_LITERAL = re.compile(r"(?<![\w.])-?(?:\d+\.\d*(?:e-?\d+)?|\d+e-?\d+|inf|nan)(?![\w.])")
+
+
+def implied_dtype(op: str, signature: str) -> str:
+    """The dtype an op given no tensor and no ``dtype=`` ran with: the default dtype, except for
+    the factories whose default is integer (``randint``) or follows their values (``arange(4)``)."""
+    import torch
+
+    default = str(torch.get_default_dtype()).replace("torch.", "")
+    if op.startswith(_INTEGER_FACTORIES):
+        return "int64"
+    if op.startswith(_INFERRING_FACTORIES):
+        return default if _FLOAT_LITERAL.search(signature) else "int64"
+    return default
 
 
 def predict(report: Any, catalog: Any, catalog_label: str = "catalog") -> Prediction:

@@ -28,6 +28,12 @@ if TYPE_CHECKING:
 MAX_FINDINGS = 40
 
 
+def outcome(report: "Report") -> str:
+    """The whole-step checks and the summary line: what a person needs when the report itself went to a program."""
+    lines = ["Whole-step check, " + "\n".join(run_check_lines(r)) for r in report.run_checks]
+    return "\n".join([*lines, summary_line(report)]) + "\n"
+
+
 def report(report: "Report") -> str:
     """Plain-text tables (tabulate) for a terminal."""
     from tabulate import tabulate
