@@ -234,12 +234,16 @@ def prepare(target: Target, seed: int | None = 0) -> Prepared:
     fn = module.__dict__.get(target.entry)
     if not callable(fn):
         raise ModelLoadError(f"{target.name}: {target.entry!r} is not a function")
-    required = _required_parameters(fn)
+    return Prepared(fn, module.__dict__)
+
+
+def require_no_arguments(target: Target, prepared: Prepared) -> None:
+    """Refuse an entry that cannot be called as ``entry()`` (an audit calls it with no arguments)."""
+    required = _required_parameters(prepared.call) if target.entry is not None else []
     if required:
         raise ModelLoadError(
             f"{target.name}: the entry {target.entry!r} takes required arguments ({', '.join(required)}); "
             "an entry must take no arguments: give them defaults, or add a function that builds them and calls it")
-    return Prepared(fn, module.__dict__)
 
 
 def _required_parameters(fn: Callable[..., Any]) -> list[str]:
@@ -277,5 +281,6 @@ def run(target: Target, recording: Callable[[], contextlib.AbstractContextManage
     """
     with sandboxed(target):
         prepared = prepare(target, seed)
+        require_no_arguments(target, prepared)
         with recording():
             call_user(prepared.call)

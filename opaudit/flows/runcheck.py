@@ -323,6 +323,7 @@ def _execute(target: loader.Target, mode: str, seed: int | None, *, keep_errors:
     with loader.sandboxed(target):
         try:
             prepared = loader.prepare(target, seed)
+            loader.require_no_arguments(target, prepared)
             namespace = prepared.namespace
             with tracer:
                 result = loader.call_user(prepared.call)
