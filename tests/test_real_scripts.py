@@ -291,3 +291,16 @@ def test_against_looks_up_factory_ops_under_the_dtype_they_ran_with(tmp_path, ca
     assert rows[("aten.arange.start_step", "0.0")]["dtype"] == "float32"
     assert rows[("aten.arange.start_step", "0.0")]["predicted"] != "unknown"
     assert all(r["predicted"] != "unknown" for r in rows.values()), rows
+
+
+# -- 14: output a person can read --------------------------------------------------------------
+def test_progress_goes_to_a_log_as_plain_lines_and_the_fill_cost_is_never_negative(tmp_path, capsys):
+    script = tmp_path / "alloc.py"
+    script.write_text("import torch\nfor _ in range(50):\n    buf = torch.empty(100_000)\n    (buf.fill_(1) * 2).sum()\n")
+    code, out, err = _audit(capsys, str(script), "--reps", "2")  # capsys: stderr is not a terminal
+    assert code == 0
+    lines = [line for line in err.splitlines() if line.startswith("opaudit: replaying ")]
+    assert lines and lines[-1].startswith("opaudit: replaying 4/4 signatures") and len(lines) <= 11
+    (fill,) = [line for line in out.splitlines() if "return uninitialized memory" in line]
+    assert "per step" not in fill and "+" not in fill and "-" not in fill.split("(")[1].split(")")[0]
+    assert "no measurable cost here" in fill or "us in total over the recorded run's calls" in fill

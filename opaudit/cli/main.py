@@ -258,6 +258,23 @@ def _progress(enabled: bool, desc: str = "replaying", unit: str = "sig"
     return update, close
 
 
+def _plain_progress(desc: str = "replaying", unit: str = "signatures"
+                    ) -> tuple[Callable[[Any], None], Callable[[], None]]:
+    """Progress as plain lines on stderr, for a log (stderr not a terminal): one line per tenth done.
+
+    Counted, never timed, so that two runs print the same lines.
+    """
+    shown: set[int] = set()
+
+    def update(p: Any) -> None:
+        tenth = p.done * 10 // max(p.total, 1)
+        if tenth not in shown and (tenth > 0 or p.done == 1):
+            shown.add(tenth)
+            sys.stderr.write(f"opaudit: {desc} {p.done}/{p.total} {unit}\n")
+
+    return update, lambda: None
+
+
 def _run_check_progress(enabled: bool) -> tuple[Callable[[str, int, int], None] | None, Callable[[], None]]:
     if not enabled:
         return None, lambda: None
@@ -366,7 +383,10 @@ def audit_main(argv: list[str]) -> int:
         # what was recorded is still audited (a second interrupt stops that too).
         cut = e
 
-    update, close = _progress(not args.quiet and sys.stderr.isatty())
+    if args.quiet or sys.stderr.isatty():
+        update, close = _progress(not args.quiet)
+    else:
+        update, close = _plain_progress()
     settings = {"script": target.name, "entry": target.entry or "__main__", "timing": not args.no_timing}
     if cut is not None:
         settings["recording_cut_short"] = "terminated" if isinstance(cut, Terminated) else "interrupted"

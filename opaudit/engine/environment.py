@@ -99,8 +99,8 @@ def environment_warnings(devices: set[str], uninitialized_calls: int = 0,
                          fill_cost_s: float | None = None) -> list[str]:
     """Global settings that undermine reproducibility for a run on ``devices``.
 
-    ``fill_cost_s`` is the measured extra time per step that filling
-    uninitialized memory costs under deterministic mode.
+    ``fill_cost_s`` is the measured extra time that filling uninitialized memory
+    costs under deterministic mode, summed over every such call of the recorded run.
     """
     out: list[str] = []
     cuda = any(d.startswith("cuda") for d in devices)
@@ -127,8 +127,12 @@ def environment_warnings(devices: set[str], uninitialized_calls: int = 0,
     if torch.backends.cudnn.benchmark and not cuda:
         out.append("torch.backends.cudnn.benchmark=True: harmless on CPU, but nondeterministic on CUDA")
     if uninitialized_calls:
-        cost = (f" (measured here: {fill_cost_s * 1e6:+.1f} us per step in total)"
-                if fill_cost_s is not None else "")
+        if fill_cost_s is None:
+            cost = ""
+        elif fill_cost_s <= 0:
+            cost = " (no measurable cost here)"
+        else:
+            cost = f" (measured here: {fill_cost_s * 1e6:.1f} us in total over the recorded run's calls)"
         out.append(f"{uninitialized_calls} call(s) return uninitialized memory: deterministic mode fills them "
                    f"(torch.utils.deterministic.fill_uninitialized_memory=True){cost}; set it to False "
                    "if their contents are always overwritten")
