@@ -335,7 +335,7 @@ def test_capture_oom_skips_that_signature_and_the_run_carries_on(tmp_path):
     proc = _cli([_script(tmp_path, CAPTURE_OOM), "--reps", "2", "-o", str(out)])
     stdout, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
-    assert f"step finished {2**27} (8, 8)" in stdout
+    assert f"step finished {2**27} (8, 8)" in err  # the script's stdout goes to stderr
     v = _verdicts(load(str(out)))
     assert v["aten.sum.default"] == (Verdict.SKIPPED, "capture OOM")
     assert v["aten.mm.default"] == (Verdict.STABLE, "")

@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
+import io
+import math
 import os
 import signal
 import sys
@@ -32,6 +35,8 @@ from opaudit.data.version import __version__
 
 EXIT_OK, EXIT_FINDINGS, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 DEFAULT_FAIL_ON = "raises,diverges,diverges_deterministic"
+MAX_SECONDS = 1e6
+"""Longest time limit accepted (11.6 days): waits past ~24 days overflow the OS's poll timeout."""
 
 
 class UsageError(Exception):
@@ -101,6 +106,8 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
     if not v > 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    if not math.isfinite(v) or v > MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds up to {MAX_SECONDS:g}, got {text}")
     return v
 
 
@@ -224,14 +231,10 @@ def _check_output(path: str | None) -> str | None:
     """Absolute output path, checked writable before any work is done."""
     if path is None:
         return None
+    from opaudit.data.fileio import check_writable
+
     path = os.path.abspath(path)
-    if os.path.isdir(path):
-        raise UsageError(f"cannot write report to {path}: it is a directory")
-    parent = os.path.dirname(path)
-    if not os.path.isdir(parent):
-        raise UsageError(f"cannot write report to {path}: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise UsageError(f"cannot write report to {path}: permission denied")
+    check_writable(path)
     return path
 
 
@@ -291,19 +294,19 @@ def _run_check_progress(enabled: bool) -> tuple[Callable[[str, int, int], None] 
 
 def emit(document: Any, kind: str, fmt_name: str | None, output: str | None, quiet: bool,
          default: str = "table") -> None:
-    """Write any document to ``output`` (atomically) or stdout, in one format; a summary to stderr.
+    """Write any document to ``output`` (see :mod:`opaudit.data.fileio`) or stdout; a summary to stderr.
 
     With ``-o``, the format comes from ``--format`` or the extension, and unless
     ``quiet`` the table form goes to stderr with the path written. Without, the
     document goes to stdout in ``--format`` or ``default``.
     """
     from opaudit.cli.formats import Format, Kind, render
-    from opaudit.data.files import atomic_write
+    from opaudit.data.fileio import write_output
 
     kind = Kind(kind)
     if output:
         fmt = Format.parse(fmt_name) if fmt_name else Format.from_path(output)
-        atomic_write(output, render(document, kind, fmt))
+        write_output(output, render(document, kind, fmt))
         if not quiet:
             if fmt is not Format.TABLE:
                 sys.stderr.write(render(document, kind, Format.TABLE))
@@ -376,12 +379,16 @@ def audit_main(argv: list[str]) -> int:
     rec = Recorder(capture_budget=args.capture_budget * 2**20, root=target.root,
                    capture_collectives=rank_audit is not None)
     cut: KeyboardInterrupt | None = None
+    box = None
     try:
-        loader.run(target, rank_audit.recording(rec) if rank_audit else lambda: rec, seed=args.seed)
+        box = loader.run(target, rank_audit.recording(rec) if rank_audit else lambda: rec, seed=args.seed)
     except KeyboardInterrupt as e:
         # Ctrl-C (or SIGTERM) while the user's code runs: recording stops there, and
         # what was recorded is still audited (a second interrupt stops that too).
         cut = e
+    threads_left = box.threads_left if box is not None else ()
+    for note in box.notes if box is not None else ():
+        _say(f"opaudit: note: {note}\n")
 
     if args.quiet or sys.stderr.isatty():
         update, close = _progress(not args.quiet)
@@ -396,10 +403,17 @@ def audit_main(argv: list[str]) -> int:
     if args.isolate or args.op_timeout:
         from opaudit.engine.isolate import Isolator
 
-        isolator = Isolator(rec, timeout=args.op_timeout)
+        # Forking while another thread may hold a lock (torch's, the allocator's,
+        # the GIL's bookkeeping) can leave the worker blocked for ever.
+        isolator = Isolator(rec, timeout=args.op_timeout, start_method="spawn" if threads_left else None)
         settings["isolate"] = isolator.start_method
         if args.op_timeout:
             settings["op_timeout_s"] = args.op_timeout
+    if threads_left:
+        _say(f"opaudit: note: {len(threads_left)} thread(s) the script started still run "
+             f"({', '.join(threads_left[:3])}); "
+             + ("replaying in a spawned worker, which they cannot touch\n" if isolator is not None else
+                "if they run torch ops or change torch settings, replays can be disturbed: use --isolate\n"))
     try:
         report = build_report(rec, reps=args.reps, seed=args.seed, settings=settings,
                               timings=not args.no_timing, on_progress=update, replay_fn=isolator,
@@ -548,7 +562,12 @@ def catalog_main(argv: list[str]) -> int:
         return EXIT_OK
     if args.resume and not output:
         raise UsageError("--resume needs -o PATH: the sweep resumes from PATH.partial")
-    partial = partial_path(output) if output else None
+    from opaudit.data.fileio import is_replaced
+
+    # A device or FIFO output gets no PATH.partial beside it (/dev/null.partial).
+    partial = partial_path(output) if output and is_replaced(output) else None
+    if args.resume and partial is None:
+        raise UsageError(f"--resume needs -o to name a regular file, not {output}")
     world = device = None
     if "TORCHELASTIC_RUN_ID" in os.environ:
         from opaudit.flows.distributed import shard, world_from_env
@@ -642,7 +661,10 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from opaudit.data.files import ReportError
     from opaudit.engine.loader import ModelLoadError, ScriptExitError
 
-    errors: list[type[BaseException]] = [UsageError, ModelLoadError, ScriptExitError, ReportError, FormatError]
+    from opaudit.data.fileio import FileError
+
+    errors: list[type[BaseException]] = [UsageError, ModelLoadError, ScriptExitError, ReportError, FormatError,
+                                         FileError]
     for mod, name in (("opaudit.flows.catalog", "CatalogError"), ("opaudit.flows.diff", "DiffError"),
                       ("opaudit.flows.runcheck", "RunCheckError"), ("opaudit.engine.remedies", "KnowledgeBaseError"),
                       ("opaudit.flows.batchinv", "BatchInvarianceError"),
@@ -656,10 +678,52 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+class _ClosedStream(io.TextIOBase):
+    """Stands in for a standard stream the shell closed (``>&-``): writing to it is an error, not a crash."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        raise OSError(errno.EBADF, f"{self.name} is closed")
+
+
+def _say(text: str) -> None:
+    """Write a message to stderr; a stderr that cannot take it must not change the exit code."""
+    try:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (never raises, except with ``--debug``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in _split_script_args(argv)[0]
+    saved = sys.stdout, sys.stderr
+    # Started with 2>&- or >&-: Python sets the stream to None. Messages are then
+    # lost, but the exit code must still tell findings (1) from errors (2).
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 - closed in finally
+    if sys.stdout is None:
+        sys.stdout = _ClosedStream("stdout")
+    try:
+        return _main(argv, debug)
+    finally:
+        for stream, before in zip((sys.stdout, sys.stderr), saved, strict=True):
+            if before is None and stream is not None:
+                stream.close()
+        if saved[0] is None:
+            sys.stdout = None
+        if saved[1] is None:
+            sys.stderr = None
+
+
+def _main(argv: list[str], debug: bool) -> int:
     from opaudit.engine.loader import UserCodeError
 
     # A torchrun worker names its rank: several ranks write to the same terminal.
@@ -672,23 +736,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # --help / --version
         return int(e.code or 0) if isinstance(e.code, int) or e.code is None else EXIT_ERROR
     except KeyboardInterrupt as e:
-        sys.stderr.write(f"{name}: {'terminated' if isinstance(e, Terminated) else 'interrupted'}\n")
+        _say(f"{name}: {'terminated' if isinstance(e, Terminated) else 'interrupted'}\n")
         return _interrupted_code(e)
     except UserCodeError as e:
         if debug:
             raise
-        sys.stderr.write(e.user_traceback)
-        sys.stderr.write(f"{name}: error: {e}\n")
+        _say(e.user_traceback)
+        _say(f"{name}: error: {e}\n")
         return EXIT_ERROR
     except Exception as e:  # noqa: BLE001 - every error becomes exit 2 here
         if debug:
             raise
         if isinstance(e, _known_errors()):
-            sys.stderr.write(f"{name}: error: {e}\n")
+            _say(f"{name}: error: {e}\n")
         elif isinstance(e, OSError):
-            sys.stderr.write(f"{name}: error: {e.strerror or e}: {e.filename or ''}\n".replace(": \n", "\n"))
+            _say(f"{name}: error: {e.strerror or e}: {e.filename or ''}\n".replace(": \n", "\n"))
         else:
-            sys.stderr.write(f"{name}: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)\n")
+            _say(f"{name}: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)\n")
         return EXIT_ERROR
 
 

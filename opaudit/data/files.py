@@ -1,18 +1,21 @@
-"""Document files: strict, safe reading (YAML or JSON), header checks, and atomic writes.
+"""Document files: strict, safe reading (YAML or JSON), header and field checks, and writes.
 
 Every opaudit document (report, catalog, diff, prediction) carries ``format`` and
-``version``; reading refuses anything else. YAML is read with ``yaml.safe_load`` only.
+``version``; reading refuses anything else. YAML is read with ``yaml.safe_load``'s
+loader, aliases refused; only regular files within a size limit are read
+(:mod:`opaudit.data.fileio`).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
+import math
 from collections.abc import Mapping
 from typing import Any
 
 import yaml
+
+from opaudit.data.fileio import FileError, read_input, write_output
 
 
 class _Dumper(yaml.SafeDumper):
@@ -49,32 +52,115 @@ def check_header(data: Any, fmt: str, version: int | tuple[int, ...], path: str)
         raise ReportError(f"{path}: format is {got!r}, expected {fmt!r}")
     versions = version if isinstance(version, tuple) else (version,)
     v = data.get("version")
-    if isinstance(v, bool) or v not in versions:
+    if type(v) is not int or v not in versions:  # noqa: E721 - true and 1.0 compare equal to 1
         readable = " or ".join(map(str, versions))
         raise ReportError(f"{path}: {fmt} version {v!r} is not supported (this opaudit reads version {readable})")
     return data
 
 
-def read_document(path: str) -> Any:
-    """Parse a YAML or JSON file safely; :class:`ReportError` with a one-line reason."""
+_SETTING_TYPES: dict[str, tuple[type, ...]] = {
+    **dict.fromkeys(("reps", "seed", "capture_budget_mib", "run_check", "index_reps", "max_samples",
+                     "stress_elements", "stress_samples"), (int,)),
+    **dict.fromkeys(("op_timeout_s", "worker_memory_gib"), (int, float)),
+    **dict.fromkeys(("script", "entry", "isolate", "device", "grad"), (str,)),
+    **dict.fromkeys(("timing", "modules", "stress"), (bool,)),
+    **dict.fromkeys(("dtypes", "ops"), (list,)),
+}
+"""Types of the settings opaudit writes (reports and catalogs); other keys must hold plain values."""
+
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def check_settings(settings: Mapping[str, Any], where: str) -> Mapping[str, Any]:
+    """Refuse a ``settings`` mapping whose known fields have the wrong type or hold a non-finite number."""
+    for key, value in settings.items():
+        w = f"{where}: settings.{key}"
+        types = _SETTING_TYPES.get(key)
+        if types is not None and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
+            raise ReportError(f"{w} has the wrong type ({type(value).__name__})")
+        _check_values(value, w)
+    return settings
+
+
+def check_environment(env: Mapping[str, Any], where: str) -> Mapping[str, Any]:
+    """Refuse an environment fingerprint holding anything but plain values (or lists of them)."""
+    for key, value in env.items():
+        w = f"{where}: environment.{key}"
+        if not isinstance(key, str) or not (isinstance(value, _SCALARS)
+                                            or (isinstance(value, list) and all(isinstance(x, _SCALARS) for x in value))):
+            raise ReportError(f"{w} has the wrong type ({type(value).__name__})")
+        if key == "threads" and value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise ReportError(f"{w} has the wrong type ({type(value).__name__})")
+        _check_values(value, w)
+    return env
+
+
+def _check_values(value: Any, where: str) -> None:
+    stack = [value]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, float) and not math.isfinite(x):
+            raise ReportError(f"{where}: {x!r} is not a finite number")
+        if isinstance(x, list):
+            stack.extend(x)
+        elif isinstance(x, Mapping):
+            stack.extend(x.values())
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """``yaml.safe_load``'s loader, refusing aliases: opaudit never writes them, and a few
+    hundred bytes of nested aliases expand to gigabytes when the document is used."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:  # noqa: D102 - PyYAML hook
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, f"found an alias (*{event.anchor})", event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def safe_load(text: str) -> Any:
+    """``yaml.safe_load`` semantics (plain data only), with aliases refused."""
+    loader = _NoAliasLoader(text)
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        raise ReportError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise ReportError(f"{path}: is a directory") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ReportError(f"{path}: cannot read ({e.__class__.__name__})") from None
-    if path.endswith(".json"):
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def read_document(path: str) -> Any:
+    """Parse a YAML or JSON file safely; :class:`ReportError` with a one-line reason.
+
+    JSON is told from YAML by its first character, not the file name: opaudit
+    writes JSON to any name ``-o`` gives it. Only regular files of at most
+    :data:`opaudit.data.fileio.MAX_INPUT_BYTES` are read.
+    """
+    try:
+        text = read_input(path)
+    except FileError as e:
+        raise ReportError(str(e)) from None
+    try:
+        data = _parse(text, path)
+    except RecursionError:
+        raise ReportError(f"{path}: refused: nested too deeply for an opaudit file") from None
+    except ValueError as e:
+        # int() past sys.get_int_max_str_digits, in YAML or JSON: no opaudit field is that long.
+        raise ReportError(f"{path}: refused: a number too long for an opaudit file ({str(e).split(':')[0]})") from None
+    _check_plain(data, path)
+    return data
+
+
+def _parse(text: str, path: str) -> Any:
+    if text.lstrip()[:1] in ("{", "["):
         try:
             return json.loads(text)
         except json.JSONDecodeError as e:
             raise ReportError(f"{path}: invalid JSON (line {e.lineno}: {e.msg})") from None
     try:
-        data = yaml.safe_load(text)
+        data = safe_load(text)
     except yaml.constructor.ConstructorError as e:
         raise ReportError(f"{path}: refused: unsafe or unknown YAML tag ({_first_line(e.problem)})") from None
+    except yaml.composer.ComposerError as e:
+        raise ReportError(f"{path}: refused: {_first_line(e.problem)}; opaudit files never use YAML aliases") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -88,6 +174,24 @@ def read_document(path: str) -> Any:
     return data
 
 
+MAX_DEPTH = 32
+"""Deepest nesting of mappings and lists an opaudit file has (a handful) with room to spare."""
+
+
+def _check_plain(data: Any, path: str) -> None:
+    """Refuse what no opaudit file holds: deep nesting and numbers that are not finite."""
+    stack = [(data, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ReportError(f"{path}: refused: nested more than {MAX_DEPTH} levels deep")
+        if isinstance(node, Mapping):
+            stack.extend((v, depth + 1) for v in node.values())
+            stack.extend((k, depth + 1) for k in node if not isinstance(k, str))
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node)
+
+
 def _is_ours(data: Any) -> bool:
     return isinstance(data, Mapping) and str(data.get("format", "")).startswith("opaudit-")
 
@@ -97,18 +201,5 @@ def _first_line(s: str | None) -> str:
 
 
 def atomic_write(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` through a temp file and a rename: never a half-written file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".opaudit-", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """Write ``text`` to ``path``: :func:`opaudit.data.fileio.write_output` (atomic for regular files)."""
+    write_output(path, text)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from opaudit.data import invariance
-from opaudit.data.files import ReportError, check_header, read_document
+from opaudit.data.files import ReportError, check_environment, check_header, check_settings, read_document
 from opaudit.data.invariance import BatchInvariance
 from opaudit.data.site import Site, locations_of, modules_of
 from opaudit.data.verdict import Verdict, verdict_counts
@@ -426,8 +426,8 @@ def from_dict(data: Any, path: str = "<report>") -> Report:
         raise ReportError(f"{path}: view_calls must map op names to counts")
     summary = _opt(data, "summary", dict, path, {})
     report = Report(
-        environment=_need(data, "environment", dict, path),
-        settings=_need(data, "settings", dict, path),
+        environment=check_environment(_need(data, "environment", dict, path), path),
+        settings=check_settings(_need(data, "settings", dict, path), path),
         all_findings=tuple(parse_finding(f, f"{path}: findings[{i}]") for i, f in enumerate(findings)),
         view_calls=view_calls,
         total_calls=int(summary.get("total_calls", 0)) if isinstance(summary.get("total_calls", 0), int) else 0,

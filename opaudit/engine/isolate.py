@@ -294,8 +294,8 @@ class Isolator:
 
     def __init__(self, rec: "Recorder | None" = None, *, timeout: float | None = None,
                  start_method: str | None = None) -> None:
-        if timeout is not None and not timeout > 0:
-            raise ValueError("timeout must be positive")
+        if timeout is not None and not 0 < timeout < float("inf"):
+            raise ValueError("timeout must be a positive, finite number of seconds")
         self.timeout = timeout
         self._table: list[tuple[Any, Snapshot]] = []
         self._index: dict[tuple[Any, int], int] = {}

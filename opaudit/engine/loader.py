@@ -6,20 +6,23 @@ first on ``sys.path``. If the script defines ``opaudit_step()`` (or the function
 named by ``--entry``), the module is imported without running as ``__main__``
 and only one call of that function is recorded.
 
-Whatever the user's code does to ``sys.argv``, ``sys.path``, ``__main__``,
-``sys.stdout``/``sys.stderr``, the working directory, the Ctrl-C and SIGTERM
-handlers or the threads it starts, it is undone (or, for non-daemon threads,
-waited for) before the audit goes on.
+Whatever the user's code does to the process (``sys.argv``, ``sys.path``,
+``__main__``, its streams, the working directory, signal handlers and timers,
+``atexit`` hooks, ``os._exit``, ``fork``, dispatch modes it leaves entered, the
+threads it starts) is undone, run or waited for at the end of the script, before
+the audit goes on: see :class:`Sandbox`.
 """
 
 from __future__ import annotations
 
 import ast
+import atexit
 import contextlib
 import os
 import signal
 import sys
 import threading
+import time
 import traceback
 import types
 from collections.abc import Callable, Iterator
@@ -27,9 +30,6 @@ from dataclasses import dataclass
 from typing import Any
 
 DEFAULT_ENTRY = "opaudit_step"
-
-_RESTORED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
 
 class ModelLoadError(Exception):
     """The script cannot be loaded: missing, not Python, syntax error, no such entry."""
@@ -44,10 +44,15 @@ class UserCodeError(Exception):
 
 
 class ScriptExitError(Exception):
-    """The script called ``sys.exit`` with a non-zero status."""
+    """The script called ``sys.exit`` with a non-zero status, or ``os._exit`` with any status."""
 
-    def __init__(self, status: Any) -> None:
-        super().__init__(f"the script exited with status {status!r}")
+    def __init__(self, status: Any, how: str = "sys.exit") -> None:
+        if how == "os._exit":
+            message = (f"the script called os._exit({status!r}), which would end opaudit with it; "
+                       "end the script with sys.exit() or by returning")
+        else:
+            message = f"the script exited with status {status!r}"
+        super().__init__(message)
         self.status = status
 
 
@@ -109,15 +114,6 @@ def load_target(path: str, entry: str | None = None, argv: tuple[str, ...] | lis
     return Target(os.path.abspath(path), entry, tuple(argv), source)
 
 
-def require_functions(target: Target, names: tuple[str, ...], purpose: str) -> None:
-    """:class:`ModelLoadError` unless the script defines every one of ``names`` at top level."""
-    defined = _top_level_functions(ast.parse(target.source, filename=target.path))
-    missing = [n for n in names if n not in defined]
-    if missing:
-        raise ModelLoadError(f"{target.path}: {purpose} needs the script to define {' and '.join(names)}() "
-                             f"(missing: {', '.join(missing)})")
-
-
 def _top_level_functions(tree: ast.Module) -> set[str]:
     names = set()
     for node in tree.body:
@@ -128,45 +124,235 @@ def _top_level_functions(tree: ast.Module) -> set[str]:
     return names
 
 
+def require_functions(target: Target, names: tuple[str, ...], purpose: str) -> None:
+    """:class:`ModelLoadError` unless the script defines every one of ``names`` at top level."""
+    defined = _top_level_functions(ast.parse(target.source, filename=target.path))
+    missing = [n for n in names if n not in defined]
+    if missing:
+        raise ModelLoadError(f"{target.path}: {purpose} needs the script to define {' and '.join(names)}() "
+                             f"(missing: {', '.join(missing)})")
+
+
+class Sandbox:
+    """What one run of the user's code left behind, filled in as :func:`sandboxed` closes.
+
+    The sandbox snapshots the process state a script can change and restores it
+    afterwards: ``sys.argv``/``sys.path``/``__main__``, the working directory,
+    ``sys.stdout``/``sys.stderr`` (the script's stdout goes to stderr, at the file
+    descriptor level too, so it never mixes with a report on stdout), every signal
+    handler, the interval timers (``signal.alarm``, ``setitimer``), ``os._exit``
+    and ``atexit``. Hooks the script registers with ``atexit`` run when the script
+    ends, as the interpreter would run them at its exit; non-daemon threads are
+    waited for, as the interpreter would. Only the process that entered the sandbox
+    goes on: a child the script forked that returns into opaudit exits there.
+    """
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        """The process that runs the audit; only it may replay and write."""
+        self.threads_left: tuple[str, ...] = ()
+        """Names of daemon threads the user's code started that were still running at its end."""
+        self.notes: list[str] = []
+        """One line per thing undone that the user may want to know (an atexit hook that failed...)."""
+
+
+class _ProcessExit(BaseException):
+    """``os._exit`` called by the user's code in the process running the audit."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+_real_exit = os._exit
+_TIMERS = tuple(getattr(signal, n) for n in ("ITIMER_REAL", "ITIMER_VIRTUAL", "ITIMER_PROF") if hasattr(signal, n))
+
+
 @contextlib.contextmanager
-def sandboxed(target: Target) -> Iterator[None]:
-    """Set argv/path for the script and undo what it changes in the interpreter.
+def sandboxed(target: Target) -> Iterator[Sandbox]:
+    """Set argv/path for the script and undo what it changes in the process (see :class:`Sandbox`).
 
     Every load and run of the user's code happens inside this.
     """
+    box = Sandbox()
     saved_argv = sys.argv
     saved_path = list(sys.path)
     saved_cwd = os.getcwd()
     saved_main = sys.modules.get("__main__")
     saved_streams = (sys.stdout, sys.stderr)
-    saved_handlers = {}
-    if threading.current_thread() is threading.main_thread():
-        # A training script's own Ctrl-C handler must not swallow the one that
-        # turns an interrupted replay into a partial report.
-        saved_handlers = {s: signal.getsignal(s) for s in _RESTORED_SIGNALS}
+    main_thread = threading.current_thread() is threading.main_thread()
+    saved_handlers = _signal_handlers() if main_thread else {}
+    # As deadlines: a timer opaudit's caller set (pytest-timeout's, say) must still fire on time.
+    saved_timers = {t: _deadline(signal.getitimer(t)) for t in _TIMERS} if main_thread else {}
     threads_before = set(threading.enumerate())
+    hooks: list[tuple[Callable[..., Any], tuple, dict]] = []
+    saved_atexit = (atexit.register, atexit.unregister)
+    saved_fd = _stdout_to_stderr()
+    os._exit = _exit_for(box.pid)  # type: ignore[assignment]
+    atexit.register, atexit.unregister = _capturing_atexit(hooks)  # type: ignore[assignment]
     sys.argv = [target.path, *target.argv]
     sys.path.insert(0, target.root)
     try:
-        yield
+        yield box
     finally:
-        # The interpreter would wait for non-daemon threads at exit; so do we,
-        # before replay flips global determinism flags under their feet.
+        if os.getpid() != box.pid:
+            _leave_child(None)
+        # The interpreter waits for non-daemon threads at exit, then runs the
+        # atexit hooks; so do we, before replay flips global flags under them.
         for t in threading.enumerate():
             if t not in threads_before and not t.daemon and t is not threading.current_thread():
                 t.join()
-        for signum, handler in saved_handlers.items():
-            if handler is not None:
-                signal.signal(signum, handler)
-        sys.stdout, sys.stderr = saved_streams
-        sys.argv = saved_argv
-        sys.path[:] = saved_path
         try:
-            os.chdir(saved_cwd)
-        except OSError:
-            pass
-        if saved_main is not None:
-            sys.modules["__main__"] = saved_main
+            _run_hooks(hooks, box)
+        finally:
+            atexit.register, atexit.unregister = saved_atexit  # type: ignore[assignment]
+            os._exit = _real_exit  # type: ignore[assignment]
+            for timer, (deadline, interval) in saved_timers.items():
+                delay = 0.0 if deadline is None else max(deadline - time.monotonic(), 1e-6)
+                signal.setitimer(timer, delay, interval)
+            for signum, handler in saved_handlers.items():
+                if signal.getsignal(signum) is not handler:
+                    signal.signal(signum, handler)
+            _restore_stdout(saved_fd)
+            sys.stdout, sys.stderr = saved_streams
+            sys.argv = saved_argv
+            sys.path[:] = saved_path
+            try:
+                os.chdir(saved_cwd)
+            except OSError:
+                pass
+            if saved_main is not None:
+                sys.modules["__main__"] = saved_main
+            box.threads_left = tuple(sorted(t.name for t in threading.enumerate()
+                                            if t not in threads_before and t.is_alive()))
+
+
+def _deadline(timer: tuple[float, float]) -> tuple[float | None, float]:
+    delay, interval = timer
+    return (time.monotonic() + delay if delay > 0 else None), interval
+
+
+def _signal_handlers() -> dict[int, Any]:
+    """Every signal's Python-level handler that can be set back (``None``: installed outside Python)."""
+    handlers = {}
+    for signum in signal.valid_signals():
+        try:
+            handler = signal.getsignal(signum)
+        except (OSError, ValueError):
+            continue
+        if handler is not None and signum not in (signal.SIGKILL, signal.SIGSTOP):
+            handlers[signum] = handler
+    return handlers
+
+
+def _stdout_to_stderr() -> int | None:
+    """Point the script's stdout (``sys.stdout`` and descriptor 1) at stderr; the saved descriptor 1."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:
+        saved = None  # stdout closed: nothing of the report's stream to protect
+    else:
+        try:
+            os.dup2(2, 1)
+        except OSError:  # stderr closed: the script's output is dropped rather than mixed in
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)
+            os.close(devnull)
+    sys.stdout = sys.stderr
+    return saved
+
+
+def _restore_stdout(saved: int | None) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    with contextlib.suppress(Exception):
+        # C and C++ code buffers in libc's stdio; flush it while it still goes to stderr.
+        import ctypes
+
+        ctypes.CDLL(None).fflush(None)
+    if saved is not None:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _exit_for(owner: int) -> Callable[[int], Any]:
+    def _exit(status: int) -> None:
+        if os.getpid() != owner:
+            _real_exit(status)  # a child the script forked: exactly what it asked for
+        raise _ProcessExit(status)
+
+    _exit.__doc__ = _real_exit.__doc__
+    _exit.__qualname__ = "os._exit"  # what a note about an atexit hook calls it
+    return _exit
+
+
+def _capturing_atexit(hooks: list) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """``atexit.register``/``unregister`` that keep the user's hooks for the end of the script.
+
+    Hooks registered by torch, opaudit or the standard library (``multiprocessing``
+    importing itself, say) are the process's, not the script's: they go to the real
+    ``atexit``.
+    """
+    real_register, real_unregister = atexit.register, atexit.unregister
+    from opaudit.engine.sites import is_internal
+
+    def register(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Callable[..., Any]:
+        if is_internal(sys._getframe(1).f_code.co_filename):
+            return real_register(func, *args, **kwargs)
+        hooks.append((func, args, kwargs))
+        return func
+
+    def unregister(func: Callable[..., Any]) -> None:
+        hooks[:] = [h for h in hooks if h[0] != func]
+        real_unregister(func)
+
+    return register, unregister
+
+
+def _run_hooks(hooks: list, box: Sandbox) -> None:
+    """Run the script's atexit hooks, last registered first; what they raise is reported, not fatal."""
+    while hooks:
+        func, args, kwargs = hooks.pop()
+        name = getattr(func, "__qualname__", repr(func))
+        try:
+            func(*args, **kwargs)
+        except _ProcessExit as e:
+            if os.getpid() != box.pid:
+                _real_exit(e.status)
+            box.notes.append(f"the script's atexit hook {name} called os._exit({e.status}); its remaining "
+                             "atexit hooks were not run")
+            hooks.clear()
+        except BaseException as e:  # noqa: BLE001 - the interpreter ignores these too
+            if os.getpid() != box.pid:
+                _leave_child(e)
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            if not isinstance(e, SystemExit):
+                box.notes.append(f"the script's atexit hook {name} raised {type(e).__name__}: {e} (ignored)")
+
+
+def _leave_child(exc: BaseException | None) -> None:
+    """End a process the user's code forked that returned into opaudit: it must not audit or write."""
+    status = 0
+    if isinstance(exc, SystemExit):
+        status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if exc.code is not None and not isinstance(exc.code, int):
+            with contextlib.suppress(Exception):
+                sys.stderr.write(f"{exc.code}\n")
+    elif isinstance(exc, _ProcessExit):
+        status = exc.status
+    elif exc is not None:
+        status = 1
+        with contextlib.suppress(Exception):
+            traceback.print_exception(exc)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    _real_exit(status)
 
 
 def _compile(target: Target) -> types.CodeType:
@@ -186,19 +372,56 @@ def _user_traceback(exc: BaseException) -> str:
 def call_user(fn: Callable[[], Any]) -> Any:
     """Call the user's code, turning its failures into :class:`UserCodeError` / :class:`ScriptExitError`.
 
-    ``sys.exit(0)`` and ``sys.exit()`` count as a normal end (returning ``None``).
+    ``sys.exit(0)`` and ``sys.exit()`` count as a normal end (returning ``None``);
+    ``os._exit`` (inside :func:`sandboxed`) is a :class:`ScriptExitError`. A
+    process the user's code forked ends here with the status it would have had.
+    Dispatch modes the code entered and never exited are popped, so
+    that opaudit's own work is not seen by them.
     """
+    owner = os.getpid()
+    depth = _mode_depth()
     try:
-        return fn()
-    except SystemExit as e:
+        result = fn()
+    except BaseException as e:
+        if os.getpid() != owner:
+            _leave_child(e)
+        return _failure(e)
+    else:
+        if os.getpid() != owner:
+            _leave_child(None)
+        return result
+    finally:
+        if os.getpid() == owner:
+            _pop_modes(depth)
+
+
+def _failure(e: BaseException) -> None:
+    if isinstance(e, SystemExit):
         if e.code is None or e.code == 0:
             return None
         raise ScriptExitError(e.code) from None
-    except KeyboardInterrupt:
-        raise
-    except Exception as e:  # noqa: BLE001 - the user's code can raise anything
-        msg = f"{type(e).__name__}: {e}".rstrip(": ")
-        raise UserCodeError(f"the script raised {msg}", _user_traceback(e)) from e
+    if isinstance(e, _ProcessExit):
+        raise ScriptExitError(e.status, "os._exit") from None
+    if isinstance(e, KeyboardInterrupt) or not isinstance(e, Exception):
+        raise e
+    msg = f"{type(e).__name__}: {e}".rstrip(": ")
+    raise UserCodeError(f"the script raised {msg}", _user_traceback(e)) from e
+
+
+def _mode_depth() -> int:
+    torch = sys.modules.get("torch")
+    return torch._C._len_torch_dispatch_stack() if torch is not None else 0
+
+
+def _pop_modes(depth: int) -> None:
+    """Pop the dispatch modes the user's code pushed and left (``mode.__enter__()`` without exit)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return
+    from torch.utils._python_dispatch import _pop_mode
+
+    while torch._C._len_torch_dispatch_stack() > depth:
+        _pop_mode()
 
 
 @dataclass(frozen=True)
@@ -273,14 +496,16 @@ def _seed(seed: int) -> None:
         pass
 
 
-def run(target: Target, recording: Callable[[], contextlib.AbstractContextManager[Any]], seed: int | None = 0) -> None:
-    """Load ``target`` and run its recorded part inside ``recording()``.
+def run(target: Target, recording: Callable[[], contextlib.AbstractContextManager[Any]],
+        seed: int | None = 0) -> Sandbox:
+    """Load ``target`` and run its recorded part inside ``recording()``; what it left behind.
 
     Raises :class:`UserCodeError` or :class:`ScriptExitError` when the user's code
     fails; ``sys.exit(0)`` ends the script normally.
     """
-    with sandboxed(target):
+    with sandboxed(target) as box:
         prepared = prepare(target, seed)
         require_no_arguments(target, prepared)
         with recording():
             call_user(prepared.call)
+    return box

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from opaudit.cli.formats import common
+from opaudit.cli.formats.escape import md_text
 from opaudit.data.invariance import BATCH_INVARIANT, OP_ROW_FIELDS, OP_VERDICTS, op_row
 
 if TYPE_CHECKING:
@@ -102,11 +103,11 @@ def table(bi: "BatchInvariance") -> str:
 
 
 def markdown(bi: "BatchInvariance") -> list[str]:
-    """The section as Markdown lines."""
-    out = ["## Batch invariance", "", f"**{headline(bi)}**", ""]
+    """The section as Markdown lines (every name escaped: see :mod:`opaudit.cli.formats.escape`)."""
+    out = ["## Batch invariance", "", f"**{md_text(headline(bi))}**", ""]
     for c in bi.checks:
         lines = check_lines(c)
-        out += [f"- {lines[0]}"] + [f"  - {line.strip()}" for line in lines[1:]]
+        out += [f"- {md_text(lines[0])}"] + [f"  - {md_text(line.strip())}" for line in lines[1:]]
     out.append("")
     rows = [op_table_row(o) for o in notable_ops(bi)]
     if rows:
@@ -114,7 +115,7 @@ def markdown(bi: "BatchInvariance") -> list[str]:
     remedies = remedy_rows(bi)
     if remedies:
         out += ["### What to do", "", common.md_table(("op", "remedy"), remedies), ""]
-    out += [counts_line(bi), ""]
+    out += [md_text(counts_line(bi)), ""]
     return out
 
 
@@ -150,12 +151,12 @@ def catalog_table(entries: Any) -> str:
 
 
 def catalog_markdown(entries: Any, settings: Any) -> list[str]:
-    """The catalog's batch-invariance section as Markdown lines."""
+    """The catalog's batch-invariance section as Markdown lines (names escaped, as in :func:`markdown`)."""
     bi = settings.get("batch_invariance") or {}
     rows_checked = ", ".join(map(str, bi.get("rows", []))) or "?"
     out = ["## Batch invariance", "",
-           f"Each op was run on the first b rows of a {bi.get('batch', '?')}-row input (b = {rows_checked}) and on "
-           "the whole input; `batch_variant` means some b gave those rows other bits than the full input did, so "
-           "a request's result depends on how many others share its batch.", "",
+           md_text(f"Each op was run on the first b rows of a {bi.get('batch', '?')}-row input (b = {rows_checked}) "
+                   "and on the whole input; ") + "`batch_variant` means some b gave those rows other bits than the "
+           "full input did, so a request's result depends on how many others share its batch.", "",
            common.md_table(CATALOG_HEADERS, _catalog_rows(entries, all_entries=True)), ""]
     return out

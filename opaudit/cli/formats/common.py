@@ -1,15 +1,15 @@
 """What the renderers share: tables, ``where`` cells, CSV writing, and the rows of a report.
 
 tabulate is imported inside the functions that need it, so importing this stays light.
+``md_table`` and ``csv_text`` escape what they are given (:mod:`opaudit.cli.formats.escape`).
 """
 
 from __future__ import annotations
 
-import csv
-import io
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from opaudit.cli.formats.escape import csv_text, md_table  # noqa: F401 - every renderer takes them from here
 from opaudit.data.verdict import Verdict
 
 if TYPE_CHECKING:
@@ -17,23 +17,6 @@ if TYPE_CHECKING:
     from opaudit.flows.predict import Predicted, Prediction
 
 FINDING_HEADERS = ("verdict", "op", "calls", "phase", "where", "module", "default", "determ.", "max |diff|", "det. cost")
-
-
-def md_table(headers: Sequence[Any], rows: Iterable[Sequence[Any]]) -> str:
-    """A GitHub-flavoured Markdown table."""
-    from tabulate import tabulate
-
-    return tabulate(rows, headers=headers, tablefmt="github")
-
-
-def csv_text(fields: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> str:
-    """CSV with a header row and these columns, ``\\n`` line ends."""
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(fields), lineterminator="\n")
-    w.writeheader()
-    for row in rows:
-        w.writerow(row)
-    return buf.getvalue()
 
 
 def where(locations: Sequence[str], limit: int = 2, dropped: int = 0) -> str:

@@ -28,14 +28,17 @@ PREDICTION_FIELDS = ("predicted", "here", "op", "dtype", "variant", "match", "ca
 
 
 def report(r: "Report") -> str:
-    """One row per finding, worst first, columns :data:`~opaudit.data.report.ROW_FIELDS`.
+    """One row per finding, worst first, columns :data:`~opaudit.data.report.ROW_FIELDS` and ``complete``.
+
+    ``complete`` is ``False`` on every row of an interrupted audit's partial report:
+    a CSV has no header block to carry it, and a partial file must not look whole.
 
     A report of a batch-invariance check (which replays nothing) holds one row per
     op signature of that check instead, columns :data:`~opaudit.data.invariance.OP_ROW_FIELDS`.
     """
     if r.batch_invariance is not None and not r.all_findings:
         return batch_invariance.csv_text(r.batch_invariance)
-    return csv_text(ROW_FIELDS, (flat_row(f) for f in r.all_findings))
+    return csv_text((*ROW_FIELDS, "complete"), ({**flat_row(f), "complete": r.complete} for f in r.all_findings))
 
 
 def catalog(c: "Catalog") -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from opaudit.cli.formats import batch_invariance, distributed
 from opaudit.cli.formats.common import (
@@ -17,6 +17,7 @@ from opaudit.cli.formats.common import (
     summary_line,
     target_name,
 )
+from opaudit.cli.formats.escape import Markdown, md_code, md_text
 from opaudit.data.verdict import Verdict
 
 if TYPE_CHECKING:
@@ -35,40 +36,41 @@ def report(report: "Report") -> str:
     device = env.get("gpu") or env.get("cpu")
     if report.batch_invariance is not None and not report.all_findings:
         # A batch-invariance check replays nothing: its section is the whole report.
-        out += [f"torch {env.get('torch')} on {device}, {env.get('threads')} threads.", ""]
+        out += [md_text(f"torch {env.get('torch')} on {device}, {env.get('threads')} threads."), ""]
         out += batch_invariance.markdown(report.batch_invariance)
-        out += (["## Environment", ""] + [f"- {w}" for w in report.env_warnings] + [""]) if report.env_warnings else []
+        out += (["## Environment", ""] + [f"- {md_text(w)}" for w in report.env_warnings] + [""]
+                if report.env_warnings else [])
         return "\n".join(out)
-    out += [f"torch {env.get('torch')} on {device}, {env.get('threads')} threads; "
-            f"{report.settings.get('reps')} replays per mode.", "", summary_line(report), ""]
+    out += [md_text(f"torch {env.get('torch')} on {device}, {env.get('threads')} threads; "
+                    f"{report.settings.get('reps')} replays per mode."), "", md_text(summary_line(report)), ""]
     counts = report.summary
     out += [md_table(("verdict", "signatures", "meaning"),
-                   [[v.value, counts[v.value], v.meaning] for v in Verdict]), ""]
+                   [[v.value, counts[v.value], Markdown(v.meaning)] for v in Verdict]), ""]
     crashes = crash_rows(report)
     out += ["## Will deterministic mode crash this run?", ""]
     if crashes:
         out += ["Yes. Every op that raises under `torch.use_deterministic_algorithms(True)`, in execution order:", "",
-                md_table(("#", "op", "where", "phase", "error"), crashes), ""]
+                md_table(("#", "op", "where", "phase", "error"), [_op_code(r, 1) for r in crashes]), ""]
     else:
         out += ["No op raises under `torch.use_deterministic_algorithms(True)`.", ""]
     if report.run_checks:
         out += ["## Whole-step reproducibility", ""]
         for r in report.run_checks:
             lines = run_check_lines(r)
-            out += [f"- **{lines[0]}**"] + [f"  - {line.strip()}" for line in lines[1:]]
+            out += [f"- **{md_text(lines[0])}**"] + [f"  - {md_text(line.strip())}" for line in lines[1:]]
         out.append("")
     if report.distributed:
         out += distributed.markdown(report)
-    rows = [finding_row(f) for f in notable(report)]
+    rows = [_op_code(finding_row(f), 1) for f in notable(report)]
     out += ["## Findings", ""]
     out += [md_table(FINDING_HEADERS, rows) if rows else "Every replayed op was stable.", ""]
     remedies = remedy_rows(report)
     if remedies:
-        out += ["## What to do", "", md_table(("op", "verdict", "remedy"), remedies), ""]
+        out += ["## What to do", "", md_table(("op", "verdict", "remedy"), [_op_code(r, 0) for r in remedies]), ""]
     if report.batch_invariance is not None:
         out += batch_invariance.markdown(report.batch_invariance)
     if report.env_warnings:
-        out += ["## Environment", ""] + [f"- {w}" for w in report.env_warnings] + [""]
+        out += ["## Environment", ""] + [f"- {md_text(w)}" for w in report.env_warnings] + [""]
     return "\n".join(out)
 
 
@@ -94,9 +96,20 @@ _DETAILED = (Verdict.RAISES, Verdict.DIVERGES_DETERMINISTIC, Verdict.DIVERGES, V
 
 
 
-def _cell(text: str, limit: int = 90) -> str:
-    text = text.replace("|", "\\|").replace("\n", " ")
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+def _op_code(row: list, i: int) -> list:
+    """``row`` with its op name (column ``i``) as inline code, as every Markdown export shows ops."""
+    return [*row[:i], md_code(row[i]), *row[i + 1:]]
+
+
+def _cell(text: str, limit: int = 90) -> Markdown:
+    """A long message cut to ``limit`` characters, then escaped (never cut inside an escape)."""
+    text = " ".join(text.splitlines())
+    return md_text(text if len(text) <= limit else text[: limit - 1] + "…", line_start=False)
+
+
+def _op_list(entries: "list[CatalogEntry]") -> str:
+    return ", ".join(md_code(e.op) + md_text(f" {e.dtype}" + (f" ({e.variant})" if e.variant else ""),
+                                             line_start=False) for e in entries) or "None."
 
 
 def _kind(e: "CatalogEntry") -> str:
@@ -118,12 +131,14 @@ def catalog(catalog: "Catalog") -> str:
     env, st = catalog.environment, catalog.settings
     device = env.get("gpu") or env.get("cpu") or st.get("device")
     counts = catalog.summary
-    out = [f"# Determinism catalog: {device}, torch {env.get('torch')}", ""]
+    out = [f"# Determinism catalog: {md_text(device, line_start=False)}, "
+           f"torch {md_text(env.get('torch'), line_start=False)}", ""]
     if not catalog.complete:
         out += ["> **Incomplete**: this sweep was interrupted; resume it with `--resume`.", ""]
     out += [
         f"Every op in PyTorch's OpInfo test database (plus the `torch.nn` modules it does not cover) was run on "
-        f"`{st.get('device')}` for {', '.join(st.get('dtypes', []))}, forward and backward, on PyTorch's own "
+        f"{md_code(st.get('device'))} for {md_text(', '.join(map(str, st.get('dtypes', []))), line_start=False)}, "
+        "forward and backward, on PyTorch's own "
         f"test inputs and on **stress** inputs (about {int(st.get('stress_elements') or 0):,} elements, indices "
         f"with many repeats). Each op was then re-run {st.get('reps')} times with and without "
         "`torch.use_deterministic_algorithms(True)`"
@@ -134,7 +149,7 @@ def catalog(catalog: "Catalog") -> str:
         f"argument variant) from {counts['swept']} swept OpInfo entries and modules.",
         "",
         md_table(("verdict", "entries", "what it means"),
-               [[v.value, counts[v.value], _PLAIN[v]] for v in Verdict]),
+               [[v.value, counts[v.value], Markdown(_PLAIN[v])] for v in Verdict]),
         "",
         "## Environment",
         "",
@@ -150,18 +165,17 @@ def catalog(catalog: "Catalog") -> str:
         rows = []
         for e in entries:
             evidence = e.error if v is Verdict.RAISES else (e.warning if v is Verdict.WARNS else "")
-            rows.append([f"`{e.op}`", e.dtype, e.variant or "", e.phase, _kind(e), e.source, _cell(evidence)])
+            rows.append([md_code(e.op), e.dtype, e.variant or "", e.phase, _kind(e), e.source, _cell(evidence)])
         out += [md_table(("op", "dtype", "variant", "phase", "shown by", "OpInfo entry", "message"), rows), ""]
     for v in (Verdict.RANDOM, Verdict.UNINITIALIZED):
         entries = catalog.entries_with(v)
         out += [f"## {v.value} ({len(entries)})", "", _PLAIN[v], ""]
-        out += [", ".join(f"`{e.op}` {e.dtype}" + (f" ({e.variant})" if e.variant else "") for e in entries)
-                or "None.", ""]
+        out += [_op_list(entries), ""]
     skipped = catalog.entries_with(Verdict.SKIPPED)
     out += [f"## skipped ({len(skipped)})", "", _PLAIN[Verdict.SKIPPED], ""]
     if skipped:
         out += [md_table(("op", "dtype", "variant", "reason"),
-                       [[f"`{e.op}`", e.dtype, e.variant, _cell(e.error)] for e in skipped]), ""]
+                       [[md_code(e.op), e.dtype, e.variant, _cell(e.error)] for e in skipped]), ""]
     not_swept = [s for s in catalog.swept if s.status not in ("ok", "partial")]
     out += [f"## Not swept ({len(not_swept)})", "",
             "OpInfo entries or modules whose samples could not run at all on this device (no op from them is in "
@@ -173,13 +187,12 @@ def catalog(catalog: "Catalog") -> str:
         out += batch_invariance.catalog_markdown(catalog.batch_invariance, st)
     stable = catalog.entries_with(Verdict.STABLE)
     out += [f"## stable ({len(stable)})", "", _PLAIN[Verdict.STABLE], "", "<details><summary>Show the list</summary>",
-            "", ", ".join(f"`{e.op}` {e.dtype}" + (f" ({e.variant})" if e.variant else "") for e in stable)
-            or "None.", "", "</details>", ""]
+            "", _op_list(stable), "", "</details>", ""]
     return "\n".join(out)
 
 
-def _diff_rows(changes: "tuple[Change, ...]") -> list[list[str]]:
-    return [[f"{c.before} → {c.after}", f"`{c.op}`", c.detail.replace("|", "\\|"), c.where] for c in changes]
+def _diff_rows(changes: "tuple[Change, ...]") -> list[list[Any]]:
+    return [[f"{c.before} → {c.after}", md_code(c.op), c.detail, c.where] for c in changes]
 
 
 def diff(diff: "Diff") -> str:
@@ -187,7 +200,8 @@ def diff(diff: "Diff") -> str:
     s = diff.summary
     detail = "dtype / variant" if diff.kind == "catalog" else "signature"
     where = "OpInfo entry" if diff.kind == "catalog" else "where"
-    out = [f"# opaudit {diff.kind} diff", "", f"- **A**: `{diff.a}`", f"- **B**: `{diff.b}`", "",
+    out = [f"# opaudit {md_text(diff.kind, line_start=False)} diff", "", f"- **A**: {md_code(diff.a)}",
+           f"- **B**: {md_code(diff.b)}", "",
            f"{s['changed']} ops changed verdict, {s['only_a']} are only in A, {s['only_b']} only in B, "
            f"{s['unchanged']} are unchanged.", ""]
     transitions = diff.transitions()
@@ -200,8 +214,8 @@ def diff(diff: "Diff") -> str:
     out += ["## What differs between the two setups", ""]
     if fields:
         out += [md_table(("", "field", "A", "B"),
-                       [[k, f.name, "-" if f.before is None else f"`{f.before}`",
-                         "-" if f.after is None else f"`{f.after}`"] for k, f in fields]), ""]
+                       [[k, f.name, "-" if f.before is None else md_code(f.before),
+                         "-" if f.after is None else md_code(f.after)] for k, f in fields]), ""]
     else:
         out += ["Nothing: same environment fingerprint and settings.", ""]
     return "\n".join(out)
@@ -210,17 +224,18 @@ def diff(diff: "Diff") -> str:
 def prediction(prediction: "Prediction") -> str:
     """The prediction as GitHub-flavoured Markdown."""
     s = prediction.summary
-    out = [f"# opaudit prediction: {target_name(prediction)}", "",
-           f"Recorded here on {prediction.here.get('gpu') or prediction.here.get('cpu')} "
-           f"(torch {prediction.here.get('torch')}); verdicts looked up in `{prediction.catalog}`. "
+    out = [f"# opaudit prediction: {md_text(target_name(prediction), line_start=False)}", "",
+           md_text(f"Recorded here on {prediction.here.get('gpu') or prediction.here.get('cpu')} "
+                   f"(torch {prediction.here.get('torch')}); verdicts looked up in ")
+           + f"{md_code(prediction.catalog)}. "
            "`unknown` means the catalog did not measure that op, dtype and variant: it is not a promise "
            "of stability.", ""]
     if not prediction.complete:
         out += ["> **Incomplete**: the audit was interrupted.", ""]
     out += [md_table(("predicted", "signatures"), [[k, v] for k, v in s.items() if k not in ("signatures", "changed")]),
             ""]
-    rows = [[r.predicted, r.here.value, f"`{r.op}`" + (f" (x{n})" if n > 1 else ""),
-             f"{r.dtype} {r.variant}".strip(), locs, r.note.replace("|", "\\|")]
+    rows = [[r.predicted, r.here.value, Markdown(md_code(r.op) + (f" (x{n})" if n > 1 else "")),
+             f"{r.dtype} {r.variant}".strip(), locs, r.note]
             for r, locs, n in grouped_predictions(prediction, 3) if r.predicted != "stable"]
     out += ["## Ops that are not predicted stable", ""]
     out += [md_table(("predicted", "here", "op", "dtype / variant", "where", "note"), rows) if rows

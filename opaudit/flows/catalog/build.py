@@ -9,7 +9,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from opaudit.data.files import atomic_write, dump_yaml
+from opaudit.data.fileio import write_output
+from opaudit.data.files import dump_yaml
 from opaudit.flows.catalog.config import (
     DEFAULT_DTYPES,
     DEFAULT_MAX_SAMPLES,
@@ -203,4 +204,4 @@ def build_catalog(request: CatalogRequest, on_progress: Callable[[SweepProgress]
 
 
 def _write_partial(path: str, catalog: Catalog) -> None:
-    atomic_write(path, dump_yaml(catalog.to_dict()))
+    write_output(path, dump_yaml(catalog.to_dict()))

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from opaudit.data.files import ReportError, check_header, read_document
+from opaudit.data.files import ReportError, check_environment, check_header, check_settings, read_document
 from opaudit.data.invariance import OP_VERDICTS as BATCH_VERDICTS
 from opaudit.data.verdict import Verdict, verdict_counts
 from opaudit.flows.catalog.keys import entry_key
@@ -314,7 +314,8 @@ def catalog_from_dict(data: Any, path: str = "<catalog>") -> Catalog:
         raise ReportError(f"{path}: entry {'/'.join(x for x in dup if x)} appears twice (hand-edited?)")
     swept = tuple(parse_swept(s, f"{path}: swept[{i}]") for i, s in enumerate(_field(data, "swept", list, path, [])))
     return Catalog(
-        environment=_field(data, "environment", dict, path), settings=_field(data, "settings", dict, path),
+        environment=check_environment(_field(data, "environment", dict, path), path),
+        settings=check_settings(_field(data, "settings", dict, path), path),
         entries=tuple(sorted(entries, key=lambda e: e.key)), swept=tuple(sorted(swept, key=swept_order)),
         complete=_field(data, "complete", bool, path, True), batch_invariance=tuple(sorted(batch, key=lambda e: e.key)),
     )

@@ -1,0 +1,215 @@
+"""Bytes in and out of the files opaudit is pointed at: outputs written safely, inputs read within bounds.
+
+Writing (:func:`write_output`) depends on what the path is:
+
+* a regular file, or a path that does not exist yet: written to a temp file in
+  the same folder and renamed over it, so a reader never sees half a file. A new
+  file gets the mode an ordinary ``open()`` would give it (``0666`` less the
+  umask); a file that is overwritten keeps its mode (and, where the process may
+  set it, its owner).
+* a symlink: the file it points to is replaced that way; the link stays a link.
+* a character or block device (``/dev/null``), a FIFO or a socket, and the
+  process's own descriptors (``/dev/stdout``, ``/dev/fd/N``,
+  ``/proc/self/fd/N``, or a symlink to one of them): written straight through.
+  A rename would replace the device node or the shell's redirection target with
+  a new file.
+
+Reading (:func:`read_input`) accepts regular files only (``/dev/zero`` or a
+FIFO would be read forever) and at most :data:`MAX_INPUT_BYTES`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import sys
+import tempfile
+
+MAX_INPUT_BYTES = 64 * 2**20
+"""Largest report, catalog or diff input opaudit reads (a full GPU catalog is a few MB)."""
+
+_FD_PATH = re.compile(r"^/(?:dev/fd|proc/self/fd|proc/(\d+)/fd)/(\d+)$")
+_STD_STREAMS = {"/dev/stdin": 0, "/dev/stdout": 1, "/dev/stderr": 2}
+
+
+class FileError(Exception):
+    """A file cannot be written or read; the message names it and says why, in one line."""
+
+
+def _own_fd(path: str) -> int | None:
+    """The descriptor of this process that ``path`` (or a symlink chain from it) names, if any."""
+    seen = 0
+    while True:
+        if path in _STD_STREAMS:
+            return _STD_STREAMS[path]
+        m = _FD_PATH.match(path)
+        if m and (m.group(1) is None or int(m.group(1)) == os.getpid()):
+            return int(m.group(2))
+        if seen > 40 or not os.path.islink(path):
+            return None
+        target = os.readlink(path)
+        path = os.path.normpath(os.path.join(os.path.dirname(path), target))
+        seen += 1
+
+
+def _umask() -> int:
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fail(path: str, e: OSError) -> FileError:
+    return FileError(f"cannot write {path}: {e.strerror or e}")
+
+
+def write_output(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` as the module docstring says; :class:`FileError` names the file on failure."""
+    data = text.encode("utf-8")
+    fd = _own_fd(path)
+    if fd is not None:
+        _write_fd(path, fd, data)
+        return
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as e:
+        raise _fail(path, e) from None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        if stat.S_ISDIR(st.st_mode):
+            raise FileError(f"cannot write {path}: it is a directory")
+        _write_through(path, data)
+        return
+    _replace(os.path.realpath(path), path, data, st)
+
+
+def _write_fd(path: str, fd: int, data: bytes) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None and stream.fileno() == fd:
+                stream.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
+    try:
+        _write_all(fd, data)
+    except OSError as e:
+        raise _fail(path, e) from None
+
+
+def _write_through(path: str, data: bytes) -> None:
+    try:
+        fd = os.open(path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise _fail(path, e) from None
+    try:
+        _write_all(fd, data)
+    except OSError as e:
+        raise _fail(path, e) from None
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _replace(real: str, shown: str, data: bytes, st: os.stat_result | None) -> None:
+    """Temp file beside ``real``, mode and owner set, fsync, rename: ``real`` is whole or untouched."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".opaudit-", suffix=".tmp", dir=os.path.dirname(real))
+    except OSError as e:
+        raise _fail(shown, e) from None
+    try:
+        if st is None:
+            os.fchmod(fd, 0o666 & ~_umask())
+        else:
+            os.fchmod(fd, stat.S_IMODE(st.st_mode))
+            if (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
+                try:
+                    os.fchown(fd, st.st_uid, st.st_gid)
+                except OSError:
+                    pass  # not ours to give away: the mode is still kept
+        _write_all(fd, data)
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.replace(tmp, real)
+    except BaseException as e:
+        if fd >= 0:
+            os.close(fd)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            raise _fail(shown, e) from None
+        raise
+
+
+def is_replaced(path: str) -> bool:
+    """Whether :func:`write_output` writes ``path`` through a temp file and a rename (a regular file)."""
+    if _own_fd(path) is not None:
+        return False
+    real = os.path.realpath(path)
+    return not os.path.exists(real) or os.path.isfile(real)
+
+
+def check_writable(path: str) -> None:
+    """Refuse, before any work, an output path that cannot be written; :class:`FileError` says why."""
+    if _own_fd(path) is not None:
+        return
+    if os.path.isdir(path):
+        raise FileError(f"cannot write {path}: it is a directory")
+    real = os.path.realpath(path)
+    if os.path.exists(real) and not os.path.isfile(real):
+        if not os.access(real, os.W_OK):
+            raise FileError(f"cannot write {path}: permission denied")
+        return
+    parent = os.path.dirname(real)
+    if not os.path.isdir(parent):
+        raise FileError(f"cannot write {path}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (os.path.exists(real) and not os.access(real, os.W_OK)):
+        raise FileError(f"cannot write {path}: permission denied")
+
+
+def read_input(path: str, limit: int = MAX_INPUT_BYTES) -> str:
+    """The UTF-8 text of the regular file ``path``, at most ``limit`` bytes; :class:`FileError` otherwise."""
+    try:
+        # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise FileError(f"{path}: no such file") from None
+    except OSError as e:
+        raise FileError(f"{path}: cannot read ({e.strerror or e})") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise FileError(f"{path}: is a directory")
+        if not stat.S_ISREG(st.st_mode):
+            raise FileError(f"{path}: not a regular file (a device, FIFO or socket); opaudit reads files only")
+        if st.st_size > limit:
+            raise FileError(f"{path}: too large ({_mib(st.st_size)}; opaudit reads input files up to {_mib(limit)})")
+        try:
+            raw = f.read(limit + 1)
+        except OSError as e:
+            raise FileError(f"{path}: cannot read ({e.strerror or e})") from None
+    if len(raw) > limit:
+        raise FileError(f"{path}: too large (over {_mib(limit)}; opaudit reads input files up to {_mib(limit)})")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise FileError(f"{path}: not UTF-8 text") from None
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n} bytes"

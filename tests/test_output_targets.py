@@ -1,0 +1,174 @@
+"""Where ``-o`` points: devices, FIFOs, the process's own stdout, symlinks, modes, a full disk.
+
+Every target is real: device nodes made with ``os.mknod`` in a temp folder (the
+tests run as root), a FIFO with a reader on the other end, a subprocess whose
+stdout is a file, ``RLIMIT_FSIZE`` for a write that fails half-way.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+from conftest import ROOT
+
+import opaudit
+from opaudit.cli import main
+from opaudit.cli.formats import Format, Kind, render
+from opaudit.data.fileio import FileError, write_output
+
+NULL, FULL = os.makedev(1, 3), os.makedev(1, 7)
+
+
+def _node(tmp_path, name, dev):
+    path = tmp_path / name
+    os.mknod(path, stat.S_IFCHR | 0o666, dev)
+    return path
+
+
+def _is_same_node(path, dev):
+    st = os.lstat(path)
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == dev
+
+
+@pytest.fixture(scope="module")
+def report_yaml(tmp_path_factory):
+    report = opaudit.audit(lambda: (opaudit_x() * 2).sum(), reps=1)
+    path = tmp_path_factory.mktemp("r") / "report.yaml"
+    path.write_text(render(report, Kind.REPORT, Format.YAML))
+    return str(path)
+
+
+def opaudit_x():
+    import torch
+
+    return torch.arange(6.0)
+
+
+def test_a_character_device_is_written_through_not_replaced(tmp_path, capsys):
+    null = _node(tmp_path, "null", NULL)
+    write_output(str(null), "a report\n")
+    assert _is_same_node(null, NULL)
+    script = tmp_path / "train.py"
+    script.write_text("import torch\ntorch.ones(3).sum()\n")
+    assert main([str(script), "--reps", "1", "-o", str(null), "--format", "yaml", "-q"]) == 0
+    assert _is_same_node(null, NULL), "the device node was replaced by a regular file"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".opaudit-")] == []
+
+
+def test_a_symlink_to_a_device_is_written_through(tmp_path, report_yaml):
+    null = _node(tmp_path, "null", NULL)
+    link = tmp_path / "out.yaml"
+    link.symlink_to(null)
+    assert main(["diff", report_yaml, report_yaml, "-o", str(link), "-q"]) == 0
+    assert link.is_symlink() and _is_same_node(null, NULL)
+
+
+def test_a_fifo_gets_the_report_and_stays_a_fifo(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(open(fifo).read()), daemon=True)
+    reader.start()
+    write_output(str(fifo), "format: x\n...\n")
+    reader.join(30)
+    assert got == ["format: x\n...\n"]
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+
+_WRITE_TO = "import sys; from opaudit.data.fileio import write_output; write_output(sys.argv[1], 'the report\\n')"
+
+
+@pytest.mark.parametrize("how", ["/dev/stdout", "/proc/self/fd/1", "link"])
+def test_dev_stdout_writes_to_the_shells_redirection_target(tmp_path, how):
+    out = tmp_path / "redirected.txt"
+    out.write_text("")
+    inode = os.stat(out).st_ino
+    target = how
+    if how == "link":
+        (tmp_path / "stdout-link").symlink_to("/proc/self/fd/1")
+        target = str(tmp_path / "stdout-link")
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    with open(out, "w") as f:
+        subprocess.run([sys.executable, "-c", _WRITE_TO, target], stdout=f, env=env, check=True, timeout=60)
+    assert out.read_text() == "the report\n"
+    assert os.stat(out).st_ino == inode, "the redirected file was replaced instead of written"
+    piped = subprocess.run([sys.executable, "-c", _WRITE_TO, target], capture_output=True, text=True, env=env,
+                           timeout=60)
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stdout == "the report\n"
+
+
+def test_a_symlink_to_a_regular_file_keeps_the_link_and_replaces_the_target(tmp_path):
+    real = tmp_path / "reports" / "latest.yaml"
+    real.parent.mkdir()
+    real.write_text("old\n")
+    os.chmod(real, 0o640)
+    link = tmp_path / "report.yaml"
+    link.symlink_to(real)
+    write_output(str(link), "new\n")
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert real.read_text() == "new\n"
+    assert stat.S_IMODE(os.stat(real).st_mode) == 0o640
+
+
+@pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_a_new_file_gets_the_mode_of_an_ordinary_write(tmp_path, mask, mode):
+    before = os.umask(mask)
+    try:
+        write_output(str(tmp_path / "r.yaml"), "x\n")
+        with open(tmp_path / "plain.txt", "w") as f:
+            f.write("x\n")
+    finally:
+        os.umask(before)
+    assert stat.S_IMODE(os.stat(tmp_path / "r.yaml").st_mode) == mode
+    assert stat.S_IMODE(os.stat(tmp_path / "plain.txt").st_mode) == mode
+
+
+def test_an_overwritten_file_keeps_its_mode_and_owner(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("old\n")
+    os.chmod(path, 0o604)
+    os.chown(path, 1234, 5678)
+    write_output(str(path), "new\n")
+    st = os.stat(path)
+    assert path.read_text() == "new\n"
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o604, 1234, 5678)
+
+
+def test_a_full_disk_names_the_file(tmp_path, report_yaml, capsys):
+    full = _node(tmp_path, "full", FULL)
+    with pytest.raises(FileError, match=f"cannot write {full}: No space left on device"):
+        write_output(str(full), "x" * 10000)
+    capsys.readouterr()
+    assert main(["diff", report_yaml, report_yaml, "-o", str(full), "--format", "yaml", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"opaudit: error: cannot write {full}: No space left on device\n"
+
+
+_HALF_WAY = """
+    import resource, signal, sys
+    from opaudit.data.fileio import write_output
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+    try:
+        write_output(sys.argv[1], "y" * 100000)
+    except Exception as e:
+        print(type(e).__name__, e)
+"""
+
+
+def test_a_write_failing_half_way_names_the_file_and_leaves_the_old_one(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("previous report\n")
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(_HALF_WAY), str(path)], capture_output=True,
+                          text=True, env=env, timeout=60)
+    assert done.stdout == f"FileError cannot write {path}: File too large\n", done.stderr
+    assert path.read_text() == "previous report\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]
