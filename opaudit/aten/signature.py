@@ -21,6 +21,9 @@ def describe(a: Any) -> str:
     """Readable signature text of one argument: ``f32[4,3]{1,4}@cuda:0``."""
     if isinstance(a, torch.Tensor):
         dt = DTYPE_ABBR.get(a.dtype, str(a.dtype).replace("torch.", ""))
+        if a.is_nested:  # no single shape: a strided nested tensor raises on .shape
+            layout = str(a.layout).replace("torch.", "")
+            return f"{dt}<nested {layout}, {a.size(0)} tensors>" + (f"@{a.device}" if a.device.type != "cpu" else "")
         s = f"{dt}[{','.join(map(str, a.shape))}]"
         if a.layout == torch.strided and not a.is_contiguous():
             s += "{" + ",".join(map(str, a.stride())) + "}"

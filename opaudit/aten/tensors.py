@@ -150,6 +150,19 @@ def _tensor_ids(obj: Any, out: set[int]) -> None:
             _tensor_ids(x, out)
 
 
+def unsupported_input(args: Sequence[Any], kwargs: dict) -> str | None:
+    """Why a call's inputs cannot be captured and replayed exactly, or ``None``.
+
+    Nested tensors (jagged or strided) have no single size and stride to copy and
+    compare; an op on them is reported ``skipped`` with this reason instead.
+    """
+    leaves, _ = tree_flatten((tuple(args), kwargs))
+    for x in leaves:
+        if isinstance(x, torch.Tensor) and x.is_nested:
+            return f"unsupported input: nested tensor ({str(x.layout).replace('torch.', '')})"
+    return None
+
+
 class Snapshot:
     """The inputs of one op call, as they were before the op ran.
 

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from opaudit.aten import precision
+
 _CUBLAS_VAR = "CUBLAS_WORKSPACE_CONFIG"
 # What the variable was when opaudit was imported, which for the CLI is process
 # start: cuBLAS reads it once, so a later change does not take effect.
@@ -44,9 +46,7 @@ def fingerprint(device: str | None = None) -> dict[str, Any]:
         "cublas_workspace_config": os.environ.get(_CUBLAS_VAR),
         "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
         "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
-        "tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32),
-        "tf32_cudnn": bool(torch.backends.cudnn.allow_tf32),
-        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        **precision.snapshot(),  # tf32_matmul, tf32_cudnn, float32_matmul_precision
         "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
         "deterministic_warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
         "fill_uninitialized_memory": bool(torch.utils.deterministic.fill_uninitialized_memory),
@@ -116,13 +116,13 @@ def environment_warnings(devices: set[str], uninitialized_calls: int = 0,
         if torch.backends.cudnn.benchmark:
             out.append("torch.backends.cudnn.benchmark=True: cuDNN picks algorithms by timing, which can differ "
                        "between processes; set it to False for reproducible runs")
-        if torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest":
+        if precision.read("tf32_matmul") is not False or precision.read("float32_matmul_precision") != "highest":
             out.append("TF32 matmuls are enabled (allow_tf32 / float32_matmul_precision): results depend on the "
                        "GPU generation; set torch.backends.cuda.matmul.allow_tf32=False to compare across hardware")
-        if torch.backends.cudnn.allow_tf32:
+        if precision.read("tf32_cudnn") is not False:
             out.append("torch.backends.cudnn.allow_tf32=True (the default): cuDNN convolutions use TF32 on "
                        "Ampere and newer, so results differ across GPU generations")
-    elif torch.get_float32_matmul_precision() != "highest":
+    elif precision.read("float32_matmul_precision") != "highest":
         out.append("float32_matmul_precision is not 'highest': matmuls may use reduced precision")
     if torch.backends.cudnn.benchmark and not cuda:
         out.append("torch.backends.cudnn.benchmark=True: harmless on CPU, but nondeterministic on CUDA")

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from opaudit.aten import precision
 from opaudit.aten.tensors import Snapshot
 from opaudit.data.observation import CRASHED, TIMEOUT, NotReplayed, Observation, error_text
 from opaudit.engine.replay import replay, set_deterministic
@@ -118,9 +119,8 @@ def _settings() -> dict[str, Any]:
         "cpu_rng": torch.get_rng_state(),
         "threads": torch.get_num_threads(),
         "cudnn": (torch.backends.cudnn.enabled, torch.backends.cudnn.deterministic,
-                  torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32),
-        "matmul_tf32": torch.backends.cuda.matmul.allow_tf32,
-        "matmul_precision": torch.get_float32_matmul_precision(),
+                  torch.backends.cudnn.benchmark),
+        "precision": precision.snapshot(),
         "fill_uninitialized": det_utils.fill_uninitialized_memory,
         "deterministic": (torch.are_deterministic_algorithms_enabled(),
                           torch.is_deterministic_algorithms_warn_only_enabled()),
@@ -138,9 +138,8 @@ def _apply_settings(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     torch.set_num_threads(state["threads"])
     (torch.backends.cudnn.enabled, torch.backends.cudnn.deterministic,
-     torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32) = state["cudnn"]
-    torch.backends.cuda.matmul.allow_tf32 = state["matmul_tf32"]
-    torch.set_float32_matmul_precision(state["matmul_precision"])
+     torch.backends.cudnn.benchmark) = state["cudnn"]
+    precision.restore(state["precision"])
     det_utils.fill_uninitialized_memory = state["fill_uninitialized"]
     det, warn_only = state["deterministic"]
     set_deterministic(det, warn_only)

@@ -16,7 +16,7 @@ import torch
 
 from opaudit.aten.ops import OpKind, op_kind, values_matter, written_args
 from opaudit.aten.signature import script_object_text, signature_id, signature_text
-from opaudit.aten.tensors import CaptureError, Snapshot, copy_span
+from opaudit.aten.tensors import CaptureError, Snapshot, copy_span, unsupported_input
 from opaudit.data.site import Site
 from opaudit.engine.children import ChildProcesses
 from opaudit.engine.mode import Interception
@@ -251,7 +251,10 @@ class Recorder:
         return info.call
 
     def _first_call(self, entry: _Entry, info: _OpTraits, args: tuple, kwargs: dict) -> None:
-        if info.kind in (OpKind.COMPUTE, OpKind.RANDOM, OpKind.UNINITIALIZED):
+        unsupported = unsupported_input(args, kwargs) if info.kind is not OpKind.SIDE_EFFECT else None
+        if unsupported is not None:
+            entry.skip_reason = unsupported
+        elif info.kind in (OpKind.COMPUTE, OpKind.RANDOM, OpKind.UNINITIALIZED):
             self._capture(entry, info, args, kwargs)
         elif info.kind is OpKind.SIDE_EFFECT:
             if self.capture_collectives and info.skip_reason == "collective":

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
+from opaudit.aten import precision
 from opaudit.aten.ops import ALERT_TEXT, CUBLAS_TEXT
 from opaudit.aten.tensors import Snapshot, difference, differing_mask, fill_mask, flat_tensors, same_bits
 from opaudit.data.observation import (
@@ -94,8 +95,8 @@ def preserved_state() -> Iterator[None]:
     threads = torch.get_num_threads()
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if _cuda_ready() else None
-    cudnn = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
-             torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    cudnn = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    tf32 = precision.snapshot()
     try:
         yield
     finally:
@@ -113,8 +114,8 @@ def preserved_state() -> Iterator[None]:
         # torch.testing's common_utils (imported by catalog sweeps) forbids setting
         # the cuDNN flags outside a ``with`` block; restoring them is always allowed.
         with _cudnn_mutation_allowed():
-            (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
-             torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) = cudnn
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn
+        precision.restore(tf32)
 
 
 class _Rng:
