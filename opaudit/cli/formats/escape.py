@@ -47,7 +47,8 @@ class Markdown(str):
     """Text that is already Markdown (escaped, or written by opaudit): tables pass it through."""
 
 
-_MD_SPECIAL = re.compile(r"([\\`*_\[\]|~])")
+_MD_SPECIAL = re.compile(r"([\\`*\[\]|~]|(?<![0-9A-Za-z])_|_(?![0-9A-Za-z]))")
+"""Inline markup; ``_`` only where it could open or close emphasis (``snake_case`` cannot)."""
 _BLOCK_START = re.compile(r"^(?:([#+-])|(\d+)([.)]))")
 """What makes a line a heading or a list item when it starts one (after ``- `` in a list, say)."""
 _HTML = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
