@@ -68,9 +68,6 @@ _SETTING_TYPES: dict[str, tuple[type, ...]] = {
 }
 """Types of the settings opaudit writes (reports and catalogs); other keys must hold plain values."""
 
-_SCALARS = (str, int, float, bool, type(None))
-
-
 def check_settings(settings: Mapping[str, Any], where: str) -> Mapping[str, Any]:
     """Refuse a ``settings`` mapping whose known fields have the wrong type or hold a non-finite number."""
     for key, value in settings.items():
@@ -83,15 +80,16 @@ def check_settings(settings: Mapping[str, Any], where: str) -> Mapping[str, Any]
 
 
 def check_environment(env: Mapping[str, Any], where: str) -> Mapping[str, Any]:
-    """Refuse an environment fingerprint holding anything but plain values (or lists of them)."""
+    """Refuse an environment fingerprint whose ``threads`` is not a count or that holds a non-finite number.
+
+    Other fields are plain values, lists or mappings (a merged distributed report
+    keeps one fingerprint per rank under ``ranks``).
+    """
+    threads = env.get("threads")
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool)):
+        raise ReportError(f"{where}: environment.threads has the wrong type ({type(threads).__name__})")
     for key, value in env.items():
-        w = f"{where}: environment.{key}"
-        if not isinstance(key, str) or not (isinstance(value, _SCALARS)
-                                            or (isinstance(value, list) and all(isinstance(x, _SCALARS) for x in value))):
-            raise ReportError(f"{w} has the wrong type ({type(value).__name__})")
-        if key == "threads" and value is not None and (not isinstance(value, int) or isinstance(value, bool)):
-            raise ReportError(f"{w} has the wrong type ({type(value).__name__})")
-        _check_values(value, w)
+        _check_values(value, f"{where}: environment.{key}")
     return env
 
 
