@@ -5,7 +5,7 @@
     python scripts/bench.py --quick          # smoke run (well under a minute)
     python scripts/bench.py --device cuda    # the same on a GPU
 
-Four parts (``--only`` picks some):
+Five parts (``--only`` picks some):
 
 * **overhead**: one training step (forward + backward) of two models, each wrapped
   in: nothing (plain eager), a bare pass-through ``TorchDispatchMode``, the same
@@ -27,6 +27,9 @@ Four parts (``--only`` picks some):
   measurement runs in a fresh process: peak RSS minus the RSS before the model
   was built (so the interpreter and torch's libraries, the same in both, do not
   water the ratio down). On CUDA: ``torch.cuda.max_memory_allocated``.
+* **training**: unique signatures of a 2-step and a 1,000-step AdamW + ``LambdaLR``
+  loop (they must be equal), and the time of ``opaudit train_loop.py --steps 3``
+  on a 20,000-step script over the same on a 3-step script (about 1x).
 
 The targets of issue 5 are checked at the end; the exit status is 0 either way
 (this is a measurement, not a test).
@@ -251,6 +254,7 @@ class Results:
     audit: list[dict[str, Any]] = field(default_factory=list)
     memory: list[dict[str, Any]] = field(default_factory=list)
     cli: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
     targets: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -393,6 +397,57 @@ def bench_cli(args: argparse.Namespace, res: Results) -> None:
                "ratio": ratio, "per_round": per_round, "cpu_ratio": cpu_ratio}
 
 
+# -- training jobs ------------------------------------------------------------
+TRAIN_LOOP = os.path.join(ROOT, "tests", "fixtures", "scripts", "train_loop.py")
+
+
+def _loop_signatures(steps: int, device: str) -> tuple[int, int]:
+    """Unique signatures and op calls of ``steps`` AdamW + LambdaLR steps of a 4-layer MLP, recorded in-process."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                          nn.Linear(32, 4)).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10) * 0.99**s)
+    x = torch.randn(8, 16, device=device)
+    y = torch.randint(0, 4, (8,), device=device)
+    with Recorder() as rec:
+        for _ in range(steps):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            sched.step()
+    n = len(rec.signatures())
+    rec.release()
+    return n, rec.total_calls
+
+
+def _opaudit_seconds(argv: list[str]) -> float:
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "opaudit", *argv], check=True, cwd=ROOT,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+def bench_training(args: argparse.Namespace, res: Results) -> None:
+    many = 100 if args.quick else 1000
+    print("\n## Training jobs: signatures vs steps (AdamW + LambdaLR, 4-layer MLP), and --steps on a long script\n")
+    rows = {n: _loop_signatures(n, args.device) for n in (2, many)}
+    for n, (sigs, calls) in rows.items():
+        print(f"  {n:5d} steps: {sigs:4d} unique signatures, {calls:7d} op calls")
+    res.training["signatures"] = {str(n): sigs for n, (sigs, _) in rows.items()}
+    common = [TRAIN_LOOP, "--steps", "3", "--reps", str(args.reps), "-q", "--exit-zero", "--format", "json"]
+    # Round-robin, medians: each run is a fresh process (start-up, imports) in both cases.
+    long_s, short_s = [], []
+    for _ in range(args.audit_repeats):
+        long_s.append(_opaudit_seconds([*common, "--", "--steps", "20000"]))
+        short_s.append(_opaudit_seconds([*common, "--", "--steps", "3"]))
+    lo, sh = statistics.median(long_s), statistics.median(short_s)
+    res.training.update(long_script_s=lo, three_step_script_s=sh, window_ratio=lo / sh)
+    print(f"  opaudit train_loop.py --steps 3 on a 20,000-step script: {lo:.2f} s")
+    print(f"  the same on a script that has only 3 steps:              {sh:.2f} s")
+    print(f"  ratio: {lo / sh:.2f}x   (both include start-up, recording 3 steps, and the replay)")
+
+
 # -- memory -----------------------------------------------------------------
 def _status_kib(field_name: str) -> int:
     with open("/proc/self/status") as f:
@@ -508,7 +563,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--quick", action="store_true", help="a fast smoke run: fewer steps, depths 2 and 12 only")
-    p.add_argument("--only", default="overhead,audit,cli,memory", help="comma-separated parts to run")
+    p.add_argument("--only", default="overhead,audit,cli,memory,training", help="comma-separated parts to run")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds per tool (overhead)")
     p.add_argument("--reps", type=int, default=5, help="replays per mode (audit)")
@@ -557,6 +612,8 @@ def main(argv: list[str] | None = None) -> int:
         bench_cli(args, res)
     if "memory" in parts:
         bench_memory(args, res)
+    if "training" in parts:
+        bench_training(args, res)
     check_targets(res)
     with contextlib.suppress(OSError):
         res.env["loadavg_end"] = os.getloadavg()[0]

@@ -179,16 +179,19 @@ def _cli(args, **kw):
 MISBEHAVING = """
     import os, time, torch
 
+    # Replays turn deterministic mode on after the script has ended (the script itself
+    # also runs once in deterministic mode, for the deterministic-path recording).
+    RUNNING = True
+
     @torch.library.custom_op("ft_script::exits", mutates_args=())
     def exits(x: torch.Tensor) -> torch.Tensor:
-        # Only replays turn deterministic mode on.
-        if torch.are_deterministic_algorithms_enabled():
+        if torch.are_deterministic_algorithms_enabled() and not RUNNING:
             os._exit(5)
         return x + 1
 
     @torch.library.custom_op("ft_script::hangs", mutates_args=())
     def hangs(x: torch.Tensor) -> torch.Tensor:
-        if torch.are_deterministic_algorithms_enabled():
+        if torch.are_deterministic_algorithms_enabled() and not RUNNING:
             time.sleep(600)
         return x - 1
 
@@ -196,6 +199,7 @@ MISBEHAVING = """
     exits(x)
     hangs(x)
     (x * 2).sum()
+    RUNNING = False
 """
 
 
@@ -221,9 +225,11 @@ SLOW = """
         open(MARK, "w").close()
         time.sleep(600)
 
+    RUNNING = True  # replays come after the script ended (it also runs once in deterministic mode)
+
     @torch.library.custom_op("ft_slow::slow", mutates_args=())
     def slow(x: torch.Tensor) -> torch.Tensor:
-        if torch.are_deterministic_algorithms_enabled():  # replaying
+        if torch.are_deterministic_algorithms_enabled() and not RUNNING:  # replaying
             with open(MARK, "a") as f:
                 f.write(f"{x.numel()}\\n")
             time.sleep(0.3)
@@ -233,6 +239,7 @@ SLOW = """
     (x * 2).sum()
     for n in range(1, 41):
         slow(torch.ones(n))
+    RUNNING = False
 """
 SLOW_SIGNATURES = 3 + 2 * 40  # arange, mul, sum, then ones + slow per size
 

@@ -63,6 +63,53 @@ def test_calls_are_deduplicated_by_signature():
     assert any("{1,8}" in s.signature for s in mms)
 
 
+def _adamw_schedule_loop(steps: int) -> Recorder:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10) * 0.99**s)
+    x, y = torch.randn(4, 8), torch.randint(0, 2, (4,))
+    with Recorder() as rec:
+        for _ in range(steps):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            sched.step()
+    return rec
+
+
+def test_signatures_do_not_grow_with_optimizer_steps():
+    # The learning rate, bias corrections and step size are new Python floats every step.
+    few, many = _adamw_schedule_loop(2), _adamw_schedule_loop(25)
+    assert many.total_calls > 10 * few.total_calls
+    assert len(many.signatures()) == len(few.signatures())
+    # Replay uses the first call's values: the text shows step 1's learning rate (1e-4).
+    decay = [s for s in many.signatures() if s.op == "aten.mul_.Tensor" and "optimizer" in s.phases]
+    assert decay and all("0.999999" in s.signature for s in decay)  # 1 - lr * weight_decay at step 1
+
+
+def test_values_that_select_behaviour_still_key_signatures():
+    x = torch.randn(64)
+    z, idx = torch.zeros(8), torch.tensor([1, 1, 2])
+    with Recorder() as rec:
+        torch.linalg.vector_norm(x, 2.0)
+        torch.linalg.vector_norm(x, float("inf"))  # another reduction
+        torch.linalg.vector_norm(x, 1.0)
+        x.add(x, alpha=0.3)
+        x.add(x, alpha=0.7)  # same kernel: one signature, two calls
+        x.sum(0)
+        x.unsqueeze(0).sum(1)  # an int dim: by value
+        z.index_put_((idx,), torch.ones(3), accumulate=True)
+        z.index_put_((idx,), torch.ones(3), accumulate=False)
+    by_op: dict[str, list] = {}
+    for s in rec.signatures():
+        by_op.setdefault(s.op, []).append(s)
+    assert len(by_op["aten.linalg_vector_norm.default"]) == 3
+    (add,) = by_op["aten.add.Tensor"]
+    assert add.calls == 2 and "alpha=0.3" in add.signature
+    assert len(by_op["aten.index_put_.default"]) == 2
+
+
 def test_view_and_metadata_ops_are_counted_not_replayed():
     x = torch.randn(4, 4)
     with Recorder() as rec:

@@ -16,6 +16,34 @@ DTYPE_ABBR = {
 }
 """Short dtype names used in signature text (``f32[4,3]``); catalogs key entries by them."""
 
+KEYED_FLOATS = frozenset((0.0, 1.0, -1.0, 2.0, -2.0, 0.5, -0.5, 3.0, float("inf"), float("-inf")))
+"""Python floats that key a signature by value; every other float keys it by type.
+
+Floats that change from call to call (an optimizer's ``lr`` under a scheduler,
+bias corrections computed from the step count, ``eps``) do not change which
+kernel runs, and keying them by value made every optimizer step new signatures.
+The values here are the ones kernels do special-case: ``beta=0`` in ``addmm``
+skips reading ``self``, ``alpha=1`` skips a multiply, ``pow`` has fast paths for
+``2``, ``0.5``, ``-1``, ``-0.5``, ``-2``, ``3``, and ``ord``/``p`` of ``1``,
+``2`` and ``inf`` pick different norm reductions. NaN keys as one value.
+"""
+
+_NAN_KEY = ("nan",)
+_FLOAT_KEY = ("float",)
+
+
+def scalar_key(a: Any) -> Any:
+    """The rule for which argument values key a signature (tensors aside).
+
+    Python floats key by type unless in :data:`KEYED_FLOATS`; everything else
+    (ints, bools, strings, dtypes, ``None``) keys by value, because ints are
+    sizes, dims and flags such as ``accumulate`` that select behaviour. A
+    signature merged this way is replayed with its first call's values.
+    """
+    if a.__class__ is float and a not in KEYED_FLOATS:
+        return _NAN_KEY if a != a else _FLOAT_KEY
+    return a
+
 
 def describe(a: Any) -> str:
     """Readable signature text of one argument: ``f32[4,3]{1,4}@cuda:0``."""

@@ -30,7 +30,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from opaudit.cli import batch
+from opaudit.cli import batch, steps
 from opaudit.data.version import __version__
 
 EXIT_OK, EXIT_FINDINGS, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
@@ -180,6 +180,7 @@ def _audit_parser() -> _Parser:
     )
     p.add_argument("script", help="Python script to audit (runs as __main__, or its opaudit_step() is called)")
     p.add_argument("--entry", metavar="NAME", help="function of the script to record instead of opaudit_step")
+    steps.add_arguments(p, _positive_float)
     p.add_argument("--reps", type=_positive_int, default=5, metavar="N", help="replays per mode (default 5)")
     p.add_argument("--seed", type=_int, default=0, metavar="S", help="seed set before the user's code and replays")
     p.add_argument("--run-check", nargs="?", const=2, type=_run_count, metavar="K",
@@ -361,11 +362,13 @@ def audit_main(argv: list[str]) -> int:
 
     from opaudit.engine import loader
     from opaudit.engine.record import Recorder
-    from opaudit.flows.pipeline import build_report
+    from opaudit.engine.window import WindowError
+    from opaudit.flows.pipeline import build_report, record_target
 
     if args.threads:
         torch.set_num_threads(args.threads)
     target = loader.load_target(args.script, args.entry, script_args)
+    window = steps.window(args, target)
     checks: tuple = ()
     if args.run_check:
         from opaudit.flows.runcheck import run_checks
@@ -373,19 +376,42 @@ def audit_main(argv: list[str]) -> int:
         # Before recording, so that the recorder's captured inputs are not held meanwhile.
         show, clear = _run_check_progress(not args.quiet and sys.stderr.isatty())
         try:
-            checks = run_checks(target, args.run_check, seed=args.seed, on_run=show)
+            checks = run_checks(target, args.run_check, seed=args.seed, on_run=show, window=window)
         finally:
             clear()
-    rec = Recorder(capture_budget=args.capture_budget * 2**20, root=target.root,
-                   capture_collectives=rank_audit is not None)
+    budget = args.capture_budget * 2**20
     cut: KeyboardInterrupt | None = None
-    box = None
-    try:
-        box = loader.run(target, rank_audit.recording(rec) if rank_audit else lambda: rec, seed=args.seed)
-    except KeyboardInterrupt as e:
-        # Ctrl-C (or SIGTERM) while the user's code runs: recording stops there, and
-        # what was recorded is still audited (a second interrupt stops that too).
-        cut = e
+    recorded = None
+    det_rec = None
+    if not args.no_deterministic_pass and rank_audit is None:
+        # First, so that the recording replayed for most signatures is the last one made: an op the
+        # script registers itself (torch.library) is registered anew by each run. (Not under torchrun:
+        # the ranks' collectives would run twice.)
+        det_rec = Recorder(capture_budget=budget, root=target.root)
+        try:
+            record_target(target, det_rec, window, seed=args.seed, deterministic=True)
+        except WindowError:
+            det_rec = None  # nothing recorded: the default-mode run below says so
+        except (loader.UserCodeError, loader.ScriptExitError) as e:
+            det_rec = None
+            sys.stderr.write(f"opaudit: warning: the run in deterministic mode failed ({e}); the crash list "
+                             "comes from the default-mode recording\n")
+        except KeyboardInterrupt as e:
+            cut = e  # the audit goes on with what the deterministic-mode run recorded
+    if cut is None:
+        rec = Recorder(capture_budget=budget, root=target.root, capture_collectives=rank_audit is not None)
+        try:
+            recorded = record_target(target, rec, window, seed=args.seed,
+                                     recording=rank_audit.recording if rank_audit else None)
+        except KeyboardInterrupt as e:
+            # Ctrl-C (or SIGTERM) while the user's code runs: recording stops there, and
+            # what was recorded is still audited (a second interrupt stops that too).
+            cut = e
+    else:
+        rec, det_rec = det_rec, None
+    if recorded is not None and not args.quiet:
+        sys.stderr.write(recorded.describe() + "\n")
+    box = recorded.sandbox if recorded is not None else None
     threads_left = box.threads_left if box is not None else ()
     for note in box.notes if box is not None else ():
         _say(f"opaudit: note: {note}\n")
@@ -394,7 +420,9 @@ def audit_main(argv: list[str]) -> int:
         update, close = _progress(not args.quiet)
     else:
         update, close = _plain_progress()
-    settings = {"script": target.name, "entry": target.entry or "__main__", "timing": not args.no_timing}
+    settings = {"script": target.name, "entry": target.entry or "__main__", "timing": not args.no_timing,
+                "recorded": recorded.span if recorded is not None else "cut short",
+                "deterministic_pass": det_rec is not None}
     if cut is not None:
         settings["recording_cut_short"] = "terminated" if isinstance(cut, Terminated) else "interrupted"
     if args.run_check:
@@ -417,7 +445,7 @@ def audit_main(argv: list[str]) -> int:
     try:
         report = build_report(rec, reps=args.reps, seed=args.seed, settings=settings,
                               timings=not args.no_timing, on_progress=update, replay_fn=isolator,
-                              run_checks=checks, complete=cut is None)
+                              run_checks=checks, complete=cut is None, deterministic=det_rec)
         if rank_audit is not None:
             close()
             report = rank_audit.finish(report, rec, reps=args.reps)
@@ -435,6 +463,8 @@ def audit_main(argv: list[str]) -> int:
         if isolator is not None:
             isolator.close()
         rec.release()
+        if det_rec is not None:
+            det_rec.release()
     if cut is not None and report is not None:
         why = "terminated" if isinstance(cut, Terminated) else "interrupted"
         _emit_partial(report, args.format, output, f"{why} while the script ran; what it ran until then is audited")
@@ -670,7 +700,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
                       ("opaudit.flows.batchinv", "BatchInvarianceError"),
                       ("opaudit.engine.isolate", "IsolationError"),
                       ("opaudit.flows.distributed.comm", "DistributedError"),
-                      ("opaudit.flows.distributed.launch", "LaunchError")):
+                      ("opaudit.flows.distributed.launch", "LaunchError"), ("opaudit.engine.window", "WindowError")):
         try:
             errors.append(getattr(__import__(mod, fromlist=[name]), name))
         except (ImportError, AttributeError):

@@ -78,6 +78,15 @@ class Finding:
     """Per rank, in a merged distributed report: verdict and ``k/N`` on each rank that ran the op."""
     cross_rank: str = ""
     """For a replayed collective whose result must match on every rank: ``identical`` or ``differs: ...``."""
+    recorded_in: tuple[str, ...] = ()
+    """Which recordings of the step called this signature: ``default`` (determinism off),
+    ``deterministic`` (``use_deterministic_algorithms(True, warn_only=True)``), or both;
+    empty when only the default-mode run was recorded."""
+
+    @property
+    def deterministic_path(self) -> bool:
+        """Deterministic mode would call this op (or it is not known to skip it)."""
+        return not self.recorded_in or "deterministic" in self.recorded_in
 
     @property
     def modules(self) -> tuple[str, ...]:
@@ -185,6 +194,15 @@ class Report:
         """The ``raises`` findings (ops that raise under deterministic mode), in execution order."""
         return sorted(self.findings(verdicts=[Verdict.RAISES]), key=lambda f: f.first_call)
 
+    def crashes(self) -> list[Finding]:
+        """Ops that raise under deterministic mode, in execution order.
+
+        An op that only the default-mode path calls (its Python code branches on
+        ``torch.are_deterministic_algorithms_enabled()``) is not a crash: deterministic
+        mode never calls it.
+        """
+        return [f for f in self.raising() if f.deterministic_path]
+
     def finding(self, op: str) -> Finding:
         """The worst finding of ``op`` (``KeyError`` if the op was not recorded)."""
         for f in self.all_findings:
@@ -229,7 +247,7 @@ ROW_FIELDS = (
     "id", "op", "verdict", "reason", "calls", "phases", "modules", "locations", "signature", "device",
     "alert_kind", "strict_error", "warnings", "default_diverged", "deterministic_diverged",
     "max_abs_diff", "frac_differing", "outputs", "time_default_us", "time_deterministic_us", "det_cost",
-    "rng", "cudnn", "remedy", "first_call", "ranks", "cross_rank",
+    "rng", "cudnn", "remedy", "first_call", "ranks", "cross_rank", "recorded_in",
 )
 """Column order of CSV and DataFrame rows."""
 
@@ -259,6 +277,7 @@ def flat_row(f: Finding) -> dict[str, Any]:
         "remedy": f.remedy, "first_call": f.first_call,
         "ranks": ";".join(f"{o.rank}:{o.verdict.value} {o.default_diverged}".rstrip() for o in f.ranks),
         "cross_rank": f.cross_rank,
+        "recorded_in": ";".join(f.recorded_in),
     }
 
 
@@ -300,6 +319,8 @@ def finding_dict(f: Finding) -> dict[str, Any]:
         d["ranks"] = [_rank_dict(o) for o in f.ranks]
     if f.cross_rank:
         d["cross_rank"] = f.cross_rank
+    if f.recorded_in:
+        d["recorded_in"] = list(f.recorded_in)
     return d
 
 
@@ -395,6 +416,7 @@ def parse_finding(d: Any, where: str) -> Finding:
         remedy=_opt(d, "remedy", str, where, ""),
         ranks=tuple(_parse_rank(r, f"{where}.ranks") for r in _opt(d, "ranks", list, where, [])),
         cross_rank=_opt(d, "cross_rank", str, where, ""),
+        recorded_in=_strings(d, "recorded_in", where),
     )
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from opaudit.aten.ops import OpKind, op_kind, values_matter, written_args
-from opaudit.aten.signature import script_object_text, signature_id, signature_text
+from opaudit.aten.signature import scalar_key, script_object_text, signature_id, signature_text
 from opaudit.aten.tensors import CaptureError, Snapshot, copy_span, unsupported_input
 from opaudit.data.site import Site
 from opaudit.engine.children import ChildProcesses
@@ -42,7 +42,7 @@ class RecordedSignature:
     """Overload name, e.g. ``aten.index_put_.default``."""
     kind: OpKind
     signature: str
-    """Arguments by dtype, shape, stride (when not contiguous) and device; other values as given."""
+    """Arguments by dtype, shape, stride (when not contiguous) and device; other values as the first call gave them."""
     device: str
     calls: int
     phases: tuple[str, ...]
@@ -114,7 +114,6 @@ def _op_traits(func: Any) -> _OpTraits:
 
 _Tensor = torch.Tensor
 _storage_use_count: Callable[[Any], int] | None = getattr(torch._C, "_storage_Use_Count", None)
-_NAN_KEY = ("nan",)
 _ScriptObject = torch.ScriptObject
 
 
@@ -122,7 +121,8 @@ def _args_key(args: Iterable[Any]) -> tuple:
     """Signature key of a sequence of arguments, built for what aten passes.
 
     Aten arguments are tensors, scalars, and lists or tuples of those; a tensor
-    stands for its dtype, shape, strides and device. Hashability is left to the
+    stands for its dtype, shape, strides and device, a scalar for what
+    :func:`~opaudit.aten.signature.scalar_key` says. Hashability is left to the
     dict lookup that uses the key; the caller falls back to the signature text
     when it fails.
     """
@@ -132,8 +132,6 @@ def _args_key(args: Iterable[Any]) -> tuple:
             out.append((a.dtype, a.shape, a.stride(), a.device))
         elif isinstance(a, (list, tuple)):
             out.append(_args_key(a))
-        elif a.__class__ is float and a != a:
-            out.append(_NAN_KEY)
         elif a.__class__ is _ScriptObject:
             # Boxed afresh on each call: equal objects must give equal keys.
             out.append(script_object_text(a))
@@ -142,7 +140,7 @@ def _args_key(args: Iterable[Any]) -> tuple:
             # snapshot keeps the state the first call saw).
             out.append(("generator", a.device))
         else:
-            out.append(a)
+            out.append(scalar_key(a))
     return tuple(out)
 
 

@@ -19,8 +19,10 @@ from opaudit.data.report import Finding, Report, RunCheck, sort_findings
 from opaudit.data.verdict import Verdict
 from opaudit.engine.classify import classify
 from opaudit.engine.environment import environment_warnings, fingerprint
+from opaudit.engine.loader import Target
 from opaudit.engine.record import DEFAULT_CAPTURE_BUDGET, RecordedSignature, Recorder
 from opaudit.engine.replay import preserved_state, replay, time_fill
+from opaudit.engine.window import Recorded, Window, run_target
 
 DEFAULT_REPS = 5
 
@@ -42,13 +44,45 @@ def _in_process(func: Any, snap: Snapshot, reps: int, cudnn: bool) -> Observatio
     return replay(func, snap, reps, cudnn_variants=cudnn)
 
 
-def make_finding(sig: RecordedSignature, obs: Observation | None, remedy: str = "") -> Finding:
+DEFAULT_PATH, DETERMINISTIC_PATH = "default", "deterministic"
+
+Item = tuple[RecordedSignature, Any, "Snapshot | None", tuple[str, ...]]
+"""A signature to classify: the recorded signature, its op, its captured inputs, the recordings that called it."""
+
+
+def merge_recordings(default: Recorder, deterministic: Recorder | None) -> list[Item]:
+    """The signatures to classify: the default-mode recording's, then those only deterministic mode called.
+
+    PyTorch's Python code (and the user's) takes other paths when
+    ``torch.are_deterministic_algorithms_enabled()``: ``nn.functional`` switches
+    ``max_pool3d``, ``pad(mode="replicate")`` and bilinear ``interpolate`` to
+    decompositions on CUDA. With a second recording of the same steps made in
+    deterministic mode, each signature says which recordings called it; an op
+    only the default path calls is no crash, and one only the deterministic path
+    calls is audited too. Without it, every signature's paths are left empty.
+    """
+    items = default.items()
+    if deterministic is None:
+        return [(sig, func, snap, ()) for sig, func, snap in items]
+    det_items = deterministic.items()
+    det_ids = {sig.id for sig, _, _ in det_items}
+    out: list[Item] = [
+        (sig, func, snap, (DEFAULT_PATH, DETERMINISTIC_PATH) if sig.id in det_ids else (DEFAULT_PATH,))
+        for sig, func, snap in items
+    ]
+    seen = {sig.id for sig, _, _ in items}
+    out += [(sig, func, snap, (DETERMINISTIC_PATH,)) for sig, func, snap in det_items if sig.id not in seen]
+    return out
+
+
+def make_finding(sig: RecordedSignature, obs: Observation | None, remedy: str = "",
+                 recorded_in: tuple[str, ...] = ()) -> Finding:
     """Combine a recorded signature and its replay into a :class:`Finding`."""
     verdict, reason = classify(sig, obs)
     f = Finding(
         id=sig.id, op=sig.op, verdict=verdict, calls=sig.calls, signature=sig.signature, device=sig.device,
         reason=reason, phases=sig.phases, sites=sig.sites, sites_dropped=sig.sites_dropped,
-        first_call=sig.first_call,
+        first_call=sig.first_call, recorded_in=recorded_in,
     )
     if obs is None:
         return _with(f, remedy=remedy)
@@ -104,11 +138,14 @@ def build_report(
     on_progress: Callable[[Progress], None] | None = None,
     run_checks: Iterable[RunCheck] = (),
     complete: bool = True,
+    deterministic: Recorder | None = None,
 ) -> Report:
     """Replay every recorded signature and classify it.
 
     ``complete=False`` marks the report partial from the start (the recording was
-    cut short).
+    cut short). ``deterministic`` is a second recording of the same steps made with
+    ``use_deterministic_algorithms(True, warn_only=True)`` (see
+    :func:`merge_recordings`).
 
     A ``KeyboardInterrupt`` during replay returns a report marked
     ``complete=False`` holding every finding classified so far; the interrupt is
@@ -122,20 +159,20 @@ def build_report(
         from opaudit.engine.remedies import KnowledgeBase
 
         kb = KnowledgeBase.load_default()
-    items = rec.items()
+    items = merge_recordings(rec, deterministic)
     findings: list[Finding] = []
     devices: set[str] = set()
     interrupted: KeyboardInterrupt | None = None
     with preserved_state():
         torch.manual_seed(seed)
         try:
-            for i, (sig, func, snap) in enumerate(items):
+            for i, (sig, func, snap, paths) in enumerate(items):
                 devices.add(sig.device)
                 obs = None
                 if sig.kind in (OpKind.COMPUTE, OpKind.RANDOM) and snap is not None and not sig.skip_reason:
                     cudnn = sig.device.startswith("cuda") and is_cudnn_op(func)
                     obs = replay_fn(func, snap, reps, cudnn)
-                f = make_finding(sig, obs)
+                f = make_finding(sig, obs, recorded_in=paths)
                 if sig.kind is OpKind.UNINITIALIZED and snap is not None:
                     f = _with_fill_timing(f, func, snap, reps)
                 if not timings:
@@ -188,6 +225,30 @@ def assemble(rec: Recorder, findings: list[Finding], *, reps: int, seed: int, se
         view_calls=rec.view_calls, total_calls=rec.total_calls, complete=complete,
         env_warnings=tuple(warnings), run_checks=run_checks,
     )
+
+
+def record_target(target: Target, rec: Recorder, window: Window, *, seed: int = 0, deterministic: bool = False,
+                  recording: Callable[[Recorder], Callable[[], Any]] | None = None) -> Recorded:
+    """Load ``target`` and record ``window``'s steps of it into ``rec``.
+
+    With ``deterministic``, the run is made under
+    ``torch.use_deterministic_algorithms(True, warn_only=True)`` (restored
+    afterwards, its warnings silenced): the recording shows which ops
+    deterministic mode really runs (see :func:`merge_recordings`).
+    ``recording(rec)``, if given, wraps the recorder in the context the run is
+    recorded inside (a distributed rank's, for instance). An interrupt while the
+    user's code runs propagates; ``rec`` then holds what was recorded until then.
+    """
+    import warnings
+
+    context = recording(rec) if recording is not None else (lambda: rec)
+    if not deterministic:
+        return run_target(target, context, window, seed=seed)
+    with preserved_state(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        # The default-mode run comes next: it must not find this run's model still held.
+        return run_target(target, context, window, seed=seed, keep_module=False)
 
 
 def audit(fn: Callable[..., Any], *args: Any, reps: int = DEFAULT_REPS, seed: int = 0,

@@ -47,6 +47,7 @@ from opaudit.engine import loader
 from opaudit.engine.mode import Interception
 from opaudit.engine.replay import preserved_state
 from opaudit.engine.sites import PHASE_BITS, SiteTracker
+from opaudit.engine.window import Window, finalize, run_window
 
 DEFAULT, DETERMINISTIC = "default", "deterministic"
 MODES = (DEFAULT, DETERMINISTIC)
@@ -65,6 +66,9 @@ _END = "<end of run>"
 _SET_DATA = frozenset(getattr(torch.ops.aten.set_, name) for name in
                       ("source_Storage", "source_Storage_storage_offset", "source_Tensor"))
 """``set_`` onto existing data: the target's bits are no longer uninitialized."""
+
+WHOLE_RUN = Window(steps=None)
+"""The whole script, or one call of the entry function."""
 
 
 class RunCheckError(Exception):
@@ -311,8 +315,9 @@ class _Run:
 _PHASE_NAMES = {bit: name for name, bit in PHASE_BITS}
 
 
-def _execute(target: loader.Target, mode: str, seed: int | None, *, keep_errors: bool) -> _Run:
-    """Run the target once, from a fresh module load, under ``mode``.
+def _execute(target: loader.Target, mode: str, seed: int | None, *, keep_errors: bool,
+             window: Window = WHOLE_RUN) -> _Run:
+    """Run the target once, from a fresh module load, under ``mode``, tracing ``window``'s steps.
 
     With ``keep_errors``, the user's code failing ends the run early with its
     error recorded instead of raising.
@@ -325,14 +330,15 @@ def _execute(target: loader.Target, mode: str, seed: int | None, *, keep_errors:
             prepared = loader.prepare(target, seed)
             loader.require_no_arguments(target, prepared)
             namespace = prepared.namespace
-            with tracer:
-                result = loader.call_user(prepared.call)
+            recorded, result = run_window(prepared, lambda: tracer, window, target.entry)
         except (loader.UserCodeError, loader.ScriptExitError) as e:
             if not keep_errors:
                 raise
             return _Run(tuple(tracer.steps), {}, tracer.sites, error=str(e))
     with _disable_current_modes(), torch.no_grad():
         state = _final_state(result if target.entry is not None else None, namespace, tracer)
+    if recorded.stopped is not None and target.entry is None:
+        finalize(namespace)
     return _Run(tuple(tracer.steps), state, tracer.sites)
 
 
@@ -562,6 +568,7 @@ def run_check(
     *,
     seed: int | None = 0,
     on_run: Callable[[str, int, int], None] | None = None,
+    window: Window = WHOLE_RUN,
 ) -> RunCheck:
     """Run ``target`` ``runs`` times from identical state under ``mode`` and compare the bits.
 
@@ -571,6 +578,8 @@ def run_check(
     :class:`~opaudit.engine.loader.UserCodeError` or :class:`~opaudit.engine.loader.ScriptExitError`;
     a later run failing where the first did not is reported in ``RunCheck.error``.
     ``seed=None`` leaves the RNG unseeded, so ops that draw from it differ run to run.
+    ``window`` picks the steps traced (the audit's own window, so a long script is
+    stopped after it); by default the whole script, or one call of the entry.
     """
     if mode not in MODES:
         raise RunCheckError(f"unknown mode {mode!r} (expected one of: {', '.join(MODES)})")
@@ -579,12 +588,12 @@ def run_check(
     with preserved_state():
         if on_run is not None:
             on_run(mode, 1, runs)
-        first = _execute(target, mode, seed, keep_errors=False)
+        first = _execute(target, mode, seed, keep_errors=False, window=window)
         comparisons = []
         for k in range(2, runs + 1):
             if on_run is not None:
                 on_run(mode, k, runs)
-            other = _execute(target, mode, seed, keep_errors=True)
+            other = _execute(target, mode, seed, keep_errors=True, window=window)
             comparisons.append(_compare(first, other, k))
             del other
             gc.collect()  # the previous run's model and optimizer, before the next run builds its own
@@ -598,6 +607,7 @@ def run_checks(
     seed: int | None = 0,
     modes: Iterable[str] = MODES,
     on_run: Callable[[str, int, int], None] | None = None,
+    window: Window = WHOLE_RUN,
 ) -> tuple[RunCheck, ...]:
     """:func:`run_check` under each of ``modes`` (default and deterministic), in that order."""
-    return tuple(run_check(target, mode, runs, seed=seed, on_run=on_run) for mode in modes)
+    return tuple(run_check(target, mode, runs, seed=seed, on_run=on_run, window=window) for mode in modes)

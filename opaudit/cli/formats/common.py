@@ -86,10 +86,19 @@ def summary_line(report: "Report") -> str:
 def crash_rows(report: "Report") -> list[list[str]]:
     """Ops that raise under deterministic mode, in execution order, with their error."""
     rows = []
-    for f in report.raising():
+    for f in report.crashes():
         err = (f.strict_error or "").splitlines()[0] if f.strict_error else ""
         rows.append([str(f.first_call), f.op, where(f.locations, 1, f.sites_dropped), "/".join(f.phases), err])
     return rows
+
+
+def not_crashes_line(report: "Report") -> str | None:
+    """A note on ops that raise under strict mode but that deterministic mode never calls, if any."""
+    ops = sorted({f.op for f in report.findings(verdicts=[Verdict.RAISES]) if not f.deterministic_path})
+    if not ops:
+        return None
+    return (f"Not crashes: {', '.join(ops)} raise(s) under strict mode, but only the default-mode path calls "
+            "them; the run recorded in deterministic mode took another path (recorded_in: default).")
 
 
 def run_check_lines(r: "RunCheck") -> list[str]:

@@ -11,6 +11,7 @@ from opaudit.cli.formats.common import (
     finding_row,
     grouped_predictions,
     md_table,
+    not_crashes_line,
     notable,
     remedy_rows,
     run_check_lines,
@@ -53,6 +54,9 @@ def report(report: "Report") -> str:
                 md_table(("#", "op", "where", "phase", "error"), [_op_code(r, 1) for r in crashes]), ""]
     else:
         out += ["No op raises under `torch.use_deterministic_algorithms(True)`.", ""]
+    note = not_crashes_line(report)
+    if note:
+        out += [note, ""]
     if report.run_checks:
         out += ["## Whole-step reproducibility", ""]
         for r in report.run_checks:

@@ -10,6 +10,7 @@ from opaudit.cli.formats.common import (
     crash_rows,
     finding_row,
     grouped_predictions,
+    not_crashes_line,
     notable,
     remedy_rows,
     run_check_lines,
@@ -52,6 +53,9 @@ def report(report: "Report") -> str:
         out.append("\nWill deterministic mode crash this run? Yes, at these ops (execution order):")
         out.append(tabulate(crashes, headers=("#", "op", "where", "phase", "error"), tablefmt="simple",
                             maxcolwidths=[None, None, None, None, 70]))
+    note = not_crashes_line(report)
+    if note:
+        out.append(("" if crashes else "\n") + note)
     for r in report.run_checks:
         out.append("\nWhole-step check, " + "\n".join(run_check_lines(r)))
     if report.distributed:

@@ -1,0 +1,63 @@
+"""The step-window options of ``opaudit SCRIPT``: ``--steps``, ``--start-step``, ``--max-record-seconds``.
+
+Kept out of :mod:`opaudit.cli.main`; the mechanism behind them is
+:mod:`opaudit.engine.window`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from opaudit.engine.window import Window
+
+
+def steps(text: str) -> int | None:
+    """``--steps``: a positive number of steps, or ``all`` (``None``: the whole script)."""
+    if text.strip().lower() == "all":
+        return None
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of steps or 'all', got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (or 'all'), got {v}")
+    return v
+
+
+def start_step(text: str) -> int:
+    """``--start-step``: 0 or more."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {v}")
+    return v
+
+
+def add_arguments(p: argparse.ArgumentParser, positive_float: Callable[[str], float]) -> None:
+    """The audit parser's window options, and ``--no-deterministic-pass``."""
+    from opaudit.engine.window import DEFAULT_ENTRY_CALLS, DEFAULT_STEPS  # torch: only once a command runs
+
+    p.add_argument("--steps", type=steps, default=argparse.SUPPRESS, metavar="N",
+                   help=f"optimizer steps to record, then stop the script (default {DEFAULT_STEPS}; 'all' for the "
+                        f"whole script); with an entry function, calls of it (default {DEFAULT_ENTRY_CALLS})")
+    p.add_argument("--start-step", type=start_step, default=0, metavar="K",
+                   help="run the first K steps unrecorded, at full speed, then record (default 0)")
+    p.add_argument("--max-record-seconds", type=positive_float, metavar="S",
+                   help="stop recording, and the script, after S seconds (for scripts without an optimizer)")
+    p.add_argument("--no-deterministic-pass", action="store_true",
+                   help="record the steps once only; by default they are recorded again under "
+                        "use_deterministic_algorithms(True, warn_only=True) and the crash list comes from what "
+                        "that run really calls")
+
+
+def window(args: argparse.Namespace, target: Any) -> "Window":
+    """The step window the options ask for (default: 3 steps of a script, 1 call of an entry)."""
+    from opaudit.engine.window import DEFAULT_ENTRY_CALLS, DEFAULT_STEPS, Window
+
+    default = DEFAULT_STEPS if target.entry is None else DEFAULT_ENTRY_CALLS
+    return Window(steps=getattr(args, "steps", default), start=args.start_step, max_seconds=args.max_record_seconds)

@@ -1,0 +1,313 @@
+"""Step windows: which part of the user's run is recorded, and stopping the script after it.
+
+A real ``train.py`` trains for thousands of steps; an audit needs a few. A
+**step** is one ``optimizer.step()`` of the first optimizer that steps (seen
+through PyTorch's global optimizer step hooks, so no change to the script), or,
+in entry mode, one call of the entry function. A :class:`Window` says which
+steps are recorded: ``start`` steps run first without recording, at full speed,
+then ``steps`` steps are recorded, then the script is stopped.
+
+Recording ends when the window's last ``optimizer.step()`` returns; the rest of
+that step (scheduler, logging, a checkpoint) runs unrecorded, and the script is
+stopped when it calls ``optimizer.step()`` once more. Stopping raises a private
+``BaseException`` out of that call, so it unwinds the script like an exception would (its ``finally``
+blocks and ``with`` exits run, a bare ``except Exception`` does not swallow it),
+and is caught here: no traceback. The frames it unwound are then cleared and
+the script's globals dropped, so DataLoader worker processes are shut down and
+files the script left open are flushed and closed before the audit goes on.
+
+A script without an optimizer is recorded to its end, or for ``max_seconds``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from opaudit.engine.loader import Prepared, Target, call_user, prepare, sandboxed
+
+DEFAULT_STEPS = 3
+"""Steps recorded by default in script mode: enough to see warm-up effects, as cheap as a few steps."""
+
+DEFAULT_ENTRY_CALLS = 1
+"""Calls of the entry function recorded by default."""
+
+
+class WindowError(Exception):
+    """A window that cannot be (``steps`` < 1, negative ``start``...) or that recorded nothing."""
+
+
+@dataclass(frozen=True)
+class Window:
+    """Which steps of a run are recorded."""
+
+    steps: int | None = DEFAULT_STEPS
+    """Steps recorded; ``None`` records to the end of the script."""
+    start: int = 0
+    """Steps run (unrecorded) before the window opens."""
+    max_seconds: float | None = None
+    """Stop recording (and the script) after this long, even mid-step; ``None``: no limit."""
+
+    def __post_init__(self) -> None:
+        if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int)
+                                       or self.steps < 1):
+            raise WindowError(f"steps must be a positive integer, got {self.steps!r}")
+        if isinstance(self.start, bool) or not isinstance(self.start, int) or self.start < 0:
+            raise WindowError(f"start step must be 0 or more, got {self.start!r}")
+        if self.max_seconds is not None and not self.max_seconds > 0:
+            raise WindowError(f"max seconds must be positive, got {self.max_seconds!r}")
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What a run through a :class:`Window` recorded."""
+
+    unit: str
+    """``step`` (optimizer steps of a script) or ``call`` (calls of the entry)."""
+    first: int
+    """1-based number of the first recorded step."""
+    last: int
+    """Number of the last step that ended while recording (``first - 1`` if none did)."""
+    stopped: str | None
+    """Why the script was stopped: ``steps``, ``seconds``; ``None`` if it ran to its end."""
+    entry: str | None = None
+    sandbox: Sandbox | None = None
+    """What the run left behind in the process (threads still running, notes): see :class:`Sandbox`."""
+
+    @property
+    def span(self) -> str:
+        """``steps 1-3``, ``step 4``, ``call 1``: the recorded steps, short (report settings)."""
+        if self.last < self.first:
+            return f"from {self.unit} {self.first}" if self.first > 1 else "whole script"
+        if self.last == self.first:
+            return f"{self.unit} {self.first}"
+        return f"{self.unit}s {self.first}-{self.last}"
+
+    def describe(self) -> str:
+        """One line for the user: what was recorded and how the script ended."""
+        if self.unit == "call":
+            text = f"recorded {self.span} of {self.entry}"
+            if self.first > 1:
+                text += f" ({_plural(self.first - 1, 'call')} before ran unrecorded)"
+            return text
+        if self.last >= self.first:
+            text = f"recorded {self.span} of the script"
+        elif self.first == 1:
+            text = "recorded the whole script" if self.stopped is None else "recorded the script"
+            text += " (no optimizer step)"
+        else:
+            text = f"recorded what ran after step {self.first - 1}, the script's last optimizer step"
+        if self.first > 1 and self.last >= self.first:
+            text += f" (steps 1-{self.first - 1} ran unrecorded)"
+        if self.stopped == "steps":
+            return text + "; stopped it there"
+        if self.stopped == "seconds":
+            return text + "; stopped it there (--max-record-seconds)"
+        return text + ("; it ended there" if self.last >= self.first else "")
+
+
+def _plural(n: int, unit: str) -> str:
+    return f"{n} {unit}" if n == 1 else f"{n} {unit}s"
+
+
+class _StopScript(BaseException):
+    """Raised out of the hook that ends the window; caught by :func:`run_window`."""
+
+
+class _Deadline(TorchDispatchMode):
+    """Stops the script at the first forward op after ``deadline`` (never inside backward)."""
+
+    def __init__(self, deadline: float) -> None:
+        super().__init__()
+        self.deadline = deadline
+        self.expired = False
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if (not self.expired and time.monotonic() >= self.deadline
+                and torch._C._current_graph_task_id() == -1):
+            self.expired = True
+            raise _StopScript
+        return func(*args, **(kwargs or {}))
+
+
+class _Clock:
+    """Counts optimizer steps and opens and closes the recording at the window's edges.
+
+    The optimizer that steps first is found by a global pre-step hook, and the
+    steps are counted by a post-step hook on that optimizer alone. PyTorch runs
+    an optimizer's own post hooks before the global ones, so opening or closing
+    the recording there (which adds or removes the recorder's global hooks)
+    never changes a hook table while PyTorch walks it.
+    """
+
+    def __init__(self, window: Window, recording: Callable[[], contextlib.AbstractContextManager[Any]]) -> None:
+        self.window = window
+        self.recording = recording
+        self.steps = 0
+        self.first_recorded: int | None = None
+        self.last_recorded = 0
+        self.stopped: str | None = None
+        self._optimizer: Any = None
+        self._thread = threading.get_ident()
+        self._stack: contextlib.ExitStack | None = None
+        self._deadline: _Deadline | None = None
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> _Clock:
+        from torch.optim import optimizer as optim_module
+
+        self._handles.append(optim_module.register_optimizer_step_pre_hook(self._before_step))
+        if self.window.start == 0:
+            self._open()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            self._close()
+        finally:
+            for h in self._handles:
+                h.remove()
+            self._handles.clear()
+            self._optimizer = None
+
+    def _open(self) -> None:
+        self.first_recorded = self.steps + 1
+        self.last_recorded = self.steps
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.recording())
+        if self.window.max_seconds is not None:
+            # Entered after the recorder, so it sees each op first and stops before the recorder counts it.
+            self._deadline = stack.enter_context(_Deadline(time.monotonic() + self.window.max_seconds))
+        self._stack = stack
+
+    def _close(self) -> None:
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            if self._deadline is not None and self._deadline.expired and self.stopped is None:
+                self.stopped = "seconds"
+            stack.close()
+
+    def _before_step(self, optimizer: Any, *_: Any) -> None:
+        if threading.get_ident() != self._thread:
+            return
+        if self.stopped is not None:
+            # The window closed after the last step's ``optimizer.step()``, and the
+            # rest of that step (scheduler, logging, checkpoints) ran: stop here.
+            raise _StopScript
+        if self._optimizer is None:
+            self._optimizer = optimizer
+            self._handles.append(optimizer.register_step_post_hook(self._after_step))
+
+    def _after_step(self, optimizer: Any, *_: Any) -> None:
+        if threading.get_ident() != self._thread:
+            return
+        self.steps += 1
+        w = self.window
+        if self._stack is None:
+            if self.steps == w.start and self.stopped is None:
+                self._open()
+            return
+        self.last_recorded = self.steps
+        if w.steps is not None and self.steps >= w.start + w.steps:
+            self.stopped = "steps"
+            self._close()
+
+
+def _forget(e: BaseException) -> None:
+    """Let go of every frame ``e`` unwound (and the iterators, files, loaders they held)."""
+    tb = e.__traceback__
+    if tb is not None:
+        traceback.clear_frames(tb)
+    e.__traceback__ = None
+
+
+def finalize(namespace: dict[str, Any]) -> None:
+    """Drop a stopped script's globals, as the interpreter does at exit.
+
+    DataLoader iterators shut their worker processes down when they are freed,
+    and files the script never closed are flushed and closed.
+    """
+    namespace.clear()
+    gc.collect()
+
+
+def run_window(prepared: Prepared, recording: Callable[[], contextlib.AbstractContextManager[Any]],
+               window: Window, entry: str | None = None) -> tuple[Recorded, Any]:
+    """Run the user's code, recording inside ``recording()`` only for ``window``'s steps.
+
+    Returns what was recorded and, in entry mode, the last recorded call's
+    return value. Raises :class:`WindowError` if the run ended before the window
+    opened (nothing was recorded), and the loader's errors if the user's code fails.
+    Must be called inside :func:`opaudit.engine.loader.sandboxed`.
+    """
+    if entry is not None:
+        return _run_entry(prepared, recording, window, entry)
+    clock = _Clock(window, recording)
+    try:
+        with clock:
+            call_user(prepared.call)
+    except _StopScript as e:
+        _forget(e)
+    if clock.first_recorded is None:
+        raise WindowError(
+            f"the script ended after {_plural(clock.steps, 'optimizer step')}, before --start-step "
+            f"{window.start} was reached: nothing was recorded")
+    return Recorded("step", clock.first_recorded, clock.last_recorded, clock.stopped), None
+
+
+def _run_entry(prepared: Prepared, recording: Callable[[], contextlib.AbstractContextManager[Any]],
+               window: Window, entry: str) -> tuple[Recorded, Any]:
+    for _ in range(window.start):
+        call_user(prepared.call)
+    calls = window.steps or DEFAULT_ENTRY_CALLS
+    result = None
+    done = 0
+    stopped = None
+    try:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(recording())
+            if window.max_seconds is not None:
+                stack.enter_context(_Deadline(time.monotonic() + window.max_seconds))
+            for _ in range(calls):
+                result = call_user(prepared.call)
+                done += 1
+    except _StopScript as e:
+        _forget(e)
+        stopped = "seconds"
+    return Recorded("call", window.start + 1, window.start + done, stopped, entry), result
+
+
+def run_target(target: Target, recording: Callable[[], contextlib.AbstractContextManager[Any]],
+               window: Window, seed: int | None = 0, *, keep_module: bool = True) -> Recorded:
+    """Load ``target`` and record ``window``'s steps of it inside ``recording()``.
+
+    The windowed counterpart of :func:`opaudit.engine.loader.run`: a script stopped
+    after its window has its globals dropped (:func:`finalize`) before this returns.
+    With ``keep_module=False`` the imported module of an entry function is let go
+    of as well, so that a run that follows does not hold two copies of the
+    user's model and data.
+    """
+    with sandboxed(target):
+        prepared = prepare(target, seed)
+        recorded, _ = run_window(prepared, recording, window, target.entry)
+    if recorded.stopped is not None and target.entry is None:
+        finalize(prepared.namespace)
+    if not keep_module:
+        name = prepared.namespace.get("__name__")
+        if target.entry is not None and isinstance(name, str) and sys.modules.get(name) is not None \
+                and sys.modules[name].__dict__ is prepared.namespace:
+            del sys.modules[name]
+        del prepared
+        gc.collect()
+    return recorded
