@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from opaudit.engine.loader import Prepared, Target, call_user, prepare, sandboxed
+from opaudit.engine.loader import Prepared, Target, call_user, prepare, require_no_arguments, sandboxed
 
 DEFAULT_STEPS = 3
 """Steps recorded by default in script mode: enough to see warm-up effects, as cheap as a few steps."""
@@ -300,6 +300,7 @@ def run_target(target: Target, recording: Callable[[], contextlib.AbstractContex
     """
     with sandboxed(target):
         prepared = prepare(target, seed)
+        require_no_arguments(target, prepared)
         recorded, _ = run_window(prepared, recording, window, target.entry)
     if recorded.stopped is not None and target.entry is None:
         finalize(prepared.namespace)
