@@ -381,21 +381,20 @@ def audit_main(argv: list[str]) -> int:
             clear()
     budget = args.capture_budget * 2**20
     cut: KeyboardInterrupt | None = None
-    recorded = None
-    det_rec = None
+    recorded = det_recorded = None
+    det_rec = det_failure = None
     if not args.no_deterministic_pass and rank_audit is None:
         # First, so that the recording replayed for most signatures is the last one made: an op the
         # script registers itself (torch.library) is registered anew by each run. (Not under torchrun:
         # the ranks' collectives would run twice.)
         det_rec = Recorder(capture_budget=budget, root=target.root)
         try:
-            record_target(target, det_rec, window, seed=args.seed, deterministic=True)
+            det_recorded = record_target(target, det_rec, window, seed=args.seed, deterministic=True)
         except WindowError:
             det_rec = None  # nothing recorded: the default-mode run below says so
         except (loader.UserCodeError, loader.ScriptExitError) as e:
-            det_rec = None
-            sys.stderr.write(f"opaudit: warning: the run in deterministic mode failed ({e}); the crash list "
-                             "comes from the default-mode recording\n")
+            # Said only once the default-mode run succeeded: if it fails too, its error is the one message.
+            det_rec, det_failure = None, e
         except KeyboardInterrupt as e:
             cut = e  # the audit goes on with what the deterministic-mode run recorded
     if cut is None:
@@ -409,11 +408,15 @@ def audit_main(argv: list[str]) -> int:
             cut = e
     else:
         rec, det_rec = det_rec, None
+    if det_failure is not None:
+        sys.stderr.write(f"opaudit: warning: the run in deterministic mode failed ({det_failure}); the crash "
+                         "list comes from the default-mode recording\n")
     if recorded is not None and not args.quiet:
         sys.stderr.write(recorded.describe() + "\n")
-    box = recorded.sandbox if recorded is not None else None
-    threads_left = box.threads_left if box is not None else ()
-    for note in box.notes if box is not None else ():
+    # The script ran once per recording: what either run left behind is said once.
+    boxes = [r.sandbox for r in (det_recorded, recorded) if r is not None and r.sandbox is not None]
+    threads_left = tuple(sorted({name for box in boxes for name in box.threads_left}))
+    for note in dict.fromkeys(note for box in boxes for note in box.notes):
         _say(f"opaudit: note: {note}\n")
 
     if args.quiet or sys.stderr.isatty():

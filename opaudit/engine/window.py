@@ -298,10 +298,12 @@ def run_target(target: Target, recording: Callable[[], contextlib.AbstractContex
     of as well, so that a run that follows does not hold two copies of the
     user's model and data.
     """
-    with sandboxed(target):
+    with sandboxed(target) as box:
         prepared = prepare(target, seed)
         require_no_arguments(target, prepared)
         recorded, _ = run_window(prepared, recording, window, target.entry)
+    # The box is filled in as the sandbox closes (threads still running, notes of the script's hooks).
+    recorded = dataclasses.replace(recorded, sandbox=box)
     if recorded.stopped is not None and target.entry is None:
         finalize(prepared.namespace)
     if not keep_module:
