@@ -530,6 +530,22 @@ def digest(t: torch.Tensor) -> tuple:
     return (str(t.dtype), tuple(t.shape), h1, h2)
 
 
+def nested_leaves(x: Any, out: list) -> list:
+    """Append the leaves of the lists, tuples and dicts an op's arguments nest tensors in to ``out``; return it.
+
+    Unlike :func:`flat_tensors` this keeps ``None`` and walks only the containers aten uses (no pytree lookup).
+    """
+    if isinstance(x, (list, tuple)):
+        for y in x:
+            nested_leaves(y, out)
+    elif isinstance(x, dict):
+        for y in x.values():
+            nested_leaves(y, out)
+    else:
+        out.append(x)
+    return out
+
+
 def flat_tensors(obj: Any) -> list[Any]:
     """Leaves of a nested output: tensors and plain scalars, ``None`` dropped."""
     return [x for x in tree_flatten(obj)[0] if x is not None]

@@ -26,15 +26,6 @@ def row_counts(text: str) -> tuple[int, ...]:
     return tuple(out)
 
 
-def batch_dim(text: str) -> int:
-    """A batch dim: an integer, 0 or more."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {v}")
-    return v
 
 
 def run(args: argparse.Namespace, script_args: list[str]) -> Any:

@@ -192,7 +192,7 @@ def _audit_parser() -> _Parser:
                         "when a row count gives other bits")
     p.add_argument("--batch-sizes", type=batch.row_counts, metavar="LIST",
                    help="row counts checked with --batch-invariance (default 1,2,3)")
-    p.add_argument("--batch-dim", type=batch.batch_dim, metavar="N", help="the batch dim for --batch-invariance (default 0)")
+    p.add_argument("--batch-dim", type=steps.non_negative_int, metavar="N", help="the batch dim for --batch-invariance (default 0)")
     p.add_argument("-o", "--output", metavar="PATH", help="write the report here (format from the extension)")
     p.add_argument("--format", metavar="FMT", help="yaml, json, csv, md or table (default: from -o, else table)")
     p.add_argument("--fail-on", type=parse_verdicts, default=parse_verdicts(DEFAULT_FAIL_ON), metavar="LIST",

@@ -27,8 +27,8 @@ def steps(text: str) -> int | None:
     return v
 
 
-def start_step(text: str) -> int:
-    """``--start-step``: 0 or more."""
+def non_negative_int(text: str) -> int:
+    """An integer, 0 or more (``--start-step``, ``--batch-dim``)."""
     try:
         v = int(text)
     except ValueError:
@@ -45,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser, positive_float: Callable[[str], fl
     p.add_argument("--steps", type=steps, default=argparse.SUPPRESS, metavar="N",
                    help=f"optimizer steps to record, then stop the script (default {DEFAULT_STEPS}; 'all' for the "
                         f"whole script); with an entry function, calls of it (default {DEFAULT_ENTRY_CALLS})")
-    p.add_argument("--start-step", type=start_step, default=0, metavar="K",
+    p.add_argument("--start-step", type=non_negative_int, default=0, metavar="K",
                    help="run the first K steps unrecorded, at full speed, then record (default 0)")
     p.add_argument("--max-record-seconds", type=positive_float, metavar="S",
                    help="stop recording, and the script, after S seconds (for scripts without an optimizer)")

@@ -29,7 +29,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from opaudit.aten.ops import OpKind, op_kind, written_args
 from opaudit.aten.signature import signature_text
-from opaudit.aten.tensors import difference, same_bits
+from opaudit.aten.tensors import difference, nested_leaves, same_bits
 from opaudit.engine.mode import Interception
 from opaudit.engine.sites import SiteTracker
 
@@ -93,16 +93,6 @@ class Split(NamedTuple):
     reference_op: str
 
 
-def _leaves(x: Any, out: list) -> list:
-    if isinstance(x, (list, tuple)):
-        for y in x:
-            _leaves(y, out)
-    elif isinstance(x, dict):
-        for y in x.values():
-            _leaves(y, out)
-    else:
-        out.append(x)
-    return out
 
 
 @functools.cache
@@ -111,10 +101,10 @@ def _out_kwargs(func: Any) -> frozenset[str]:
 
 
 def _inputs(func: Any, args: tuple, kwargs: dict | None) -> list:
-    leaves = _leaves(args, [])
+    leaves = nested_leaves(args, [])
     if kwargs:
         outs = _out_kwargs(func)
-        _leaves([v for k, v in kwargs.items() if k not in outs], leaves)
+        nested_leaves([v for k, v in kwargs.items() if k not in outs], leaves)
     return leaves
 
 
@@ -123,15 +113,15 @@ def _written(func: Any, args: tuple, kwargs: dict) -> list[torch.Tensor]:
     found: list[Any] = []
     for i, w in enumerate(pos):
         if w and i < len(args):
-            _leaves(args[i], found)
+            nested_leaves(args[i], found)
     for k in kw:
         if k in kwargs:
-            _leaves(kwargs[k], found)
+            nested_leaves(kwargs[k], found)
     return [t for t in found if isinstance(t, torch.Tensor)]
 
 
 def _outputs(func: Any, result: Any, args: tuple, kwargs: dict) -> list:
-    leaves = _leaves(result, [])
+    leaves = nested_leaves(result, [])
     seen = {id(x) for x in leaves}
     return leaves + [t for t in _written(func, args, kwargs) if id(t) not in seen]
 
@@ -215,7 +205,7 @@ class Tracer:
                 self._uninitialized.pop(t, None)
             outs: tuple[_Leaf, ...] | None = None
             if kind is OpKind.UNINITIALIZED:
-                for t in _leaves(result, []):
+                for t in nested_leaves(result, []):
                     if isinstance(t, torch.Tensor):
                         self._uninitialized[t] = True
             else:
@@ -336,7 +326,7 @@ def _pair(index: int, kind: OpKind, ref: TracedOp, ins: tuple[_Leaf, ...], outs:
 def _rng_states(args: tuple, kwargs: dict) -> list[torch.Tensor]:
     """The CPU generator's state, and each CUDA device's the op's tensors are on."""
     states = [torch.get_rng_state()]
-    cuda = sorted({t.device.index or 0 for t in _leaves([args, kwargs], [])
+    cuda = sorted({t.device.index or 0 for t in nested_leaves([args, kwargs], [])
                    if isinstance(t, torch.Tensor) and t.device.type == "cuda"})
     states += [torch.cuda.get_rng_state(i) for i in cuda]
     return states
@@ -385,7 +375,7 @@ def _probe(p: Pairing, func: Any, ref: TracedOp, args: tuple, kwargs: dict, outs
     except Exception:  # noqa: BLE001 - a probe that cannot run leaves the op not comparable
         return p
     worst, differs = 0.0, False
-    mine = _leaves(result, [])
+    mine = nested_leaves(result, [])
     if len(mine) != len(outs):
         return p
     for a, f in zip(mine, outs, strict=True):

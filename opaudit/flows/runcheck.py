@@ -41,7 +41,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.weak import WeakIdKeyDictionary
 
 from opaudit.aten.ops import OpKind, op_kind, written_args
-from opaudit.aten.tensors import difference, digest, flat_tensors, same_bits
+from opaudit.aten.tensors import difference, digest, flat_tensors, nested_leaves, same_bits
 from opaudit.data.report import RunCheck
 from opaudit.engine import loader
 from opaudit.engine.mode import Interception
@@ -86,17 +86,6 @@ class _Step(NamedTuple):
     outs: tuple | None
 
 
-def _leaves(x: Any, out: list) -> list:
-    """Flatten the lists, tuples and dicts an op's arguments nest tensors in."""
-    if isinstance(x, (list, tuple)):
-        for y in x:
-            _leaves(y, out)
-    elif isinstance(x, dict):
-        for y in x.values():
-            _leaves(y, out)
-    else:
-        out.append(x)
-    return out
 
 
 _PLAIN = (bool, int, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format)
@@ -194,9 +183,9 @@ class _Tracer:
             return func
         where = self.sites.current()
         roles = _roles(func)
-        leaves = _leaves(args, [])
+        leaves = nested_leaves(args, [])
         if kwargs:
-            _leaves([v for k, v in kwargs.items() if k not in roles.out_kwargs], leaves)
+            nested_leaves([v for k, v in kwargs.items() if k not in roles.out_kwargs], leaves)
         for x in leaves:
             if isinstance(x, torch.Tensor) and (type(x) is torch.nn.Parameter or x.requires_grad and x.is_leaf):
                 self.leaves.setdefault(id(x), x)
@@ -210,7 +199,7 @@ class _Tracer:
         with _disable_current_modes(), torch.no_grad():
             written = _written(roles, args, kwargs)
             if kind is OpKind.UNINITIALIZED:
-                for t in _leaves(result, []):
+                for t in nested_leaves(result, []):
                     if isinstance(t, torch.Tensor):
                         self._uninitialized[t] = True
                 outs = None
@@ -221,7 +210,7 @@ class _Tracer:
                     ptr = _storage_ptr(t)
                     if ptr is not None:
                         writes[ptr] = writes.get(ptr, 0) + 1
-                leaves = _leaves(result, [])
+                leaves = nested_leaves(result, [])
                 seen = {id(x) for x in leaves}
                 outs = self._digests(leaves + [t for t in written if id(t) not in seen])
         self.steps.append(_Step(func, where, ins, outs))
@@ -261,10 +250,10 @@ def _written(roles: _ArgRoles, args: tuple, kwargs: dict) -> list[torch.Tensor]:
     found: list[Any] = []
     for i, w in enumerate(roles.written_pos):
         if w and i < len(args):
-            _leaves(args[i], found)
+            nested_leaves(args[i], found)
     for k in roles.written_kw:
         if k in kwargs:
-            _leaves(kwargs[k], found)
+            nested_leaves(kwargs[k], found)
     return [t for t in found if isinstance(t, torch.Tensor)]
 
 
