@@ -46,7 +46,7 @@ def _strict_alert(e: RuntimeError) -> bool:
             and is_determinism_alert(str(e)))
 
 
-def _skip_dynamo(code: Any) -> bool:
+def skip_dynamo(code: Any) -> bool:
     """Tell Dynamo never to trace ``code`` nor anything it calls; ``False`` if this torch cannot.
 
     ``TorchDispatchMode`` otherwise wraps every ``__torch_dispatch__`` in
@@ -64,7 +64,7 @@ def _skip_dynamo(code: Any) -> bool:
     return True
 
 
-DYNAMO_SKIPPED = _skip_dynamo(_dispatch.__code__)
+DYNAMO_SKIPPED = skip_dynamo(_dispatch.__code__)
 
 
 class RecordingMode(TorchDispatchMode):
@@ -83,7 +83,7 @@ class RecordingMode(TorchDispatchMode):
 
     def __enter__(self) -> "RecordingMode":
         if DYNAMO_SKIPPED:
-            _skip_dynamo(_dispatch.__code__)  # again: ``torch._dynamo.reset()`` may have cleared it
+            skip_dynamo(_dispatch.__code__)  # again: ``torch._dynamo.reset()`` may have cleared it
         return super().__enter__()
 
     def __init__(self, on_call: Callable[[Any, tuple, dict | None], Callable[..., Any]],

@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from opaudit.aten.tensors import Snapshot, difference, digest, flat_tensors, same_bits
 from opaudit.engine.record import RecordedSignature
+from opaudit.engine.replay import set_deterministic
 from opaudit.flows.distributed.comm import Channel, RankTimeout
 
 STALL_ENV = "OPAUDIT_TEST_STALL_RANK"
@@ -181,7 +182,7 @@ def _runs(kind: str, pg: Any, snap: Snapshot, reps: int) -> tuple[list[str], str
     before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     try:
         for deterministic in (False, True):
-            torch.use_deterministic_algorithms(deterministic, warn_only=True)
+            set_deterministic(deterministic, warn_only=True)
             first = None
             differing = 0
             for _ in range(reps):
@@ -200,7 +201,7 @@ def _runs(kind: str, pg: Any, snap: Snapshot, reps: int) -> tuple[list[str], str
                         frac = max(frac, d.elements_differing / max(d.elements, 1))
             ratios.append(f"{differing}/{reps}")
     finally:
-        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        set_deterministic(before[0], warn_only=before[1])
     return ratios, first_digest, max_diff, frac, ""
 
 

@@ -17,11 +17,16 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch.distributed as dist
+
+
+_WAIT_SLICE_S = 0.5
+"""Longest single wait on the store: signals (torchrun's SIGTERM) are handled between slices."""
 
 
 class DistributedError(Exception):
@@ -77,11 +82,19 @@ class Channel:
         self.store = dist.PrefixStore(f"opaudit/{world.run_id}/", store)
 
     def _wait(self, keys: list[str], timeout_s: float, what: str, ranks: Sequence[int]) -> None:
-        try:
-            self.store.wait(keys, datetime.timedelta(seconds=timeout_s))
-        except Exception:  # noqa: BLE001 - the store raises a timeout as a plain RuntimeError/DistStoreError
-            missing = [r for r, k in zip(ranks, keys) if not self.store.check([k])]
-            raise RankTimeout(what, missing or list(ranks)) from None
+        # In short slices: a store wait blocks in C++, where Python's signal handlers cannot run. torchrun
+        # stops the other ranks with SIGTERM when one fails, and waits 30 s before SIGKILL.
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                self.store.wait(keys, datetime.timedelta(seconds=max(min(left, _WAIT_SLICE_S), 0.001)))
+                return
+            except Exception:  # noqa: BLE001 - the store raises a timeout as a plain RuntimeError/DistStoreError
+                if left > _WAIT_SLICE_S:
+                    continue
+                missing = [r for r, k in zip(ranks, keys) if not self.store.check([k])]
+                raise RankTimeout(what, missing or list(ranks)) from None
 
     def post(self, key: str, value: Any) -> None:
         """Publish this rank's ``value`` under ``key``."""

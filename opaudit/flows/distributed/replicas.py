@@ -28,6 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from opaudit.aten.ops import written_args
 from opaudit.aten.signature import signature_text
 from opaudit.aten.tensors import digest
+from opaudit.engine.mode import skip_dynamo
 from opaudit.engine.sites import SiteTracker
 
 # Ops that update running statistics in place without saying so in their schema
@@ -53,27 +54,38 @@ def _hex(d: tuple) -> str:
     return f"{d[2] & 0xFFFFFFFFFFFFFFFF:016x}{d[3] & 0xFFFFFFFFFFFFFFFF:016x}"
 
 
+def _log_writes(self: "_WriteLog", func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+    out = func(*args, **(kwargs or {}))
+    tr = self.tracker
+    tr.calls += 1
+    if func.namespace in _COLLECTIVE_NAMESPACES:
+        with _disable_current_modes():
+            tr.collective_calls.append(f"{func}({signature_text(args, kwargs or {})})")
+    if tr.names:
+        pos, kw = written_args(func)
+        extra = _UNDECLARED_WRITES.get(func._schema.name, ())
+        if any(pos) or kw or extra:
+            written = [a for i, (a, w) in enumerate(zip(args, pos)) if w or i in extra]
+            written += [v for k, v in (kwargs or {}).items() if k in kw]
+            with _disable_current_modes():
+                tr.on_write(func, written)
+    return out
+
+
+# TorchDispatchMode's own wrapper would import Dynamo (2 s per rank) on the first op: the code is marked instead.
+_DYNAMO_SKIPPED = skip_dynamo(_log_writes.__code__)
+
+
 class _WriteLog(TorchDispatchMode):
     def __init__(self, tracker: "ReplicaTracker") -> None:
         super().__init__()
         self.tracker = tracker
 
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        tr = self.tracker
-        tr.calls += 1
-        if func.namespace in _COLLECTIVE_NAMESPACES:
-            with _disable_current_modes():
-                tr.collective_calls.append(f"{func}({signature_text(args, kwargs or {})})")
-        if tr.names:
-            pos, kw = written_args(func)
-            extra = _UNDECLARED_WRITES.get(func._schema.name, ())
-            if any(pos) or kw or extra:
-                written = [a for i, (a, w) in enumerate(zip(args, pos)) if w or i in extra]
-                written += [v for k, v in (kwargs or {}).items() if k in kw]
-                with _disable_current_modes():
-                    tr.on_write(func, written)
-        return out
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        return not _DYNAMO_SKIPPED
+
+    __torch_dispatch__ = _log_writes
 
 
 class ReplicaTracker:
