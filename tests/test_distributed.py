@@ -13,10 +13,11 @@ import sys
 
 import pytest
 import torch
+import yaml
 from conftest import ROOT
 
 from opaudit.cli.main import main
-from opaudit.data.report import Finding, RankOutcome, Report, load
+from opaudit.data.report import Finding, RankOutcome, Report, RunCheck, load
 from opaudit.data.site import Site
 from opaudit.data.verdict import Verdict
 from opaudit.engine.record import Recorder
@@ -118,13 +119,36 @@ def test_distributed_options_outside_torchrun_are_usage_errors(tmp_path, capsys)
     assert "needs a distributed run" in capsys.readouterr().err
 
 
-def test_run_check_under_torchrun_is_refused_before_anything_runs(tmp_path, capsys, monkeypatch):
-    script = tmp_path / "t.py"
-    script.write_text("raise SystemExit('must not run')\n")
-    for k, v in {"TORCHELASTIC_RUN_ID": "x", "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}.items():
-        monkeypatch.setenv(k, v)
-    assert main([str(script), "--run-check"]) == 2
-    assert "--run-check is not supported in a distributed audit" in capsys.readouterr().err
+def _check(mode: str, root: int | None, before: int, *, root_call: int | None = None, calls=()) -> RunCheck:
+    coll = {"calls": 3, "before_root_cause": before,
+            "differing": [{"call": c, "index": 10 * c, "op": "c10d.allreduce_.default", "where": "t.py:9",
+                           "inputs_differ": i, "outputs_differ": o} for c, i, o in calls]}
+    if root_call is not None:
+        coll["root_cause_call"] = root_call
+    return RunCheck(mode=mode, runs=2, reproducible=root is None, ops=50,
+                    root_cause=None if root is None else {"index": root, "op": "aten.x", "where": "t.py:3"},
+                    collectives=coll)
+
+
+def test_run_checks_across_ranks_name_the_rank_that_diverged_first_and_the_collective_that_spread_it():
+    from opaudit.flows.distributed.runchecks import merge_run_checks
+
+    # Rank 1 diverges at op 15 (after collective call 1); rank 0 only receives it through call 2.
+    r0 = _check("default", 20, 1, root_call=2, calls=[(2, False, True)])
+    r1 = _check("default", 15, 1, calls=[(2, True, True), (3, False, True)])
+    checks, summary = merge_run_checks({0: (r0,), 1: (r1,)})
+    assert [(c.mode, c.rank) for c in checks] == [("default", 0), ("default", 1)]
+    (s,) = summary
+    assert s["not_reproducible_on"] == [0, 1] and s["reproducible_on"] == []
+    assert s["diverged_first"]["rank"] == 1 and s["diverged_first"]["before_collective_call"] == 2
+    assert s["spread_through"]["call"] == 2 and s["spread_through"]["inputs_differed_on"] == [1]
+    # The collective itself: inputs identical on every rank, outputs not; nothing spread.
+    same = _check("default", 20, 1, root_call=2, calls=[(2, False, True)])
+    _, (s,) = merge_run_checks({0: (same,), 1: (same,)})
+    assert s["diverged_first"]["collective_call"] == 2 and "spread_through" not in s
+    # Reproducible everywhere: no blame at all.
+    _, (s,) = merge_run_checks({0: (_check("default", None, 0),), 1: (_check("default", None, 0),)})
+    assert s["reproducible_on"] == [0, 1] and "diverged_first" not in s and "spread_through" not in s
 
 
 # -- real jobs ------------------------------------------------------------------
@@ -134,13 +158,14 @@ def _torchrun(*args: str, timeout: float, env: dict | None = None) -> subprocess
                           cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(120)
 def test_torchrun_ddp_step_merged_report(tmp_path):
-    """``torchrun -m opaudit``: one merged report, per-rank k/N, collectives, the BatchNorm replicas."""
+    """``torchrun -m opaudit --run-check``: one merged report, per-rank k/N, collectives, the BatchNorm replicas,
+    and the run check across ranks (rank 0 diverges first, DDP's gradient all-reduce spreads it to rank 1)."""
     out, per_rank = tmp_path / "report.yaml", tmp_path / "ranks"
     per_rank.mkdir()
     proc = _torchrun(_fixture("ddp_step.py"), "-o", str(out), "--per-rank-reports", str(per_rank), "--reps", "3",
-                     "--no-timing", "--dist-timeout", "30", "--fail-on", "raises", timeout=80)
+                     "--no-timing", "--dist-timeout", "30", "--fail-on", "raises", "--run-check", timeout=110)
     # No verdict is in --fail-on: exit 1 (rank 0's, passed on by torchrun) comes from the replicas that differ.
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert sorted(os.listdir(tmp_path)) == ["ranks", "report.yaml"]  # rank 1 wrote no report of its own
@@ -167,6 +192,24 @@ def test_torchrun_ddp_step_merged_report(tmp_path):
     assert blame["op"] == "aten.native_batch_norm.default"
     bn_line = next(i for i, line in enumerate(open(_fixture("ddp_step.py")), 1) if "return self.bn(" in line)
     assert blame["where"] == f"tests/fixtures/distributed/ddp_step.py:{bn_line}"
+
+    # The whole-step check, run on each rank: DDP re-initialised each run (the ranks meet between runs).
+    assert [(c.mode, c.rank, c.reproducible) for c in report.run_checks] == [
+        ("default", 0, False), ("default", 1, False), ("deterministic", 0, False), ("deterministic", 1, False)]
+    jitter_line = next(i for i, line in enumerate(open(_fixture("ddp_step.py")), 1) if "jitter(self.lin" in line)
+    for c in report.run_checks:
+        if c.rank == 0:  # its own op, in its own execution order
+            assert c.root_cause["op"] == "opaudit_dist.jitter.default" and c.root_cause["inputs_identical"]
+            assert c.root_cause["where"] == f"tests/fixtures/distributed/ddp_step.py:{jitter_line}"
+        else:  # it only received the difference: through DDP's gradient all-reduce
+            assert c.root_cause["op"] == "c10d.allreduce_.default" and c.root_cause["phase"] == "backward"
+    for s in report.distributed["run_check"]:
+        assert s["not_reproducible_on"] == [0, 1]
+        first, spread = s["diverged_first"], s["spread_through"]
+        assert (first["rank"], first["op"]) == (0, "opaudit_dist.jitter.default")
+        assert spread["op"] == "c10d.allreduce_.default" and spread["inputs_differed_on"] == [0]
+        assert spread["outputs_differed_on"] == [0, 1] and first["before_collective_call"] == spread["call"]
+    assert "spread through collective call" in proc.stderr
 
     own = load(str(per_rank / "rank-1.yaml"))  # a rank's own report: its findings, no merge
     assert own.finding("opaudit_dist.jitter.default").verdict is Verdict.STABLE and not own.distributed
@@ -233,18 +276,38 @@ def test_world_of_one_without_a_process_group(tmp_path, capfd):
 
 
 @pytest.mark.timeout(150)
-def test_sharded_catalog_equals_a_single_process_sweep(tmp_path):
-    """``torchrun -m opaudit catalog``: each rank sweeps its share, rank 0 merges; equal to one sweep."""
+def test_interrupted_sharded_catalog_resumes_to_a_single_process_sweep(tmp_path):
+    """``torchrun -m opaudit catalog``: each rank sweeps its share, rank 0 merges. Rank 0 gets a real SIGINT after
+    its first op (the STOP_ENV test hook); torchrun stops rank 1 with SIGTERM; both keep their partial files. The
+    ``--resume`` run sweeps what is left, and the merged catalog equals one single-process sweep."""
     from opaudit.flows.catalog import CatalogRequest, build_catalog, load_catalog
+    from opaudit.flows.distributed.shard import STOP_ENV
 
-    ops = ("put", "take", "nn.functional.max_unpool1d", "cumsum")
+    ops = ("put", "take", "nn.functional.max_unpool1d", "cumsum", "index_add")
     out = tmp_path / "cat.yaml"
     opts = ["--dtypes", "float32", "--no-stress", "--max-samples", "2", "--reps", "2", "--in-process"]
-    proc = _torchrun("catalog", "--ops", ",".join(ops), *opts, "--threads", "2", "-o", str(out), "-q", timeout=140)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    args = ("catalog", "--ops", ",".join(ops), *opts, "--threads", "2", "-o", str(out), "-q")
+    cut = _torchrun(*args, timeout=60, env={STOP_ENV: "0:1"})
+    assert cut.returncode != 0 and not out.exists(), cut.stderr[-3000:]
+    path0 = tmp_path / "cat.yaml.partial.rank-0"
+    partial0 = load_catalog(str(path0))
+    assert not partial0.complete and len(partial0.swept) == 1  # rank 0's first op, kept
+    # Marked, so that the result shows whether the resumed run kept it or swept it again.
+    data = yaml.safe_load(path0.read_text())
+    kept = data["swept"][0]
+    kept["reason"] = "kept from the partial file"
+    path0.write_text(yaml.safe_dump(data, sort_keys=False, explicit_end=True))
+
+    resumed = _torchrun(*args, "--resume", timeout=80)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert sorted(os.listdir(tmp_path)) == ["cat.yaml"]  # the ranks' partial files are gone, no other output
     sharded = load_catalog(str(out))
     single = build_catalog(CatalogRequest("cpu", ops, dtypes="float32", stress=False, max_samples=2, reps=2,
                                           isolate=False, threads=2))
-    assert [s.task_id for s in sharded.swept] == [s.task_id for s in single.swept] and len(single.swept) >= 4
-    assert sharded.to_dict() == single.to_dict()
+    assert [s.task_id for s in sharded.swept] == [s.task_id for s in single.swept] and len(single.swept) >= 5
+    marked = [s for s in sharded.swept if s.reason == "kept from the partial file"]
+    assert [s.task_id for s in marked] == [partial0.swept[0].task_id]  # not swept again
+    got, want = sharded.to_dict(), single.to_dict()
+    i = next(i for i, s in enumerate(got["swept"]) if s.get("reason") == "kept from the partial file")
+    got["swept"][i] = want["swept"][i]
+    assert got == want

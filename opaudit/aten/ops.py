@@ -107,6 +107,12 @@ def op_kind(func: torch._ops.OpOverload) -> tuple[OpKind, str]:
     return OpKind.COMPUTE, ""
 
 
+@functools.cache
+def is_collective(func: torch._ops.OpOverload) -> bool:
+    """True for ops that talk to other processes (c10d, functional collectives)."""
+    return _SIDE_EFFECT_NAMESPACES.get(func._schema.name.split("::", 1)[0]) == "collective"
+
+
 def values_matter(func: torch._ops.OpOverload) -> bool:
     """False for ops whose result does not depend on the values of their tensor arguments
     (``empty_like``, ``new_zeros``): their inputs are captured as dtype, shape and device only."""

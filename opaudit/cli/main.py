@@ -376,7 +376,8 @@ def audit_main(argv: list[str]) -> int:
         # Before recording, so that the recorder's captured inputs are not held meanwhile.
         show, clear = _run_check_progress(not args.quiet and sys.stderr.isatty())
         try:
-            checks = run_checks(target, args.run_check, seed=args.seed, on_run=show, window=window)
+            checks = run_checks(target, args.run_check, seed=args.seed, window=window,
+                                on_run=rank_audit.before_run(show) if rank_audit is not None else show)
         finally:
             clear()
     budget = args.capture_budget * 2**20
@@ -398,6 +399,8 @@ def audit_main(argv: list[str]) -> int:
         except KeyboardInterrupt as e:
             cut = e  # the audit goes on with what the deterministic-mode run recorded
     if cut is None:
+        if rank_audit is not None and checks:
+            rank_audit.fresh_start()  # the run check's runs are gone on every rank before this one starts
         rec = Recorder(capture_budget=budget, root=target.root, capture_collectives=rank_audit is not None)
         try:
             recorded = record_target(target, rec, window, seed=args.seed,
@@ -613,22 +616,29 @@ def catalog_main(argv: list[str]) -> int:
             args.resume = False  # this shard had not written its partial file yet: it starts over
         args.quiet = args.quiet or world.rank != 0
     update, close = _progress(not args.quiet and sys.stderr.isatty(), "sweeping", "op")
+    if world is not None:
+        update = shard.with_test_stop(update, world)
+    # Under torchrun, SIGTERM is how the agent stops the other ranks when one fails or the job is interrupted:
+    # each shard then keeps its partial file for --resume, as on Ctrl-C.
+    sigterm = _sigterm_interrupts() if world is not None else contextlib.nullcontext()
     try:
-        request = CatalogRequest(
-            device=device or args.device, ops=tuple(args.ops.split(",")) if args.ops else (), dtypes=args.dtypes,
-            stress=not args.no_stress, reps=args.reps, op_timeout=args.op_timeout, max_samples=args.max_samples,
-            stress_elements=args.stress_elements, modules=not args.no_modules,
-            resume=partial if args.resume else None, partial=partial, isolate=not args.in_process,
-            threads=args.threads, quiet_worker=not args.debug, batch_invariance=args.batch_invariance and (world is None or world.rank == 0),
-            shard=(world.rank, world.world_size) if world is not None else None)
-        catalog = build_catalog(request, on_progress=update)
-    except KeyboardInterrupt:
+        with sigterm:
+            request = CatalogRequest(
+                device=device or args.device, ops=tuple(args.ops.split(",")) if args.ops else (), dtypes=args.dtypes,
+                stress=not args.no_stress, reps=args.reps, op_timeout=args.op_timeout, max_samples=args.max_samples,
+                stress_elements=args.stress_elements, modules=not args.no_modules,
+                resume=partial if args.resume else None, partial=partial, isolate=not args.in_process,
+                threads=args.threads, quiet_worker=not args.debug,
+                batch_invariance=args.batch_invariance and (world is None or world.rank == 0),
+                shard=(world.rank, world.world_size) if world is not None else None)
+            catalog = build_catalog(request, on_progress=update)
+    except KeyboardInterrupt as e:
         close()
         if partial:
             sys.stderr.write(f"opaudit: interrupted; resume with: opaudit catalog ... -o {args.output} --resume\n")
         else:
             sys.stderr.write("opaudit: interrupted\n")
-        return EXIT_INTERRUPTED
+        return _interrupted_code(e)
     finally:
         close()
     if world is not None:

@@ -58,8 +58,6 @@ def rank_audit(args: argparse.Namespace, usage_error: type[Exception]) -> Any:
     world = world_from_env()
     if world is None:
         return None
-    if args.run_check:
-        raise usage_error("--run-check is not supported in a distributed audit yet (run it per process)")
     if args.per_rank_reports and not os.path.isdir(args.per_rank_reports):
         raise usage_error(f"--per-rank-reports: {args.per_rank_reports} is not a folder")
     if world.rank != 0:

@@ -140,6 +140,11 @@ class RunCheck:
     compared: int | None = None
     """Final tensors compared after the step (return value, parameters, gradients,
     buffers, optimizer state); ``0`` says none could be found."""
+    collectives: Mapping[str, Any] | None = None
+    """When the step made collective calls: how many, the first that differed (inputs,
+    outputs), and how many came before the root cause (see :mod:`opaudit.flows.runcheck`)."""
+    rank: int | None = None
+    """The rank that ran this check, in a merged torchrun report."""
 
 
 @dataclass(frozen=True)
@@ -442,7 +447,8 @@ def from_dict(data: Any, path: str = "<report>") -> Report:
             reproducible=_need(r, "reproducible", bool, w), ops=_need(r, "ops", int, w),
             differing_ops=_opt(r, "differing_ops", int, w, 0), root_cause=_opt(r, "root_cause", dict, w),
             path_split=_opt(r, "path_split", dict, w), mismatches=_strings(r, "mismatches", w),
-            error=_opt(r, "error", str, w), compared=_opt(r, "compared", int, w)))
+            error=_opt(r, "error", str, w), compared=_opt(r, "compared", int, w),
+            collectives=_opt(r, "collectives", dict, w), rank=_opt(r, "rank", int, w)))
     view_calls = _opt(data, "view_calls", dict, path, {})
     if not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in view_calls.items()):
         raise ReportError(f"{path}: view_calls must map op names to counts")

@@ -40,7 +40,7 @@ import torch
 from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.weak import WeakIdKeyDictionary
 
-from opaudit.aten.ops import OpKind, op_kind, written_args
+from opaudit.aten.ops import OpKind, is_collective, op_kind, written_args
 from opaudit.aten.tensors import difference, digest, flat_tensors, nested_leaves, same_bits
 from opaudit.data.report import RunCheck
 from opaudit.engine import loader
@@ -48,6 +48,7 @@ from opaudit.engine.mode import Interception
 from opaudit.engine.replay import preserved_state
 from opaudit.engine.sites import PHASE_BITS, SiteTracker
 from opaudit.engine.window import Window, finalize, run_window
+from opaudit.flows.runcheck_collectives import aligned_calls, settle, summary
 
 DEFAULT, DETERMINISTIC = "default", "deterministic"
 MODES = (DEFAULT, DETERMINISTIC)
@@ -196,6 +197,8 @@ class _Tracer:
     def _run_op(self, func: Any, kind: OpKind, roles: _ArgRoles, where: tuple[int, int], ins: tuple,
                 *args: Any, **kwargs: Any) -> Any:
         result = func(*args, **kwargs)
+        if kind is OpKind.SIDE_EFFECT and is_collective(func):
+            settle(func, result)
         with _disable_current_modes(), torch.no_grad():
             written = _written(roles, args, kwargs)
             if kind is OpKind.UNINITIALIZED:
@@ -207,6 +210,10 @@ class _Tracer:
                 writes = self._writes
                 for t in written:
                     self._uninitialized.pop(t, None)
+                    if t._base is not None:
+                        # Written through a view (DDP fills its gradient buckets so): the base's bits mean
+                        # something now too.
+                        self._uninitialized.pop(t._base, None)
                     ptr = _storage_ptr(t)
                     if ptr is not None:
                         writes[ptr] = writes.get(ptr, 0) + 1
@@ -458,6 +465,8 @@ class _Comparison:
     """``(key, description)`` of the final tensors that differ."""
     error: str | None
     """Why the later run stopped early, if it did."""
+    collectives: tuple[tuple[int, bool, bool], ...] = ()
+    """``(position in run 1, inputs differ, outputs differ)`` of each collective call before any split."""
 
 
 def _compare(first: _Run, other: _Run, run: int) -> _Comparison:
@@ -493,7 +502,9 @@ def _compare(first: _Run, other: _Run, run: int) -> _Comparison:
             root = ca[j]
     # A run that raised has no final state to compare; its error says enough.
     mismatches = () if other.error else _state_mismatches(first.state, other.state, run)
-    return _Comparison(run, split, split_info, frozenset(differing), root, mismatches, other.error)
+    stop = n if split is None else split
+    return _Comparison(run, split, split_info, frozenset(differing), root, mismatches, other.error,
+                       aligned_calls([(i, a[i]) for i in ca[:stop]], [b[j] for j in cb[:stop]]))
 
 
 def _state_mismatches(a: dict[str, Any], b: dict[str, Any], run: int) -> tuple[tuple[str, str], ...]:
@@ -546,6 +557,7 @@ def _summarise(mode: str, runs: int, first: _Run, comparisons: list[_Comparison]
         reproducible=not (differing or mismatches or path_split or error),
         root_cause=root_cause, path_split=path_split, mismatches=tuple(mismatches.values()), error=error,
         compared=len(first.state),
+        collectives=summary(first.steps, first.location, [c.collectives for c in comparisons], root_cause),
     )
 
 

@@ -103,7 +103,8 @@ def not_crashes_line(report: "Report") -> str | None:
 
 def run_check_lines(r: "RunCheck") -> list[str]:
     """Human summary of one whole-step check."""
-    head = (f"{r.mode} mode, {r.runs} runs: "
+    on = f" on rank {r.rank}" if r.rank is not None else ""
+    head = (f"{r.mode} mode{on}, {r.runs} runs: "
             + ("bitwise reproducible" if r.reproducible else "NOT reproducible"))
     lines = [head]
     if r.error:

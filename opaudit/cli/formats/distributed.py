@@ -33,6 +33,38 @@ def lines(report: "Report") -> list[str]:
         blame = (f"first differed after {first.get('op')} at {first.get('where')} ({first.get('module') or '-'})"
                  if first else x.get("first_op_note", ""))
         out.append(f"  differs across ranks {x.get('ranks')}: {x.get('tensor')} ({x.get('kind')}): {blame}")
+    out += _run_check_lines(d.get("run_check") or [])
+    return out
+
+
+def _run_check_lines(checks: list) -> list[str]:
+    """Per mode: which ranks reproduced, which diverged first, the collective the difference spread through."""
+    out = []
+    for c in checks:
+        if not isinstance(c, dict):
+            continue
+        bad = c.get("not_reproducible_on") or []
+        head = (f"  run check, {c.get('mode')} mode: "
+                + ("bitwise reproducible on every rank" if not bad else
+                   f"NOT reproducible on rank(s) {', '.join(map(str, bad))}"))
+        out.append(head)
+        first = c.get("diverged_first")
+        if isinstance(first, dict):
+            at = f"op #{first.get('index')} {first.get('op')} at {first.get('where', '?')}"
+            if "collective_call" in first:
+                out.append(f"    diverged first: rank {first.get('rank')}, in collective call #{first['collective_call']} "
+                           f"itself ({at}): its inputs were identical")
+            else:
+                out.append(f"    diverged first: rank {first.get('rank')}, {at}, before collective call "
+                           f"#{first.get('before_collective_call')}")
+            if first.get("also_diverged_on_their_own"):
+                out.append("    also diverged on their own: rank(s) "
+                           + ", ".join(map(str, first["also_diverged_on_their_own"])))
+        spread = c.get("spread_through")
+        if isinstance(spread, dict):
+            out.append(f"    spread through collective call #{spread.get('call')} {spread.get('op')} at "
+                       f"{spread.get('where') or '?'}: its input differed on rank(s) "
+                       f"{', '.join(map(str, spread.get('inputs_differed_on') or []))}, its output on every rank")
     return out
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from opaudit.data.report import Finding, RankOutcome, Report, from_dict, sort_findings
 from opaudit.engine.record import MAX_SITES
+from opaudit.flows.distributed.runchecks import merge_run_checks
 
 RANK_FIELDS = ("host", "device", "torch", "cuda", "cpu", "gpu", "python", "platform")
 """Fingerprint fields listed per rank; the ones that must agree across a job are in :data:`MUST_AGREE`."""
@@ -99,10 +100,14 @@ def merge(payloads: Mapping[int, Mapping[str, Any]], world_size: int, *, missing
             view_calls[op] = view_calls.get(op, 0) + n
     settings = dict(first.settings)
     settings["world_size"] = world_size
+    distributed = dict(distributed)
+    run_checks = first.run_checks
+    if any(rep.run_checks for rep in reports.values()):
+        run_checks, distributed["run_check"] = merge_run_checks({r: rep.run_checks for r, rep in reports.items()})
     return Report(
         environment=environment, settings=settings, all_findings=merge_findings(reports),
         view_calls=dict(sorted(view_calls.items())), total_calls=sum(r.total_calls for r in reports.values()),
         complete=all(r.complete for r in reports.values()) and not missing,
-        env_warnings=tuple(warnings), run_checks=first.run_checks, distributed=dict(distributed),
+        env_warnings=tuple(warnings), run_checks=run_checks, distributed=distributed,
     )
 

@@ -57,22 +57,43 @@ class RankAudit:
         self.tracker = replicas.ReplicaTracker(root)
         self._pg_seen = False
         self._groups_made = 0
+        self._runs = 0
+        self._channel: Channel | None = None
 
     def fresh_start(self) -> None:
         """Prepare for another run of the script in this process (``--run-check`` loads it afresh each run).
 
-        The default group a previous run left behind is destroyed (a second
-        ``init_process_group`` would fail), and group names keep counting up:
-        ``destroy_process_group`` restarts them at 0, and a new group named like
-        an old one would find the old one's gloo addresses in torchrun's store.
+        Every rank lets go of the previous run's objects at the same point: the
+        ranks first meet on the store, then collect garbage (a DDP model or a
+        process group freed while a peer already set up the next run's group
+        waits on that peer for ever), then meet again. The default group a
+        previous run left behind is destroyed (a second ``init_process_group``
+        would fail), and group names keep counting up: ``destroy_process_group``
+        restarts them at 0, and a new group named like an old one would find the
+        old one's gloo addresses in torchrun's store.
         """
+        import gc
+
         import torch.distributed as dist
         from torch.distributed import distributed_c10d as c10d
 
+        channel = self.channel()
+        self._runs += 1
+        # The ranks may end a run far apart (a script with no collective runs at each rank's own pace).
+        channel.exchange(f"run/{self._runs}/before", True, self.timeout_s * 10)
+        gc.collect()
         if dist.is_initialized():
             dist.destroy_process_group()
+        gc.collect()
         self._groups_made = max(self._groups_made, c10d._world.group_count) + 100
         c10d._world.group_count = self._groups_made
+        channel.exchange(f"run/{self._runs}/after", True)
+
+    def channel(self) -> Channel:
+        """opaudit's channel to the other ranks (made on first use)."""
+        if self._channel is None:
+            self._channel = Channel(self.world, self.timeout_s)
+        return self._channel
 
     def before_run(self, show: Callable[[str, int, int], None] | None) -> Callable[[str, int, int], None]:
         """The run check's ``on_run``: a fresh start, then the caller's progress display."""
@@ -100,7 +121,7 @@ class RankAudit:
         """Collectives in lockstep, then the exchange; the merged report on rank 0, ``None`` elsewhere."""
         import torch.distributed as dist
 
-        channel = Channel(self.world, self.timeout_s)
+        channel = self.channel()
         items = rec.items()
         results, mismatch = collectives.replay_collectives(channel, items, self.tracker.collective_calls, reps,
                                                            self.timeout_s)

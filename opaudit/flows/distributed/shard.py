@@ -12,10 +12,17 @@ machine in every field except timings.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+import signal
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from opaudit.flows.catalog.model import Catalog, CatalogError, catalog_from_dict, merge_entries, swept_order
 from opaudit.flows.distributed.comm import Channel, World
+
+STOP_ENV = "OPAUDIT_TEST_STOP_AFTER"
+"""Fault injection for the test suite: ``R:N`` makes rank R send itself a real SIGINT (a Ctrl-C) once it has
+swept N tasks; its shard is then interrupted like any other (partial file written, torchrun stops the others)."""
 
 GATHER_TIMEOUT_S = 24 * 3600.0
 """How long rank 0 waits for the other shards: a shard's ops each have their own hard time limit, so this only
@@ -33,6 +40,26 @@ def shard_device(device: str, world: World) -> str:
 def shard_partial(partial: str, world: World) -> str:
     """This rank's own partial file."""
     return f"{partial}.rank-{world.rank}"
+
+
+def with_test_stop(update: Callable[[Any], None] | None, world: World) -> Callable[[Any], None] | None:
+    """``update`` (the progress callback), followed by :data:`STOP_ENV`'s interrupt where it names this rank."""
+    spec = os.environ.get(STOP_ENV)
+    if not spec:
+        return update
+    rank, after = (int(x) for x in spec.split(":"))
+    if rank != world.rank:
+        return update
+    swept = [0]
+
+    def stop_after(p: Any) -> None:
+        if update is not None:
+            update(p)
+        swept[0] += 1
+        if swept[0] >= after:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    return stop_after
 
 
 def merge_catalogs(parts: Sequence[Catalog]) -> Catalog:

@@ -1,0 +1,91 @@
+"""The collective calls of a whole-step check, for a rank of a torchrun job.
+
+Under torchrun every rank runs its own run check (:mod:`opaudit.flows.runcheck`).
+To say afterwards which rank diverged first and through which collective the
+difference spread (:mod:`opaudit.flows.distributed.runchecks`), each rank keeps,
+for every collective call its runs made, whether its inputs and its outputs
+differed run to run, and how many collective calls came before its root cause.
+
+Collectives finish in the background: :func:`settle` waits for one before its
+outputs are digested, or the digest would be a race, not the run's bits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import _disable_current_modes
+
+from opaudit.aten.ops import is_collective
+from opaudit.aten.tensors import nested_leaves
+
+MAX_LISTED = 20
+"""Differing collective calls listed per check: the first ones tell how a difference spread."""
+
+Call = tuple[int, bool, bool]
+"""``(position in run 1, inputs differ, outputs differ)`` of one collective call."""
+
+
+def settle(func: Any, result: Any) -> None:
+    """Wait for collective ``func`` (already called, giving ``result``) to finish.
+
+    c10d collectives return a ``Work`` and write their outputs from another thread;
+    a functional collective's tensor is complete only after ``wait_tensor``.
+    Waiting early changes no result: the caller waits for the same work later.
+    """
+    import torch.distributed as dist
+
+    with _disable_current_modes():
+        if func.namespace == "_c10d_functional":
+            if func._schema.name != "_c10d_functional::wait_tensor":
+                for t in nested_leaves(result, []):
+                    if isinstance(t, torch.Tensor):
+                        torch.ops._c10d_functional.wait_tensor(t)
+            return
+        for x in result if isinstance(result, (tuple, list)) else (result,):
+            if isinstance(x, torch.ScriptObject):
+                try:
+                    work = dist.Work.unbox(x)
+                except Exception:  # noqa: BLE001 - not a Work (a process group, an options object)
+                    continue
+                work.wait()
+
+
+def aligned_calls(first: Sequence[tuple[int, Any]], other: Sequence[Any]) -> tuple[Call, ...]:
+    """The collective calls among two runs' aligned ops (run 1's ``(position, step)``, the other run's
+    step), each with whether its inputs and its outputs differed. Steps have ``func``, ``ins``, ``outs``."""
+    return tuple((i, a.ins != b.ins, a.outs != b.outs)
+                 for (i, a), b in zip(first, other) if is_collective(a.func))
+
+
+def summary(steps: Sequence[Any], location: Callable[[int], str], comparisons: Sequence[Sequence[Call]],
+            root_cause: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Run 1's collective calls (``calls``), the first that differed in any later run
+    (``differing``: call number, op position, op, site, inputs/outputs differ), and
+    ``before_root_cause``: the collective calls made before the root-cause op, which
+    places it in the timeline every rank shares (``root_cause_call`` when the root
+    cause is itself a collective). ``None`` when the step made no collective call.
+    """
+    calls = [i for i, s in enumerate(steps) if s.outs is not None and is_collective(s.func)]
+    if not calls:
+        return None
+    number = {i: k for k, i in enumerate(calls, 1)}
+    flags: dict[int, list[bool]] = {}
+    for comparison in comparisons:
+        for i, ins, outs in comparison:
+            seen = flags.setdefault(i, [False, False])
+            seen[0], seen[1] = seen[0] or ins, seen[1] or outs
+    differing = [{"call": number[i], "index": i + 1, "op": str(steps[i].func), "where": location(i),
+                  "inputs_differ": f[0], "outputs_differ": f[1]}
+                 for i, f in sorted(flags.items()) if f[0] or f[1]]
+    out: dict[str, Any] = {"calls": len(calls), "differing": differing[:MAX_LISTED]}
+    if len(differing) > MAX_LISTED:
+        out["differing_not_listed"] = len(differing) - MAX_LISTED
+    if root_cause is not None:
+        root = root_cause["index"] - 1
+        out["before_root_cause"] = sum(1 for i in calls if i < root)
+        if root in number:
+            out["root_cause_call"] = number[root]
+    return out
