@@ -7,7 +7,6 @@ enter the mode together with their site tracker through :class:`Interception`.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -30,15 +29,17 @@ def _dispatch(self: "RecordingMode", func: Any, types: Any, args: tuple = (), kw
     # The user's code turned strict deterministic mode on itself (Lightning's
     # ``Trainer(deterministic=True)`` does): the op's refusal is a finding (the
     # replay classifies it ``raises``), not the end of the run. The setting stays
-    # on; only this call runs with ``warn_only``.
+    # on; only this call runs as ``warn_only`` would run it (its nondeterministic
+    # kernel), but with the setting off: under ``warn_only`` the alert is a C++
+    # warning, which reaches Python only at the boundary of the user's call,
+    # outside anything this frame could catch, and would print once per call.
+    # ATen's flag only: Inductor's copy of it is for compiled code, not this eager call.
     self.on_alert(func)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch._C._set_deterministic_algorithms(False)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return call(*args, **kwargs) if kwargs else call(*args)
+        return call(*args, **kwargs) if kwargs else call(*args)
     finally:
-        torch.use_deterministic_algorithms(True, warn_only=False)
+        torch._C._set_deterministic_algorithms(True, warn_only=False)
 
 
 def _strict_alert(e: RuntimeError) -> bool:

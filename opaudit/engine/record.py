@@ -20,7 +20,7 @@ from opaudit.aten.tensors import CaptureError, Snapshot, copy_span, unsupported_
 from opaudit.data.site import Site
 from opaudit.engine.children import ChildProcesses
 from opaudit.engine.mode import Interception
-from opaudit.engine.sites import PHASE_BITS, SiteTracker
+from opaudit.engine.sites import SiteTracker
 
 DEFAULT_CAPTURE_BUDGET = 2 * 1024**3
 """Default memory budget for captured inputs, in bytes (2 GiB)."""
@@ -461,7 +461,7 @@ class Recorder:
                 signature=text,
                 device=_device_of(e),
                 calls=e.calls,
-                phases=tuple(name for name, bit in PHASE_BITS if e.phases & bit),
+                phases=self.sites.phase_names(e.phases),
                 sites=tuple(sites),
                 sites_dropped=e.sites_dropped,
                 first_call=e.first_call,

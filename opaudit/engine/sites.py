@@ -2,10 +2,25 @@
 
 Shared by the recorder and the whole-step run-check: both ask :class:`SiteTracker`
 for the site of the op being dispatched.
+
+Phases are what a user would call the part of the run an op belongs to:
+
+* ``setup``: before the first forward op (model construction, inputs, loss setup);
+* ``data``: in a ``DataLoader`` (creating its iterator, ``next()`` on it: sampler,
+  dataset ``__getitem__``, collate), and everything its worker processes run;
+* ``forward``: the first op inside an ``nn.Module`` call or recording an autograd
+  node, and everything after it that no other phase claims;
+* ``backward``: run by the autograd engine;
+* ``optimizer``: inside ``optimizer.step()`` but not inside its closure (a closure's
+  forward and backward are forward and backward: Lightning and LBFGS pass one).
+
+A run that never reaches a forward (plain tensor code without modules or
+autograd) has no setup either: its ops are its forward (:meth:`SiteTracker.phase_names`).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import sysconfig
@@ -17,10 +32,12 @@ import torch
 
 from opaudit.data.site import Site
 
-FORWARD, BACKWARD, OPTIMIZER = "forward", "backward", "optimizer"
-# The hot path keeps phases as bits of one int; ``signatures()`` turns them into names.
-PHASE_BITS = ((FORWARD, 1), (BACKWARD, 2), (OPTIMIZER, 4))
-FORWARD_BIT, BACKWARD_BIT, OPTIMIZER_BIT = 1, 2, 4
+SETUP, DATA, FORWARD, BACKWARD, OPTIMIZER = "setup", "data", "forward", "backward", "optimizer"
+FORWARD_BIT, BACKWARD_BIT, OPTIMIZER_BIT, SETUP_BIT, DATA_BIT = 1, 2, 4, 8, 16
+# The hot path keeps phases as bits of one int; ``phase_names()`` turns them into
+# names, in the order of a step.
+PHASE_BITS = ((SETUP, SETUP_BIT), (DATA, DATA_BIT), (FORWARD, FORWARD_BIT), (BACKWARD, BACKWARD_BIT),
+              (OPTIMIZER, OPTIMIZER_BIT))
 
 _get_seq_nr: Callable[[], int] | None = getattr(torch._C._autograd, "_get_sequence_nr", None)
 _graph_task_id = torch._C._current_graph_task_id
@@ -64,6 +81,49 @@ def _internal_code(code: Any) -> bool:
     r = _INTERNAL_CODE[id(code)] = is_internal(code.co_filename)
     _KEPT_CODE.append(code)
     return r
+
+
+# The ``data`` phase. ``DataLoader`` has no hook to say "loading now", so while a
+# tracker is started, its two entry points are wrapped: creating the iterator
+# (which draws the loader's base seed and forks the workers) and ``next()`` on it
+# (sampler, fetch, collate). The originals are put back when the last tracker stops.
+_DATA_TRACKERS: list["SiteTracker"] = []
+_DATA_ORIGINALS: list[tuple[type, str, Any]] = []
+
+
+def _data_entry(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        me = threading.get_ident()
+        mine = [t for t in _DATA_TRACKERS if t._thread == me]
+        for t in mine:
+            t.in_data += 1
+        try:
+            return original(*args, **kwargs)
+        finally:
+            for t in mine:
+                t.in_data = max(0, t.in_data - 1)
+    return wrapper
+
+
+def _watch_data(tracker: "SiteTracker") -> None:
+    if not _DATA_TRACKERS:
+        from torch.utils.data import dataloader
+
+        for cls, name in ((dataloader.DataLoader, "__iter__"), (dataloader._BaseDataLoaderIter, "__next__")):
+            original = cls.__dict__[name]
+            _DATA_ORIGINALS.append((cls, name, original))
+            setattr(cls, name, _data_entry(original))
+    _DATA_TRACKERS.append(tracker)
+
+
+def _unwatch_data(tracker: "SiteTracker") -> None:
+    if tracker in _DATA_TRACKERS:
+        _DATA_TRACKERS.remove(tracker)
+    if not _DATA_TRACKERS:
+        while _DATA_ORIGINALS:
+            cls, name, original = _DATA_ORIGINALS.pop()
+            setattr(cls, name, original)
 
 
 def relative_path(filename: str, root: str | None, cwd: str | None = None) -> str:
@@ -122,6 +182,12 @@ class SiteTracker:
         self._node_sites: dict[int, int] = {}
         self._last_nr = _get_seq_nr() if _get_seq_nr else -1
         self.in_optimizer = 0
+        """``optimizer.step()`` calls under way, less those whose closure is running."""
+        self.in_data = 0
+        """``DataLoader`` calls under way (see :func:`_watch_data`); inherited by forked workers."""
+        self.forward_seen = False
+        """Whether an op has run inside an ``nn.Module`` call or recorded an autograd node:
+        the ops before it are ``setup``."""
         self._handles: list[Any] = []
         self._thread: int | None = None
         # The last forward lookup: nearest Python frame, its line (-1 when that
@@ -158,19 +224,39 @@ class SiteTracker:
         """``(qualified name, module)`` of every module named while recording (until :meth:`stop`)."""
         return [(name, mod) for mod, name in self._names.values()]
 
-    def _opt_pre(self, *_: Any) -> None:
-        if threading.get_ident() == self._thread:
-            self.in_optimizer += 1
+    def _opt_pre(self, _opt: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if threading.get_ident() != self._thread:
+            return None
+        self.in_optimizer += 1
+        # ``step(closure)``: the closure runs the step's forward and backward, which
+        # are labelled as such, so it runs with the optimizer phase suspended.
+        if callable(kwargs.get("closure")):
+            return args, {**kwargs, "closure": self._outside_optimizer(kwargs["closure"])}
+        if len(args) > 1 and callable(args[1]):
+            return (args[0], self._outside_optimizer(args[1]), *args[2:]), kwargs
+        return None
+
+    def _outside_optimizer(self, closure: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(closure)
+        def run(*a: Any, **k: Any) -> Any:
+            saved, self.in_optimizer = self.in_optimizer, 0
+            try:
+                return closure(*a, **k)
+            finally:
+                self.in_optimizer = saved
+        return run
 
     def _opt_post(self, *_: Any) -> None:
         if threading.get_ident() == self._thread:
             self.in_optimizer = max(0, self.in_optimizer - 1)
 
     def start(self) -> None:
-        """Install the global optimizer hooks (for the ``optimizer`` phase)."""
+        """Install the global optimizer hooks and the ``DataLoader`` wrappers (for the phases)."""
         from torch.optim import optimizer as optim_module
 
         self._thread = threading.get_ident()
+        self.forward_seen = False
+        _watch_data(self)
         self._handles.append(optim_module.register_optimizer_step_pre_hook(self._opt_pre))
         self._handles.append(optim_module.register_optimizer_step_post_hook(self._opt_post))
 
@@ -179,6 +265,7 @@ class SiteTracker:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        _unwatch_data(self)
         self._names.clear()
         self._last = self._last_bare = (None, -1, -1)
         self._last_node = (None, -1)
@@ -268,6 +355,7 @@ class SiteTracker:
             self._last_node = (node, site_id)
             return BACKWARD_BIT, site_id
         site_id = self._site_id(sys._getframe(3))
+        node = False
         if _get_seq_nr is not None:
             nr = _get_seq_nr()
             if nr != self._last_nr:
@@ -275,4 +363,22 @@ class SiteTracker:
                 # for the backward ops that node will run.
                 self._last_nr = nr
                 self._node_sites[nr - 1] = site_id
-        return (OPTIMIZER_BIT if self.in_optimizer else FORWARD_BIT), site_id
+                node = True
+        if self.in_data:
+            return DATA_BIT, site_id
+        if self.in_optimizer:
+            return OPTIMIZER_BIT, site_id
+        if not self.forward_seen:
+            if not node and not self._site_list[site_id].module:
+                return SETUP_BIT, site_id
+            self.forward_seen = True
+        return FORWARD_BIT, site_id
+
+    def phase_names(self, bits: int) -> tuple[str, ...]:
+        """The phases in ``bits`` (from :meth:`current`), in step order.
+
+        When no op ever counted as forward, nothing was setup for one: those ops are the forward.
+        """
+        if not self.forward_seen and bits & SETUP_BIT:
+            bits = (bits & ~SETUP_BIT) | FORWARD_BIT
+        return tuple(name for name, bit in PHASE_BITS if bits & bit)
