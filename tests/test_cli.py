@@ -86,7 +86,7 @@ def test_findings_exit_1_and_table_on_stdout(tmp_path, capsys):
 
 def test_clean_script_exits_0(tmp_path, capsys):
     script = _script(tmp_path, CLEAN)
-    code, out, _ = _run([script, "--reps", "2"], capsys)
+    code, out, _ = _run([script, "--reps", "2", "--show-all"], capsys)
     assert code == 0
     header, rows = _table(out)
     assert header == TABLE_COLUMNS
@@ -94,6 +94,10 @@ def test_clean_script_exits_0(tmp_path, capsys):
     assert [(r["verdict"], r["op"], r["where"]) for r in rows] == [("random", "aten.randn.default", where)]
     assert out.rstrip().splitlines()[-1] == \
         "4 op calls, 4 unique signatures (+0 view/metadata calls not replayed): 1 random, 3 stable"
+    # Without --show-all the random row is summarised, not listed.
+    code, out, _ = _run([script, "--reps", "2"], capsys)
+    assert code == 0 and "aten.randn.default" not in out
+    assert out.splitlines()[0] == "1 random (forward 1): not listed (--show-all lists them)"
 
 
 @pytest.mark.parametrize("flags", [["--exit-zero"], ["--fail-on", "none"], ["--fail-on", "diverges"]])

@@ -215,6 +215,9 @@ def _audit_parser() -> _Parser:
     from opaudit.cli import torchrun
 
     torchrun.add_arguments(p, _positive_int, _positive_float)
+    p.add_argument("--show-all", action="store_true",
+                   help="list every finding in the terminal table (random and uninitialized ones are otherwise "
+                        "summarised in one line, and the table stops at 40 rows); files keep every row anyway")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary on stderr")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     p.add_argument("--version", action="version", version=f"opaudit {__version__}")
@@ -294,27 +297,35 @@ def _run_check_progress(enabled: bool) -> tuple[Callable[[str, int, int], None] 
 
 
 def emit(document: Any, kind: str, fmt_name: str | None, output: str | None, quiet: bool,
-         default: str = "table") -> None:
+         default: str = "table", show_all: bool = False) -> None:
     """Write any document to ``output`` (see :mod:`opaudit.data.fileio`) or stdout; a summary to stderr.
 
     With ``-o``, the format comes from ``--format`` or the extension, and unless
     ``quiet`` the table form goes to stderr with the path written. Without, the
-    document goes to stdout in ``--format`` or ``default``.
+    document goes to stdout in ``--format`` or ``default``. ``show_all``: a
+    report's table lists every finding (see :func:`opaudit.cli.formats.table.report`).
     """
     from opaudit.cli.formats import Format, Kind, render
+    from opaudit.cli.formats import table as table_format
     from opaudit.data.fileio import write_output
 
     kind = Kind(kind)
+
+    def text(fmt: Format, written_to: str | None = None) -> str:
+        if kind is Kind.REPORT and fmt is Format.TABLE:
+            return table_format.report(document, show_all=show_all, written_to=written_to)
+        return render(document, kind, fmt)
+
     if output:
         fmt = Format.parse(fmt_name) if fmt_name else Format.from_path(output)
-        write_output(output, render(document, kind, fmt))
+        write_output(output, text(fmt))
         if not quiet:
             if fmt is not Format.TABLE:
-                sys.stderr.write(render(document, kind, Format.TABLE))
+                sys.stderr.write(text(Format.TABLE, written_to=output))
             sys.stderr.write(f"{kind.value} written to {output}\n")
         return
     fmt = Format.parse(fmt_name) if fmt_name else Format.parse(default)
-    sys.stdout.write(render(document, kind, fmt))
+    sys.stdout.write(text(fmt))
     if kind is Kind.REPORT and fmt is not Format.TABLE and not quiet:
         # The report went to stdout for a program; the person still gets the outcome
         # (CSV has no place for the whole-step checks at all).
@@ -488,7 +499,7 @@ def _finish(report: Any, against: Any, args: argparse.Namespace, output: str | N
     """Write the report (or the ``--against`` prediction) and return the exit code."""
     if against is not None:
         return _emit_prediction(report, against, args, output)
-    emit(report, "report", args.format, output, args.quiet)
+    emit(report, "report", args.format, output, args.quiet, show_all=args.show_all)
     failing: Any = [f for f in report.all_findings if f.verdict in _verdicts_only(args.fail_on)]
     if report.distributed and args.fail_on:
         from opaudit.cli import torchrun

@@ -209,8 +209,8 @@ def assemble(rec: Recorder, findings: list[Finding], *, reps: int, seed: int, se
     if rec.strict_refusals:
         ops = ", ".join(f"{op} ({n}x)" for op, n in sorted(rec.strict_refusals.items()))
         warnings.append(f"the script turned on torch.use_deterministic_algorithms(True) itself, and it refused {ops}: "
-                        "each such call ran with warn_only=True so that the run could go on (see the raises "
-                        "findings); without opaudit the first of them ends the run")
+                        "each such call ran its nondeterministic kernel, as warn_only=True would, so that the "
+                        "run could go on (see the raises findings); without opaudit the first of them ends the run")
     children = rec.children
     if children.unrecorded:
         warnings.append(f"{children.unrecorded} of {children.forked} child process(es) forked while recording "

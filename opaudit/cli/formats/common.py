@@ -75,6 +75,31 @@ def notable(report: "Report") -> list["Finding"]:
     return [f for f in report.all_findings if f.verdict is not Verdict.STABLE]
 
 
+QUIET = (Verdict.RANDOM, Verdict.UNINITIALIZED)
+"""Verdicts a terminal summarises instead of listing: seeded draws and uninitialized
+memory, mostly model initialisation, would otherwise bury what needs doing."""
+
+
+def split_quiet(findings: Sequence["Finding"]) -> tuple[list["Finding"], list["Finding"]]:
+    """``(listed, summarised)``: ``findings`` without the :data:`QUIET` verdicts, and those, in order."""
+    return [f for f in findings if f.verdict not in QUIET], [f for f in findings if f.verdict in QUIET]
+
+
+def quiet_summary(findings: Sequence["Finding"]) -> str:
+    """``8 random (setup 5, data 3), 6 uninitialized (setup 6)``: each quiet verdict by phase."""
+    parts = []
+    for v in QUIET:
+        phases: dict[str, int] = {}
+        for f in findings:
+            if f.verdict is v:
+                key = "/".join(f.phases) or "-"
+                phases[key] = phases.get(key, 0) + 1
+        if phases:
+            by = ", ".join(f"{p} {n}" for p, n in sorted(phases.items(), key=lambda kv: (-kv[1], kv[0])))
+            parts.append(f"{sum(phases.values())} {v.value} ({by})")
+    return ", ".join(parts)
+
+
 def summary_line(report: "Report") -> str:
     """``N ops (M unique signatures): 1 raises, 2 diverges, ...``."""
     s = report.summary
@@ -142,10 +167,10 @@ def run_check_lines(r: "RunCheck") -> list[str]:
     return lines
 
 
-def remedy_rows(report: "Report") -> list[list[str]]:
-    """Distinct remedies for failing findings: op, verdict, remedy."""
+def remedy_rows(report: "Report", findings: Sequence["Finding"] | None = None) -> list[list[str]]:
+    """Distinct remedies for failing findings (of ``findings``, default: every notable one): op, verdict, remedy."""
     rows, seen = [], set()
-    for f in notable(report):
+    for f in notable(report) if findings is None else findings:
         if not f.remedy or f.verdict in (Verdict.STABLE, Verdict.UNINITIALIZED, Verdict.SKIPPED):
             continue
         key = (f.op, f.verdict)  # one row per op and verdict: the worst-first finding's remedy

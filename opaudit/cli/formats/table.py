@@ -12,8 +12,10 @@ from opaudit.cli.formats.common import (
     grouped_predictions,
     not_crashes_line,
     notable,
+    quiet_summary,
     remedy_rows,
     run_check_lines,
+    split_quiet,
     summary_line,
     target_name,
 )
@@ -35,19 +37,29 @@ def outcome(report: "Report") -> str:
     return "\n".join([*lines, summary_line(report)]) + "\n"
 
 
-def report(report: "Report") -> str:
-    """Plain-text tables (tabulate) for a terminal."""
+def report(report: "Report", show_all: bool = False, written_to: str | None = None) -> str:
+    """Plain-text tables (tabulate) for a terminal.
+
+    Findings that need something done come first; ``random`` and ``uninitialized``
+    ones (model initialisation, mostly) are summarised in one line, and the table
+    stops at :data:`MAX_FINDINGS` rows, unless ``show_all``. ``written_to``: where
+    the full report went (``-o``), which the hints then name.
+    """
     from tabulate import tabulate
 
     out = []
     if not report.complete:
         out.append("INCOMPLETE: the audit was interrupted; findings below are what was classified so far.\n")
-    rows = [finding_row(f) for f in notable(report)]
+    listed, quiet = (notable(report), []) if show_all else split_quiet(notable(report))
+    rows = [finding_row(f) for f in listed]
+    full = f"listed in {written_to}; --show-all shows them here" if written_to else "--show-all lists them"
     if rows:
-        shown = rows[:MAX_FINDINGS]
+        shown = rows if show_all else rows[:MAX_FINDINGS]
         out.append(tabulate(shown, headers=FINDING_HEADERS, tablefmt="simple"))
-        if len(rows) > MAX_FINDINGS:
-            out.append(f"... {len(rows) - MAX_FINDINGS} more (see the full report with -o report.yaml)")
+        if len(rows) > len(shown):
+            out.append(f"... {len(rows) - len(shown)} more ({full})")
+    if quiet:
+        out.append(f"{'+ ' if rows else ''}{quiet_summary(quiet)}: not listed ({full})")
     crashes = crash_rows(report)
     if crashes:
         out.append("\nWill deterministic mode crash this run? Yes, at these ops (execution order):")
@@ -60,7 +72,7 @@ def report(report: "Report") -> str:
         out.append("\nWhole-step check, " + "\n".join(run_check_lines(r)))
     if report.distributed:
         out.append("\n" + distributed.table(report))
-    remedies = remedy_rows(report)
+    remedies = remedy_rows(report, listed)
     if remedies:
         out.append("\nWhat to do:")
         out.append(tabulate(remedies, headers=("op", "verdict", "remedy"), tablefmt="simple",
