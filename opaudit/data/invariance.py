@@ -207,8 +207,9 @@ def _ints(d: Mapping, key: str, where: str) -> tuple[int, ...]:
 def _site(s: Any, where: str) -> Site:
     if not isinstance(s, Mapping):
         raise ValueError(f"{where}: a site must be a mapping")
+    caller = _get(s, "caller", Mapping, where, None)
     return Site(_get(s, "file", str, where), _get(s, "line", int, where), _get(s, "function", str, where, ""),
-                _get(s, "module", str, where, ""))
+                _get(s, "module", str, where, ""), _site(caller, f"{where}.caller") if caller is not None else None)
 
 
 def _op(d: Any, where: str) -> BatchOp:

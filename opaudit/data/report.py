@@ -387,8 +387,10 @@ def parse_site(s: Any, where: str) -> Site:
     """A :class:`Site` from its dict form."""
     if not isinstance(s, Mapping):
         raise ReportError(f"{where}: a site must be a mapping")
+    caller = _opt(s, "caller", Mapping, where)
     return Site(_need(s, "file", str, where), _need(s, "line", int, where),
-                _opt(s, "function", str, where, ""), _opt(s, "module", str, where, ""))
+                _opt(s, "function", str, where, ""), _opt(s, "module", str, where, ""),
+                parse_site(caller, f"{where}.caller") if caller is not None else None)
 
 
 def parse_finding(d: Any, where: str) -> Finding:

@@ -17,18 +17,26 @@ class Site:
     function: str
     module: str
     """Fully qualified module path, e.g. ``TwoTower.mlp.0``; empty outside any module."""
+    caller: "Site | None" = None
+    """When ``file`` is code generated at run time (``exec``'d source, a module written
+    to the temp folder and imported, as torch_geometric does): the nearest frame in
+    the user's own files that led to it. ``None`` otherwise."""
 
     @property
     def location(self) -> str:
-        """``file:line``."""
-        return f"{self.file}:{self.line}"
+        """``file:line``; ``user.py:12 via generated.py:3`` for generated code."""
+        here = f"{self.file}:{self.line}"
+        return f"{self.caller.file}:{self.caller.line} via {here}" if self.caller is not None else here
 
     def __str__(self) -> str:
         return f"{self.location} ({self.function})"
 
     def to_dict(self) -> dict[str, Any]:
         """The dict form written to YAML and JSON."""
-        return {"file": self.file, "line": self.line, "function": self.function, "module": self.module}
+        d: dict[str, Any] = {"file": self.file, "line": self.line, "function": self.function, "module": self.module}
+        if self.caller is not None:
+            d["caller"] = {"file": self.caller.file, "line": self.caller.line, "function": self.caller.function}
+        return d
 
 
 def locations_of(sites: Iterable[Site]) -> tuple[str, ...]:

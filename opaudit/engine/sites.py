@@ -24,6 +24,7 @@ import functools
 import os
 import sys
 import sysconfig
+import tempfile
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -44,24 +45,63 @@ _graph_task_id = torch._C._current_graph_task_id
 _current_node = torch._C._current_autograd_node
 
 
+def _site_packages() -> set[str]:
+    """Every folder installed packages live in: this environment's and any other on ``sys.path``."""
+    import site
+
+    dirs = {sysconfig.get_paths()[k] for k in ("purelib", "platlib")}
+    try:
+        dirs.update(site.getsitepackages())
+        dirs.add(site.getusersitepackages())
+    except AttributeError:  # an old virtualenv's site module
+        pass
+    dirs.update(p for p in sys.path if os.path.basename(p.rstrip(os.sep)) in ("site-packages", "dist-packages"))
+    return {os.path.abspath(d) + os.sep for d in dirs if d}
+
+
 def _internal_roots() -> tuple[tuple[str, ...], str]:
     torch_dir = os.path.dirname(torch.__file__) + os.sep
     # This file is opaudit/engine/sites.py: the package root is two levels up.
     pkg_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
     stdlib = {sysconfig.get_paths()[k] + os.sep for k in ("stdlib", "platstdlib")}
-    return (torch_dir, pkg_dir, *sorted(stdlib)), os.path.join(pkg_dir, "examples") + os.sep
+    # Installed libraries (transformers, lightning...) are not the user's code wherever the
+    # environment puts them. (Inside a virtual environment ``platstdlib`` already covers its
+    # own site-packages; one shared through a ``.pth`` file or ``PYTHONPATH`` needs naming.)
+    return (torch_dir, pkg_dir, *sorted(stdlib | _site_packages())), os.path.join(pkg_dir, "examples") + os.sep
 
 
 _INTERNAL_PREFIXES, _EXAMPLES_DIR = _internal_roots()
+_TORCH_GENERATED = ("<frozen", "<eval_with_key")
+"""Code objects with these names are Python's frozen modules and ``torch.fx``'s generated forwards."""
+_INTERACTIVE = ("<stdin", "<console", "<ipython-input")
+_TEMP_DIRS = tuple(sorted({os.path.join(d, "") for d in (tempfile.gettempdir(), os.path.realpath(tempfile.gettempdir()))}))
 
 
 def is_internal(filename: str) -> bool:
-    """Whether ``filename`` is torch's, opaudit's (not its examples) or the stdlib's: never a user site."""
+    """Whether ``filename`` is torch's, opaudit's (not its examples), the stdlib's or an installed
+    library's: never a user site."""
     if filename.startswith("<"):
-        return not filename.startswith("<stdin")
+        return filename.startswith(_TORCH_GENERATED)
     if filename.startswith(_EXAMPLES_DIR):
         return False
     return filename.startswith(_INTERNAL_PREFIXES)
+
+
+def is_generated(filename: str, homes: tuple[str, ...] = ()) -> bool:
+    """Whether user-side code from ``filename`` was generated at run time rather than written by the user.
+
+    ``exec``/``compile()``d source (``<string>``), a file that no longer exists,
+    or one in the temp folder (torch_geometric writes its ``propagate`` functions
+    there and imports them) — unless it lies under one of ``homes`` (the audited
+    script's folder, the working directory), which hold the user's own files
+    even when those are in the temp folder themselves.
+    """
+    if filename.startswith("<"):
+        return not filename.startswith(_INTERACTIVE)
+    path = os.path.abspath(filename)
+    if any(h and path.startswith(os.path.join(h, "")) for h in homes):
+        return False
+    return path.startswith(_TEMP_DIRS) or not os.path.exists(path)
 
 
 # Whether a code object belongs to torch, opaudit or the stdlib, by ``id(code)``:
@@ -179,6 +219,8 @@ class SiteTracker:
         self._site_list: list[Site] = []
         self._paths: dict[str, str] = {}
         """``relative_path()`` per file name: many sites share a file, and it walks ``sys.path``."""
+        self._generated_code: dict[int, bool] = {}
+        """``is_generated()`` per user-side code object, by ``id(code)``."""
         self._node_sites: dict[int, int] = {}
         self._last_nr = _get_seq_nr() if _get_seq_nr else -1
         self.in_optimizer = 0
@@ -288,14 +330,32 @@ class SiteTracker:
             self._site_list.append(site)
         return site_id
 
+    def _generated(self, code: Any) -> bool:
+        r = self._generated_code.get(id(code))
+        if r is None:
+            # The code object is kept alive by ``_KEPT_CODE`` (it was classified as not internal first).
+            r = self._generated_code[id(code)] = is_generated(code.co_filename, (self.root or "", self.cwd))
+        return r
+
+    def _path(self, filename: str) -> str:
+        path = self._paths.get(filename)
+        if path is None:
+            path = self._paths[filename] = relative_path(filename, self.root, self.cwd)
+        return path
+
     def _site_id(self, f: Any, with_module: bool = True) -> int:
-        """Id of the site of the innermost user frame at or above ``f``, and of the innermost module."""
+        """Id of the site of the innermost user frame at or above ``f``, and of the innermost module.
+
+        When that frame runs generated code (see :func:`is_generated`), the site
+        keeps it and adds, as its ``caller``, the nearest frame of the user's own files above it.
+        """
         last_f, last_line, last_site = self._last if with_module else self._last_bare
         if f is last_f and (last_line < 0 or f.f_lineno == last_line):
             return last_site
         f0 = f
         internal = _INTERNAL_CODE
-        user = mod = None
+        user = mod = caller = None
+        generated = False
         while f is not None:
             code = f.f_code
             r = internal.get(id(code))
@@ -304,11 +364,14 @@ class SiteTracker:
             if not r:
                 if user is None:
                     user = f
-                    if mod is not None or not with_module:
-                        break
+                    generated = self._generated(code)
+                elif generated and caller is None and not self._generated(code):
+                    caller = f
+                if (not generated or caller is not None) and (mod is not None or not with_module):
+                    break
             elif with_module and mod is None and id(code) in _MODULE_CALL:
                 mod = f
-                if user is not None:
+                if user is not None and (not generated or caller is not None):
                     break
             f = f.f_back
         module = ""
@@ -317,17 +380,17 @@ class SiteTracker:
             if isinstance(called, torch.nn.Module):
                 module = self._name(called, mod)
         line = user.f_lineno if user is not None else 0
-        key = (id(user.f_code) if user is not None else 0, line, module)
+        key = (id(user.f_code) if user is not None else 0, line, module,
+               id(caller.f_code) if caller is not None else 0, caller.f_lineno if caller is not None else 0)
         site_id = self._site_ids.get(key)
         if site_id is None:
             if user is None:
                 site = Site("<torch>", 0, "", module)
             else:
-                filename = user.f_code.co_filename
-                path = self._paths.get(filename)
-                if path is None:
-                    path = self._paths[filename] = relative_path(filename, self.root, self.cwd)
-                site = Site(path, line, user.f_code.co_name, module)
+                from_user = None
+                if caller is not None:
+                    from_user = Site(self._path(caller.f_code.co_filename), caller.f_lineno, caller.f_code.co_name, "")
+                site = Site(self._path(user.f_code.co_filename), line, user.f_code.co_name, module, from_user)
             site_id = self._site_ids[key] = len(self._site_list)
             self._site_list.append(site)
         if with_module:
