@@ -56,4 +56,4 @@ def test_what_counts_as_generated(tmp_path):
     gone.write_text("x = 1\n")
     assert is_generated(str(gone))  # in the temp folder
     assert not is_generated(str(gone), homes=(str(tmp_path),))  # the audited script's own folder
-    assert not is_generated(SCRIPT)
+    assert not is_generated(os.__file__)  # a real file outside the temp folder

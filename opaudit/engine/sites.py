@@ -5,17 +5,18 @@ for the site of the op being dispatched.
 
 Phases are what a user would call the part of the run an op belongs to:
 
-* ``setup``: before the first forward op (model construction, inputs, loss setup);
+* ``setup``: while an ``nn.Module`` is constructed (``__init__``, ``reset_parameters``:
+  its parameters' initialisation), and from then until the first forward op;
 * ``data``: in a ``DataLoader`` (creating its iterator, ``next()`` on it: sampler,
   dataset ``__getitem__``, collate), and everything its worker processes run;
-* ``forward``: the first op inside an ``nn.Module`` call or recording an autograd
-  node, and everything after it that no other phase claims;
+* ``forward``: from the first op inside an ``nn.Module`` call or recording an
+  autograd node on, everything no other phase claims;
 * ``backward``: run by the autograd engine;
 * ``optimizer``: inside ``optimizer.step()`` but not inside its closure (a closure's
   forward and backward are forward and backward: Lightning and LBFGS pass one).
 
-A run that never reaches a forward (plain tensor code without modules or
-autograd) has no setup either: its ops are its forward (:meth:`SiteTracker.phase_names`).
+A script that builds no module has no setup: its ops before the first forward
+are its forward too.
 """
 
 from __future__ import annotations
@@ -228,8 +229,11 @@ class SiteTracker:
         self.in_data = 0
         """``DataLoader`` calls under way (see :func:`_watch_data`); inherited by forked workers."""
         self.forward_seen = False
-        """Whether an op has run inside an ``nn.Module`` call or recorded an autograd node:
-        the ops before it are ``setup``."""
+        """Whether an op has run inside an ``nn.Module`` call or recorded an autograd node
+        (outside model construction): from then on nothing is ``setup``."""
+        self.built = False
+        """Whether an op has run while an ``nn.Module`` was being constructed: from then
+        until the first forward, the ops are ``setup``."""
         self._handles: list[Any] = []
         self._thread: int | None = None
         # The last forward lookup: nearest Python frame, its line (-1 when that
@@ -297,7 +301,7 @@ class SiteTracker:
         from torch.optim import optimizer as optim_module
 
         self._thread = threading.get_ident()
-        self.forward_seen = False
+        self.forward_seen = self.built = False
         _watch_data(self)
         self._handles.append(optim_module.register_optimizer_step_pre_hook(self._opt_pre))
         self._handles.append(optim_module.register_optimizer_step_post_hook(self._opt_post))
@@ -432,16 +436,30 @@ class SiteTracker:
         if self.in_optimizer:
             return OPTIMIZER_BIT, site_id
         if not self.forward_seen:
-            if not node and not self._site_list[site_id].module:
+            # Before the first forward (only then: the stack walk is not free). A
+            # script that never builds a module has no setup: its ops are its forward.
+            if _constructing(sys._getframe(3)):
+                self.built = True
                 return SETUP_BIT, site_id
-            self.forward_seen = True
+            if node or self._site_list[site_id].module:
+                self.forward_seen = True
+            elif self.built:
+                return SETUP_BIT, site_id
         return FORWARD_BIT, site_id
 
-    def phase_names(self, bits: int) -> tuple[str, ...]:
-        """The phases in ``bits`` (from :meth:`current`), in step order.
-
-        When no op ever counted as forward, nothing was setup for one: those ops are the forward.
-        """
-        if not self.forward_seen and bits & SETUP_BIT:
-            bits = (bits & ~SETUP_BIT) | FORWARD_BIT
+    @staticmethod
+    def phase_names(bits: int) -> tuple[str, ...]:
+        """The phases in ``bits`` (from :meth:`current`), in step order."""
         return tuple(name for name, bit in PHASE_BITS if bits & bit)
+
+
+_CONSTRUCTION = frozenset({"__init__", "reset_parameters", "_reset_parameters"})
+
+
+def _constructing(f: Any) -> bool:
+    """Whether frame ``f`` runs inside an ``nn.Module``'s ``__init__`` (or ``reset_parameters``)."""
+    while f is not None:
+        if f.f_code.co_name in _CONSTRUCTION and isinstance(f.f_locals.get("self"), torch.nn.Module):
+            return True
+        f = f.f_back
+    return False
