@@ -37,6 +37,7 @@ def test_a_plain_training_loop_has_setup_data_forward_backward_and_optimizer(tmp
     assert _phases(report, "aten.randn.generator") == {("data",)}
     assert _phases(report, "aten.addmm.default") == {("forward",)}
     assert _phases(report, "aten.mm.default") == {("backward",)}
+    assert _phases(report, "aten.ones_like.default", 49) == {("backward",)}  # loss.backward()'s gradient seed
     assert _phases(report, "aten.addcdiv_.default") == {("optimizer",)}
 
 

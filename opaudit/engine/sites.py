@@ -11,7 +11,7 @@ Phases are what a user would call the part of the run an op belongs to:
   dataset ``__getitem__``, collate), and everything its worker processes run;
 * ``forward``: from the first op inside an ``nn.Module`` call or recording an
   autograd node on, everything no other phase claims;
-* ``backward``: run by the autograd engine;
+* ``backward``: run by the autograd engine, and the gradient seed ``backward()`` makes for it;
 * ``optimizer``: inside ``optimizer.step()`` but not inside its closure (a closure's
   forward and backward are forward and backward: Lightning and LBFGS pass one).
 
@@ -44,6 +44,8 @@ PHASE_BITS = ((SETUP, SETUP_BIT), (DATA, DATA_BIT), (FORWARD, FORWARD_BIT), (BAC
 _get_seq_nr: Callable[[], int] | None = getattr(torch._C._autograd, "_get_sequence_nr", None)
 _graph_task_id = torch._C._current_graph_task_id
 _current_node = torch._C._current_autograd_node
+# ``loss.backward()`` makes its gradient seed (``ones_like``) here, before the engine runs.
+_GRAD_SEED_CODE: Any = getattr(getattr(torch.autograd, "_make_grads", None), "__code__", None)
 
 
 def _site_packages() -> set[str]:
@@ -421,7 +423,10 @@ class SiteTracker:
             # Held, so that the next op of the same node gets the same Python object back.
             self._last_node = (node, site_id)
             return BACKWARD_BIT, site_id
-        site_id = self._site_id(sys._getframe(3))
+        caller = sys._getframe(3)
+        site_id = self._site_id(caller)
+        if caller.f_code is _GRAD_SEED_CODE:
+            return BACKWARD_BIT, site_id
         node = False
         if _get_seq_nr is not None:
             nr = _get_seq_nr()
