@@ -39,6 +39,11 @@ def test_a_plain_training_loop_has_setup_data_forward_backward_and_optimizer(tmp
     assert _phases(report, "aten.mm.default") == {("backward",)}
     assert _phases(report, "aten.ones_like.default", 49) == {("backward",)}  # loss.backward()'s gradient seed
     assert _phases(report, "aten.addcdiv_.default") == {("optimizer",)}
+    # The DataLoader entry points the data phase wraps are torch's own again.
+    from torch.utils.data import dataloader
+
+    for cls, name in ((dataloader.DataLoader, "__iter__"), (dataloader._BaseDataLoaderIter, "__next__")):
+        assert not hasattr(cls.__dict__[name], "__wrapped__")
 
 
 def test_lbfgs_closure_runs_forward_and_backward_not_optimizer(tmp_path, capsys):
