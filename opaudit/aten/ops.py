@@ -89,6 +89,24 @@ CUDNN_OPS = frozenset({
 })
 
 
+# Ops whose nondeterminism depends on the values of an index argument: they write
+# (or accumulate, or scatter) to positions an index tensor names, so whether two
+# writes race depends on whether the indices collide. One call with no duplicate
+# index says nothing about the next call's; the recorder keeps several captures per
+# signature for these (``Recorder(captures_per_signature=...)``).
+VALUE_DEPENDENT_OPS = frozenset({
+    "aten::index_put", "aten::index_put_", "aten::_index_put_impl", "aten::_index_put_impl_",
+    "aten::_unsafe_index_put", "aten::put", "aten::put_",
+    "aten::index_add", "aten::index_add_", "aten::index_copy", "aten::index_copy_",
+    "aten::index_reduce", "aten::index_reduce_",
+    "aten::scatter", "aten::scatter_", "aten::scatter_add", "aten::scatter_add_",
+    "aten::scatter_reduce", "aten::scatter_reduce_",
+    "aten::embedding_dense_backward", "aten::embedding_backward", "aten::_embedding_bag_backward",
+    "aten::_embedding_bag_dense_backward", "aten::_embedding_bag_per_sample_weights_backward",
+    "aten::bincount", "aten::histc", "aten::max_unpool2d", "aten::max_unpool3d",
+})
+
+
 @functools.cache
 def op_kind(func: torch._ops.OpOverload) -> tuple[OpKind, str]:
     """The kind of ``func`` and, for ops not replayed, why."""
@@ -149,6 +167,11 @@ CUBLAS_TEXT = "CUBLAS_WORKSPACE_CONFIG"
 def is_determinism_alert(message: str) -> bool:
     """True when an error message is strict deterministic mode refusing an op."""
     return ALERT_TEXT in message or CUBLAS_TEXT in message
+
+
+def value_dependent(func: torch._ops.OpOverload) -> bool:
+    """True for ops whose nondeterminism depends on index collisions (:data:`VALUE_DEPENDENT_OPS`)."""
+    return func._schema.name in VALUE_DEPENDENT_OPS
 
 
 def is_cudnn_op(func: torch._ops.OpOverload) -> bool:

@@ -204,6 +204,11 @@ def _audit_parser() -> _Parser:
                         "are 'unknown'); --fail-on then applies to the predicted verdicts")
     p.add_argument("--capture-budget", type=_positive_int, default=2048, metavar="MIB",
                    help="memory for captured op inputs, in MiB (default 2048); ops past it are skipped")
+    p.add_argument("--captures-per-signature", type=_positive_int, default=4, metavar="M",
+                   help="for ops whose nondeterminism depends on index collisions (index_put_, scatter_add_, "
+                        "embedding backward...), replay up to M of each signature's calls, spread over the "
+                        "recorded steps, within --capture-budget (default 4; 1: the first call only, like every "
+                        "other op)")
     p.add_argument("--threads", type=_positive_int, metavar="N", help="torch.set_num_threads(N) before running")
     p.add_argument("--isolate", action="store_true",
                    help="replay in a worker process: an op that kills it or its CUDA context is reported "
@@ -399,7 +404,7 @@ def audit_main(argv: list[str]) -> int:
         # First, so that the recording replayed for most signatures is the last one made: an op the
         # script registers itself (torch.library) is registered anew by each run. (Not under torchrun:
         # the ranks' collectives would run twice.)
-        det_rec = Recorder(capture_budget=budget, root=target.root)
+        det_rec = Recorder(capture_budget=budget, root=target.root, captures_per_signature=args.captures_per_signature)
         try:
             det_recorded = record_target(target, det_rec, window, seed=args.seed, deterministic=True)
         except WindowError:
@@ -412,7 +417,8 @@ def audit_main(argv: list[str]) -> int:
     if cut is None:
         if rank_audit is not None and checks:
             rank_audit.fresh_start()  # the run check's runs are gone on every rank before this one starts
-        rec = Recorder(capture_budget=budget, root=target.root, capture_collectives=rank_audit is not None)
+        rec = Recorder(capture_budget=budget, root=target.root, capture_collectives=rank_audit is not None,
+                       captures_per_signature=args.captures_per_signature)
         try:
             recorded = record_target(target, rec, window, seed=args.seed,
                                      recording=rank_audit.recording if rank_audit else None)

@@ -59,8 +59,8 @@ def check_header(data: Any, fmt: str, version: int | tuple[int, ...], path: str)
 
 
 _SETTING_TYPES: dict[str, tuple[type, ...]] = {
-    **dict.fromkeys(("reps", "seed", "capture_budget_mib", "run_check", "index_reps", "max_samples",
-                     "stress_elements", "stress_samples"), (int,)),
+    **dict.fromkeys(("reps", "seed", "capture_budget_mib", "captures_per_signature", "run_check", "index_reps",
+                     "max_samples", "stress_elements", "stress_samples"), (int,)),
     **dict.fromkeys(("op_timeout_s", "worker_memory_gib"), (int, float)),
     **dict.fromkeys(("script", "entry", "isolate", "device", "grad"), (str,)),
     **dict.fromkeys(("timing", "modules", "stress"), (bool,)),

@@ -82,6 +82,28 @@ class Finding:
     """Which recordings of the step called this signature: ``default`` (determinism off),
     ``deterministic`` (``use_deterministic_algorithms(True, warn_only=True)``), or both;
     empty when only the default-mode run was recorded."""
+    checked_calls: tuple[int, ...] = ()
+    """For a value-dependent op (``index_put_``, ``scatter_add_``...) replayed on several of its
+    calls: which calls of this signature (1-based, in its own order of calls) were replayed, the
+    first included. The verdict and ``k/N`` are the worst call's. Empty for every other op
+    (replayed on its first call only)."""
+    diverging_calls: tuple[int, ...] = ()
+    """Of :attr:`checked_calls`, those whose replays diverged at least once (in either mode)."""
+    calls_not_checked: int = 0
+    """Calls that were to be replayed too but were not: the capture budget could not hold
+    their inputs, or their replay failed."""
+
+    @property
+    def calls_checked(self) -> int:
+        """How many of this signature's calls were replayed (1 unless it is a value-dependent op)."""
+        return len(self.checked_calls) or 1
+
+    @property
+    def calls_diverged(self) -> int:
+        """How many of the calls replayed diverged at least once (see :attr:`diverging_calls`)."""
+        if self.checked_calls:
+            return len(self.diverging_calls)
+        return int(self.diverges or self.diverges_deterministic)
 
     @property
     def deterministic_path(self) -> bool:
@@ -109,6 +131,11 @@ class Finding:
     def diverges(self) -> bool:
         """Default-mode runs differed."""
         return _k(self.default_diverged) > 0
+
+    @property
+    def diverges_deterministic(self) -> bool:
+        """Deterministic-mode runs differed."""
+        return _k(self.deterministic_diverged) > 0
 
 
 def _k(ratio: str) -> int:
@@ -253,6 +280,7 @@ ROW_FIELDS = (
     "alert_kind", "strict_error", "warnings", "default_diverged", "deterministic_diverged",
     "max_abs_diff", "frac_differing", "outputs", "time_default_us", "time_deterministic_us", "det_cost",
     "rng", "cudnn", "remedy", "first_call", "ranks", "cross_rank", "recorded_in",
+    "calls_checked", "calls_diverged", "diverging_calls", "calls_not_checked",
 )
 """Column order of CSV and DataFrame rows."""
 
@@ -283,6 +311,10 @@ def flat_row(f: Finding) -> dict[str, Any]:
         "ranks": ";".join(f"{o.rank}:{o.verdict.value} {o.default_diverged}".rstrip() for o in f.ranks),
         "cross_rank": f.cross_rank,
         "recorded_in": ";".join(f.recorded_in),
+        "calls_checked": len(f.checked_calls) if f.checked_calls else "",
+        "calls_diverged": len(f.diverging_calls) if f.checked_calls else "",
+        "diverging_calls": ";".join(str(c) for c in f.diverging_calls),
+        "calls_not_checked": f.calls_not_checked or "",
     }
 
 
@@ -326,6 +358,13 @@ def finding_dict(f: Finding) -> dict[str, Any]:
         d["cross_rank"] = f.cross_rank
     if f.recorded_in:
         d["recorded_in"] = list(f.recorded_in)
+    if f.checked_calls:
+        d["calls_checked"] = len(f.checked_calls)
+        d["calls_diverged"] = len(f.diverging_calls)
+        d["checked_calls"] = list(f.checked_calls)
+        d["diverging_calls"] = list(f.diverging_calls)
+    if f.calls_not_checked:
+        d["calls_not_checked"] = f.calls_not_checked
     return d
 
 
@@ -404,7 +443,7 @@ def parse_finding(d: Any, where: str) -> Finding:
     sites = tuple(parse_site(s, f"{where}.sites") for s in _opt(d, "sites", list, where, []))
     warnings_ = _strings(d, "warnings", where)
     cudnn = _opt(d, "cudnn", dict, where, {})
-    return Finding(
+    f = Finding(
         id=_need(d, "id", str, where), op=_need(d, "op", str, where), verdict=verdict,
         calls=_need(d, "calls", int, where), signature=_need(d, "signature", str, where),
         device=_opt(d, "device", str, where, "cpu"), reason=_opt(d, "reason", str, where, ""),
@@ -424,7 +463,28 @@ def parse_finding(d: Any, where: str) -> Finding:
         ranks=tuple(_parse_rank(r, f"{where}.ranks") for r in _opt(d, "ranks", list, where, [])),
         cross_rank=_opt(d, "cross_rank", str, where, ""),
         recorded_in=_strings(d, "recorded_in", where),
+        checked_calls=_calls(d, "checked_calls", where),
+        diverging_calls=_calls(d, "diverging_calls", where),
+        calls_not_checked=_opt(d, "calls_not_checked", int, where, 0),
     )
+    _check_calls(d, f, where)
+    return f
+
+
+def _calls(d: Mapping, key: str, where: str) -> tuple[int, ...]:
+    items = _opt(d, key, list, where, [])
+    if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in items):
+        raise ReportError(f"{where}: {key} must be a list of call numbers (1 or more)")
+    return tuple(items)
+
+
+def _check_calls(d: Mapping, f: Finding, where: str) -> None:
+    """The counts written beside the call lists must match them, and diverging calls be checked ones."""
+    for key, n in (("calls_checked", len(f.checked_calls)), ("calls_diverged", len(f.diverging_calls))):
+        if key in d and d[key] != n:
+            raise ReportError(f"{where}: {key} is {d[key]!r} but its list holds {n} call(s)")
+    if not set(f.diverging_calls) <= set(f.checked_calls):
+        raise ReportError(f"{where}: diverging_calls must be among checked_calls")
 
 
 def from_dict(data: Any, path: str = "<report>") -> Report:

@@ -14,16 +14,21 @@ from typing import Any
 
 import torch
 
-from opaudit.aten.ops import OpKind, op_kind, values_matter, written_args
+from opaudit.aten.ops import OpKind, op_kind, value_dependent, values_matter, written_args
 from opaudit.aten.signature import scalar_key, script_object_text, signature_id, signature_text
 from opaudit.aten.tensors import CaptureError, Snapshot, copy_span, unsupported_input
 from opaudit.data.site import Site
 from opaudit.engine.children import ChildProcesses
 from opaudit.engine.mode import Interception
+from opaudit.engine.samples import Sample, Samples
 from opaudit.engine.sites import SiteTracker
 
 DEFAULT_CAPTURE_BUDGET = 2 * 1024**3
 """Default memory budget for captured inputs, in bytes (2 GiB)."""
+
+DEFAULT_CAPTURES_PER_SIGNATURE = 4
+"""Captures kept per signature of a value-dependent op (its first call's and up to 3 more, spread over the
+window: see :mod:`opaudit.engine.samples`); every other signature keeps its first call's only."""
 
 MAX_SITES = 8
 """Distinct source sites kept per signature; further sites are only counted."""
@@ -56,13 +61,20 @@ class RecordedSignature:
     """Why the op cannot be replayed (capture budget, capture OOM...), else ``None``."""
     capture_needed: int | None = None
     """For ``capture budget``: the budget, in bytes, that would have held this capture too."""
+    checked_calls: tuple[int, ...] = ()
+    """For a value-dependent op (:data:`~opaudit.aten.ops.VALUE_DEPENDENT_OPS`) recorded with
+    ``captures_per_signature`` above 1: the calls of this signature (1-based, in its own order)
+    whose inputs were captured, the first call's included. Empty for every other signature."""
+    calls_not_held: int = 0
+    """Calls of a value-dependent signature that were to be captured too but did not fit in the
+    capture budget (or were dropped to make room for another signature's first capture)."""
 
 
 class _Entry:
     """Mutable accumulator behind a :class:`RecordedSignature`."""
 
     __slots__ = ("func", "kind", "key", "first_call", "calls", "phases", "sites", "sites_dropped",
-                 "snapshot", "skip_reason", "text", "capture_needed")
+                 "snapshot", "skip_reason", "text", "capture_needed", "samples")
 
     def __init__(self, func: Any, kind: OpKind, key: Any, first_call: int) -> None:
         self.func = func
@@ -79,12 +91,15 @@ class _Entry:
         self.skip_reason: str | None = None
         self.text: str | None = None
         self.capture_needed: int | None = None
+        self.samples: Samples | None = None
+        """Further captures, for a value-dependent op (see :mod:`opaudit.engine.samples`)."""
 
 
 class _OpTraits:
     """What the hot path needs to know about one op overload, worked out once per process."""
 
-    __slots__ = ("func", "call", "kind", "skip_reason", "view", "name", "written", "writes", "values")
+    __slots__ = ("func", "call", "kind", "skip_reason", "view", "name", "written", "writes", "values",
+                 "sampled")
 
     def __init__(self, func: Any) -> None:
         self.func = func
@@ -98,6 +113,8 @@ class _OpTraits:
         self.writes = any(self.written[0]) or bool(self.written[1])
         self.values = values_matter(func)
         """Whether the result depends on the input values (``new_zeros``' does not): else none are held."""
+        self.sampled = self.kind is OpKind.COMPUTE and value_dependent(func)
+        """Whether its nondeterminism depends on index collisions: several calls are captured."""
 
 
 # Keyed by ``id(func)``: ``OpOverload.__hash__`` is a Python method, and this dict is
@@ -152,7 +169,13 @@ class Recorder:
     >>> report = opaudit.build_report(rec, reps=5)
 
     Each unique signature keeps its call count, phases, sites and a snapshot of
-    the inputs of its first call, within ``capture_budget`` bytes.
+    the inputs of its first call, within ``capture_budget`` bytes. A signature of
+    a value-dependent op (``index_put_``, ``scatter_add_``...: see
+    :data:`~opaudit.aten.ops.VALUE_DEPENDENT_OPS`) keeps up to
+    ``captures_per_signature`` snapshots, of calls spread over the recording
+    (:mod:`opaudit.engine.samples`), all within the same budget: a first capture
+    of any signature takes precedence, and once the budget had to drop one of these
+    further captures to make room, no more are taken.
 
     Snapshots are copy on write: an input the op only reads is held as it is,
     and copied only when a later op is about to write it (its schema says so) or,
@@ -165,8 +188,14 @@ class Recorder:
     """
 
     def __init__(self, capture_budget: int = DEFAULT_CAPTURE_BUDGET, root: str | None = None, *,
-                 copy_inputs: bool = False, capture_collectives: bool = False) -> None:
+                 copy_inputs: bool = False, capture_collectives: bool = False,
+                 captures_per_signature: int = DEFAULT_CAPTURES_PER_SIGNATURE) -> None:
+        if captures_per_signature < 1:
+            raise ValueError("captures_per_signature must be at least 1")
         self.capture_budget = capture_budget
+        self.captures_per_signature = captures_per_signature
+        self._samples_closed = False
+        """Set once a further capture was dropped to make room for a first one: no more are taken."""
         self.copy_inputs = copy_inputs
         self.capture_collectives = capture_collectives
         """Also capture the inputs of collectives (still ``skipped``, reason ``collective``),
@@ -237,6 +266,8 @@ class Recorder:
             entry = entries[key] = _Entry(func, info.kind, key, self.total_calls)
             self._first_call(entry, info, args, kwargs or {})
         entry.calls += 1
+        if entry.samples is not None and entry.calls > 1:
+            self._sample(entry, info, args, kwargs or {})
         entry.phases |= phase
         sites = entry.sites
         n = sites.get(site)
@@ -261,44 +292,110 @@ class Recorder:
         if entry.snapshot is None:
             # With a snapshot the text waits for ``signatures()`` (see ``_text``).
             entry.text = signature_text(args, kwargs)
+        elif info.sampled and self.captures_per_signature > 1:
+            entry.samples = Samples(self.captures_per_signature)
 
-    def _capture(self, entry: _Entry, info: _OpTraits, args: tuple, kwargs: dict) -> None:
+    def _snapshot(self, info: _OpTraits, args: tuple, kwargs: dict) -> Snapshot:
+        """A snapshot of one call's inputs within what is left of the budget; :class:`CaptureError` if not."""
         written = None
         if info.writes:
             pos_w, kw_w = info.written
             written = [pos_w[i] if i < len(pos_w) else False for i in range(len(args))]
             written += [k in kw_w for k in kwargs]
-        try:
-            # An op returning uninitialized memory is only ever timed: its inputs'
-            # values do not matter, so none are held.
-            snap = Snapshot(args, kwargs, written, share=not self.copy_inputs,
-                            budget=self.capture_budget - self.captured_bytes, values=info.values)
-        except CaptureError as e:
-            entry.skip_reason = str(e) if str(e) in ("capture OOM", "capture budget") else f"capture failed: {e}"
-            if e.nbytes is not None:
-                entry.capture_needed = self.captured_bytes + e.nbytes
-            return
-        except Exception as e:  # noqa: BLE001 - the user's run must carry on
-            entry.skip_reason = f"capture failed: {type(e).__name__}: {e}"
-            return
+        # An op returning uninitialized memory is only ever timed: its inputs'
+        # values do not matter, so none are held.
+        snap = Snapshot(args, kwargs, written, share=not self.copy_inputs,
+                        budget=self.capture_budget - self.captured_bytes, values=info.values)
         if self.captured_bytes + snap.nbytes > self.capture_budget:
-            entry.skip_reason = "capture budget"
-            entry.capture_needed = self.captured_bytes + snap.nbytes
-            return
+            raise CaptureError("capture budget", snap.nbytes)
+        return snap
+
+    def _capture(self, entry: _Entry, info: _OpTraits, args: tuple, kwargs: dict) -> None:
+        for attempt in range(2):
+            try:
+                snap = self._snapshot(info, args, kwargs)
+            except CaptureError as e:
+                if (attempt == 0 and str(e) == "capture budget" and e.nbytes is not None
+                        and self._make_room(e.nbytes)):
+                    continue
+                entry.skip_reason = str(e) if str(e) in ("capture OOM", "capture budget") else f"capture failed: {e}"
+                if e.nbytes is not None:
+                    entry.capture_needed = self.captured_bytes + e.nbytes
+                return
+            except Exception as e:  # noqa: BLE001 - the user's run must carry on
+                entry.skip_reason = f"capture failed: {type(e).__name__}: {e}"
+                return
+            break
         self.captured_bytes += snap.nbytes
         entry.snapshot = snap
+        self._hold(entry, snap)
+
+    def _hold(self, holder: "_Entry | Sample", snap: Snapshot) -> None:
+        """Register the storages ``snap`` holds uncopied, for copy on write."""
         held = self._held
         for b, storage in snap.shared():
             ptr = storage.data_ptr()
             slot = held.get(ptr)
             if slot is None:
-                held[ptr] = [storage, [(entry, b)]]
+                held[ptr] = [storage, [(holder, b)]]
             else:
-                slot[1].append((entry, b))
+                slot[1].append((holder, b))
                 if slot[0] is not storage:
                     # Two storages share this memory (``from_numpy`` twice, DLPack...):
                     # their reference counts say nothing about each other, so seal copies it.
                     slot[0] = None
+
+    # -- further captures of value-dependent ops (see opaudit.engine.samples) --
+    def _sample(self, entry: _Entry, info: _OpTraits, args: tuple, kwargs: dict) -> None:
+        samples = entry.samples
+        take, dropped = samples.wants(entry.calls)
+        for s in dropped:
+            self._release_sample(s)
+        if not take or entry.snapshot is None:
+            return
+        if self._samples_closed:
+            samples.missed += 1
+            return
+        try:
+            snap = self._snapshot(info, args, kwargs)
+        except Exception:  # noqa: BLE001 - a further capture is best effort; the first one stands
+            samples.missed += 1
+            return
+        sample = Sample(entry, entry.calls, snap)
+        samples.kept.append(sample)
+        self.captured_bytes += snap.nbytes
+        self._hold(sample, snap)
+
+    def _release_sample(self, s: Sample) -> None:
+        """Forget one further capture: its bytes leave the budget, its held storages are let go."""
+        snap, s.snapshot = s.snapshot, None
+        if snap is None:
+            return
+        self.captured_bytes -= snap.nbytes
+        for _, storage in snap.shared():
+            ptr = storage.data_ptr()
+            slot = self._held.get(ptr)
+            if slot is not None:
+                slot[1] = [(h, b) for h, b in slot[1] if h is not s]
+                if not slot[1]:
+                    del self._held[ptr]
+
+    def _make_room(self, nbytes: int) -> bool:
+        """Drop further captures, latest signature first, until ``nbytes`` more fit; stop taking them.
+
+        A signature's first capture matters more than another call of a signature
+        already captured: without it the signature is not replayed at all.
+        """
+        if not any(e.samples is not None and e.samples.kept for e in self._entries.values()):
+            return False
+        self._samples_closed = True
+        for e in sorted(self._entries.values(), key=lambda e: -e.first_call):
+            if e.samples is None:
+                continue
+            while e.samples.kept and self.captured_bytes + nbytes > self.capture_budget:
+                self._release_sample(e.samples.kept.pop())
+                e.samples.missed += 1
+        return self.captured_bytes + nbytes <= self.capture_budget
 
     # -- copy on write ------------------------------------------------------
     # A snapshot copies at once only the storages its op writes; the storages it
@@ -330,7 +427,7 @@ class Recorder:
             for x in a:
                 self._unhold(x)
 
-    def _own(self, waiting: list[tuple[_Entry, int]]) -> None:
+    def _own(self, waiting: list[tuple["_Entry | Sample", int]]) -> None:
         """Copy one held storage, once, over the union of the spans its holders need."""
         live = []
         lo = hi = -1
@@ -359,12 +456,22 @@ class Recorder:
         for entry, b in live:
             entry.snapshot.own(b, copy)
 
-    def _drop(self, entry: _Entry, reason: str) -> None:
+    def _drop(self, holder: "_Entry | Sample", reason: str) -> None:
+        if isinstance(holder, Sample):
+            if holder.snapshot is not None and holder.owner.samples is not None:
+                holder.owner.samples.missed += 1
+            self._release_sample(holder)
+            return
+        entry = holder
         self._text(entry)
         if entry.snapshot is not None:
             self.captured_bytes -= entry.snapshot.nbytes
         entry.snapshot = None
         entry.skip_reason = reason
+        if entry.samples is not None:
+            for s in entry.samples.kept:
+                self._release_sample(s)
+            entry.samples = None
 
     def _seal(self) -> None:
         """Copy the held storages that anything besides the snapshots still references."""
@@ -385,6 +492,7 @@ class Recorder:
         self.total_calls = 0
         self.captured_bytes = 0
         self.strict_refusals = {}
+        self._samples_closed = False
 
     def shipment(self) -> dict[str, Any]:
         """What this (child) recorder recorded, as plain values and snapshots, for :meth:`merge`."""
@@ -467,6 +575,8 @@ class Recorder:
                 first_call=e.first_call,
                 skip_reason=e.skip_reason,
                 capture_needed=e.capture_needed,
+                checked_calls=(1, *e.samples.calls()) if e.samples is not None and e.snapshot is not None else (),
+                calls_not_held=e.samples.missed if e.samples is not None else 0,
             ))
         return out
 
@@ -474,6 +584,20 @@ class Recorder:
         """``(signature, op overload, snapshot)`` triples in order of first call."""
         sigs = self.signatures()
         return [(s, e.func, e.snapshot) for s, e in zip(sigs, self._entries_in_order())]
+
+    def further_captures(self) -> dict[str, tuple[tuple[int, Snapshot], ...]]:
+        """Signature id → ``(call, snapshot)`` of each capture besides the first, for value-dependent ops.
+
+        ``call`` is 1-based in the signature's own order of calls (see
+        :attr:`RecordedSignature.checked_calls`). Signatures without any are left out.
+        """
+        out = {}
+        for sig, e in zip(self.signatures(), self._entries_in_order()):
+            if e.samples is not None and e.snapshot is not None:
+                held = tuple((s.call, s.snapshot) for s in e.samples.kept if s.snapshot is not None)
+                if held:
+                    out[sig.id] = held
+        return out
 
     @property
     def view_calls(self) -> dict[str, int]:
@@ -485,6 +609,9 @@ class Recorder:
         for e in self._entries.values():
             self._text(e)
             e.snapshot = None
+            if e.samples is not None:
+                for s in e.samples.kept:
+                    s.snapshot = None
         self._held.clear()
         self.captured_bytes = 0
 

@@ -20,7 +20,12 @@ from opaudit.data.verdict import Verdict
 from opaudit.engine.classify import classify
 from opaudit.engine.environment import environment_warnings, fingerprint
 from opaudit.engine.loader import Target
-from opaudit.engine.record import DEFAULT_CAPTURE_BUDGET, RecordedSignature, Recorder
+from opaudit.engine.record import (
+    DEFAULT_CAPTURE_BUDGET,
+    DEFAULT_CAPTURES_PER_SIGNATURE,
+    RecordedSignature,
+    Recorder,
+)
 from opaudit.engine.replay import preserved_state, replay, time_fill
 from opaudit.engine.window import Recorded, Window, run_target
 
@@ -108,6 +113,25 @@ def make_finding(sig: RecordedSignature, obs: Observation | None, remedy: str = 
     return _with(f, **changes)
 
 
+def over_calls(sig: RecordedSignature, first: Finding, more: list[tuple[int, Finding]]) -> Finding:
+    """One finding for a value-dependent signature replayed on several of its calls.
+
+    ``first`` is the finding of the first call's capture, ``more`` the ``(call,
+    finding)`` of the others. The verdict and the ``k/N`` are those of the worst
+    call (the earliest of the worst); ``checked_calls`` and ``diverging_calls`` say
+    which calls were replayed and which of them diverged at least once (in either
+    mode). A further call whose replay was skipped (it failed, timed out) is not
+    counted as checked but as ``calls_not_checked``, next to the calls whose
+    capture the budget could not hold.
+    """
+    found = [(1, first)] + [(c, f) for c, f in more if f.verdict is not Verdict.SKIPPED]
+    worst = max(found, key=lambda cf: (cf[1].verdict.severity, -cf[0]))[1]
+    not_checked = sig.calls_not_held + len(more) + 1 - len(found)
+    return _with(worst, checked_calls=tuple(c for c, _ in found),
+                 diverging_calls=tuple(c for c, f in found if f.diverges or f.diverges_deterministic),
+                 calls_not_checked=not_checked)
+
+
 def _with_fill_timing(f: Finding, func: Any, snap: Snapshot, reps: int) -> Finding:
     timed = time_fill(func, snap, reps)
     if timed is None:
@@ -160,6 +184,8 @@ def build_report(
 
         kb = KnowledgeBase.load_default()
     items = merge_recordings(rec, deterministic)
+    further = rec.further_captures()
+    det_further = deterministic.further_captures() if deterministic is not None else {}
     findings: list[Finding] = []
     devices: set[str] = set()
     interrupted: KeyboardInterrupt | None = None
@@ -173,6 +199,11 @@ def build_report(
                     cudnn = sig.device.startswith("cuda") and is_cudnn_op(func)
                     obs = replay_fn(func, snap, reps, cudnn)
                 f = make_finding(sig, obs, recorded_in=paths)
+                if sig.checked_calls and obs is not None:
+                    # Value-dependent op: its other captured calls, each replayed like the first.
+                    extra = (det_further if paths == (DETERMINISTIC_PATH,) else further).get(sig.id, ())
+                    f = over_calls(sig, f, [(call, make_finding(sig, replay_fn(func, s, reps, cudnn), recorded_in=paths))
+                                            for call, s in extra])
                 if sig.kind is OpKind.UNINITIALIZED and snap is not None:
                     f = _with_fill_timing(f, func, snap, reps)
                 if not timings:
@@ -217,6 +248,14 @@ def assemble(rec: Recorder, findings: list[Finding], *, reps: int, seed: int, se
                         "(DataLoader workers) ran ops that were not recorded: they did not exit normally before "
                         "recording ended (persistent_workers=True, killed, os._exit); their ops are missing here")
     all_settings = {"reps": reps, "seed": seed, "capture_budget_mib": rec.capture_budget // 2**20}
+    if rec.captures_per_signature != DEFAULT_CAPTURES_PER_SIGNATURE:
+        all_settings["captures_per_signature"] = rec.captures_per_signature
+    short = [f for f in findings if f.calls_not_checked]
+    if short:
+        warnings.append(f"{len(short)} value-dependent signature(s) were replayed on fewer of their calls than "
+                        f"captures_per_signature ({rec.captures_per_signature}) allows: the capture budget could not "
+                        "hold the others, or their replay failed (see calls_not_checked); "
+                        "a larger --capture-budget checks more calls")
     if children.forked:
         all_settings["child_processes"] = {"forked": children.forked, "recorded": children.recorded}
     all_settings.update(settings or {})

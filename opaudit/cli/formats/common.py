@@ -52,6 +52,20 @@ def verdict_text(f: "Finding") -> str:
     return f.verdict.value
 
 
+def calls_text(f: "Finding") -> str:
+    """For a value-dependent op replayed on several calls: how many diverged, and the first that did."""
+    if not f.checked_calls:
+        return ""
+    n = len(f.checked_calls)
+    if not f.diverging_calls:
+        text = f"{n} calls checked"
+    else:
+        text = f"{len(f.diverging_calls)} of {n} calls checked diverged (first: call {f.diverging_calls[0]})"
+    if f.calls_not_checked:
+        text += f", {f.calls_not_checked} not checked"
+    return text
+
+
 def finding_row(f: "Finding") -> list[Any]:
     """One table row for a finding."""
     cost = f.det_cost
@@ -61,6 +75,9 @@ def finding_row(f: "Finding") -> list[Any]:
         verdict += f" on rank {','.join(map(str, on))}"
     if f.cross_rank.startswith("differs"):
         verdict += f"; across ranks {f.cross_rank}"
+    calls = calls_text(f)
+    if calls:
+        verdict += f"; {calls}"
     return [
         verdict,
         f.op, f.calls, "/".join(f.phases), where(f.locations, 2, f.sites_dropped), ", ".join(f.modules[:2]) or "-",

@@ -148,7 +148,8 @@ def _sweep_kind(task: Task, info: Any, kind: str, dtype: Any, cfg: SweepConfig, 
             except Exception as e:  # noqa: BLE001 - OpInfo refusing its own samples is a result
                 cases, note = [], ""
                 first_error = f"{kind} samples: {error_line(e)}"
-            rec = Recorder(capture_budget=CAPTURE_BUDGET)
+            # One capture per signature: a catalog entry describes the op on its sample inputs.
+            rec = Recorder(capture_budget=CAPTURE_BUDGET, captures_per_signature=1)
             for case in cases:
                 if time.monotonic() > deadline:
                     cut = True
