@@ -42,3 +42,39 @@ def test_without_the_second_recording_the_default_path_is_all_there_is(tmp_path,
     assert [f.op for f in report.crashes()] == ["aten.put_.default"]
     assert "aten.max_unpool2d.default" not in {f.op for f in report.all_findings}
     assert all(f.recorded_in == () for f in report.all_findings)
+
+
+def _branching_step(calls: list[bool]):
+    """The fixture's branch as a Python-API step: put_ by default, max_unpool + index_add in deterministic mode."""
+    from torch.nn import functional as F
+
+    def step():
+        calls.append(torch.are_deterministic_algorithms_enabled())
+        g = torch.Generator().manual_seed(0)
+        x, idx, out = torch.randn(16, generator=g), torch.randperm(16, generator=g), torch.zeros(16)
+        if torch.are_deterministic_algorithms_enabled():
+            pooled, where = F.max_pool1d(x.view(1, 1, -1), 2, return_indices=True)
+            out = out + F.max_unpool1d(pooled, where, 2).view(-1)
+            return out.index_add(0, idx, x)
+        return out.put_(idx, x)
+
+    return step
+
+
+def test_the_python_api_records_deterministic_mode_when_asked():
+    import opaudit
+
+    calls: list[bool] = []
+    report = opaudit.audit(_branching_step(calls), reps=1, deterministic_pass=True)
+    assert calls == [True, False]  # called twice: deterministic mode first
+    assert [f.op for f in report.crashes()] == ["aten.max_unpool2d.default"]
+    assert report.finding("aten.put_.default").recorded_in == ("default",)
+    assert report.finding("aten.index_add.default").recorded_in == ("deterministic",)
+    assert report.settings["deterministic_pass"] is True
+    assert not torch.are_deterministic_algorithms_enabled()
+
+    calls.clear()
+    report = opaudit.audit(_branching_step(calls), reps=1)
+    assert calls == [False]  # by default fn runs once
+    assert [f.op for f in report.crashes()] == ["aten.put_.default"]
+    assert "deterministic_pass" not in report.settings

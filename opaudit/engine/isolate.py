@@ -299,9 +299,12 @@ class Isolator:
         self._table: list[tuple[Any, Snapshot]] = []
         self._index: dict[tuple[Any, int], int] = {}
         if rec is not None:
-            for _, func, snap in rec.items():
+            further = rec.further_captures()
+            for sig, func, snap in rec.items():
                 if snap is not None:
                     self._register(func, snap)
+                    for _, more in further.get(sig.id, ()):
+                        self._register(func, more)
         if start_method is None:
             start_method = default_start_method([s for _, s in self._table])
         if start_method not in ("fork", "spawn"):

@@ -64,7 +64,8 @@ class RecordedSignature:
     checked_calls: tuple[int, ...] = ()
     """For a value-dependent op (:data:`~opaudit.aten.ops.VALUE_DEPENDENT_OPS`) recorded with
     ``captures_per_signature`` above 1: the calls of this signature (1-based, in its own order)
-    whose inputs were captured, the first call's included. Empty for every other signature."""
+    whose inputs were captured, the first call's included. Empty for every other signature, and
+    for one called only once."""
     calls_not_held: int = 0
     """Calls of a value-dependent signature that were to be captured too but did not fit in the
     capture budget (or were dropped to make room for another signature's first capture)."""
@@ -575,7 +576,7 @@ class Recorder:
                 first_call=e.first_call,
                 skip_reason=e.skip_reason,
                 capture_needed=e.capture_needed,
-                checked_calls=(1, *e.samples.calls()) if e.samples is not None and e.snapshot is not None else (),
+                checked_calls=_checked_calls(e),
                 calls_not_held=e.samples.missed if e.samples is not None else 0,
             ))
         return out
@@ -630,6 +631,13 @@ class Recorder:
             else:
                 e.text = ""
         return e.text
+
+
+def _checked_calls(e: _Entry) -> tuple[int, ...]:
+    """The calls captured, first included, for a value-dependent signature called more than once."""
+    if e.samples is None or e.snapshot is None or e.calls < 2:
+        return ()
+    return (1, *e.samples.calls())
 
 
 def _op_by_name(name: str) -> Any:

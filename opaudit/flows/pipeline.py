@@ -291,22 +291,48 @@ def record_target(target: Target, rec: Recorder, window: Window, *, seed: int = 
 
 
 def audit(fn: Callable[..., Any], *args: Any, reps: int = DEFAULT_REPS, seed: int = 0,
-          capture_budget: int = DEFAULT_CAPTURE_BUDGET, **kwargs: Any) -> Report:
+          capture_budget: int = DEFAULT_CAPTURE_BUDGET, deterministic_pass: bool = False,
+          captures_per_signature: int = DEFAULT_CAPTURES_PER_SIGNATURE, **kwargs: Any) -> Report:
     """Record one call of ``fn(*args, **kwargs)`` and return its audit :class:`Report`.
 
-    ``reps``, ``seed`` and ``capture_budget`` are opaudit's own options; every
-    other keyword goes to ``fn``.
+    ``reps``, ``seed``, ``capture_budget``, ``deterministic_pass`` and
+    ``captures_per_signature`` are opaudit's own options; every other keyword goes to ``fn``.
+
+    With ``deterministic_pass=True``, ``fn`` is **called twice**: first under
+    ``torch.use_deterministic_algorithms(True, warn_only=True)``, recorded on its
+    own, then as usual (with the global RNG states the first call found). As the
+    command line does, the report then says which recording called each op
+    (``recorded_in``), and :meth:`Report.crashes` leaves out the ops that only the
+    default-mode path calls. It is off by default because a step usually changes
+    state (an optimizer step, a counter, a data iterator): the second call starts
+    from what the first left, and its own inputs are held (within
+    ``capture_budget``) while the second runs. Use it when ``fn`` can be called
+    twice, or when its code branches on ``torch.are_deterministic_algorithms_enabled()``.
     """
+    import os
+    import warnings
+
     root = None
     code = getattr(fn, "__code__", None)
     if code is not None:
-        import os
-
         root = os.path.dirname(os.path.abspath(code.co_filename))
-    rec = Recorder(capture_budget=capture_budget, root=root)
-    with rec:
-        fn(*args, **kwargs)
+    det = None
+    if deterministic_pass:
+        det = Recorder(capture_budget=capture_budget, root=root, captures_per_signature=captures_per_signature)
+        with preserved_state(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            with det:
+                fn(*args, **kwargs)
+    rec = Recorder(capture_budget=capture_budget, root=root, captures_per_signature=captures_per_signature)
     try:
-        return build_report(rec, reps=reps, seed=seed, settings={"entry": getattr(fn, "__qualname__", repr(fn))})
+        with rec:
+            fn(*args, **kwargs)
+        settings = {"entry": getattr(fn, "__qualname__", repr(fn))}
+        if deterministic_pass:
+            settings["deterministic_pass"] = True
+        return build_report(rec, reps=reps, seed=seed, settings=settings, deterministic=det)
     finally:
         rec.release()
+        if det is not None:
+            det.release()

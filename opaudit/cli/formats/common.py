@@ -60,7 +60,7 @@ def calls_text(f: "Finding") -> str:
     if not f.diverging_calls:
         text = f"{n} calls checked"
     else:
-        text = f"{len(f.diverging_calls)} of {n} calls checked diverged (first: call {f.diverging_calls[0]})"
+        text = f"{len(f.diverging_calls)}/{n} calls diverged, first: call {f.diverging_calls[0]}"
     if f.calls_not_checked:
         text += f", {f.calls_not_checked} not checked"
     return text
