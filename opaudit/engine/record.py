@@ -4,6 +4,12 @@ The public :class:`Recorder` owns the results; a private ``TorchDispatchMode``
 only intercepts calls and forwards them to it (the shape of PyTorch's own
 ``FlopCounterMode``). Ops are attributed to the user's source line and module; a
 backward op is attributed to the forward line that created its autograd node.
+
+Longer than ~500 lines on purpose: the hot path, copy on write and the further
+captures of value-dependent ops (:mod:`opaudit.engine.samples` holds their
+policy) all read and write the same private tables (entries, held storages,
+the captured bytes), and splitting them would turn those into a cross-module
+protocol on the recorder's hottest code.
 """
 
 from __future__ import annotations

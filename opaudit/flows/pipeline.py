@@ -199,7 +199,7 @@ def build_report(
                     cudnn = sig.device.startswith("cuda") and is_cudnn_op(func)
                     obs = replay_fn(func, snap, reps, cudnn)
                 f = make_finding(sig, obs, recorded_in=paths)
-                if sig.checked_calls and obs is not None:
+                if sig.checked_calls and obs is not None and f.verdict is not Verdict.SKIPPED:
                     # Value-dependent op: its other captured calls, each replayed like the first.
                     extra = (det_further if paths == (DETERMINISTIC_PATH,) else further).get(sig.id, ())
                     f = over_calls(sig, f, [(call, make_finding(sig, replay_fn(func, s, reps, cudnn), recorded_in=paths))
