@@ -152,3 +152,10 @@ def test_call_lists_round_trip_and_a_count_that_disagrees_is_refused():
         parse_finding({**d, "calls_checked": 4}, "f")
     with pytest.raises(ReportError, match="among checked_calls"):
         parse_finding({**d, "diverging_calls": [7], "calls_diverged": 1}, "f")
+
+
+def test_the_command_line_default_is_the_recorders():
+    from opaudit.cli.main import _audit_parser
+    from opaudit.engine.record import DEFAULT_CAPTURES_PER_SIGNATURE
+
+    assert _audit_parser().parse_args(["x.py"]).captures_per_signature == DEFAULT_CAPTURES_PER_SIGNATURE
