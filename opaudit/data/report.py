@@ -146,6 +146,28 @@ def _k(ratio: str) -> int:
 
 
 @dataclass(frozen=True)
+class CompiledCode:
+    """A ``torch.compile``d module or function that the recorded step called.
+
+    Under the recorder it ran eagerly (Dynamo does not compile under a dispatch
+    mode; opaudit sets the compiler stance ``force_eager`` while recording), so
+    the findings for its ops are for the eager aten kernels, not for the kernels
+    Inductor generated. ``--run-check`` checks the compiled step itself.
+    """
+
+    kind: str
+    """``module`` (an ``nn.Module`` compiled with ``torch.compile(model)`` or ``model.compile()``) or ``function``."""
+    name: str
+    """The module's class name, or the function's qualified name."""
+    calls: int
+    """Calls while recording."""
+    compiled_at: str = ""
+    """``file:line`` of the ``torch.compile`` call, when opaudit saw it (empty otherwise)."""
+    defined_at: str = ""
+    """For a function, ``file:line`` of its definition."""
+
+
+@dataclass(frozen=True)
 class RunCheck:
     """Outcome of re-running the whole step ``runs`` times from identical state in one mode."""
 
@@ -172,6 +194,15 @@ class RunCheck:
     outputs), and how many came before the root cause (see :mod:`opaudit.flows.runcheck`)."""
     rank: int | None = None
     """The rank that ran this check, in a merged torchrun report."""
+    compiled: tuple[str, ...] = ()
+    """When the step calls ``torch.compile``d code: the compiled modules and functions
+    (``module MLP``, ``function step``). The runs then ran with compilation in force and
+    no dispatch mode, so ``ops`` is 0 and only the final tensors were compared."""
+    compiles: int | None = None
+    """Graphs Dynamo compiled over all the runs of a compiled step (a fresh load of the
+    script compiles anew; Inductor's caches make the later compiles cheaper)."""
+    inductor_deterministic: bool | None = None
+    """For a compiled step: whether ``torch._inductor.config.deterministic`` was on."""
 
 
 @dataclass(frozen=True)
@@ -193,6 +224,8 @@ class Report:
     """The ``--batch-invariance`` check, when it ran (see :mod:`opaudit.flows.batchinv`)."""
     distributed: Mapping[str, Any] = field(default_factory=dict)
     """For a merged torchrun job: world size, ranks, collective plan, replica consistency (empty otherwise)."""
+    compiled: tuple[CompiledCode, ...] = ()
+    """``torch.compile``d modules and functions the recorded step called: recorded and audited eagerly."""
     format: str = FORMAT
     version: int = VERSION
 
@@ -258,6 +291,8 @@ class Report:
             d["batch_invariance"] = self.batch_invariance.to_dict()
         if self.distributed:
             d["distributed"] = dict(self.distributed)
+        if self.compiled:
+            d["compiled"] = [{k: v for k, v in dataclasses.asdict(c).items() if v != ""} for c in self.compiled]
         d["view_calls"] = dict(sorted(self.view_calls.items()))
         d["findings"] = [finding_dict(f) for f in self.all_findings]
         return d
@@ -392,6 +427,10 @@ def _parse_rank(d: Any, where: str) -> RankOutcome:
 def _run_check_dict(r: RunCheck) -> dict[str, Any]:
     d = dataclasses.asdict(r)
     d["mismatches"] = list(r.mismatches)
+    if r.compiled:
+        d["compiled"] = list(r.compiled)
+    else:
+        del d["compiled"]  # an eager step's check reads as it always did
     return {k: v for k, v in d.items() if v is not None}
 
 
@@ -510,7 +549,17 @@ def from_dict(data: Any, path: str = "<report>") -> Report:
             differing_ops=_opt(r, "differing_ops", int, w, 0), root_cause=_opt(r, "root_cause", dict, w),
             path_split=_opt(r, "path_split", dict, w), mismatches=_strings(r, "mismatches", w),
             error=_opt(r, "error", str, w), compared=_opt(r, "compared", int, w),
-            collectives=_opt(r, "collectives", dict, w), rank=_opt(r, "rank", int, w)))
+            collectives=_opt(r, "collectives", dict, w), rank=_opt(r, "rank", int, w),
+            compiled=_strings(r, "compiled", w), compiles=_opt(r, "compiles", int, w),
+            inductor_deterministic=_opt(r, "inductor_deterministic", bool, w)))
+    compiled = []
+    for i, c in enumerate(_opt(data, "compiled", list, path, [])):
+        w = f"{path}: compiled[{i}]"
+        if not isinstance(c, Mapping):
+            raise ReportError(f"{w}: must be a mapping")
+        compiled.append(CompiledCode(
+            kind=_need(c, "kind", str, w), name=_need(c, "name", str, w), calls=_need(c, "calls", int, w),
+            compiled_at=_opt(c, "compiled_at", str, w, ""), defined_at=_opt(c, "defined_at", str, w, "")))
     view_calls = _opt(data, "view_calls", dict, path, {})
     if not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in view_calls.items()):
         raise ReportError(f"{path}: view_calls must map op names to counts")
@@ -526,6 +575,7 @@ def from_dict(data: Any, path: str = "<report>") -> Report:
         run_checks=tuple(runs),
         batch_invariance=batch,
         distributed=_opt(data, "distributed", dict, path, {}),
+        compiled=tuple(compiled),
     )
     _check_summary(summary, report, path)
     return report

@@ -200,7 +200,8 @@ def sandboxed(target: Target) -> Iterator[Sandbox]:
         # The interpreter waits for non-daemon threads at exit, then runs the
         # atexit hooks; so do we, before replay flips global flags under them.
         for t in threading.enumerate():
-            if t not in threads_before and not t.daemon and t is not threading.current_thread():
+            if t not in threads_before and not t.daemon and t is not threading.current_thread() \
+                    and not _executor_worker(t):
                 t.join()
         try:
             _run_hooks(hooks, box)
@@ -224,7 +225,20 @@ def sandboxed(target: Target) -> Iterator[Sandbox]:
             if saved_main is not None:
                 sys.modules["__main__"] = saved_main
             box.threads_left = tuple(sorted(t.name for t in threading.enumerate()
-                                            if t not in threads_before and t.is_alive()))
+                                            if t not in threads_before and t.is_alive() and not _executor_worker(t)))
+
+
+def _executor_worker(t: threading.Thread) -> bool:
+    """A ``concurrent.futures.ThreadPoolExecutor`` worker: idle between tasks, and never joined here.
+
+    The interpreter stops them at exit itself (``concurrent.futures.thread._python_exit``
+    tells them to, then joins); joined without that they wait for work for ever.
+    Inductor's compile pool (``torch._inductor.async_compile``) starts some the
+    first time a ``torch.compile``d step compiles, and keeps them for the process.
+    """
+    target = getattr(t, "_target", None)
+    return getattr(target, "__module__", None) == "concurrent.futures.thread" and \
+        getattr(target, "__name__", None) == "_worker"
 
 
 def _deadline(timer: tuple[float, float]) -> tuple[float | None, float]:

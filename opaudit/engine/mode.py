@@ -14,6 +14,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from opaudit.aten.ops import is_determinism_alert
+from opaudit.engine.compiled import CompiledWatch
 
 if TYPE_CHECKING:
     from opaudit.engine.sites import SiteTracker
@@ -101,6 +102,9 @@ class Interception:
 
     On the way out the mode is left first, then the tracker's hooks are removed,
     whatever the watched code raised. ``on_alert`` goes to the mode (see :func:`_dispatch`).
+    ``torch.compile``d code called inside runs eagerly, and is named in
+    ``compiled`` (see :mod:`opaudit.engine.compiled`): Dynamo would not compile it
+    under the mode anyway.
     """
 
     def __init__(self, on_call: Callable[[Any, tuple, dict | None], Callable[..., Any]], sites: "SiteTracker",
@@ -108,10 +112,13 @@ class Interception:
         self.on_call = on_call
         self.on_alert = on_alert
         self.sites = sites
+        self.compiled = CompiledWatch(eager=True, root=sites.root)
+        """The compiled modules and functions called while intercepting, over every entry."""
         self._mode: RecordingMode | None = None
 
     def __enter__(self) -> "Interception":
         self.sites.start()
+        self.compiled.__enter__()
         self._mode = RecordingMode(self.on_call, self.on_alert)
         self._mode.__enter__()
         return self
@@ -122,4 +129,7 @@ class Interception:
                 self._mode.__exit__(*exc)
         finally:
             self._mode = None
-            self.sites.stop()
+            try:
+                self.compiled.__exit__(*exc)
+            finally:
+                self.sites.stop()

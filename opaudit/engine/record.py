@@ -23,6 +23,7 @@ import torch
 from opaudit.aten.ops import OpKind, op_kind, value_dependent, values_matter, written_args
 from opaudit.aten.signature import scalar_key, script_object_text, signature_id, signature_text
 from opaudit.aten.tensors import CaptureError, Snapshot, copy_span, unsupported_input
+from opaudit.data.report import CompiledCode
 from opaudit.data.site import Site
 from opaudit.engine.children import ChildProcesses
 from opaudit.engine.mode import Interception
@@ -611,8 +612,13 @@ class Recorder:
         """Calls of view and metadata ops, by op name (not replayed)."""
         return dict(sorted((info.name, n) for info, n in self._view_calls.items()))
 
+    def compiled(self) -> tuple[CompiledCode, ...]:
+        """``torch.compile``d modules and functions called while recording (they ran eagerly)."""
+        return self._interception.compiled.ran()
+
     def release(self) -> None:
-        """Drop every captured input (the signatures stay)."""
+        """Drop every captured input (the signatures stay), and the compiled callables seen."""
+        self._interception.compiled.release()
         for e in self._entries.values():
             self._text(e)
             e.snapshot = None

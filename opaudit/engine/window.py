@@ -238,7 +238,10 @@ def finalize(namespace: dict[str, Any]) -> None:
     DataLoader iterators shut their worker processes down when they are freed,
     and files the script never closed are flushed and closed.
     """
-    namespace.clear()
+    # Dunder names stay: ``__builtins__``, and what Dynamo installed for compiled code
+    # (``__compiled_fn_1``, ``__builtins_dict___0``), which it deletes itself when done.
+    for name in [k for k in namespace if not k.startswith("__")]:
+        del namespace[name]
     gc.collect()
 
 

@@ -262,7 +262,7 @@ def assemble(rec: Recorder, findings: list[Finding], *, reps: int, seed: int, se
     return Report(
         environment=env, settings=all_settings, all_findings=sort_findings(findings),
         view_calls=rec.view_calls, total_calls=rec.total_calls, complete=complete,
-        env_warnings=tuple(warnings), run_checks=run_checks,
+        env_warnings=tuple(warnings), run_checks=run_checks, compiled=rec.compiled(),
     )
 
 

@@ -23,6 +23,12 @@ with ``True`` (``warn_only=True``, so ops without a deterministic implementation
 still run): together they answer "does deterministic mode make my step
 reproducible?". Global flags and RNG states are restored afterwards.
 
+A step that calls ``torch.compile``d code is checked as it runs compiled: the
+dispatch mode would make Dynamo run it eagerly (see :mod:`opaudit.engine.compiled`),
+so once the first traced run shows compiled code, every run is made without it
+(:class:`_Untraced`) and only the final tensors are compared; in deterministic
+mode ``torch._inductor.config.deterministic`` is on as well.
+
 One module of about 520 lines, over the usual 500: the tracer, the run records
 (``_Run``, ``_Step``), the comparison and the summary share private records that
 nothing else uses.
@@ -44,6 +50,7 @@ from opaudit.aten.ops import OpKind, is_collective, op_kind, written_args
 from opaudit.aten.tensors import difference, digest, flat_tensors, nested_leaves, same_bits
 from opaudit.data.report import RunCheck
 from opaudit.engine import loader
+from opaudit.engine.compiled import CompiledWatch, compiles_so_far
 from opaudit.engine.mode import Interception
 from opaudit.engine.replay import preserved_state
 from opaudit.engine.sites import PHASE_BITS, SiteTracker
@@ -252,6 +259,47 @@ class _Tracer:
         return d
 
 
+class _Untraced:
+    """Stands in for :class:`_Tracer` around a compiled step: no dispatch mode, so compiled code runs compiled.
+
+    It only notes what the final-state comparison needs: the optimizers that
+    stepped and the compiled modules called (``modules``), and which compiled
+    callables ran (``compiled``).
+    """
+
+    def __init__(self, root: str | None) -> None:
+        self.sites = SiteTracker(root)
+        self.steps: list[_Step] = []
+        self.leaves: dict[int, torch.Tensor] = {}
+        self.optimizers: dict[int, torch.optim.Optimizer] = {}
+        self.modules: list[tuple[str, torch.nn.Module]] = []
+        self.compiled = CompiledWatch(eager=False, root=root)
+        self._hook: Any = None
+
+    def __enter__(self) -> _Untraced:
+        from torch.optim import optimizer as optim_module
+
+        self._hook = optim_module.register_optimizer_step_post_hook(self._optimizer_stepped)
+        self.compiled.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            self.compiled.__exit__(*exc)
+            self.modules = [(type(m).__name__, m) for m in self.compiled.subjects() if isinstance(m, torch.nn.Module)]
+        finally:
+            if self._hook is not None:
+                self._hook.remove()
+                self._hook = None
+
+    def _optimizer_stepped(self, opt: Any, *_: Any) -> None:
+        self.optimizers.setdefault(id(opt), opt)
+
+
+def _compiled_names(watch: CompiledWatch) -> tuple[str, ...]:
+    return tuple(f"{c.kind} {c.name}" for c in watch.ran())
+
+
 def _written(roles: _ArgRoles, args: tuple, kwargs: dict) -> list[torch.Tensor]:
     """Tensors an op wrote to: in-place ``self``, ``out=``, foreach lists."""
     found: list[Any] = []
@@ -290,6 +338,10 @@ class _Run:
     """Resolves the site ids in ``steps``."""
     error: str | None = None
     """Why the run stopped early (the user's code raised), if it did."""
+    compiled: tuple[str, ...] = ()
+    """The ``torch.compile``d modules and functions the run called (``module MLP``)."""
+    compiles: int = 0
+    """Graphs Dynamo compiled during the run."""
 
     def op_fields(self, i: int) -> dict[str, Any]:
         """Report fields of op ``i`` (0-based): number, op, site and phase."""
@@ -312,15 +364,18 @@ _PHASE_NAMES = {bit: name for name, bit in PHASE_BITS}
 
 
 def _execute(target: loader.Target, mode: str, seed: int | None, *, keep_errors: bool,
-             window: Window = WHOLE_RUN) -> _Run:
+             window: Window = WHOLE_RUN, compiled: bool = False) -> _Run:
     """Run the target once, from a fresh module load, under ``mode``, tracing ``window``'s steps.
 
     With ``keep_errors``, the user's code failing ends the run early with its
-    error recorded instead of raising.
+    error recorded instead of raising. With ``compiled``, the window runs
+    untraced (:class:`_Untraced`), so that ``torch.compile``d code runs compiled.
     """
     torch.use_deterministic_algorithms(mode == DETERMINISTIC, warn_only=True)
-    tracer = _Tracer(target.root)
+    tracer: Any = _Untraced(target.root) if compiled else _Tracer(target.root)
+    watch = tracer.compiled if compiled else tracer._interception.compiled
     result: Any = None
+    compiles = compiles_so_far()
     with loader.sandboxed(target):
         try:
             prepared = loader.prepare(target, seed)
@@ -330,15 +385,18 @@ def _execute(target: loader.Target, mode: str, seed: int | None, *, keep_errors:
         except (loader.UserCodeError, loader.ScriptExitError) as e:
             if not keep_errors:
                 raise
-            return _Run(tuple(tracer.steps), {}, tracer.sites, error=str(e))
+            return _Run(tuple(tracer.steps), {}, tracer.sites, error=str(e), compiled=_compiled_names(watch),
+                        compiles=compiles_so_far() - compiles)
     with _disable_current_modes(), torch.no_grad():
         state = _final_state(result if target.entry is not None else None, namespace, tracer)
     if recorded.stopped is not None and target.entry is None:
         finalize(namespace)
-    return _Run(tuple(tracer.steps), state, tracer.sites)
+    names = _compiled_names(watch)
+    watch.release()
+    return _Run(tuple(tracer.steps), state, tracer.sites, compiled=names, compiles=compiles_so_far() - compiles)
 
 
-def _final_state(result: Any, namespace: dict[str, Any], tracer: _Tracer | None = None) -> dict[str, Any]:
+def _final_state(result: Any, namespace: dict[str, Any], tracer: _Tracer | _Untraced | None = None) -> dict[str, Any]:
     """Copies of the return value and of every parameter, gradient, buffer and optimizer state reachable.
 
     Reachable from the module's globals, and (with ``tracer``) used by the traced
@@ -371,7 +429,8 @@ def _copy(x: Any) -> Any:
     return x.detach().clone() if isinstance(x, torch.Tensor) else x
 
 
-def _tensors(namespace: dict[str, Any], tracer: _Tracer | None = None) -> Iterator[tuple[str, torch.Tensor, bool]]:
+def _tensors(namespace: dict[str, Any], tracer: _Tracer | _Untraced | None = None
+             ) -> Iterator[tuple[str, torch.Tensor, bool]]:
     """``(path, tensor, is_parameter)`` for the models and optimizers in the module's globals,
     then for those the traced step used.
 
@@ -530,7 +589,8 @@ def _how_far(x: Any, y: Any) -> str:
     return f"{d.elements_differing} of {d.elements} elements, max |diff| {d.max_abs_diff:.3g}"
 
 
-def _summarise(mode: str, runs: int, first: _Run, comparisons: list[_Comparison]) -> RunCheck:
+def _summarise(mode: str, runs: int, first: _Run, comparisons: list[_Comparison],
+               compiles: int | None = None, inductor_deterministic: bool | None = None) -> RunCheck:
     differing = frozenset().union(*(c.differing for c in comparisons))
     mismatches: dict[str, str] = {}
     for c in comparisons:
@@ -558,6 +618,8 @@ def _summarise(mode: str, runs: int, first: _Run, comparisons: list[_Comparison]
         root_cause=root_cause, path_split=path_split, mismatches=tuple(mismatches.values()), error=error,
         compared=len(first.state),
         collectives=summary(first.steps, first.location, [c.collectives for c in comparisons], root_cause),
+        compiled=first.compiled if compiles is not None else (),
+        compiles=compiles, inductor_deterministic=inductor_deterministic,
     )
 
 
@@ -570,6 +632,7 @@ def run_check(
     seed: int | None = 0,
     on_run: Callable[[str, int, int], None] | None = None,
     window: Window = WHOLE_RUN,
+    compiled: bool | None = None,
 ) -> RunCheck:
     """Run ``target`` ``runs`` times from identical state under ``mode`` and compare the bits.
 
@@ -581,24 +644,67 @@ def run_check(
     ``seed=None`` leaves the RNG unseeded, so ops that draw from it differ run to run.
     ``window`` picks the steps traced (the audit's own window, so a long script is
     stopped after it); by default the whole script, or one call of the entry.
+    ``compiled=True`` checks a step that calls ``torch.compile``d code as it runs
+    compiled (no dispatch mode: final tensors only; in deterministic mode with
+    ``torch._inductor.config.deterministic`` on); ``None`` finds out from the
+    first run, which is traced.
     """
     if mode not in MODES:
         raise RunCheckError(f"unknown mode {mode!r} (expected one of: {', '.join(MODES)})")
     if isinstance(runs, bool) or not isinstance(runs, int) or runs < 2:
         raise RunCheckError(f"a run check needs at least 2 runs, got {runs!r}")
-    with preserved_state():
+    with preserved_state(), _InductorDeterministic(mode == DETERMINISTIC and bool(compiled)) as inductor:
         if on_run is not None:
             on_run(mode, 1, runs)
-        first = _execute(target, mode, seed, keep_errors=False, window=window)
+        first = _execute(target, mode, seed, keep_errors=False, window=window, compiled=bool(compiled))
+        if first.compiled and not compiled:
+            # The traced run ran compiled code eagerly: check the step as it really runs, compiled.
+            return run_check(target, mode, runs, seed=seed, on_run=on_run, window=window, compiled=True)
+        compiles = first.compiles
         comparisons = []
         for k in range(2, runs + 1):
             if on_run is not None:
                 on_run(mode, k, runs)
-            other = _execute(target, mode, seed, keep_errors=True, window=window)
+            other = _execute(target, mode, seed, keep_errors=True, window=window, compiled=bool(compiled))
+            compiles += other.compiles
             comparisons.append(_compare(first, other, k))
             del other
             gc.collect()  # the previous run's model and optimizer, before the next run builds its own
-    return _summarise(mode, runs, first, comparisons)
+    if not compiled:
+        return _summarise(mode, runs, first, comparisons)
+    return _summarise(mode, runs, first, comparisons, compiles=compiles, inductor_deterministic=inductor)
+
+
+class _InductorDeterministic:
+    """``torch._inductor.config.deterministic`` on while entered (when ``on``), restored after.
+
+    Yields the setting the runs saw, or ``None`` when Inductor is not loaded and
+    was not asked for (an eager step: nothing is imported).
+    """
+
+    def __init__(self, on: bool) -> None:
+        self.on = on
+        self._config: Any = None
+        self._saved: Any = None
+
+    def __enter__(self) -> bool | None:
+        import sys
+
+        if self.on:
+            import torch._inductor.config as config
+        else:
+            config = sys.modules.get("torch._inductor.config")
+            if config is None:
+                return None
+        self._config = config
+        self._saved = config.deterministic
+        if self.on:
+            config.deterministic = True
+        return bool(config.deterministic)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._config is not None:
+            self._config.deterministic = self._saved
 
 
 def run_checks(
@@ -610,5 +716,13 @@ def run_checks(
     on_run: Callable[[str, int, int], None] | None = None,
     window: Window = WHOLE_RUN,
 ) -> tuple[RunCheck, ...]:
-    """:func:`run_check` under each of ``modes`` (default and deterministic), in that order."""
-    return tuple(run_check(target, mode, runs, seed=seed, on_run=on_run, window=window) for mode in modes)
+    """:func:`run_check` under each of ``modes`` (default and deterministic), in that order.
+
+    Whether the step runs compiled code is found out once, in the first mode.
+    """
+    out: list[RunCheck] = []
+    compiled: bool | None = None
+    for mode in modes:
+        out.append(run_check(target, mode, runs, seed=seed, on_run=on_run, window=window, compiled=compiled))
+        compiled = bool(out[-1].compiled)
+    return tuple(out)

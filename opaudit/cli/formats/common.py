@@ -13,7 +13,7 @@ from opaudit.cli.formats.escape import csv_text, md_table  # noqa: F401 - every 
 from opaudit.data.verdict import Verdict
 
 if TYPE_CHECKING:
-    from opaudit.data.report import Finding, Report, RunCheck
+    from opaudit.data.report import CompiledCode, Finding, Report, RunCheck
     from opaudit.flows.predict import Predicted, Prediction
 
 FINDING_HEADERS = ("verdict", "op", "calls", "phase", "where", "module", "default", "determ.", "max |diff|", "det. cost")
@@ -143,12 +143,31 @@ def not_crashes_line(report: "Report") -> str | None:
             "them; the run recorded in deterministic mode took another path (recorded_in: default).")
 
 
+COMPILED_HEAD = "Compiled code (torch.compile): recorded and audited eagerly, op by op"
+COMPILED_NOTE = ("under the recorder these ran as eager aten ops (compiler stance force_eager; Dynamo does not "
+                 "compile under a dispatch mode): the findings above are for those eager ops, not for the kernels "
+                 "Inductor generates for them. --run-check runs the step compiled and compares its results.")
+
+
+def compiled_text(c: "CompiledCode") -> str:
+    """``module MLP (compiled at train.py:12): 3 calls``."""
+    where = ", ".join(x for x in (c.defined_at, f"compiled at {c.compiled_at}" if c.compiled_at else "") if x)
+    return f"{c.kind} {c.name}" + (f" ({where})" if where else "") + f": {c.calls} call{'s' if c.calls != 1 else ''}"
+
+
 def run_check_lines(r: "RunCheck") -> list[str]:
     """Human summary of one whole-step check."""
     on = f" on rank {r.rank}" if r.rank is not None else ""
     head = (f"{r.mode} mode{on}, {r.runs} runs: "
             + ("bitwise reproducible" if r.reproducible else "NOT reproducible"))
     lines = [head]
+    if r.compiled:
+        compiles = f"; {r.compiles} graph(s) compiled over the {r.runs} runs" if r.compiles is not None else ""
+        setting = ""
+        if r.inductor_deterministic is not None:
+            setting = f", torch._inductor.config.deterministic={r.inductor_deterministic}"
+        lines.append(f"  checked the compiled step ({', '.join(r.compiled)} ran compiled{setting}; "
+                     f"no dispatch mode, so final tensors only{compiles})")
     if r.error:
         lines.append(f"  could not run: {r.error}")
     if r.path_split:

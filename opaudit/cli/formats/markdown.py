@@ -6,7 +6,10 @@ from typing import TYPE_CHECKING, Any
 
 from opaudit.cli.formats import batch_invariance, distributed
 from opaudit.cli.formats.common import (
+    COMPILED_HEAD,
+    COMPILED_NOTE,
     FINDING_HEADERS,
+    compiled_text,
     crash_rows,
     finding_row,
     grouped_predictions,
@@ -57,6 +60,9 @@ def report(report: "Report") -> str:
     note = not_crashes_line(report)
     if note:
         out += [note, ""]
+    if report.compiled:
+        out += [f"## {md_text(COMPILED_HEAD)}", ""] + [f"- {md_text(compiled_text(c))}" for c in report.compiled]
+        out += ["", md_text(COMPILED_NOTE[0].upper() + COMPILED_NOTE[1:]), ""]
     if report.run_checks:
         out += ["## Whole-step reproducibility", ""]
         for r in report.run_checks:

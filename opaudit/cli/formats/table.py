@@ -6,7 +6,10 @@ from typing import TYPE_CHECKING, Any
 
 from opaudit.cli.formats import batch_invariance, distributed
 from opaudit.cli.formats.common import (
+    COMPILED_HEAD,
+    COMPILED_NOTE,
     FINDING_HEADERS,
+    compiled_text,
     crash_rows,
     finding_row,
     grouped_predictions,
@@ -68,6 +71,10 @@ def report(report: "Report", show_all: bool = False, written_to: str | None = No
     note = not_crashes_line(report)
     if note:
         out.append(("" if crashes else "\n") + note)
+    if report.compiled:
+        out.append(f"\n{COMPILED_HEAD}:")
+        out += [f"  {compiled_text(c)}" for c in report.compiled]
+        out.append(f"  ({COMPILED_NOTE})")
     for r in report.run_checks:
         out.append("\nWhole-step check, " + "\n".join(run_check_lines(r)))
     if report.distributed:
