@@ -26,12 +26,13 @@ reproducible?". Global flags and RNG states are restored afterwards.
 A step that calls ``torch.compile``d code is checked as it runs compiled: the
 dispatch mode would make Dynamo run it eagerly (see :mod:`opaudit.engine.compiled`),
 so once the first traced run shows compiled code, every run is made without it
-(:class:`_Untraced`) and only the final tensors are compared; in deterministic
+(:class:`Untraced`) and only the final tensors are compared; in deterministic
 mode ``torch._inductor.config.deterministic`` is on as well.
 
-One module of about 520 lines, over the usual 500: the tracer, the run records
+One module of about 650 lines, over the usual 500: the tracer, the run records
 (``_Run``, ``_Step``), the comparison and the summary share private records that
-nothing else uses.
+nothing else uses (what collectives and compiled steps add lives in
+:mod:`opaudit.flows.runcheck_collectives` and :mod:`opaudit.flows.runcheck_compiled`).
 """
 
 from __future__ import annotations
@@ -50,12 +51,13 @@ from opaudit.aten.ops import OpKind, is_collective, op_kind, written_args
 from opaudit.aten.tensors import difference, digest, flat_tensors, nested_leaves, same_bits
 from opaudit.data.report import RunCheck
 from opaudit.engine import loader
-from opaudit.engine.compiled import CompiledWatch, compiles_so_far
+from opaudit.engine.compiled import compiles_so_far
 from opaudit.engine.mode import Interception
 from opaudit.engine.replay import preserved_state
 from opaudit.engine.sites import PHASE_BITS, SiteTracker
 from opaudit.engine.window import Window, finalize, run_window
 from opaudit.flows.runcheck_collectives import aligned_calls, settle, summary
+from opaudit.flows.runcheck_compiled import InductorDeterministic, Untraced, compiled_names
 
 DEFAULT, DETERMINISTIC = "default", "deterministic"
 MODES = (DEFAULT, DETERMINISTIC)
@@ -259,47 +261,6 @@ class _Tracer:
         return d
 
 
-class _Untraced:
-    """Stands in for :class:`_Tracer` around a compiled step: no dispatch mode, so compiled code runs compiled.
-
-    It only notes what the final-state comparison needs: the optimizers that
-    stepped and the compiled modules called (``modules``), and which compiled
-    callables ran (``compiled``).
-    """
-
-    def __init__(self, root: str | None) -> None:
-        self.sites = SiteTracker(root)
-        self.steps: list[_Step] = []
-        self.leaves: dict[int, torch.Tensor] = {}
-        self.optimizers: dict[int, torch.optim.Optimizer] = {}
-        self.modules: list[tuple[str, torch.nn.Module]] = []
-        self.compiled = CompiledWatch(eager=False, root=root)
-        self._hook: Any = None
-
-    def __enter__(self) -> _Untraced:
-        from torch.optim import optimizer as optim_module
-
-        self._hook = optim_module.register_optimizer_step_post_hook(self._optimizer_stepped)
-        self.compiled.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        try:
-            self.compiled.__exit__(*exc)
-            self.modules = [(type(m).__name__, m) for m in self.compiled.subjects() if isinstance(m, torch.nn.Module)]
-        finally:
-            if self._hook is not None:
-                self._hook.remove()
-                self._hook = None
-
-    def _optimizer_stepped(self, opt: Any, *_: Any) -> None:
-        self.optimizers.setdefault(id(opt), opt)
-
-
-def _compiled_names(watch: CompiledWatch) -> tuple[str, ...]:
-    return tuple(f"{c.kind} {c.name}" for c in watch.ran())
-
-
 def _written(roles: _ArgRoles, args: tuple, kwargs: dict) -> list[torch.Tensor]:
     """Tensors an op wrote to: in-place ``self``, ``out=``, foreach lists."""
     found: list[Any] = []
@@ -369,10 +330,10 @@ def _execute(target: loader.Target, mode: str, seed: int | None, *, keep_errors:
 
     With ``keep_errors``, the user's code failing ends the run early with its
     error recorded instead of raising. With ``compiled``, the window runs
-    untraced (:class:`_Untraced`), so that ``torch.compile``d code runs compiled.
+    untraced (:class:`Untraced`), so that ``torch.compile``d code runs compiled.
     """
     torch.use_deterministic_algorithms(mode == DETERMINISTIC, warn_only=True)
-    tracer: Any = _Untraced(target.root) if compiled else _Tracer(target.root)
+    tracer: Any = Untraced(target.root) if compiled else _Tracer(target.root)
     watch = tracer.compiled if compiled else tracer._interception.compiled
     result: Any = None
     compiles = compiles_so_far()
@@ -385,18 +346,18 @@ def _execute(target: loader.Target, mode: str, seed: int | None, *, keep_errors:
         except (loader.UserCodeError, loader.ScriptExitError) as e:
             if not keep_errors:
                 raise
-            return _Run(tuple(tracer.steps), {}, tracer.sites, error=str(e), compiled=_compiled_names(watch),
+            return _Run(tuple(tracer.steps), {}, tracer.sites, error=str(e), compiled=compiled_names(watch),
                         compiles=compiles_so_far() - compiles)
     with _disable_current_modes(), torch.no_grad():
         state = _final_state(result if target.entry is not None else None, namespace, tracer)
     if recorded.stopped is not None and target.entry is None:
         finalize(namespace)
-    names = _compiled_names(watch)
+    names = compiled_names(watch)
     watch.release()
     return _Run(tuple(tracer.steps), state, tracer.sites, compiled=names, compiles=compiles_so_far() - compiles)
 
 
-def _final_state(result: Any, namespace: dict[str, Any], tracer: _Tracer | _Untraced | None = None) -> dict[str, Any]:
+def _final_state(result: Any, namespace: dict[str, Any], tracer: _Tracer | Untraced | None = None) -> dict[str, Any]:
     """Copies of the return value and of every parameter, gradient, buffer and optimizer state reachable.
 
     Reachable from the module's globals, and (with ``tracer``) used by the traced
@@ -429,7 +390,7 @@ def _copy(x: Any) -> Any:
     return x.detach().clone() if isinstance(x, torch.Tensor) else x
 
 
-def _tensors(namespace: dict[str, Any], tracer: _Tracer | _Untraced | None = None
+def _tensors(namespace: dict[str, Any], tracer: _Tracer | Untraced | None = None
              ) -> Iterator[tuple[str, torch.Tensor, bool]]:
     """``(path, tensor, is_parameter)`` for the models and optimizers in the module's globals,
     then for those the traced step used.
@@ -653,7 +614,7 @@ def run_check(
         raise RunCheckError(f"unknown mode {mode!r} (expected one of: {', '.join(MODES)})")
     if isinstance(runs, bool) or not isinstance(runs, int) or runs < 2:
         raise RunCheckError(f"a run check needs at least 2 runs, got {runs!r}")
-    with preserved_state(), _InductorDeterministic(mode == DETERMINISTIC and bool(compiled)) as inductor:
+    with preserved_state(), InductorDeterministic(mode == DETERMINISTIC and bool(compiled)) as inductor:
         if on_run is not None:
             on_run(mode, 1, runs)
         first = _execute(target, mode, seed, keep_errors=False, window=window, compiled=bool(compiled))
@@ -673,38 +634,6 @@ def run_check(
     if not compiled:
         return _summarise(mode, runs, first, comparisons)
     return _summarise(mode, runs, first, comparisons, compiles=compiles, inductor_deterministic=inductor)
-
-
-class _InductorDeterministic:
-    """``torch._inductor.config.deterministic`` on while entered (when ``on``), restored after.
-
-    Yields the setting the runs saw, or ``None`` when Inductor is not loaded and
-    was not asked for (an eager step: nothing is imported).
-    """
-
-    def __init__(self, on: bool) -> None:
-        self.on = on
-        self._config: Any = None
-        self._saved: Any = None
-
-    def __enter__(self) -> bool | None:
-        import sys
-
-        if self.on:
-            import torch._inductor.config as config
-        else:
-            config = sys.modules.get("torch._inductor.config")
-            if config is None:
-                return None
-        self._config = config
-        self._saved = config.deterministic
-        if self.on:
-            config.deterministic = True
-        return bool(config.deterministic)
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._config is not None:
-            self._config.deterministic = self._saved
 
 
 def run_checks(
