@@ -53,6 +53,8 @@ def test_report_names_the_compiled_code_it_recorded_eagerly(tmp_path, monkeypatc
     # backward is the eager index_put, and the loss is an eager mul + sum.
     ops = {f.op for f in report.all_findings}
     assert {"aten.index_put.default", "aten.mul.Tensor", "aten.sum.default"} <= ops
+    # Named as the model the compile wrapper holds, not as ``OptimizedModule._orig_mod``.
+    assert report.finding("aten.index_put.default").modules == ("Table",)
     text = table.report(report)
     assert "Compiled code (torch.compile): recorded and audited eagerly, op by op:" in text
     assert f"  module Table (compiled at {SHOWN}:{compile_line}): 1 call" in text

@@ -146,7 +146,9 @@ class CompiledWatch:
         return compile
 
     def _note_compile(self, model: Any) -> None:
-        if threading.get_ident() != self._thread:
+        # A script may have kept the wrapper (``from torch import compile``): once the watch is
+        # left, it only compiles.
+        if threading.get_ident() != self._thread or self._saved_compile is None:
             return
         f = sys._getframe(2)
         while f is not None and is_internal(f.f_code.co_filename):

@@ -229,7 +229,7 @@ def sandboxed(target: Target) -> Iterator[Sandbox]:
 
 
 def _executor_worker(t: threading.Thread) -> bool:
-    """A ``concurrent.futures.ThreadPoolExecutor`` worker: idle between tasks, and never joined here.
+    """A ``concurrent.futures.ThreadPoolExecutor`` worker (or tqdm's monitor): idle, and never joined here.
 
     The interpreter stops them at exit itself (``concurrent.futures.thread._python_exit``
     tells them to, then joins); joined without that they wait for work for ever.
@@ -237,6 +237,9 @@ def _executor_worker(t: threading.Thread) -> bool:
     first time a ``torch.compile``d step compiles, and keeps them for the process.
     """
     target = getattr(t, "_target", None)
+    if type(t).__module__ == "tqdm._monitor":
+        # tqdm's monitor (Dynamo's import makes a "torch.compile()" bar): it only refreshes progress bars.
+        return True
     return getattr(target, "__module__", None) == "concurrent.futures.thread" and \
         getattr(target, "__name__", None) == "_worker"
 

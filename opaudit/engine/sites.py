@@ -120,6 +120,15 @@ _MODULE_CALL = frozenset(
 )
 
 
+def _compiled_original(mod: torch.nn.Module) -> torch.nn.Module | None:
+    """The module a ``torch.compile`` wrapper (Dynamo's ``OptimizedModule``) holds, else ``None``.
+
+    Told by its class name and ``_orig_mod``, so that Dynamo is never imported to ask.
+    """
+    inner = getattr(mod, "_orig_mod", None) if type(mod).__name__ == "OptimizedModule" else None
+    return inner if isinstance(inner, torch.nn.Module) else None
+
+
 def _internal_code(code: Any) -> bool:
     r = _INTERNAL_CODE[id(code)] = is_internal(code.co_filename)
     _KEPT_CODE.append(code)
@@ -262,6 +271,11 @@ class SiteTracker:
                 if isinstance(outer, torch.nn.Module) and id(outer) not in names:
                     root = outer
             f = f.f_back
+        inner = _compiled_original(root)
+        if inner is not None:
+            # ``torch.compile(model)``'s wrapper: named as the model it wraps, which runs under it.
+            names.setdefault(id(root), (root, type(inner).__name__))
+            root = inner
         for child_name, child in root.named_modules(prefix=type(root).__name__):
             if id(child) not in names:
                 names[id(child)] = (child, child_name)

@@ -144,9 +144,9 @@ def not_crashes_line(report: "Report") -> str | None:
 
 
 COMPILED_HEAD = "Compiled code (torch.compile): recorded and audited eagerly, op by op"
-COMPILED_NOTE = ("under the recorder these ran as eager aten ops (compiler stance force_eager; Dynamo does not "
-                 "compile under a dispatch mode): the findings above are for those eager ops, not for the kernels "
-                 "Inductor generates for them. --run-check runs the step compiled and compares its results.")
+COMPILED_NOTE = ("while recorded they ran as eager aten ops (Dynamo does not compile under a dispatch mode; "
+                 "opaudit sets the compiler stance to force_eager), so the findings are for those ops, not for "
+                 "the kernels Inductor generates; --run-check checks the step as it runs compiled")
 
 
 def compiled_text(c: "CompiledCode") -> str:

@@ -62,7 +62,7 @@ def report(report: "Report") -> str:
         out += [note, ""]
     if report.compiled:
         out += [f"## {md_text(COMPILED_HEAD)}", ""] + [f"- {md_text(compiled_text(c))}" for c in report.compiled]
-        out += ["", md_text(COMPILED_NOTE[0].upper() + COMPILED_NOTE[1:]), ""]
+        out += ["", md_text(COMPILED_NOTE[0].upper() + COMPILED_NOTE[1:] + "."), ""]
     if report.run_checks:
         out += ["## Whole-step reproducibility", ""]
         for r in report.run_checks:
