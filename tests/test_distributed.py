@@ -151,6 +151,33 @@ def test_run_checks_across_ranks_name_the_rank_that_diverged_first_and_the_colle
     assert s["reproducible_on"] == [0, 1] and "diverged_first" not in s and "spread_through" not in s
 
 
+def test_run_check_counts_a_processs_collectives_and_the_one_that_differed(tmp_path):
+    """In-process, a one-rank gloo group: the run check keeps the collective calls (which differed, whether their
+    input did, how many came before the root cause) for the merge across ranks."""
+    from opaudit.engine import loader
+    from opaudit.flows.runcheck import run_check
+
+    script = tmp_path / "t.py"
+    script.write_text(
+        "import pathlib, torch, torch.distributed as dist\n"
+        "dist.init_process_group('gloo', rank=0, world_size=1, store=dist.HashStore())\n"
+        "t = torch.ones(4)\n"
+        "dist.all_reduce(t)\n"
+        "runs = pathlib.Path(__file__).with_suffix('.runs')\n"  # a value from outside the ops: 0, then 1
+        "n = int(runs.read_text()) if runs.exists() else 0\n"
+        "runs.write_text(str(n + 1))\n"
+        "v = torch.full((4,), float(n))\n"
+        "dist.all_reduce(v)\n"
+        "dist.destroy_process_group()\n")
+    rc = run_check(loader.load_target(str(script), None, []))
+    assert not rc.reproducible and rc.root_cause["op"] == "aten.full.default"
+    assert not rc.root_cause["inputs_identical"]  # its fill value came from outside the ops
+    coll = rc.collectives
+    assert coll["calls"] == 2 and coll["before_root_cause"] == 1 and "root_cause_call" not in coll
+    assert [(c["call"], c["op"], c["inputs_differ"], c["outputs_differ"]) for c in coll["differing"]] == [
+        (2, "c10d.allreduce_.default", True, True)]
+
+
 # -- real jobs ------------------------------------------------------------------
 def _torchrun(*args: str, timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
