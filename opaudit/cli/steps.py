@@ -7,8 +7,9 @@ Kept out of :mod:`opaudit.cli.main`; the mechanism behind them is
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+
+from opaudit.cli.options import non_negative_int, positive_float
 
 if TYPE_CHECKING:
     from opaudit.engine.window import Window
@@ -27,18 +28,7 @@ def steps(text: str) -> int | None:
     return v
 
 
-def non_negative_int(text: str) -> int:
-    """An integer, 0 or more (``--start-step``, ``--batch-dim``)."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {v}")
-    return v
-
-
-def add_arguments(p: argparse.ArgumentParser, positive_float: Callable[[str], float]) -> None:
+def add_arguments(p: argparse.ArgumentParser) -> None:
     """The audit parser's window options, and ``--no-deterministic-pass``."""
     from opaudit.engine.window import DEFAULT_ENTRY_CALLS, DEFAULT_STEPS  # torch: only once a command runs
 

@@ -11,6 +11,7 @@ import argparse
 import os
 from typing import Any
 
+from opaudit.cli.options import UsageError, positive_float, positive_int
 from opaudit.flows.distributed.launch import STATUS_ENV
 
 
@@ -19,7 +20,7 @@ def under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ
 
 
-def add_arguments(p: argparse.ArgumentParser, positive_int: Any, positive_float: Any) -> None:
+def add_arguments(p: argparse.ArgumentParser) -> None:
     """The audit parser's distributed options."""
     p.add_argument("--nproc-per-node", type=positive_int, metavar="N",
                    help="audit a distributed job: launch N ranks through torch.distributed.run (torchrun); each "
@@ -44,14 +45,14 @@ def without_option(own: list[str], rest: list[str] | None, name: str) -> list[st
     return out + (["--", *rest] if rest is not None else [])
 
 
-def rank_audit(args: argparse.Namespace, usage_error: type[Exception]) -> Any:
+def rank_audit(args: argparse.Namespace) -> Any:
     """The distributed half of the audit when this process is a torchrun worker, else ``None``."""
     if not under_torchrun():
         if args.per_rank_reports:
-            raise usage_error("--per-rank-reports needs a distributed run (--nproc-per-node N, or torchrun)")
+            raise UsageError("--per-rank-reports needs a distributed run (--nproc-per-node N, or torchrun)")
         return None
     if args.nproc_per_node:
-        raise usage_error("--nproc-per-node: already running under torchrun (drop the option)")
+        raise UsageError("--nproc-per-node: already running under torchrun (drop the option)")
     from opaudit.flows.distributed import world_from_env
     from opaudit.flows.distributed.rank import RankAudit
 
@@ -59,7 +60,7 @@ def rank_audit(args: argparse.Namespace, usage_error: type[Exception]) -> Any:
     if world is None:
         return None
     if args.per_rank_reports and not os.path.isdir(args.per_rank_reports):
-        raise usage_error(f"--per-rank-reports: {args.per_rank_reports} is not a folder")
+        raise UsageError(f"--per-rank-reports: {args.per_rank_reports} is not a folder")
     if world.rank != 0:
         args.quiet = True
     return RankAudit(world, timeout_s=args.dist_timeout, per_rank_dir=args.per_rank_reports,

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from opaudit.engine.loader import Prepared, Target, call_user, prepare, require_no_arguments, sandboxed
+from opaudit.engine.loader import Prepared, Sandbox, Target, call_user, prepare, require_no_arguments, sandboxed
 
 DEFAULT_STEPS = 3
 """Steps recorded by default in script mode: enough to see warm-up effects, as cheap as a few steps."""

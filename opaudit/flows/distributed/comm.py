@@ -24,7 +24,6 @@ from typing import Any
 
 import torch.distributed as dist
 
-
 _WAIT_SLICE_S = 0.5
 """Longest single wait on the store: signals (torchrun's SIGTERM) are handled between slices."""
 

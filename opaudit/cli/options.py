@@ -1,0 +1,120 @@
+"""What every ``opaudit`` command shares: exit codes, the one-line usage error, argument types, the
+output check, and SIGTERM raised as an interrupt.
+
+The bottom of :mod:`opaudit.cli`: it imports no other module of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import signal
+import threading
+from typing import Any
+
+EXIT_OK, EXIT_FINDINGS, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
+MAX_SECONDS = 1e6
+"""Longest time limit accepted (11.6 days): waits past ~24 days overflow the OS's poll timeout."""
+
+
+class UsageError(Exception):
+    """Bad command-line input (exit 2)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every path that writes a partial report on
+    Ctrl-C does so on a CI job's timeout too; the exit code is 143 instead of 130."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Any:
+    """Turn SIGTERM into :class:`Terminated` while the audit runs (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def interrupted_code(e: BaseException) -> int:
+    """The exit code of an interrupted command: 143 after SIGTERM, else 130."""
+    return EXIT_TERMINATED if isinstance(e, Terminated) else EXIT_INTERRUPTED
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump) raised as :class:`UsageError`."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
+
+
+def positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    if not math.isfinite(v) or v > MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds up to {MAX_SECONDS:g}, got {text}")
+    return v
+
+
+def integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def run_count(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of runs, got {text!r} (put the script before --run-check, or write --run-check=K)"
+        ) from None
+    if v < 2:
+        raise argparse.ArgumentTypeError(f"needs at least 2 runs to compare, got {v}")
+    return v
+
+
+def non_negative_int(text: str) -> int:
+    """An integer, 0 or more (``--start-step``, ``--batch-dim``)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {v}")
+    return v
+
+
+def check_output(path: str | None) -> str | None:
+    """Absolute output path, checked writable before any work is done."""
+    if path is None:
+        return None
+    from opaudit.data.fileio import check_writable
+
+    path = os.path.abspath(path)
+    check_writable(path)
+    return path
