@@ -255,7 +255,7 @@ def test_parameters_are_found_through_containers_and_user_objects(tmp_path):
         trainer.opt.step()
     """)
     from opaudit.engine.replay import preserved_state
-    from opaudit.flows.runcheck import _execute  # the state a run leaves is what gets compared
+    from opaudit.flows.runcheck.check import _execute  # the state a run leaves is what gets compared
 
     with preserved_state():
         state = _execute(target, "default", 0, keep_errors=False).state
