@@ -26,7 +26,7 @@ from opaudit.engine.record import (
     RecordedSignature,
     Recorder,
 )
-from opaudit.engine.replay import preserved_state, replay, time_fill
+from opaudit.engine.replay import preserved_state, replay, set_deterministic, time_fill
 from opaudit.engine.window import Recorded, Window, run_target
 
 DEFAULT_REPS = 5
@@ -285,7 +285,7 @@ def record_target(target: Target, rec: Recorder, window: Window, *, seed: int = 
         return run_target(target, context, window, seed=seed)
     with preserved_state(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        set_deterministic(True, warn_only=True)
         # The default-mode run comes next: it must not find this run's model still held.
         return run_target(target, context, window, seed=seed, keep_module=False)
 
@@ -321,7 +321,7 @@ def audit(fn: Callable[..., Any], *args: Any, reps: int = DEFAULT_REPS, seed: in
         det = Recorder(capture_budget=capture_budget, root=root, captures_per_signature=captures_per_signature)
         with preserved_state(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.use_deterministic_algorithms(True, warn_only=True)
+            set_deterministic(True, warn_only=True)
             with det:
                 fn(*args, **kwargs)
     rec = Recorder(capture_budget=capture_budget, root=root, captures_per_signature=captures_per_signature)

@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 from opaudit.data.report import RunCheck
 from opaudit.engine import loader
 from opaudit.engine.compiled import compiles_so_far
-from opaudit.engine.replay import preserved_state
+from opaudit.engine.replay import preserved_state, set_deterministic
 from opaudit.engine.sites import PHASE_BITS, SiteTracker
 from opaudit.engine.window import Window, finalize, run_window
 from opaudit.flows.runcheck.collectives import aligned_calls, summary
@@ -82,9 +82,9 @@ def _execute(target: loader.Target, mode: str, seed: int | None, *, keep_errors:
     error recorded instead of raising. With ``compiled``, the window runs
     untraced (:class:`Untraced`), so that ``torch.compile``d code runs compiled.
     """
-    torch.use_deterministic_algorithms(mode == DETERMINISTIC, warn_only=True)
+    set_deterministic(mode == DETERMINISTIC, warn_only=True)
     tracer: Any = Untraced(target.root) if compiled else Tracer(target.root)
-    watch = tracer.compiled if compiled else tracer.compiled
+    watch = tracer.compiled
     result: Any = None
     compiles = compiles_so_far()
     with loader.sandboxed(target):
