@@ -57,14 +57,21 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def positive_int(text: str) -> int:
+def bounded_int(text: str, minimum: int | None, expected: str, too_small: str = "", hint: str = "") -> int:
+    """``text`` as an integer of at least ``minimum``, else an ``ArgumentTypeError`` that says what was
+    expected (``too_small`` is formatted with the value ``v``)."""
     try:
         v = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}{hint}") from None
+    if minimum is not None and v < minimum:
+        raise argparse.ArgumentTypeError(too_small.format(v=v))
     return v
+
+
+def positive_int(text: str) -> int:
+    """An integer, 1 or more (``--reps``, ``--threads``...)."""
+    return bounded_int(text, 1, "a positive integer", "must be at least 1, got {v}")
 
 
 def positive_float(text: str) -> float:
@@ -80,33 +87,19 @@ def positive_float(text: str) -> float:
 
 
 def integer(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    """Any integer (``--seed``)."""
+    return bounded_int(text, None, "an integer")
 
 
 def run_count(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a number of runs, got {text!r} (put the script before --run-check, or write --run-check=K)"
-        ) from None
-    if v < 2:
-        raise argparse.ArgumentTypeError(f"needs at least 2 runs to compare, got {v}")
-    return v
+    """``--run-check K``: 2 runs or more."""
+    return bounded_int(text, 2, "a number of runs", "needs at least 2 runs to compare, got {v}",
+                       " (put the script before --run-check, or write --run-check=K)")
 
 
 def non_negative_int(text: str) -> int:
     """An integer, 0 or more (``--start-step``, ``--batch-dim``)."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {v}")
-    return v
+    return bounded_int(text, 0, "an integer", "must be 0 or more, got {v}")
 
 
 def check_output(path: str | None) -> str | None:

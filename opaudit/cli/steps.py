@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
-from opaudit.cli.options import non_negative_int, positive_float
+from opaudit.cli.options import bounded_int, non_negative_int, positive_float
 
 if TYPE_CHECKING:
     from opaudit.engine.window import Window
@@ -19,13 +19,7 @@ def steps(text: str) -> int | None:
     """``--steps``: a positive number of steps, or ``all`` (``None``: the whole script)."""
     if text.strip().lower() == "all":
         return None
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of steps or 'all', got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1 (or 'all'), got {v}")
-    return v
+    return bounded_int(text, 1, "a number of steps or 'all'", "must be at least 1 (or 'all'), got {v}")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
