@@ -16,7 +16,7 @@ from opaudit.cli.options import (
     positive_int,
     sigterm_interrupts,
 )
-from opaudit.cli.output import emit, progress
+from opaudit.cli.output import check_format, emit, progress
 
 
 def _catalog_parser() -> Parser:
@@ -68,12 +68,7 @@ def catalog_main(argv: list[str]) -> int:
     """``opaudit catalog [options]``."""
     args = _catalog_parser().parse_args(argv)
     output = check_output(args.output)
-    from opaudit.cli.formats import Format
-
-    if args.format:
-        Format.parse(args.format)
-    elif output:
-        Format.from_path(output)
+    check_format(args.format, output)
     from opaudit.flows.catalog import CatalogRequest, build_catalog, load_catalog, partial_path
 
     if args.source:
@@ -135,7 +130,7 @@ def catalog_main(argv: list[str]) -> int:
     if partial and os.path.exists(partial):
         os.unlink(partial)
     if not args.quiet and not output and (args.format or "yaml") != "table":
-        from opaudit.cli.formats import Kind, render
+        from opaudit.cli.formats import Format, Kind, render
 
         sys.stderr.write(render(catalog, Kind.CATALOG, Format.TABLE).splitlines()[-1] + "\n")
     return EXIT_OK

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from opaudit.cli.options import EXIT_FINDINGS, EXIT_OK, Parser, check_output
-from opaudit.cli.output import emit
+from opaudit.cli.output import check_format, emit
 
 
 def _diff_parser() -> Parser:
@@ -34,10 +34,7 @@ def diff_main(argv: list[str]) -> int:
 
     rules = parse_fail_on(args.fail_on)
     output = check_output(args.output)
-    if args.format:
-        from opaudit.cli.formats import Format
-
-        Format.parse(args.format)
+    check_format(args.format, output)
     diff = diff_files(args.a, args.b)
     emit(diff, "diff", args.format, output, args.quiet)
     failing = diff.matching(rules)

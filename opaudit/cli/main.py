@@ -45,7 +45,7 @@ from opaudit.cli.options import (
     run_count,
     sigterm_interrupts,
 )
-from opaudit.cli.output import emit, emit_partial, plain_progress, progress, run_check_progress
+from opaudit.cli.output import check_format, emit, emit_partial, plain_progress, progress, run_check_progress
 from opaudit.data.version import __version__
 
 DEFAULT_FAIL_ON = "raises,diverges,diverges_deterministic"
@@ -173,14 +173,7 @@ def audit_main(argv: list[str]) -> int:
             rest = script_args if "--" in argv else None
             return launch(args.nproc_per_node, torchrun.without_option(own, rest, "--nproc-per-node"))
     output = check_output(args.output)
-    if args.format:
-        from opaudit.cli.formats import Format
-
-        Format.parse(args.format)
-    if output and not args.format:
-        from opaudit.cli.formats import Format
-
-        Format.from_path(output)
+    check_format(args.format, output)
 
     if args.batch_invariance:
         return _batch_invariance_main(args, script_args, output)

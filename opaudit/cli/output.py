@@ -62,6 +62,16 @@ def run_check_progress(enabled: bool) -> tuple[Callable[[str, int, int], None] |
     return show, clear
 
 
+def check_format(fmt_name: str | None, output: str | None) -> None:
+    """Refuse an unknown ``--format``, or an ``-o`` extension with no format, before any work is done."""
+    from opaudit.cli.formats import Format
+
+    if fmt_name:
+        Format.parse(fmt_name)
+    elif output:
+        Format.from_path(output)
+
+
 def emit(document: Any, kind: str, fmt_name: str | None, output: str | None, quiet: bool,
          default: str = "table", show_all: bool = False) -> None:
     """Write any document to ``output`` (see :mod:`opaudit.data.fileio`) or stdout; a summary to stderr.

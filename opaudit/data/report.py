@@ -413,13 +413,17 @@ def _rank_dict(o: RankOutcome) -> dict[str, Any]:
     return d
 
 
+def _verdict(d: Mapping, where: str) -> Verdict:
+    try:
+        return Verdict.parse(_need(d, "verdict", str, where))
+    except ValueError as e:
+        raise ReportError(f"{where}: {e}") from None
+
+
 def _parse_rank(d: Any, where: str) -> RankOutcome:
     if not isinstance(d, Mapping):
         raise ReportError(f"{where}: a rank entry must be a mapping")
-    try:
-        verdict = Verdict.parse(_need(d, "verdict", str, where))
-    except ValueError as e:
-        raise ReportError(f"{where}: {e}") from None
+    verdict = _verdict(d, where)
     return RankOutcome(_need(d, "rank", int, where), verdict, _opt(d, "default_diverged", str, where, ""),
                        _opt(d, "deterministic_diverged", str, where, ""), _opt(d, "reason", str, where, ""))
 
@@ -475,10 +479,7 @@ def parse_finding(d: Any, where: str) -> Finding:
     """A :class:`Finding` from its dict form, checking every field's type."""
     if not isinstance(d, Mapping):
         raise ReportError(f"{where}: a finding must be a mapping")
-    try:
-        verdict = Verdict.parse(_need(d, "verdict", str, where))
-    except ValueError as e:
-        raise ReportError(f"{where}: {e}") from None
+    verdict = _verdict(d, where)
     sites = tuple(parse_site(s, f"{where}.sites") for s in _opt(d, "sites", list, where, []))
     warnings_ = _strings(d, "warnings", where)
     cudnn = _opt(d, "cudnn", dict, where, {})
