@@ -14,13 +14,15 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten
 
+from opaudit.data.errors import OpauditError
+
 _BITS_DTYPE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 # Byte alignment for the start of a cloned storage span; a multiple of every
 # element size so that each tensor's offset stays a whole number of elements.
 _SPAN_ALIGN = 16
 
 
-class CaptureError(Exception):
+class CaptureError(OpauditError):
     """A tensor could not be snapshotted (unsupported layout, device or memory)."""
 
     def __init__(self, message: str, nbytes: int | None = None) -> None:

@@ -46,6 +46,7 @@ from opaudit.cli.options import (
     sigterm_interrupts,
 )
 from opaudit.cli.output import check_format, emit, emit_partial, plain_progress, progress, run_check_progress
+from opaudit.data.errors import OpauditError
 from opaudit.data.version import __version__
 
 DEFAULT_FAIL_ON = "raises,diverges,diverges_deterministic"
@@ -364,27 +365,6 @@ def _emit_prediction(report: Any, catalog: Any, args: argparse.Namespace, output
     return EXIT_OK
 
 
-def _known_errors() -> tuple[type[BaseException], ...]:
-    from opaudit.cli.formats import FormatError
-    from opaudit.data.fileio import FileError
-    from opaudit.data.files import ReportError
-    from opaudit.engine.loader import ModelLoadError, ScriptExitError
-
-    errors: list[type[BaseException]] = [UsageError, ModelLoadError, ScriptExitError, ReportError, FormatError,
-                                         FileError]
-    for mod, name in (("opaudit.flows.catalog", "CatalogError"), ("opaudit.flows.diff", "DiffError"),
-                      ("opaudit.flows.runcheck", "RunCheckError"), ("opaudit.engine.remedies", "KnowledgeBaseError"),
-                      ("opaudit.flows.batchinv", "BatchInvarianceError"),
-                      ("opaudit.engine.isolate", "IsolationError"),
-                      ("opaudit.flows.distributed.comm", "DistributedError"),
-                      ("opaudit.flows.distributed.launch", "LaunchError"), ("opaudit.engine.window", "WindowError")):
-        try:
-            errors.append(getattr(__import__(mod, fromlist=[name]), name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(errors)
-
-
 class _ClosedStream(io.TextIOBase):
     """Stands in for a standard stream the shell closed (``>&-``): writing to it is an error, not a crash."""
 
@@ -431,8 +411,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: list[str], debug: bool) -> int:
-    from opaudit.engine.loader import UserCodeError
-
     # A torchrun worker names its rank: several ranks write to the same terminal.
     name = f"opaudit [rank {os.environ.get('RANK')}]" if "TORCHELASTIC_RUN_ID" in os.environ else "opaudit"
     try:
@@ -445,18 +423,16 @@ def _main(argv: list[str], debug: bool) -> int:
     except KeyboardInterrupt as e:
         _say(f"{name}: {'terminated' if isinstance(e, Terminated) else 'interrupted'}\n")
         return interrupted_code(e)
-    except UserCodeError as e:
+    except OpauditError as e:
         if debug:
             raise
-        _say(e.user_traceback)
+        _say(e.detail)
         _say(f"{name}: error: {e}\n")
-        return EXIT_ERROR
+        return e.exit_code
     except Exception as e:  # noqa: BLE001 - every error becomes exit 2 here
         if debug:
             raise
-        if isinstance(e, _known_errors()):
-            _say(f"{name}: error: {e}\n")
-        elif isinstance(e, OSError):
+        if isinstance(e, OSError):
             _say(f"{name}: error: {e.strerror or e}: {e.filename or ''}\n".replace(": \n", "\n"))
         else:
             _say(f"{name}: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)\n")

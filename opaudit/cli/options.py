@@ -14,12 +14,15 @@ import signal
 import threading
 from typing import Any
 
-EXIT_OK, EXIT_FINDINGS, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
+from opaudit.data.errors import EXIT_ERROR as EXIT_ERROR  # re-exported: the exit codes live here
+from opaudit.data.errors import OpauditError
+
+EXIT_OK, EXIT_FINDINGS, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 130, 143
 MAX_SECONDS = 1e6
 """Longest time limit accepted (11.6 days): waits past ~24 days overflow the OS's poll timeout."""
 
 
-class UsageError(Exception):
+class UsageError(OpauditError):
     """Bad command-line input (exit 2)."""
 
 

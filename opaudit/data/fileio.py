@@ -26,6 +26,8 @@ import stat
 import sys
 import tempfile
 
+from opaudit.data.errors import OpauditError
+
 MAX_INPUT_BYTES = 64 * 2**20
 """Largest report, catalog or diff input opaudit reads (a full GPU catalog is a few MB)."""
 
@@ -33,7 +35,7 @@ _FD_PATH = re.compile(r"^/(?:dev/fd|proc/self/fd|proc/(\d+)/fd)/(\d+)$")
 _STD_STREAMS = {"/dev/stdin": 0, "/dev/stdout": 1, "/dev/stderr": 2}
 
 
-class FileError(Exception):
+class FileError(OpauditError):
     """A file cannot be written or read; the message names it and says why, in one line."""
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from opaudit.data.errors import OpauditError
 from opaudit.data.fileio import FileError, read_input, write_output
 
 
@@ -39,7 +40,7 @@ def dump_yaml(data: Any) -> str:
                      default_flow_style=False, explicit_end=True)
 
 
-class ReportError(Exception):
+class ReportError(OpauditError):
     """A report or catalog file is missing, malformed, or of another format/version."""
 
 

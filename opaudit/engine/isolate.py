@@ -48,6 +48,7 @@ import torch
 
 from opaudit.aten import precision
 from opaudit.aten.tensors import Snapshot
+from opaudit.data.errors import OpauditError
 from opaudit.data.observation import CRASHED, TIMEOUT, NotReplayed, Observation, error_text
 from opaudit.engine.replay import replay, set_deterministic
 from opaudit.engine.worker import TIMED_OUT, Worker, WorkerStartError, exit_reason
@@ -60,7 +61,7 @@ if TYPE_CHECKING:
 STARTUP_TIMEOUT = 300.0
 """Seconds a fresh worker may take to start (a spawned one imports torch)."""
 
-class IsolationError(Exception):
+class IsolationError(OpauditError):
     """The worker process could not be started."""
 
 

@@ -29,21 +29,28 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from opaudit.data.errors import OpauditError
+
 DEFAULT_ENTRY = "opaudit_step"
 
-class ModelLoadError(Exception):
+class ModelLoadError(OpauditError):
     """The script cannot be loaded: missing, not Python, syntax error, no such entry."""
 
 
-class UserCodeError(Exception):
+class UserCodeError(OpauditError):
     """The user's code raised; ``user_traceback`` holds the traceback trimmed to their frames."""
 
     def __init__(self, message: str, user_traceback: str) -> None:
         super().__init__(message)
         self.user_traceback = user_traceback
 
+    @property
+    def detail(self) -> str:
+        """The user's traceback, printed above the one-line message."""
+        return self.user_traceback
 
-class ScriptExitError(Exception):
+
+class ScriptExitError(OpauditError):
     """The script called ``sys.exit`` with a non-zero status, or ``os._exit`` with any status."""
 
     def __init__(self, status: Any, how: str = "sys.exit") -> None:

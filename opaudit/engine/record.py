@@ -23,6 +23,7 @@ import torch
 from opaudit.aten.ops import OpKind, op_kind, value_dependent, values_matter, written_args
 from opaudit.aten.signature import scalar_key, script_object_text, signature_id, signature_text
 from opaudit.aten.tensors import CaptureError, Snapshot, copy_span, unsupported_input
+from opaudit.data.errors import OpauditError
 from opaudit.data.report import CompiledCode
 from opaudit.data.site import Site
 from opaudit.engine.children import ChildProcesses
@@ -40,7 +41,7 @@ window: see :mod:`opaudit.engine.samples`); every other signature keeps its firs
 MAX_SITES = 8
 """Distinct source sites kept per signature; further sites are only counted."""
 
-class RecordError(Exception):
+class RecordError(OpauditError):
     """Recording could not start or finish (e.g. nested recorders)."""
 
 

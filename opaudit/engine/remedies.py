@@ -19,6 +19,7 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from opaudit.aten.signature import mode_values
+from opaudit.data.errors import OpauditError
 from opaudit.data.verdict import Verdict
 
 if TYPE_CHECKING:
@@ -28,7 +29,7 @@ FORMAT = "opaudit-remedies"
 VERSION = 1
 
 
-class KnowledgeBaseError(Exception):
+class KnowledgeBaseError(OpauditError):
     """The remedies file is missing or malformed."""
 
 

@@ -35,6 +35,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 from opaudit.aten import precision
 from opaudit.aten.ops import ALERT_TEXT, CUBLAS_TEXT
 from opaudit.aten.tensors import Snapshot, difference, differing_mask, fill_mask, flat_tensors, same_bits
+from opaudit.data.errors import OpauditError
 from opaudit.data.observation import (
     CUBLAS_WORKSPACE,
     NO_DETERMINISTIC_IMPL,
@@ -49,7 +50,7 @@ _ALERT_TEXT = ALERT_TEXT
 _CUBLAS_TEXT = CUBLAS_TEXT
 
 
-class ReplayError(Exception):
+class ReplayError(OpauditError):
     """A replay could not be set up (not raised for ops that fail: those are observations)."""
 
 

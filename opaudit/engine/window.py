@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from opaudit.data.errors import OpauditError
 from opaudit.engine.loader import Prepared, Sandbox, Target, call_user, prepare, require_no_arguments, sandboxed
 
 DEFAULT_STEPS = 3
@@ -44,7 +45,7 @@ DEFAULT_ENTRY_CALLS = 1
 """Calls of the entry function recorded by default."""
 
 
-class WindowError(Exception):
+class WindowError(OpauditError):
     """A window that cannot be (``steps`` < 1, negative ``start``...) or that recorded nothing."""
 
 

@@ -22,6 +22,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from opaudit.data.errors import OpauditError
+
 JOIN_TIMEOUT = 10.0
 """Seconds to wait for a worker told to stop, or killed, to be gone."""
 
@@ -29,7 +31,7 @@ TIMED_OUT = object()
 """What :meth:`Worker.receive` returns when the deadline passed with no message."""
 
 
-class WorkerStartError(Exception):
+class WorkerStartError(OpauditError):
     """The worker process did not start, or did not say it was ready."""
 
 

@@ -26,6 +26,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from opaudit.aten.signature import signature_id
 from opaudit.aten.tensors import difference, same_bits
+from opaudit.data.errors import OpauditError
 from opaudit.data.invariance import (
     BATCH_INVARIANT,
     BATCH_VARIANT,
@@ -46,7 +47,7 @@ DEFAULT_ROWS = (1, 2, 3)
 _AFTER_SPLIT = "after the runs' op sequences parted"
 
 
-class BatchInvarianceError(Exception):
+class BatchInvarianceError(OpauditError):
     """The check cannot run: bad row counts, batch dim, batch, or an output without the batch dim."""
 
 

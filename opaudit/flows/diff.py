@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from opaudit.data.errors import OpauditError
 from opaudit.data.files import ReportError, read_document
 from opaudit.data.invariance import BATCH_INVARIANT, BATCH_VARIANT, NOT_COMPARABLE
 from opaudit.data.verdict import Verdict
@@ -39,7 +40,7 @@ DEFAULT_FAIL_ON = "*->raises,*->diverges,*->diverges_deterministic"
 _KNOWN_FORMATS = ("opaudit-report", "opaudit-catalog")
 
 
-class DiffError(Exception):
+class DiffError(OpauditError):
     """Two documents cannot be diffed (a report against a catalog), or a bad ``--fail-on``."""
 
 

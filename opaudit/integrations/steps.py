@@ -14,6 +14,7 @@ import warnings
 from typing import Any
 
 from opaudit.cli.formats import Format, Kind, render
+from opaudit.data.errors import OpauditError
 from opaudit.data.files import atomic_write
 from opaudit.data.report import Report
 from opaudit.engine.record import DEFAULT_CAPTURE_BUDGET, Recorder
@@ -21,7 +22,7 @@ from opaudit.engine.window import DEFAULT_STEPS, Recorded, Window, WindowError
 from opaudit.flows.pipeline import DEFAULT_REPS, build_report
 
 
-class IntegrationError(ValueError):
+class IntegrationError(OpauditError, ValueError):
     """A callback was given options it cannot work with (an unwritable output, a bad window)."""
 
 

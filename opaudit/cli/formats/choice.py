@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 import os
 
+from opaudit.data.errors import OpauditError
+
 
 class Kind(str, enum.Enum):
     """The documents opaudit writes."""
@@ -15,7 +17,7 @@ class Kind(str, enum.Enum):
     PREDICTION = "prediction"
 
 
-class FormatError(ValueError):
+class FormatError(OpauditError, ValueError):
     """An unknown format name or output extension."""
 
 

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from opaudit.data.errors import OpauditError
 from opaudit.data.files import ReportError, check_environment, check_header, check_settings, read_document
 from opaudit.data.invariance import OP_VERDICTS as BATCH_VERDICTS
 from opaudit.data.verdict import Verdict, verdict_counts
@@ -38,7 +39,7 @@ OK, PARTIAL, FAILED, TIMEOUT, CRASHED = "ok", "partial", "failed", "timeout", "c
 no sample could run / the worker was killed at the hard limit / the worker died."""
 
 
-class CatalogError(Exception):
+class CatalogError(OpauditError):
     """A catalog cannot be built or read: bad options, no CUDA, a mismatched partial file."""
 
 

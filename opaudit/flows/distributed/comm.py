@@ -24,11 +24,13 @@ from typing import Any
 
 import torch.distributed as dist
 
+from opaudit.data.errors import OpauditError
+
 _WAIT_SLICE_S = 0.5
 """Longest single wait on the store: signals (torchrun's SIGTERM) are handled between slices."""
 
 
-class DistributedError(Exception):
+class DistributedError(OpauditError):
     """A distributed audit cannot be set up or its ranks cannot agree (exit 2)."""
 
 

@@ -15,6 +15,8 @@ import signal
 import sys
 import tempfile
 
+from opaudit.data.errors import OpauditError
+
 STATUS_ENV = "OPAUDIT_STATUS_FILE"
 """Set by the shortcut: rank 0 writes its exit code there."""
 
@@ -22,7 +24,7 @@ STATUS_ENV = "OPAUDIT_STATUS_FILE"
 _HANDLED_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT") if hasattr(signal, n))
 
 
-class LaunchError(Exception):
+class LaunchError(OpauditError):
     """The job failed: a rank raised, exited non-zero or was killed (exit 2)."""
 
 

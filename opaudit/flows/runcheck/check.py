@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
+from opaudit.data.errors import OpauditError
 from opaudit.data.report import RunCheck
 from opaudit.engine import loader
 from opaudit.engine.compiled import compiles_so_far
@@ -33,7 +34,7 @@ WHOLE_RUN = Window(steps=None)
 """The whole script, or one call of the entry function."""
 
 
-class RunCheckError(Exception):
+class RunCheckError(OpauditError):
     """The check cannot be set up: fewer than two runs, or an unknown mode."""
 
 
