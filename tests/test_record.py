@@ -189,7 +189,7 @@ def test_nested_recording_is_refused():
         try:
             with rec:
                 pass
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             assert "already recording" in str(e)
         else:
             raise AssertionError("nested recording was accepted")

@@ -92,7 +92,7 @@ def script_object_text(obj: Any) -> str:
             code = int(obj.op())
             names = {int(v): k for k, v in dist.ReduceOp.RedOpType.__members__.items()}
             return f"ReduceOp.{names.get(code, code)}"
-    except Exception:  # noqa: BLE001 - another build of torch: the type name still reads stably
+    except Exception:  # another build of torch: the type name still reads stably
         pass
     return name
 

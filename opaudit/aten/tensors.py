@@ -225,7 +225,7 @@ class Snapshot:
                 try:
                     slots.append(_OpaqueSlot(len(opaque), id(leaf) in written_ids))
                     opaque.append(leaf.detach().clone())
-                except Exception as e:  # noqa: BLE001 - any failure means "cannot capture"
+                except Exception as e:  # any failure means "cannot capture"
                     raise CaptureError(f"cannot clone {type(leaf).__name__} ({leaf.layout}): {e}") from e
                 continue
             if not values and leaf.layout == torch.strided:
@@ -237,7 +237,7 @@ class Snapshot:
             try:
                 storage = leaf.untyped_storage()
                 key = (leaf.device, storage.data_ptr())
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 raise CaptureError(f"tensor has no accessible storage: {e}") from e
             es = leaf.element_size()
             offset = leaf.storage_offset()

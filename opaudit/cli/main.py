@@ -395,7 +395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Started with 2>&- or >&-: Python sets the stream to None. Messages are then
     # lost, but the exit code must still tell findings (1) from errors (2).
     if sys.stderr is None:
-        sys.stderr = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 - closed in finally
+        sys.stderr = open(os.devnull, "w", encoding="utf-8")  # closed in finally
     if sys.stdout is None:
         sys.stdout = _ClosedStream("stdout")
     try:
@@ -429,7 +429,7 @@ def _main(argv: list[str], debug: bool) -> int:
         _say(e.detail)
         _say(f"{name}: error: {e}\n")
         return e.exit_code
-    except Exception as e:  # noqa: BLE001 - every error becomes exit 2 here
+    except Exception as e:  # every error becomes exit 2 here
         if debug:
             raise
         if isinstance(e, OSError):

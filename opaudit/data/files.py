@@ -53,7 +53,7 @@ def check_header(data: Any, fmt: str, version: int | tuple[int, ...], path: str)
         raise ReportError(f"{path}: format is {got!r}, expected {fmt!r}")
     versions = version if isinstance(version, tuple) else (version,)
     v = data.get("version")
-    if type(v) is not int or v not in versions:  # noqa: E721 - true and 1.0 compare equal to 1
+    if type(v) is not int or v not in versions:  # true and 1.0 compare equal to 1
         readable = " or ".join(map(str, versions))
         raise ReportError(f"{path}: {fmt} version {v!r} is not supported (this opaudit reads version {readable})")
     return data
@@ -110,7 +110,7 @@ class _NoAliasLoader(yaml.SafeLoader):
     """``yaml.safe_load``'s loader, refusing aliases: opaudit never writes them, and a few
     hundred bytes of nested aliases expand to gigabytes when the document is used."""
 
-    def compose_node(self, parent: Any, index: Any) -> Any:  # noqa: D102 - PyYAML hook
+    def compose_node(self, parent: Any, index: Any) -> Any:  # PyYAML hook
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
             raise yaml.composer.ComposerError(None, None, f"found an alias (*{event.anchor})", event.start_mark)

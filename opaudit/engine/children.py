@@ -91,7 +91,7 @@ class ChildProcesses:
                 try:
                     # Written by our own child into our private folder, never user input.
                     shipments.append(torch.load(os.path.join(self._dir, name), weights_only=False))
-                except Exception:  # noqa: BLE001 - a child killed while writing: counted as unrecorded
+                except Exception:  # a child killed while writing: counted as unrecorded
                     continue
         finally:
             shutil.rmtree(self._dir, ignore_errors=True)
@@ -138,5 +138,5 @@ class ChildProcesses:
                 with os.fdopen(fd, "wb") as f:
                     torch.save(payload, f)
             os.replace(tmp, os.path.join(self._dir, f"{os.getpid()}{_SUFFIX}"))
-        except Exception:  # noqa: BLE001 - a worker must exit whatever happens; it counts as unrecorded
+        except Exception:  # a worker must exit whatever happens; it counts as unrecorded
             pass

@@ -51,7 +51,7 @@ def compiles_so_far() -> int:
         return 0
     try:
         return int(counters["stats"]["unique_graphs"])
-    except Exception:  # noqa: BLE001 - another torch's counters: no count rather than a failed audit
+    except Exception:  # another torch's counters: no count rather than a failed audit
         return 0
 
 
@@ -133,7 +133,7 @@ class CompiledWatch:
     def _wrap_compile(self, original: Any) -> Any:
         watch = self
 
-        def compile(model: Any = None, *args: Any, **kwargs: Any) -> Any:  # noqa: A001 - torch.compile's name
+        def compile(model: Any = None, *args: Any, **kwargs: Any) -> Any:  # torch.compile's name
             result = original(model, *args, **kwargs)
             if model is not None:
                 watch._note_compile(model)
@@ -166,7 +166,7 @@ class CompiledWatch:
         if self.eager:
             try:
                 prior = ef._set_stance(ef.DynamoStance("force_eager"))
-            except Exception:  # noqa: BLE001 - inside a compiled region, or another torch: leave the stance be
+            except Exception:  # inside a compiled region, or another torch: leave the stance be
                 prior = None
             self._saved_stance = prior
         self._eval_frame = ef

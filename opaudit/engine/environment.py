@@ -74,7 +74,7 @@ def _driver_version() -> str | None:
         pynvml.nvmlInit()
         v = pynvml.nvmlSystemGetDriverVersion()
         return v.decode() if isinstance(v, bytes) else str(v)
-    except Exception:  # noqa: BLE001 - optional
+    except Exception:  # optional
         pass
     try:
         with open("/proc/driver/nvidia/version", encoding="utf-8") as f:
@@ -91,7 +91,7 @@ def _cublas_version() -> str | None:
     try:
         v = torch._C._cuda_getCompiledVersion()  # type: ignore[attr-defined]
         return str(v)
-    except Exception:  # noqa: BLE001
+    except Exception:
         return None
 
 

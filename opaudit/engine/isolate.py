@@ -93,7 +93,7 @@ def _op_ref(func: Any) -> tuple[str, str, tuple[str, ...]]:
         opdef = OPDEFS.get(qualified)
         if opdef is not None:
             candidates.append(opdef._init_fn.__module__)
-    except Exception:  # noqa: BLE001 - private API; the namespace guess below still applies
+    except Exception:  # private API; the namespace guess below still applies
         pass
     candidates.append(namespace)
     modules = tuple(dict.fromkeys(
@@ -152,7 +152,7 @@ def _context_error(snap: Snapshot) -> str | None:
         if device.type == "cuda":
             try:
                 torch.cuda.synchronize(device)
-            except Exception as e:  # noqa: BLE001 - any failure here means the context is gone
+            except Exception as e:  # any failure here means the context is gone
                 return error_text(e)
     return None
 
@@ -248,7 +248,7 @@ def _loop(conn: "Connection", table: list[tuple[Any, Snapshot]] | None) -> None:
             request = pickle.loads(conn.recv_bytes())
         except (EOFError, OSError):
             return
-        except Exception as e:  # noqa: BLE001 - inputs that cannot be rebuilt here (a CUDA IPC failure...)
+        except Exception as e:  # inputs that cannot be rebuilt here (a CUDA IPC failure...)
             conn.send(("started", None))
             conn.send(("unavailable", f"inputs cannot be received by the worker: {error_text(e)}"))
             continue
@@ -262,12 +262,12 @@ def _loop(conn: "Connection", table: list[tuple[Any, Snapshot]] | None) -> None:
             else:
                 ref, snap = target
                 func = _resolve_op(ref)
-        except Exception as e:  # noqa: BLE001 - e.g. a custom op unknown to a spawned worker
+        except Exception as e:  # e.g. a custom op unknown to a spawned worker
             conn.send(("unavailable", f"not available in the worker process: {error_text(e)}"))
             continue
         try:
             obs = replay(func, snap, reps, cudnn_variants=cudnn)
-        except Exception as e:  # noqa: BLE001 - not an op failure: this process is suspect now
+        except Exception as e:  # not an op failure: this process is suspect now
             conn.send(("crashed", error_text(e)))
             return
         broken = _context_error(snap)
@@ -358,7 +358,7 @@ class Isolator:
                 request = ((_op_ref(func), snap), reps, cudnn)
             try:
                 message = _dumps(request)
-            except Exception as e:  # noqa: BLE001 - an argument that does not pickle
+            except Exception as e:  # an argument that does not pickle
                 return Observation(None, None, (), None, None, False,
                                    error=f"inputs cannot be sent to the worker: {error_text(e)}")
             deadline = None if self.timeout is None else time.monotonic() + self.timeout

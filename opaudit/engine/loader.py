@@ -350,7 +350,7 @@ def _run_hooks(hooks: list, box: Sandbox) -> None:
             box.notes.append(f"the script's atexit hook {name} called os._exit({e.status}); its remaining "
                              "atexit hooks were not run")
             hooks.clear()
-        except BaseException as e:  # noqa: BLE001 - the interpreter ignores these too
+        except BaseException as e:  # the interpreter ignores these too
             if os.getpid() != box.pid:
                 _leave_child(e)
             if isinstance(e, KeyboardInterrupt):
@@ -472,12 +472,12 @@ def prepare(target: Target, seed: int | None = 0) -> Prepared:
         module = types.ModuleType("__main__")
         module.__dict__.update({"__file__": target.path, "__builtins__": __builtins__, "__spec__": None})
         sys.modules["__main__"] = module
-        return Prepared(lambda: exec(code, module.__dict__), module.__dict__)  # noqa: S102 - running it is the job
+        return Prepared(lambda: exec(code, module.__dict__), module.__dict__)  # running it is the job
     stem = os.path.splitext(target.name)[0]
     module = types.ModuleType(f"_opaudit_target_{stem}")
     module.__dict__.update({"__file__": target.path, "__builtins__": __builtins__})
     sys.modules[module.__name__] = module
-    call_user(lambda: exec(code, module.__dict__))  # noqa: S102
+    call_user(lambda: exec(code, module.__dict__))
     fn = module.__dict__.get(target.entry)
     if not callable(fn):
         raise ModelLoadError(f"{target.name}: {target.entry!r} is not a function")

@@ -61,7 +61,7 @@ def skip_dynamo(code: Any) -> bool:
         from torch._C._dynamo.eval_frame import _FrameAction, _FrameExecStrategy, set_code_exec_strategy
 
         set_code_exec_strategy(code, _FrameExecStrategy(_FrameAction.SKIP, _FrameAction.SKIP))
-    except Exception:  # noqa: BLE001 - older or newer torch: keep TorchDispatchMode's own wrapper
+    except Exception:  # older or newer torch: keep TorchDispatchMode's own wrapper
         return False
     return True
 

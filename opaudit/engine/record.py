@@ -267,7 +267,7 @@ class Recorder:
         try:
             key = (info, _args_key(args), (tuple(kwargs), _args_key(kwargs.values())) if kwargs else None)
             entry = entries.get(key)
-        except Exception:  # noqa: BLE001 - unhashable values, tensors without strides
+        except Exception:  # unhashable values, tensors without strides
             key = (info, signature_text(args, kwargs or {}))
             entry = entries.get(key)
         phase, site = self.sites.current()
@@ -331,7 +331,7 @@ class Recorder:
                 if e.nbytes is not None:
                     entry.capture_needed = self.captured_bytes + e.nbytes
                 return
-            except Exception as e:  # noqa: BLE001 - the user's run must carry on
+            except Exception as e:  # the user's run must carry on
                 entry.skip_reason = f"capture failed: {type(e).__name__}: {e}"
                 return
             break
@@ -367,7 +367,7 @@ class Recorder:
             return
         try:
             snap = self._snapshot(info, args, kwargs)
-        except Exception:  # noqa: BLE001 - a further capture is best effort; the first one stands
+        except Exception:  # a further capture is best effort; the first one stands
             samples.missed += 1
             return
         sample = Sample(entry, entry.calls, snap)
@@ -427,7 +427,7 @@ class Recorder:
         if isinstance(a, torch.Tensor):
             try:
                 ptr = a.untyped_storage().data_ptr()
-            except Exception:  # noqa: BLE001 - no storage (sparse, nested...): nothing held
+            except Exception:  # no storage (sparse, nested...): nothing held
                 return
             slot = self._held.pop(ptr, None)
             if slot is not None:
@@ -458,7 +458,7 @@ class Recorder:
             for entry, _ in live:
                 self._drop(entry, str(e))
             return
-        except Exception as e:  # noqa: BLE001 - the user's run must carry on
+        except Exception as e:  # the user's run must carry on
             for entry, _ in live:
                 self._drop(entry, f"capture failed: {type(e).__name__}: {e}")
             return

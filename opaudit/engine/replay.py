@@ -342,7 +342,7 @@ def _filled_run(func: Any, snap: Snapshot, rng: _Rng) -> list[Any] | None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return _outputs(func(*args, **kwargs), written)
-    except Exception:  # noqa: BLE001 - no filled run, no excuse: a divergence stands
+    except Exception:  # no filled run, no excuse: a divergence stands
         return None
 
 
@@ -363,7 +363,7 @@ def replay(func: Any, snap: Snapshot, reps: int = 5, *, cudnn_variants: bool = F
                 warnings.simplefilter("ignore")
                 func(*args, **kwargs)
             timer.sync()
-        except Exception as e:  # noqa: BLE001 - an op's own failure is an observation
+        except Exception as e:  # an op's own failure is an observation
             strict_kind, strict_error = _alert_kind(str(e)), str(e).strip()
         sink: list[str] = []
         from torch.utils import deterministic as det_utils
@@ -397,7 +397,7 @@ def replay(func: Any, snap: Snapshot, reps: int = 5, *, cudnn_variants: bool = F
                 if unwritten and default_stats.diverges:
                     # Everything that differed is memory the kernel never wrote: the rest is identical.
                     default_stats = RunStats(reps, 0, 0.0, 0.0, default_stats.median_s)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             return Observation(strict_kind, strict_error, tuple(sink), None, None, False, error=error_text(e))
         return Observation(strict_kind, strict_error, tuple(sink), default_stats, det.stats,
                            default.rng_used or det.rng_used, variants=tuple(variants), unwritten=unwritten)
@@ -427,7 +427,7 @@ def time_fill(func: Any, snap: Snapshot, reps: int = 5) -> tuple[float, float] |
                 t0 = time.perf_counter()
                 try:
                     func(*args, **kwargs)
-                except Exception:  # noqa: BLE001 - timing is best effort
+                except Exception:  # timing is best effort
                     return None
                 timer.sync()
                 best[i] = min(best[i], time.perf_counter() - t0)

@@ -74,7 +74,7 @@ def form_cases(op: Any, device: str, dtype: Any, cfg: SweepConfig, form: str) ->
                 outs = tree_map(lambda t: torch.empty_like(t) if isinstance(t, torch.Tensor) else t, result)
                 with torch.no_grad():
                     op(s.input, *s.args, **s.kwargs, out=outs)
-            except Exception:  # noqa: BLE001 - a sample this form does not take is not a case
+            except Exception:  # a sample this form does not take is not a case
                 continue
 
             def call(s: Any = s, outs: Any = outs) -> Any:
@@ -139,7 +139,7 @@ def module_cases(info: Any, device: str, dtype: Any, cfg: SweepConfig, kind: str
         try:
             module = info.module_cls(*mi.constructor_input.args, **mi.constructor_input.kwargs)
             module = module.to(device=device, dtype=dtype).train()
-        except Exception:  # noqa: BLE001 - a module that cannot be built has no sample here
+        except Exception:  # a module that cannot be built has no sample here
             continue
 
         def call_of(s: Any, m: Any = module) -> Callable[[], Any]:

@@ -46,7 +46,7 @@ def serve(fd: int) -> None:
             return
         try:
             result = sweep_task(task, cfg)
-        except Exception as e:  # noqa: BLE001 - reported to the parent as this task's failure
+        except Exception as e:  # reported to the parent as this task's failure
             sys.stderr.write(traceback.format_exc(limit=5))
             result = TaskResult(SweptOp(task.label, task.dtype, FAILED, reason=f"sweep error: {error_line(e)}"), ())
         conn.send(("result", result))

@@ -231,7 +231,7 @@ def select_tasks(device: str, patterns: Iterable[str] | None, dtypes: Iterable[s
         info = opinfos[name] if kind == OPINFO_TASK else module_infos[name]
         try:
             supported = info.supported_dtypes(device_type)
-        except Exception:  # noqa: BLE001 - a broken entry is swept and reported, not fatal
+        except Exception:  # a broken entry is swept and reported, not fatal
             supported = set(wanted)
         picked = [dt for dt in wanted if dt in supported]
         if not picked and kind == OPINFO_TASK and supported and not any(

@@ -107,7 +107,7 @@ def _group_size(obj: Any) -> int | None:
         return dist.ProcessGroup.unbox(obj).size()
     try:
         return torch._C._distributed_c10d._resolve_process_group(obj).size()
-    except Exception:  # noqa: BLE001 - destroyed or unknown group
+    except Exception:  # destroyed or unknown group
         return None
 
 
@@ -295,7 +295,7 @@ def _replay_one(channel: Channel, i: int, kind: str, must_match: bool, sig: Reco
                 snap: Snapshot, reps: int, group: Callable[[], Any]) -> CollectiveResult:
     try:
         ratios, dig, max_diff, frac, _ = _runs(kind, group(), snap, reps)
-    except Exception as e:  # noqa: BLE001 - a failing collective is an observation, not a crash
+    except Exception as e:  # a failing collective is an observation, not a crash
         text = f"{type(e).__name__}: {e}"
         reason = "timeout" if "timeout" in text.lower() or "timed out" in text.lower() else \
             f"replay failed: {text.splitlines()[0][:200]}"

@@ -78,7 +78,7 @@ class Channel:
         try:
             store, _, _ = next(dist.rendezvous("env://", rank=world.rank, world_size=world.world_size,
                                                timeout=datetime.timedelta(seconds=timeout_s)))
-        except Exception as e:  # noqa: BLE001 - any failure to reach the store is the same error to the user
+        except Exception as e:  # any failure to reach the store is the same error to the user
             raise DistributedError(f"cannot reach torchrun's store: {type(e).__name__}: {e}") from e
         self.store = dist.PrefixStore(f"opaudit/{world.run_id}/", store)
 
@@ -91,7 +91,7 @@ class Channel:
             try:
                 self.store.wait(keys, datetime.timedelta(seconds=max(min(left, _WAIT_SLICE_S), 0.001)))
                 return
-            except Exception:  # noqa: BLE001 - the store raises a timeout as a plain RuntimeError/DistStoreError
+            except Exception:  # the store raises a timeout as a plain RuntimeError/DistStoreError
                 if left > _WAIT_SLICE_S:
                     continue
                 missing = [r for r, k in zip(ranks, keys) if not self.store.check([k])]
@@ -131,5 +131,5 @@ class Channel:
         try:
             return dist.ProcessGroupGloo(dist.PrefixStore("pg/", self.store), self.world.rank,
                                          self.world.world_size, datetime.timedelta(seconds=timeout_s))
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise DistributedError(f"cannot create opaudit's gloo group: {type(e).__name__}: {e}") from e

@@ -46,7 +46,7 @@ _MAX_WRITES = 64
 def _key(t: torch.Tensor) -> tuple[int, int] | None:
     try:
         return (t.untyped_storage().data_ptr(), t.storage_offset())
-    except Exception:  # noqa: BLE001 - tensors without storage are never replicated state
+    except Exception:  # tensors without storage are never replicated state
         return None
 
 

@@ -48,7 +48,7 @@ def settle(func: Any, result: Any) -> None:
             if isinstance(x, torch.ScriptObject):
                 try:
                     work = dist.Work.unbox(x)
-                except Exception:  # noqa: BLE001 - not a Work (a process group, an options object)
+                except Exception:  # not a Work (a process group, an options object)
                     continue
                 work.wait()
 

@@ -224,12 +224,12 @@ def _written(roles: _ArgRoles, args: tuple, kwargs: dict) -> list[torch.Tensor]:
 def storage_ptr(t: torch.Tensor) -> int | None:
     try:
         return t.untyped_storage().data_ptr()
-    except Exception:  # noqa: BLE001 - sparse, nested, functional or fake tensors have none
+    except Exception:  # sparse, nested, functional or fake tensors have none
         return None
 
 
 def _safe_digest(t: torch.Tensor) -> tuple:
     try:
         return digest(t)
-    except Exception as e:  # noqa: BLE001 - meta, fake or exotic tensors: compare what can be compared
+    except Exception as e:  # meta, fake or exotic tensors: compare what can be compared
         return ("undigestable", type(t).__name__, str(t.dtype), tuple(t.shape), type(e).__name__)
