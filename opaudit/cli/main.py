@@ -238,6 +238,9 @@ def audit_main(argv: list[str]) -> int:
             # Ctrl-C (or SIGTERM) while the user's code runs: recording stops there, and
             # what was recorded is still audited (a second interrupt stops that too).
             cut = e
+        if cut is not None and rank_audit is not None:
+            rec.release()
+            raise cut  # a rank's partial audit is not the job's report (see below)
     else:
         rec, det_rec = det_rec, None
     if det_failure is not None:
@@ -286,6 +289,10 @@ def audit_main(argv: list[str]) -> int:
             report = rank_audit.finish(report, rec, reps=args.reps)
     except KeyboardInterrupt as e:
         close()
+        if rank_audit is not None:
+            # torchrun stops every rank when one fails or the job is interrupted: one rank's
+            # findings, unmerged, are not the job's report. No file; the launcher says why.
+            raise
         partial = getattr(e, "report", None)
         why = "terminated" if isinstance(e, Terminated) else "interrupted"
         if partial is None:
