@@ -193,3 +193,26 @@ def test_isolate_finishes_while_a_script_thread_still_calls_torch(tmp_path, caps
     report = load(str(out))
     assert report.settings["isolate"] == "spawn"
     assert {f.op for f in report.all_findings} >= {"aten.mul.Tensor", "aten.sum.default"}
+
+
+@pytest.mark.parametrize("entry", [False, True])
+def test_inference_mode_left_entered_is_left_before_the_audit_goes_on(entry, tmp_path, capsys):
+    body = """
+        import torch
+        kept = []
+
+        def step():
+            cm = torch.inference_mode()
+            cm.__enter__()  # never exited; freed only with the script's globals
+            kept.append(cm)
+            return (torch.ones(3) * 2).sum()
+    """
+    script = _script(tmp_path, body if entry else body + "\n        step()\n")
+    out = tmp_path / "r.yaml"
+    assert main([script, *(["--entry", "step"] if entry else []), "--reps", "2", "-q", "-o", str(out)]) == 0, \
+        capsys.readouterr().err
+    assert not torch.is_inference_mode_enabled()
+    assert (torch.ones(2) * 3).requires_grad is False and torch.ones(2, requires_grad=True).sum().requires_grad
+    report = load(str(out))
+    assert report.complete and {"aten.mul.Tensor", "aten.sum.default"} <= {f.op for f in report.all_findings}
+    assert not [f for f in report.all_findings if f.verdict.value == "skipped"]

@@ -131,3 +131,24 @@ def test_run_check_traces_the_same_window_of_a_long_script(capsys):
     assert code == 0, err
     assert "Whole-step check, default mode, 2 runs: bitwise reproducible" in out
     assert "Whole-step check, deterministic mode, 2 runs: bitwise reproducible" in out
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("wait", [
+    "time.sleep(600)",                              # a sleep in C
+    "threading.Event().wait()",                     # a lock wait in C, no timeout
+    "while True:\n    n = sum(range(100))",         # plain Python, no torch op
+])
+def test_max_record_seconds_stops_a_script_that_runs_no_ops(wait, tmp_path, capsys):
+    script = tmp_path / "idle.py"
+    after = tmp_path / "after.txt"
+    script.write_text(f"import threading, time\nimport torch\nx = torch.ones(3) * 2\n{wait}\n"
+                      f"open({str(after)!r}, 'w').close()\n")
+    report = tmp_path / "r.yaml"
+    code, _, err = _run([str(script), "--max-record-seconds", "1", "--reps", "1", "--no-deterministic-pass",
+                         "-o", str(report)], capsys)
+    assert code == 0, err
+    assert "stopped it there (--max-record-seconds)" in err
+    assert yaml.safe_load(report.read_text())["settings"]["recorded"] == \
+        "start of the script (stopped by --max-record-seconds)"
+    assert not after.exists()

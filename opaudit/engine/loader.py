@@ -404,6 +404,7 @@ def call_user(fn: Callable[[], Any]) -> Any:
     """
     owner = os.getpid()
     depth = _mode_depth()
+    inference = _inference_mode()
     try:
         result = fn()
     except BaseException as e:
@@ -416,7 +417,10 @@ def call_user(fn: Callable[[], Any]) -> Any:
         return result
     finally:
         if os.getpid() == owner:
-            _pop_modes(depth)
+            try:
+                _leave_inference_mode(inference)
+            finally:
+                _pop_modes(depth)
 
 
 def _failure(e: BaseException) -> None:
@@ -430,6 +434,35 @@ def _failure(e: BaseException) -> None:
         raise e
     msg = f"{type(e).__name__}: {e}".rstrip(": ")
     raise UserCodeError(f"the script raised {msg}", _user_traceback(e)) from e
+
+
+def _inference_mode() -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and torch.is_inference_mode_enabled()
+
+
+def _leave_inference_mode(before: bool) -> None:
+    """Exit the ``torch.inference_mode()`` contexts the user's code entered and left entered.
+
+    Left entered, the context's guard would restore its saved dispatch state whenever
+    Python frees it (the script's globals dropped, much later): with the recorder's
+    dispatch mode in that state and the mode long gone, every op then fails with an
+    internal assert. Exited here, before the recorder's mode is left, it restores
+    the state it was entered in.
+    """
+    if before or not _inference_mode():
+        return
+    import gc
+
+    from torch.autograd.grad_mode import inference_mode
+
+    # Exiting one that was exited already does nothing.
+    for cm in [o for o in gc.get_objects() if type(o) is inference_mode]:  # type(): no __class__ lookups
+        if hasattr(cm, "_inference_mode_context") and cm.mode:
+            cm.__exit__(None, None, None)
+    if _inference_mode():
+        raise UserCodeError("the script left torch.inference_mode() entered and opaudit cannot leave it; enter it "
+                            "with a 'with' block", "")
 
 
 def _mode_depth() -> int:

@@ -24,7 +24,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import os
+import signal
 import sys
+import sysconfig
 import threading
 import time
 import traceback
@@ -88,12 +91,20 @@ class Recorded:
 
     @property
     def span(self) -> str:
-        """``steps 1-3``, ``step 4``, ``call 1``: the recorded steps, short (report settings)."""
+        """``steps 1-3``, ``step 4``, ``call 1``: the recorded steps, short (report settings); a window
+        that ended by time says so (``start of the script (stopped by --max-record-seconds)``)."""
         if self.last < self.first:
-            return f"from {self.unit} {self.first}" if self.first > 1 else "whole script"
-        if self.last == self.first:
-            return f"{self.unit} {self.first}"
-        return f"{self.unit}s {self.first}-{self.last}"
+            if self.first > 1:
+                text = f"from {self.unit} {self.first}"
+            elif self.stopped == "seconds":
+                text = "start of the script" if self.unit == "step" else f"part of {self.unit} 1"
+            else:
+                text = "whole script"
+        elif self.last == self.first:
+            text = f"{self.unit} {self.first}"
+        else:
+            text = f"{self.unit}s {self.first}-{self.last}"
+        return text + (" (stopped by --max-record-seconds)" if self.stopped == "seconds" else "")
 
     def describe(self) -> str:
         """One line for the user: what was recorded and how the script ended."""
@@ -127,19 +138,113 @@ class _StopScript(BaseException):
 
 
 class _Deadline(TorchDispatchMode):
-    """Stops the script at the first forward op after ``deadline`` (never inside backward)."""
+    """Stops the script once ``deadline`` has passed, wherever it is: at its first forward op after it,
+    or, when it runs no ops (it sleeps, waits in C, loops in plain Python), within a tick.
+
+    A timer thread sends :data:`_STOP_SIGNAL` to the main thread every :data:`_TICK_S`
+    seconds once the deadline has passed; the handler raises only at a safe point: the
+    innermost code running is the user's (not opaudit's recorder or hooks, nor code
+    they called) and no backward runs on this thread. A blocking wait in Python (``sleep``,
+    ``Event.wait``, a lock) is interrupted by the signal; a C function that retries its
+    wait itself stops when it returns. A script that swallows the stop gets it again
+    after :data:`_GRACE_S` seconds (its ``finally`` blocks get that long to run).
+    """
 
     def __init__(self, deadline: float) -> None:
         super().__init__()
         self.deadline = deadline
         self.expired = False
+        """Whether the stop was raised (at least once)."""
+        self._raised_at = 0.0
+        self._done = threading.Event()
+        self._timer: threading.Thread | None = None
+        self._previous: Any = None
+
+    def __enter__(self) -> _Deadline:
+        super().__enter__()
+        if _STOP_SIGNAL is not None and threading.current_thread() is threading.main_thread():
+            # Without SA_RESTART (Python's default), or a lock wait would resume without looking at the handler.
+            self._previous = signal.signal(_STOP_SIGNAL, self._on_signal)
+            self._timer = threading.Thread(target=self._tick, name="opaudit-max-record-seconds", daemon=True)
+            self._timer.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._done.set()
+        if self._timer is not None:
+            self._timer.join()
+            if signal.getsignal(_STOP_SIGNAL) == self._on_signal:
+                signal.signal(_STOP_SIGNAL, self._previous)
+        super().__exit__(*exc)
+
+    def _tick(self) -> None:
+        main = threading.main_thread().ident
+        if self._done.wait(max(0.0, self.deadline - time.monotonic())) or main is None:
+            return
+        while not self._done.is_set():
+            signal.pthread_kill(main, _STOP_SIGNAL)
+            self._done.wait(_TICK_S)
+
+    def _stop_now(self) -> bool:
+        now = time.monotonic()
+        if now < self.deadline or (self.expired and now - self._raised_at < _GRACE_S):
+            return False
+        self.expired, self._raised_at = True, now
+        return True
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if _safe_to_stop(frame) and self._stop_now():
+            raise _StopScript
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        if (not self.expired and time.monotonic() >= self.deadline
-                and torch._C._current_graph_task_id() == -1):
-            self.expired = True
+        if torch._C._current_graph_task_id() == -1 and self._stop_now():
             raise _StopScript
         return func(*args, **(kwargs or {}))
+
+
+_STOP_SIGNAL: int | None = getattr(signal, "SIGURG", None)
+"""The signal that stops a script at its deadline: ignored by default, so one that arrives after the
+handler is gone does nothing, and used by no library we know of (it reports out-of-band socket data
+only to a process that asks for it)."""
+_TICK_S = 0.05
+_GRACE_S = 1.0
+
+
+def _safe_to_stop(frame: Any) -> bool:
+    """Whether an exception raised in ``frame`` starts in the user's own code.
+
+    The audit goes on in this process after the stop, so the stop must not cut
+    anything else in half: not opaudit's code (the recorder's dispatch, its hooks,
+    setting up or tearing down), not torch's or another library's (a lazy
+    initialisation left half done would break the replays), not an import
+    anywhere on the stack (a module half imported stays in ``sys.modules``), not
+    backward. The innermost frame outside the standard library must be the
+    user's; the standard library's own frames inside it (a ``threading.Event``
+    wait, a ``queue.get``) unwind cleanly.
+    """
+    if torch._C._current_graph_task_id() != -1:
+        return False
+    from opaudit.engine.sites import is_internal
+
+    decided: bool | None = None
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if name.startswith(_IMPORTING):
+            return False
+        if decided is None and not _stdlib(name):
+            decided = not is_internal(name)
+        frame = frame.f_back
+    return bool(decided)
+
+
+_IMPORTING = "<frozen importlib"
+_STDLIB = tuple(sorted({sysconfig.get_paths()[k] + os.sep for k in ("stdlib", "platstdlib")}))
+
+
+def _stdlib(filename: str) -> bool:
+    if filename.startswith("<frozen "):
+        return True
+    return filename.startswith(_STDLIB) and "-packages" + os.sep not in filename
 
 
 class _Clock:
