@@ -81,7 +81,8 @@ def test_a_device_a_fifo_and_a_huge_file_are_refused_without_reading_them(tmp_pa
 
 
 @pytest.mark.parametrize("edit, needle", [
-    (("  reps: 1\n", "  reps: 1\n  x: " + "[" * 1000 + "]" * 1000 + "\n"), "nested too deeply"),
+    # Far past the C stack of a recursive composer (libyaml's, as PyYAML ships it, segfaults).
+    (("  reps: 1\n", "  reps: 1\n  x: " + "[" * 300000 + "]" * 300000 + "\n"), "nested more than 32"),
     (("  reps: 1\n", "  reps: 1\n  x: " + "[" * 40 + "]" * 40 + "\n"), "nested more than"),
     (("  reps: 1\n", "  reps: " + "9" * 5000 + "\n"), "a number too long"),
     (("  reps: 1\n", "  reps: 1.0e+400\n"), "settings.reps has the wrong type (float)"),
@@ -149,3 +150,115 @@ def test_op_timeout_must_be_finite_and_is_checked_before_the_script_runs(tmp_pat
     start = time.monotonic()
     _refused(capsys, [str(script), "--op-timeout", value], "--op-timeout")
     assert not marker.exists() and time.monotonic() - start < 30
+
+
+CATALOG = os.path.join(ROOT, "catalogs", "cpu-x86_64-torch2.13.0.yaml")
+
+
+def test_a_key_given_twice_is_refused_in_yaml_and_json(tmp_path, capsys, report_text):
+    text = open(CATALOG).read()
+    # The later value would win: diff would then report this entry stable->raises.
+    twice = tmp_path / "catalog.yaml"
+    twice.write_text(text.replace("  verdict: stable\n", "  verdict: stable\n  verdict: raises\n", 1))
+    line = text[:text.index("  verdict: stable\n")].count("\n") + 2
+    _refused(capsys, ["diff", CATALOG, str(twice)], f"duplicate key 'verdict' at line {line}")
+    _refused(capsys, ["catalog", "--from", str(twice), "--format", "md"], "duplicate key 'verdict'")
+    doc = json.loads(render(opaudit.data.report.from_dict(
+        __import__("yaml").safe_load(report_text), "r"), Kind.REPORT, Format.JSON))
+    as_json = json.dumps(doc, indent=1)
+    dup = tmp_path / "report.json"
+    dup.write_text(as_json.replace('"complete": true', '"complete": true, "complete": false', 1) + "\n")
+    assert as_json.count('"complete": true') >= 1
+    _refused(capsys, ["diff", str(dup), str(dup)], "duplicate key 'complete' in a JSON object")
+
+
+def test_a_directory_given_as_an_input_says_so(tmp_path, capsys):
+    folder = tmp_path / "reports"
+    folder.mkdir()
+    script = tmp_path / "train.py"
+    marker = tmp_path / "ran"
+    script.write_text(f"open({str(marker)!r}, 'w').close()\n")
+    (tmp_path / "cat.yaml.partial").mkdir()
+    for argv in (["diff", str(folder), CATALOG], ["diff", CATALOG, str(folder)], ["catalog", "--from", str(folder)],
+                 [str(script), "--against", str(folder)]):
+        _refused(capsys, argv, f"{folder}: is a directory, not a file")
+    _refused(capsys, ["catalog", "--ops", "abs", "-o", str(tmp_path / "cat.yaml"), "--resume"],
+             "cat.yaml.partial: is a directory, not a file")
+    assert not marker.exists()
+
+
+def test_a_second_yaml_document_is_named_as_such(tmp_path, capsys):
+    text = open(CATALOG).read()
+    two = tmp_path / "two.yaml"
+    two.write_text(text + "---\n" + text)
+    err = _refused(capsys, ["diff", str(two), CATALOG], "a second YAML document at line", "one document")
+    assert "alias" not in err
+
+
+def _loaders():
+    from opaudit.data import files
+
+    libyaml = getattr(files, "_LibyamlLoader", None)
+    return [pytest.param(getattr(files, "_PythonLoader", None), id="python"),
+            pytest.param(libyaml, id="libyaml", marks=pytest.mark.skipif(libyaml is None, reason="no libyaml"))]
+
+
+def test_libyaml_reads_the_files_where_pyyaml_has_it():
+    import yaml
+
+    from opaudit.data import files
+
+    if yaml.__with_libyaml__:
+        assert files._Loader is files._LibyamlLoader and issubclass(files._Loader, yaml.CSafeLoader)
+
+
+@pytest.mark.parametrize("loader", _loaders())
+def test_both_yaml_parsers_read_the_same_and_refuse_the_same(loader):
+    import yaml
+
+    from opaudit.data.files import safe_load
+
+    text = open(CATALOG).read()
+    assert safe_load(text, loader) == yaml.safe_load(text)
+    for bad, needle in ((ALIAS_BOMB, r"found an alias \(\*a\) at line 2"),
+                        ("a: 1\nb: 2\na: 3\n", "duplicate key 'a' at line 3"),
+                        ("a: 1\n...\n---\nb: 2\n", "a second YAML document at line 3"),
+                        ("x: " + "[" * 100000 + "]" * 100000 + "\n", "nested more than 32 levels"),
+                        ("x: !!python/object/apply:os.system [echo hi]\n", "could not determine a constructor")):
+        with pytest.raises(yaml.YAMLError, match=needle):
+            safe_load(bad, loader)
+    assert safe_load("", loader) is None
+    deepest = "x: " + "[" * 32 + "]" * 32 + "\n"
+    assert safe_load(deepest, loader) == yaml.safe_load(deepest)
+
+
+def _limited(args, tmp_path, **kw):
+    """opaudit in a subprocess that cannot take the machine down: 4 GiB of heap, 120 s."""
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_DATA, (4 * 2**30, 4 * 2**30))
+
+    return _opaudit(args, capture_output=True, text=True, preexec_fn=limit, cwd=tmp_path, **kw)
+
+
+@pytest.mark.parametrize("kind", ["symlink to /dev/zero", "fifo"])
+def test_a_script_that_is_not_a_regular_file_is_refused_without_reading_it(tmp_path, kind):
+    script = tmp_path / "train.py"
+    if kind == "fifo":
+        os.mkfifo(script)  # no writer: a blocking open waits for ever
+    else:
+        script.symlink_to("/dev/zero")  # read to the end, it never ends
+    done = _limited(["train.py", "--reps", "1"], tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == "opaudit: error: train.py: not a regular file (a device, FIFO or socket); opaudit reads " \
+                          "files only\n"
+
+
+def test_a_script_larger_than_any_script_is_refused(tmp_path, capsys):
+    from opaudit.data.fileio import MAX_SCRIPT_BYTES
+
+    script = tmp_path / "train.py"
+    with open(script, "wb") as f:
+        f.truncate(MAX_SCRIPT_BYTES + 1)  # sparse
+    _refused(capsys, [str(script)], "too large", "opaudit reads scripts up to 16 MiB")

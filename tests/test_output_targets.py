@@ -172,3 +172,14 @@ def test_a_write_failing_half_way_names_the_file_and_leaves_the_old_one(tmp_path
     assert done.stdout == f"FileError cannot write {path}: File too large\n", done.stderr
     assert path.read_text() == "previous report\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]
+
+
+def test_the_scripts_umask_does_not_change_the_reports_mode(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text("import os, torch\nos.umask(0o777)\ntorch.ones(3).sum()\n")
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    done = subprocess.run([sys.executable, "-m", "opaudit", str(script), "--reps", "1", "-q", "-o", "r.yaml"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+                          preexec_fn=lambda: os.umask(0o027))
+    assert done.returncode == 0, done.stderr
+    assert stat.S_IMODE(os.stat(tmp_path / "r.yaml").st_mode) == 0o640

@@ -5,7 +5,7 @@ Writing (:func:`write_output`) depends on what the path is:
 * a regular file, or a path that does not exist yet: written to a temp file in
   the same folder and renamed over it, so a reader never sees half a file. A new
   file gets the mode an ordinary ``open()`` would give it (``0666`` less the
-  umask); a file that is overwritten keeps its mode (and, where the process may
+  umask; the audited script's own umask is undone when it ends); a file that is overwritten keeps its mode (and, where the process may
   set it, its owner).
 * a symlink: the file it points to is replaced that way; the link stays a link.
 * a character or block device (``/dev/null``), a FIFO or a socket, and the
@@ -14,8 +14,9 @@ Writing (:func:`write_output`) depends on what the path is:
   A rename would replace the device node or the shell's redirection target with
   a new file.
 
-Reading (:func:`read_input`) accepts regular files only (``/dev/zero`` or a
-FIFO would be read forever) and at most :data:`MAX_INPUT_BYTES`.
+Reading (:func:`read_input`, :func:`read_bytes`) accepts regular files only
+(``/dev/zero`` or a FIFO would be read forever) and at most :data:`MAX_INPUT_BYTES`
+(:data:`MAX_SCRIPT_BYTES` for the audited script).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from opaudit.data.errors import OpauditError
 
 MAX_INPUT_BYTES = 64 * 2**20
 """Largest report, catalog or diff input opaudit reads (a full GPU catalog is a few MB)."""
+MAX_SCRIPT_BYTES = 16 * 2**20
+"""Largest script opaudit runs: far past any hand-written or generated training script."""
 
 _FD_PATH = re.compile(r"^/(?:dev/fd|proc/self/fd|proc/(\d+)/fd)/(\d+)$")
 _STD_STREAMS = {"/dev/stdin": 0, "/dev/stdout": 1, "/dev/stderr": 2}
@@ -186,6 +189,16 @@ def check_writable(path: str) -> None:
 
 def read_input(path: str, limit: int = MAX_INPUT_BYTES) -> str:
     """The UTF-8 text of the regular file ``path``, at most ``limit`` bytes; :class:`FileError` otherwise."""
+    raw = read_bytes(path, limit)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise FileError(f"{path}: not UTF-8 text") from None
+
+
+def read_bytes(path: str, limit: int = MAX_INPUT_BYTES, what: str = "input files") -> bytes:
+    """The bytes of the regular file ``path``, at most ``limit``; :class:`FileError` otherwise (a directory,
+    a device, a FIFO, a larger file: ``what`` names what opaudit reads up to ``limit``)."""
     try:
         # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer.
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
@@ -193,24 +206,26 @@ def read_input(path: str, limit: int = MAX_INPUT_BYTES) -> str:
         raise FileError(f"{path}: no such file") from None
     except OSError as e:
         raise FileError(f"{path}: cannot read ({e.strerror or e})") from None
-    with os.fdopen(fd, "rb") as f:
+    try:
         st = os.fstat(fd)
+        # Before fdopen, which refuses a directory with "Is a directory: <fd>".
         if stat.S_ISDIR(st.st_mode):
-            raise FileError(f"{path}: is a directory")
+            raise FileError(f"{path}: is a directory, not a file")
         if not stat.S_ISREG(st.st_mode):
             raise FileError(f"{path}: not a regular file (a device, FIFO or socket); opaudit reads files only")
         if st.st_size > limit:
-            raise FileError(f"{path}: too large ({_mib(st.st_size)}; opaudit reads input files up to {_mib(limit)})")
+            raise FileError(f"{path}: too large ({_mib(st.st_size)}; opaudit reads {what} up to {_mib(limit)})")
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as f:
         try:
             raw = f.read(limit + 1)
         except OSError as e:
             raise FileError(f"{path}: cannot read ({e.strerror or e})") from None
     if len(raw) > limit:
-        raise FileError(f"{path}: too large (over {_mib(limit)}; opaudit reads input files up to {_mib(limit)})")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise FileError(f"{path}: not UTF-8 text") from None
+        raise FileError(f"{path}: too large (over {_mib(limit)}; opaudit reads {what} up to {_mib(limit)})")
+    return raw
 
 
 def _mib(n: int) -> str:

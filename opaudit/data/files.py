@@ -2,8 +2,9 @@
 
 Every opaudit document (report, catalog, diff, prediction) carries ``format`` and
 ``version``; reading refuses anything else. YAML is read with ``yaml.safe_load``'s
-loader, aliases refused; only regular files within a size limit are read
-(:mod:`opaudit.data.fileio`).
+rules (libyaml's parser where PyYAML has it), refusing aliases, a second
+document, deep nesting and duplicate keys; JSON refuses duplicate keys too. Only
+regular files within a size limit are read (:mod:`opaudit.data.fileio`).
 """
 
 from __future__ import annotations
@@ -106,24 +107,106 @@ def _check_values(value: Any, where: str) -> None:
             stack.extend(x.values())
 
 
-class _NoAliasLoader(yaml.SafeLoader):
-    """``yaml.safe_load``'s loader, refusing aliases: opaudit never writes them, and a few
-    hundred bytes of nested aliases expand to gigabytes when the document is used."""
-
-    def compose_node(self, parent: Any, index: Any) -> Any:  # PyYAML hook
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
-            raise yaml.composer.ComposerError(None, None, f"found an alias (*{event.anchor})", event.start_mark)
-        return super().compose_node(parent, index)
+class _Refused(yaml.YAMLError):
+    """What no opaudit file holds (an alias, a second document, deep nesting, a duplicate key): one line."""
 
 
-def safe_load(text: str) -> Any:
-    """``yaml.safe_load`` semantics (plain data only), with aliases refused."""
-    loader = _NoAliasLoader(text)
+class _StrictLoading:
+    """``yaml.safe_load``'s rules (plain data only, the safe constructor's tags), stricter.
+
+    The composer is this class's own loop over the parser's events, not PyYAML's
+    (whose C version recurses once per nesting level and overflows the C stack on
+    a file of ``[[[[...`` far below the size limit). It refuses, before anything
+    is built: aliases (opaudit never writes them, and a few hundred bytes of nested
+    aliases expand to gigabytes), a second document, and nesting deeper than
+    :data:`MAX_DEPTH`. The constructor refuses a key given twice in one mapping.
+    """
+
+    def compose_strict(self) -> Any:
+        """The one document's node graph, or ``None`` for an empty stream."""
+        get = self.get_event  # type: ignore[attr-defined]
+        resolve = self.resolve  # type: ignore[attr-defined]
+        get()  # StreamStartEvent
+        event = get()
+        if isinstance(event, yaml.StreamEndEvent):
+            return None
+        stack: list[list[Any]] = []  # [collection node, the mapping key waiting for its value]
+        while True:
+            event = get()
+            kind = type(event)
+            if kind is yaml.AliasEvent:
+                raise _Refused(f"found an alias (*{event.anchor}) at line {event.start_mark.line + 1}; "
+                               "opaudit files never use YAML aliases")
+            if kind is not yaml.MappingEndEvent and kind is not yaml.SequenceEndEvent and len(stack) > MAX_DEPTH:
+                raise _Refused(f"nested more than {MAX_DEPTH} levels deep")
+            if kind is yaml.ScalarEvent:
+                tag = event.tag
+                if tag is None or tag == "!":
+                    tag = resolve(yaml.ScalarNode, event.value, event.implicit)
+                node = yaml.ScalarNode(tag, event.value, event.start_mark, event.end_mark, style=event.style)
+            elif kind is yaml.MappingStartEvent or kind is yaml.SequenceStartEvent:
+                node_kind = yaml.MappingNode if kind is yaml.MappingStartEvent else yaml.SequenceNode
+                tag = event.tag
+                if tag is None or tag == "!":
+                    tag = resolve(node_kind, None, event.implicit)
+                stack.append([node_kind(tag, [], event.start_mark, None, flow_style=event.flow_style), None])
+                continue
+            else:  # the end of the innermost collection
+                node = stack.pop()[0]
+                node.end_mark = event.end_mark
+            if not stack:
+                break
+            top = stack[-1]
+            if type(top[0]) is yaml.SequenceNode:
+                top[0].value.append(node)
+            elif top[1] is None:
+                top[1] = node
+            else:
+                top[0].value.append((top[1], node))
+                top[1] = None
+        get()  # DocumentEndEvent
+        event = get()
+        if not isinstance(event, yaml.StreamEndEvent):
+            raise _Refused(f"a second YAML document at line {event.start_mark.line + 1}; an opaudit file is one "
+                           "document")
+        return node
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:  # PyYAML hook
+        if isinstance(node, yaml.MappingNode):
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)  # type: ignore[attr-defined]
+                try:
+                    if key in seen:
+                        raise _Refused(f"duplicate key {key!r} at line {key_node.start_mark.line + 1}")
+                    seen.add(key)
+                except TypeError:
+                    pass  # unhashable: the constructor says so
+        return super().construct_mapping(node, deep=deep)  # type: ignore[misc]
+
+
+class _PythonLoader(_StrictLoading, yaml.SafeLoader):
+    """PyYAML's own parser: where libyaml is missing."""
+
+
+_CSafeLoader = getattr(yaml, "CSafeLoader", None)
+_LibyamlLoader = type("_LibyamlLoader", (_StrictLoading, _CSafeLoader), {}) if _CSafeLoader is not None else None
+"""libyaml's parser (``yaml.CSafeLoader``), about 10x faster on a large file."""
+
+_Loader = _LibyamlLoader or _PythonLoader
+
+
+def safe_load(text: str, loader: type = _Loader) -> Any:
+    """``yaml.safe_load`` semantics (plain data only); aliases, several documents, nesting deeper than
+    :data:`MAX_DEPTH` and duplicate keys refused (``yaml.YAMLError``)."""
+    reader = loader(text)
     try:
-        return loader.get_single_data()
+        node = reader.compose_strict()
+        return None if node is None else reader.construct_document(node)
     finally:
-        loader.dispose()
+        reader.dispose()
 
 
 def read_document(path: str) -> Any:
@@ -151,15 +234,17 @@ def read_document(path: str) -> Any:
 def _parse(text: str, path: str) -> Any:
     if text.lstrip()[:1] in ("{", "["):
         try:
-            return json.loads(text)
+            return json.loads(text, object_pairs_hook=_json_object)
         except json.JSONDecodeError as e:
             raise ReportError(f"{path}: invalid JSON (line {e.lineno}: {e.msg})") from None
+        except _Refused as e:
+            raise ReportError(f"{path}: refused: {e}") from None
     try:
         data = safe_load(text)
+    except _Refused as e:
+        raise ReportError(f"{path}: refused: {e}") from None
     except yaml.constructor.ConstructorError as e:
         raise ReportError(f"{path}: refused: unsafe or unknown YAML tag ({_first_line(e.problem)})") from None
-    except yaml.composer.ComposerError as e:
-        raise ReportError(f"{path}: refused: {_first_line(e.problem)}; opaudit files never use YAML aliases") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -171,6 +256,15 @@ def _parse(text: str, path: str) -> Any:
         # opaudit writes an explicit end marker; a file cut at a line break lacks it.
         raise ReportError(f"{path}: incomplete YAML: no end-of-document marker '...' (truncated?)")
     return data
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) < len(pairs):
+        seen: set[str] = set()
+        key = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise _Refused(f"duplicate key {key!r} in a JSON object")
+    return obj
 
 
 MAX_DEPTH = 32

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from opaudit.data.errors import OpauditError
+from opaudit.data.fileio import MAX_SCRIPT_BYTES, FileError, read_bytes
 
 DEFAULT_ENTRY = "opaudit_step"
 
@@ -98,13 +99,11 @@ def load_target(path: str, entry: str | None = None, argv: tuple[str, ...] | lis
     if ext not in (".py", ".pyw", ""):
         raise ModelLoadError(f"{path}: not a Python script (expected a .py file)")
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
-        source = raw.decode("utf-8")
+        source = read_bytes(path, MAX_SCRIPT_BYTES, "scripts").decode("utf-8")
     except UnicodeDecodeError:
         raise ModelLoadError(f"{path}: not a Python script (not UTF-8 text)") from None
-    except OSError as e:
-        raise ModelLoadError(f"{path}: cannot read ({e.strerror or e})") from None
+    except FileError as e:
+        raise ModelLoadError(str(e)) from None
     if "\x00" in source:
         raise ModelLoadError(f"{path}: not a Python script (binary file)")
     try:
@@ -144,7 +143,7 @@ class Sandbox:
     """What one run of the user's code left behind, filled in as :func:`sandboxed` closes.
 
     The sandbox snapshots the process state a script can change and restores it
-    afterwards: ``sys.argv``/``sys.path``/``__main__``, the working directory,
+    afterwards: ``sys.argv``/``sys.path``/``__main__``, the working directory, the umask,
     ``sys.stdout``/``sys.stderr`` (the script's stdout goes to stderr, at the file
     descriptor level too, so it never mixes with a report on stdout), every signal
     handler, the interval timers (``signal.alarm``, ``setitimer``), ``os._exit``
@@ -185,6 +184,8 @@ def sandboxed(target: Target) -> Iterator[Sandbox]:
     saved_argv = sys.argv
     saved_path = list(sys.path)
     saved_cwd = os.getcwd()
+    saved_umask = os.umask(0o022)
+    os.umask(saved_umask)
     saved_main = sys.modules.get("__main__")
     saved_streams = (sys.stdout, sys.stderr)
     main_thread = threading.current_thread() is threading.main_thread()
@@ -229,6 +230,7 @@ def sandboxed(target: Target) -> Iterator[Sandbox]:
                 os.chdir(saved_cwd)
             except OSError:
                 pass
+            os.umask(saved_umask)  # else os.umask(0o777) in the script would give the report mode 000
             if saved_main is not None:
                 sys.modules["__main__"] = saved_main
             box.threads_left = tuple(sorted(t.name for t in threading.enumerate()
