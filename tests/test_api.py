@@ -23,8 +23,22 @@ def test_pytest_pattern_fails_when_a_model_gains_a_nondeterministic_op():
     assert err.value.findings[0].op == "aten.put_.default"
 
 
+def _put_and_unpool() -> None:
+    zoo.put_no_accumulate()
+    zoo.unpool_all_dims()
+
+
 def test_allow_list_accepts_known_ops():
-    opaudit.testing.assert_deterministic(zoo.put_no_accumulate, reps=2, allow=("aten.put_.default",))
+    # The allowed op is still in the report, as a finding at the threshold: accepted, not hidden.
+    report = opaudit.testing.assert_deterministic(zoo.put_no_accumulate, reps=2, allow=("aten.put_.default",))
+    assert [f.op for f in report.findings(at_least="diverges")] == ["aten.put_.default"]
+    # An allowed op does not cover another one: max_unpool still fails the test, and alone.
+    with pytest.raises(opaudit.testing.NondeterminismFound) as err:
+        opaudit.testing.assert_deterministic(_put_and_unpool, reps=2, allow=("aten.put_.default",))
+    assert {f.op for f in err.value.findings} == {"aten.max_unpool2d.default", "aten.max_unpool3d.default"}
+    opaudit.testing.assert_deterministic(_put_and_unpool, reps=2,
+                                         allow=("aten.put_.default", "aten.max_unpool2d.default",
+                                                "aten.max_unpool3d.default"))
 
 
 def test_recorder_context_and_build_report():

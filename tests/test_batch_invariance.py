@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import inspect
-
 import csv
+import inspect
 import io
 import json
 import os
@@ -86,7 +85,6 @@ def test_linear_points_at_the_module_and_downstream_ops_are_probed(wide):
     assert by_module["Sequential.1"].verdict == BATCH_INVARIANT
 
 
-@pytest.mark.timeout(120)
 def test_gpt2_decode_step_is_variant_in_a_linear_layer():
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -293,18 +291,18 @@ def test_example_decoder_is_variant_with_its_line_and_remedy():
     """The shipped example, end to end in a fresh process: exit 1, the line of its qkv projection."""
     proc = subprocess.run([sys.executable, "-m", "opaudit", os.path.join(EXAMPLES, "decoder.py"),
                            "--batch-invariance", "--batch-sizes", "1,2,7"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=240)
     assert proc.returncode == 1, proc.stderr
     assert ("root cause: op #8 aten.addmm.default at opaudit/examples/decoder.py:36 (Decoder.blocks.0.qkv)"
             in proc.stdout)
     assert "What to do:" in proc.stdout and "aten.addmm.default, aten.mm.default" in proc.stdout
     zero = subprocess.run([sys.executable, "-m", "opaudit", os.path.join(EXAMPLES, "decoder.py"),
                            "--batch-invariance", "--batch-sizes", "1", "--exit-zero", "-q", "--format", "json"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+                          cwd=ROOT, capture_output=True, text=True, timeout=240)
     section = json.loads(zero.stdout)["batch_invariance"]
     assert zero.returncode == 0 and section["invariant"] is False
-    assert all("pad every batch to at least 8 rows" in op["remedy"] for op in section["ops"]
-               if op["verdict"] == BATCH_VARIANT)
+    variant = [op for op in section["ops"] if op["verdict"] == BATCH_VARIANT]
+    assert variant and all("pad every batch to at least 8 rows" in op["remedy"] for op in variant)
 
 
 def test_an_audit_without_the_flag_never_loads_the_check():
@@ -312,7 +310,7 @@ def test_an_audit_without_the_flag_never_loads_the_check():
             "rc = main([sys.argv[1], '--reps', '1', '--no-timing', '-q']); "
             "print(rc, sorted(m for m in sys.modules if m in ('opaudit.flows.batchinv', 'opaudit.engine.batchtrace')))")
     proc = subprocess.run([sys.executable, "-c", code, os.path.join(EXAMPLES, "mlp.py")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=240)
     assert proc.stdout.strip().splitlines()[-1] == "0 []", proc.stdout + proc.stderr
 
 

@@ -42,7 +42,6 @@ def test_probe_selection_by_name_torch_and_aten_spelling():
                                                   "softmax", "log_softmax", "scaled_dot_product_attention"}
 
 
-@pytest.mark.timeout(200)
 def test_cli_sweep_writes_the_section_and_diff_shows_its_transitions(tmp_path, capsys):
     out = tmp_path / "cat.yaml"
     argv = ["catalog", "--ops", "mm", "--batch-invariance", "--in-process", "--no-stress", "--max-samples", "1",

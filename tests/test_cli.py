@@ -275,12 +275,11 @@ def test_debug_shows_the_traceback(tmp_path):
         main([str(tmp_path / "nope.py"), "--debug"])
 
 
-@pytest.mark.timeout(200)
 def test_console_entry_point_runs_the_shipped_example():
     env = {**os.environ, "PYTHONPATH": ROOT}
     proc = subprocess.run(
         [sys.executable, "-m", "opaudit", os.path.join(EXAMPLES, "recommender.py"), "--reps", "5", "--threads", "2"],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=240,
     )
     assert proc.returncode == 1, proc.stderr
     assert "aten.index_put.default" in proc.stdout and "diverges" in proc.stdout

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import torch
 from conftest import ROOT
 
@@ -35,13 +34,13 @@ def _dynamo_left_as_found() -> None:
     assert not hasattr(torch.compile, "_opaudit_watch")
 
 
-@pytest.mark.timeout(120)
 def test_report_names_the_compiled_code_it_recorded_eagerly(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     out = tmp_path / "report.yaml"
-    code = main([SCRIPT, "--steps", "1", "--reps", "2", "--no-timing", "--no-deterministic-pass", "-q",
-                 "-o", str(out)])
-    assert code in (0, 1)  # the eager index_put backward may diverge: that is the audit's business
+    # --exit-zero: whether the eager index_put backward's race shows is the audit's business, not this test's.
+    code = main([SCRIPT, "--steps", "1", "--reps", "2", "--no-timing", "--no-deterministic-pass", "--exit-zero",
+                 "-q", "-o", str(out)])
+    assert code == 0
     report = load(str(out))
     compile_line, decorator = _line_of("compiled = torch.compile(model)"), _line_of("@torch.compile(fullgraph")
     assert report.compiled == (
@@ -74,7 +73,6 @@ def test_an_uncompiled_step_has_no_compiled_section():
     assert "Compiled code" not in markdown.report(report)
 
 
-@pytest.mark.timeout(60)
 def test_recording_runs_a_fullgraph_function_eagerly_and_restores_dynamo():
     graphs = []
 
@@ -100,7 +98,6 @@ def test_recording_runs_a_fullgraph_function_eagerly_and_restores_dynamo():
     assert len(graphs) == 1  # and compilation is back once recording ends
 
 
-@pytest.mark.timeout(150)
 def test_run_check_checks_the_compiled_step_and_deterministic_mode_fixes_it():
     import torch._inductor.config as inductor_config
 

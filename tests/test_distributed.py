@@ -251,7 +251,7 @@ def test_mismatched_collectives_and_a_stalled_rank(tmp_path, capfd):
     os.environ[STALL_ENV] = "1"
     try:
         code = main(["--nproc-per-node", "2", _fixture("mismatch.py"), "-o", str(out), "--reps", "2",
-                     "--dist-timeout", "2", "-q"])
+                     "--dist-timeout", "3", "-q"])
     finally:
         del os.environ[STALL_ENV]
     err = capfd.readouterr().err

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 from fixtures import models as zoo
 
@@ -51,7 +53,11 @@ def test_cpu_run_has_no_cuda_warnings():
 def test_fill_uninitialized_memory_cost_is_measured():
     report = opaudit.audit(zoo.empty_outputs, reps=3)
     (w,) = [w for w in report.env_warnings if "uninitialized" in w]
-    assert "measured here:" in w and "2 call(s)" in w
+    # The cost is a measurement: a figure, or the documented wording when filling cost nothing
+    # measurable here (which an idle or a loaded machine may give). Which one is not the test's business.
+    assert re.search(r"^2 call\(s\) return uninitialized memory: .*fill_uninitialized_memory=True\) "
+                     r"\((no measurable cost here|measured here: \d+\.\d us in total over the recorded run's calls)\);",
+                     w), w
     for f in report.findings(verdicts=["uninitialized"]):
         assert f.time_default_us is not None and f.time_deterministic_us is not None
         assert f.default_diverged == ""  # timed only, never compared

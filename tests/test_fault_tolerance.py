@@ -100,7 +100,7 @@ def test_op_timeout_skips_a_hanging_op_and_kills_its_worker(armed):
         hangs_on_replay(x)
         x.sum()
     armed()
-    with Isolator(rec, timeout=1.0) as iso:
+    with Isolator(rec, timeout=3.0) as iso:  # a healthy replay in a fresh worker takes far less, even under load
         report = build_report(rec, reps=2, replay_fn=iso, remedies=False)
     v = _verdicts(report)
     assert v["opaudit_ft.hangs_on_replay.default"] == (Verdict.SKIPPED, "timeout")
@@ -122,7 +122,6 @@ def test_a_worker_killed_between_ops_does_not_blame_the_next_op():
     assert iso.starts == 2
 
 
-@pytest.mark.timeout(120)
 def test_isolated_replay_finds_what_in_process_replay_finds():
     """The forked worker keeps its intra-op threads: the CPU accumulation race still shows."""
     from fixtures import models as zoo
@@ -146,7 +145,6 @@ def test_isolated_replay_finds_what_in_process_replay_finds():
     assert isolated.findings(verdicts=["raises"])
 
 
-@pytest.mark.timeout(120)
 def test_spawned_worker_gets_inputs_sent_and_ops_by_name():
     """The path CUDA needs (no fork after CUDA init), checked on the CPU."""
     g = torch.Generator().manual_seed(0)
@@ -203,18 +201,17 @@ MISBEHAVING = """
 """
 
 
-@pytest.mark.timeout(150)
 def test_cli_op_timeout_implies_isolation(tmp_path):
     out = tmp_path / "report.json"
-    proc = _cli([_script(tmp_path, MISBEHAVING), "--op-timeout", "2", "--reps", "2", "-o", str(out)])
-    _, err = proc.communicate(timeout=120)
+    proc = _cli([_script(tmp_path, MISBEHAVING), "--op-timeout", "4", "--reps", "2", "-o", str(out)])
+    _, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err
     report = load(str(out))
     v = _verdicts(report)
     assert v["ft_script.exits.default"] == (Verdict.SKIPPED, "crashed: exit status 5")
     assert v["ft_script.hangs.default"] == (Verdict.SKIPPED, "timeout")
     assert v["aten.sum.default"] == (Verdict.STABLE, "")
-    assert report.settings["isolate"] == "fork" and report.settings["op_timeout_s"] == 2.0
+    assert report.settings["isolate"] == "fork" and report.settings["op_timeout_s"] == 4.0
 
 
 SLOW = """
@@ -244,7 +241,7 @@ SLOW = """
 SLOW_SIGNATURES = 3 + 2 * 40  # arange, mul, sum, then ones + slow per size
 
 
-def _wait_for(predicate, proc, what, limit=90.0):
+def _wait_for(predicate, proc, what, limit=240.0):
     deadline = time.monotonic() + limit
     while not predicate():
         if proc.poll() is not None:
@@ -263,7 +260,6 @@ def _replayed_sizes(mark):
         return set()
 
 
-@pytest.mark.timeout(120)
 @pytest.mark.parametrize("mode", ["in-process", "isolated", "stdout"])
 def test_ctrl_c_during_replay_writes_a_partial_report_and_exits_130(tmp_path, mode):
     out, mark = tmp_path / "report.json", tmp_path / "mark"
@@ -276,7 +272,7 @@ def test_ctrl_c_during_replay_writes_a_partial_report_and_exits_130(tmp_path, mo
     # A second size replaying means the first slow signature is classified.
     _wait_for(lambda: len(_replayed_sizes(mark)) >= 2, proc, "replay reached the second slow signature")
     os.killpg(proc.pid, signal.SIGINT)
-    stdout, err = proc.communicate(timeout=60)
+    stdout, err = proc.communicate(timeout=240)
     assert proc.returncode == 130, err
     with pytest.raises(ProcessLookupError):
         os.killpg(proc.pid, 0)  # no replay worker left behind
@@ -293,7 +289,6 @@ def test_ctrl_c_during_replay_writes_a_partial_report_and_exits_130(tmp_path, mo
     assert sorted(os.listdir(tmp_path)) == ["mark", "report.json", "train.py"]  # no temp file left
 
 
-@pytest.mark.timeout(60)
 def test_ctrl_c_while_the_script_runs_audits_what_was_recorded(tmp_path):
     """Issue 13 §9: Ctrl-C during the user's code stops recording; what it recorded is audited."""
     out, mark = tmp_path / "report.json", tmp_path / "mark"
@@ -302,7 +297,7 @@ def test_ctrl_c_while_the_script_runs_audits_what_was_recorded(tmp_path):
                 env={"FT_MARK": str(mark), "FT_HANG_WHILE_RECORDING": "1"}, start_new_session=True)
     _wait_for(mark.exists, proc, "the script started")
     os.killpg(proc.pid, signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=240)
     assert proc.returncode == 130, err
     report = load(str(out))
     assert report.complete is False and report.settings["recording_cut_short"] == "interrupted"
@@ -335,12 +330,11 @@ CAPTURE_OOM = """
 """
 
 
-@pytest.mark.timeout(60)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc are Linux")
 def test_capture_oom_skips_that_signature_and_the_run_carries_on(tmp_path):
     out = tmp_path / "report.json"
     proc = _cli([_script(tmp_path, CAPTURE_OOM), "--reps", "2", "-o", str(out)])
-    stdout, err = proc.communicate(timeout=120)
+    stdout, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err
     assert f"step finished {2**27} (8, 8)" in err  # the script's stdout goes to stderr
     v = _verdicts(load(str(out)))

@@ -12,7 +12,6 @@ import os
 import stat
 import subprocess
 import sys
-import time
 
 import pytest
 from conftest import ROOT
@@ -124,7 +123,7 @@ def test_json_is_read_back_whatever_its_name(tmp_path, capsys, report_text):
 
 def _opaudit(args, **kw):
     env = dict(os.environ, PYTHONPATH=ROOT)
-    return subprocess.run([sys.executable, "-m", "opaudit", *args], env=env, timeout=120, **kw)
+    return subprocess.run([sys.executable, "-m", "opaudit", *args], env=env, timeout=240, **kw)
 
 
 def test_closed_stderr_still_gives_exit_2_for_bad_input(tmp_path):
@@ -147,9 +146,8 @@ def test_op_timeout_must_be_finite_and_is_checked_before_the_script_runs(tmp_pat
     marker = tmp_path / "ran"
     script = tmp_path / "train.py"
     script.write_text(f"open({str(marker)!r}, 'w').close()\n")
-    start = time.monotonic()
     _refused(capsys, [str(script), "--op-timeout", value], "--op-timeout")
-    assert not marker.exists() and time.monotonic() - start < 30
+    assert not marker.exists()  # refused before the script ran
 
 
 CATALOG = os.path.join(ROOT, "catalogs", "cpu-x86_64-torch2.13.0.yaml")

@@ -24,7 +24,6 @@ def test_importing_the_integrations_imports_no_framework():
     assert out.strip() == "False"
 
 
-@pytest.mark.timeout(180)
 def test_hugging_face_trainer_records_the_window_and_trains_on(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
@@ -54,7 +53,6 @@ def test_hugging_face_trainer_records_the_window_and_trains_on(tmp_path):
     assert (tmp_path / "saved" / "config.json").exists()
 
 
-@pytest.mark.timeout(180)
 def test_lightning_fit_records_the_window(tmp_path):
     import lightning as L
 

@@ -18,10 +18,9 @@ LINT = "import sys; from importlinter.cli import lint_imports_command; sys.exit(
 
 def _lint(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", LINT, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=240)
 
 
-@pytest.mark.timeout(150)
 def test_import_linter_contracts_hold():
     r = _lint("--no-cache")
     assert r.returncode == 0, r.stdout + r.stderr
@@ -32,12 +31,15 @@ def test_import_linter_contracts_hold():
                                     "opaudit.cli.formats"])
 def test_lower_and_presentation_modules_do_not_import_torch(module):
     code = f"import sys, {module}; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=240)
     assert out.stdout.strip() == "False"
 
 
 def test_every_subpackage_is_in_the_distribution():
-    import tomllib
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # the test extra installs tomli where the standard library has no tomllib
+        import tomli as tomllib
 
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         listed = set(tomllib.load(f)["tool"]["setuptools"]["packages"])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import yaml
 from conftest import ROOT
 
@@ -57,7 +56,6 @@ def test_lbfgs_closure_runs_forward_and_backward_not_optimizer(tmp_path, capsys)
     assert _phases(report, "aten.dot.default") == {("optimizer",)}
 
 
-@pytest.mark.timeout(120)
 def test_lightning_deterministic_trainer_gets_its_raising_op_and_closure_phases(tmp_path, capsys, recwarn):
     # Trainer(deterministic=True) turns strict mode on; automatic optimization runs
     # training_step inside optimizer.step's closure.

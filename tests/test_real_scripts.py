@@ -93,7 +93,6 @@ def test_shuffling_loader_reports_are_byte_identical(tmp_path, capsys):
 
 
 # -- 2-4: the whole-step check ---------------------------------------------------------
-@pytest.mark.timeout(120)
 def test_two_worker_dataloader_is_reproducible_in_deterministic_mode(tmp_path, capsys):
     """Profiler markers and batch arrivals land at different places among the ops: not a path split."""
     code, report = _report(tmp_path, capsys, _script("worker_loader.py"), "--reps", "1", "--run-check", "3",
@@ -152,7 +151,7 @@ def _start(argv: list[str], started) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
-def _wait_for_file(path, proc, limit: float = 60.0) -> None:
+def _wait_for_file(path, proc, limit: float = 240.0) -> None:
     deadline = time.monotonic() + limit
     while not path.exists():
         if proc.poll() is not None:
@@ -163,14 +162,13 @@ def _wait_for_file(path, proc, limit: float = 60.0) -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.timeout(120)
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_stopping_a_running_script_audits_what_it_recorded(tmp_path, signum, code):
     out, started = tmp_path / "report.yaml", tmp_path / "started"
     proc = _start([_script("long_training.py"), "--reps", "2", "--no-timing", "-o", str(out)], started)
     _wait_for_file(started, proc)
     os.kill(proc.pid, signum)
-    _, err = proc.communicate(timeout=90)
+    _, err = proc.communicate(timeout=240)
     assert proc.returncode == code, err
     assert "partial report (complete: false) written to" in err
     report = load(str(out))
@@ -181,16 +179,17 @@ def test_stopping_a_running_script_audits_what_it_recorded(tmp_path, signum, cod
 
 
 # -- 8: DataLoader worker processes ----------------------------------------------------------
-@pytest.mark.timeout(120)
 def test_ops_in_dataloader_workers_are_recorded_and_replayed(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("ITEM_SIZE", "200000")
+    with open(_script("worker_pipeline.py"), encoding="utf-8") as f:
+        line = next(i for i, text in enumerate(f, 1) if "counts.index_put_(" in text)
     found = {}
     for workers in ("0", "2"):
         monkeypatch.setenv("WORKERS", workers)
         _, report = _report(tmp_path, capsys, _script("worker_pipeline.py"), "--reps", "2", name=f"w{workers}.yaml")
         (f,) = _by_op(report, "aten.index_put_.default")
         found[workers] = f
-        assert f["calls"] == 2 and f["sites"][0]["line"] == 22 and f["verdict"] != "skipped"
+        assert f["calls"] == 2 and f["sites"][0]["line"] == line and f["verdict"] != "skipped"
         assert f["default_diverged"]  # replayed in the parent
     assert found["0"]["id"] == found["2"]["id"]
     assert report["settings"]["child_processes"] == {"forked": 2, "recorded": 2}
@@ -220,7 +219,6 @@ else:
 """
 
 
-@pytest.mark.timeout(120)
 @pytest.mark.parametrize("backward", [True, False])
 def test_index_put_remedy_depends_on_how_it_was_called(tmp_path, capsys, backward):
     script = tmp_path / "indexing.py"

@@ -89,13 +89,11 @@ def test_hostile_remedies_file_is_refused_and_nothing_runs(tmp_path, payload, me
     assert not marker.exists()
 
 
-def test_findings_carry_remedies_with_measured_cost_and_documentation():
-    report = opaudit.audit(zoo.accumulate_put, reps=3)
-    (f,) = [f for f in report.all_findings if f.op == "aten.put_.default"]
-    assert f.verdict is Verdict.DIVERGES
-    assert "Measured cost here:" in f.remedy and f"{f.det_cost:.2f}x" in f.remedy
-    assert "PyTorch documents: torch.Tensor.put_ with accumulate=True when called on a CPU tensor" in f.remedy
+def test_raising_findings_carry_the_curated_remedy():
+    # A diverging op's remedy (the setting, the measured cost, PyTorch's bullet) is checked where the
+    # race is measured: test_verdicts.test_accumulate_with_collisions_diverges_and_deterministic_mode_fixes_it.
     raising = opaudit.audit(zoo.unpool_all_dims, reps=2).findings(verdicts=["raises"])
+    assert len(raising) == 3
     assert all("max_unpool has no deterministic implementation" in f.remedy for f in raising)
 
 

@@ -116,7 +116,6 @@ def counter(tmp_path, monkeypatch):
     return path
 
 
-@pytest.mark.timeout(90)
 def test_diverging_step_names_the_root_cause_op_and_its_forward_line(tmp_path):
     target = _script(tmp_path, COLLIDE)
     r = run_check(target, "default", runs=3)
@@ -139,7 +138,6 @@ def test_diverging_step_names_the_root_cause_op_and_its_forward_line(tmp_path):
     assert len(names) == len(set(names)), "each tensor is listed once, however many runs differ"
 
 
-@pytest.mark.timeout(60)
 def test_deterministic_mode_makes_the_same_step_reproducible(tmp_path):
     before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     r = run_check(_script(tmp_path, COLLIDE), "deterministic", runs=3)
@@ -176,12 +174,20 @@ def test_data_from_outside_the_ops_is_reported_with_the_gradients_it_changed(tmp
     assert "came from outside the ops" in "\n".join(run_check_lines(r))
 
 
-@pytest.mark.timeout(90)
 def test_outside_data_before_the_root_cause_is_pointed_out_too(tmp_path, counter):
-    """Both at once: ``x`` changes from run to run, and the lookup's backward races."""
-    target = _script(tmp_path, textwrap.dedent(COLLIDE) + textwrap.dedent("""
+    """Both at once: ``x`` changes from run to run, and a later op's own bits change too.
 
+    That op is the test-only extension op that adds in another order on every call
+    (``tests/fixtures/models.py``): the point here is where the report puts each
+    difference, not whether a thread race shows on a loaded machine (that is
+    ``test_diverging_step_names_the_root_cause_op_and_its_forward_line``).
+    """
+    target = _script(tmp_path, """
         import os
+
+        import torch
+        from fixtures import models as zoo
+        from torch import nn
 
         side = nn.Linear(2, 1)
         with open(os.environ["RUNCHECK_COUNTER"], "r+") as f:
@@ -189,15 +195,19 @@ def test_outside_data_before_the_root_cause_is_pointed_out_too(tmp_path, counter
             f.seek(0)
             f.write(str(n + 1))
         x = torch.tensor([[1.0, float(n)]])
+        g = torch.Generator().manual_seed(0)
+        idx = torch.randint(0, 100, (zoo.N_EXT,), generator=g)
+        vals = torch.randn(zoo.N_EXT, generator=g) * torch.logspace(-3, 3, zoo.N_EXT)
 
 
         def opaudit_step():
             side(x).sum().backward()  # OUTSIDE
-            (model(ids) * weights).sum().backward()
-    """))
+            torch.ops.opaudit_zoo.scatter_sum(idx, vals, 100)  # ITS OWN
+    """)
     r = run_check(target, "default", runs=3)
     rc = r.root_cause
-    assert (rc["op"], rc["phase"], rc["inputs_identical"]) == ("aten.index_put.default", "backward", True)
+    assert (rc["op"], rc["inputs_identical"]) == ("opaudit_zoo.scatter_sum.default", True)
+    assert rc["where"] == f"step.py:{_line_of(target.path, '# ITS OWN')}"
     first = rc["first_difference"]
     assert (first["op"], first["where"]) == ("aten.addmm.default", f"step.py:{_line_of(target.path, '# OUTSIDE')}")
     assert first["index"] < rc["index"]
@@ -276,10 +286,12 @@ def test_run_checks_round_trip_through_a_report(tmp_path, counter):
     assert again.run_checks == checks
 
 
-@pytest.mark.timeout(200)
 def test_cli_on_the_shipped_example(capsys):
     """The quick start: not reproducible by default, root cause in the backward of the lookups."""
-    code = main([RECOMMENDER, "--run-check", "3", "--reps", "1", "-q", "--format", "json"])
+    # The run check is what this test is about: the deterministic-mode recording and the timings
+    # would double its time and change none of what it checks.
+    code = main([RECOMMENDER, "--run-check", "3", "--reps", "1", "--no-deterministic-pass", "--no-timing", "-q",
+                 "--format", "json"])
     out, err = capsys.readouterr()
     # One replay per mode cannot show a divergence and no op here raises, so no finding is in
     # --fail-on: exit 0. The whole-step check reports; it does not set the exit code.

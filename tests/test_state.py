@@ -69,7 +69,6 @@ def odd_flags():
     torch.backends.cuda.matmul.allow_tf32 = saved["matmul_tf32"]
 
 
-@pytest.mark.timeout(120)
 @pytest.mark.parametrize("det, warn_only, fill, grad", [
     (False, False, False, True),
     (True, True, False, False),
@@ -132,7 +131,6 @@ def test_audit_leaves_the_rng_where_the_step_itself_leaves_it():
     _assert_same(before, after)
 
 
-@pytest.mark.timeout(120)
 def test_inductor_flag_is_kept_and_restored_when_inductor_is_loaded(odd_flags):
     """With Inductor's config imported, replays keep its flag in step with ATen's and
     put it back as it was, even where the user set the two differently."""
@@ -158,7 +156,6 @@ def test_inductor_flag_is_kept_and_restored_when_inductor_is_loaded(odd_flags):
         inductor.deterministic = saved
 
 
-@pytest.mark.timeout(120)
 def test_an_audit_never_imports_inductor_or_dynamo():
     """``torch.use_deterministic_algorithms`` imports Inductor's config (and Dynamo) on
     first use, about 1.5 s; eager replays set ATen's flag only."""
@@ -171,6 +168,6 @@ def test_an_audit_never_imports_inductor_or_dynamo():
     )
     tests = os.path.dirname(os.path.abspath(__file__))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.path.dirname(tests)])}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=100)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=240)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

@@ -19,7 +19,6 @@ COLLIDE = os.path.join(ROOT, "tests", "fixtures", "scripts", "collide_steps.py")
 INDEX_PUT = "aten.index_put_.default"
 
 
-@pytest.mark.timeout(120)
 def test_a_later_call_with_colliding_indices_is_found(tmp_path, capsys):
     """Step 1's indices never collide (its accumulation is exact whatever the threads do), steps 2-3's do.
 

@@ -17,11 +17,18 @@ def _only(report, op):
     return found
 
 
-@pytest.mark.parametrize("step, op", [
-    (zoo.accumulate_index_put, "aten.index_put_.default"),
-    (zoo.accumulate_put, "aten.put_.default"),
+@pytest.mark.parametrize("step, op, documented", [
+    (zoo.accumulate_index_put, "aten.index_put_.default",
+     "torch.Tensor.index_put with accumulate=True when called on a CPU tensor"),
+    (zoo.accumulate_put, "aten.put_.default", "torch.Tensor.put_ with accumulate=True when called on a CPU tensor"),
 ])
-def test_accumulate_with_collisions_diverges_and_deterministic_mode_fixes_it(step, op):
+def test_accumulate_with_collisions_diverges_and_deterministic_mode_fixes_it(step, op, documented):
+    """A real thread race: the product's claim is about these ATen kernels, so no stand-in op.
+
+    3 million wide-range values added into 1,000 slots by 2 threads: two runs gave the same
+    bits in at most 1 of 30 pairs on this 2-core machine with two busy processes beside
+    (``scripts/race_rate.py``), so 5 comparisons all missing the race is below 1 in 10^7.
+    """
     report = opaudit.audit(step, reps=6)
     (f,) = _only(report, op)
     assert f.verdict is Verdict.DIVERGES
@@ -31,7 +38,10 @@ def test_accumulate_with_collisions_diverges_and_deterministic_mode_fixes_it(ste
     assert f.max_abs_diff and f.max_abs_diff > 0
     assert 0 < f.frac_differing <= 1
     assert f.time_default_us > 0 and f.time_deterministic_us > 0
+    # The remedy: the setting, the cost measured here (a figure, whatever it is), and PyTorch's own bullet.
     assert "use_deterministic_algorithms(True)" in f.remedy
+    assert f"Measured cost here: {f.det_cost:.2f}x" in f.remedy
+    assert f"PyTorch documents: {documented}" in f.remedy
 
 
 def test_max_unpool_in_every_dimension_raises_with_pytorchs_message():
@@ -53,23 +63,32 @@ def test_put_without_accumulate_raises():
     assert f.strict_error.startswith("put_ does not have a deterministic implementation")
 
 
-def test_duplicate_index_copy_reports_its_divergence_rate():
-    report = opaudit.audit(zoo.index_copy_duplicates, reps=10)
+def test_duplicate_index_copy_is_deterministic_in_deterministic_mode_without_an_alert():
+    """``index_copy_`` and ``index_put_`` over duplicate indices: last-writer races.
+
+    Whether the default runs race is not asserted: two threads' last writes to a row
+    land in a time-dependent order only when both threads finish together, which
+    happened in about 1 of 5 pairs of runs on this machine under load, so a test of
+    the race itself would be a test of the machine's load. What holds on every
+    machine is asserted: deterministic mode makes the op repeat its bits, and it
+    neither raises nor warns (PyTorch documents both as deterministic when enabled).
+    """
+    report = opaudit.audit(zoo.index_copy_duplicates, reps=4)
     for op in ("aten.index_copy_.default", "aten.index_put_.default"):
         (f,) = _only(report, op)
-        m = re.fullmatch(r"(\d+)/10", f.default_diverged)
-        assert m, f.default_diverged
-        assert f.deterministic_diverged == "0/10"
-        # Last-writer races show some of the time; the verdict follows the measured rate.
-        assert f.verdict is (Verdict.DIVERGES if int(m.group(1)) else Verdict.STABLE)
+        assert re.fullmatch(r"[0-4]/4", f.default_diverged), f.default_diverged
+        assert f.deterministic_diverged == "0/4"
+        assert f.strict_error is None and not f.warnings
 
 
 def test_silent_nondeterminism_in_an_extension_op_is_diverges_deterministic():
+    # The extension kernel adds in a new order on every call: every run differs from the first, in both modes.
     report = opaudit.audit(zoo.racy_extension_op, reps=6)
     (f,) = _only(report, "opaudit_zoo.scatter_sum.default")
     assert f.verdict is Verdict.DIVERGES_DETERMINISTIC
     assert not f.strict_error and not f.warnings
-    assert int(f.deterministic_diverged.split("/")[0]) >= 1
+    assert (f.default_diverged, f.deterministic_diverged) == ("5/6", "5/6")
+    assert f.max_abs_diff > 0 and f.frac_differing > 0
 
 
 def test_op_that_only_warns_is_warns():

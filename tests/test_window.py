@@ -28,7 +28,6 @@ def _alive(pid: int) -> bool:
     return True
 
 
-@pytest.mark.timeout(120)
 def test_steps_stop_a_long_script_cleanly_with_its_workers_and_files(tmp_path, capsys):
     log, pids, report = tmp_path / "log.txt", tmp_path / "pids.txt", tmp_path / "r.yaml"
     code, _, err = _run([TRAIN_LOOP, "--steps", "2", "--reps", "1", "-o", str(report), "--",
@@ -46,7 +45,6 @@ def test_steps_stop_a_long_script_cleanly_with_its_workers_and_files(tmp_path, c
     assert not [p for p in workers if _alive(p)], "DataLoader workers still running after the stop"
 
 
-@pytest.mark.timeout(120)
 def test_start_step_runs_the_first_steps_unrecorded(tmp_path, capsys):
     log, report = tmp_path / "log.txt", tmp_path / "r.yaml"
     code, _, err = _run([TRAIN_LOOP, "--start-step", "3", "--steps", "1", "--reps", "1", "-o", str(report), "--",
@@ -92,7 +90,6 @@ def test_start_step_past_the_end_says_nothing_was_recorded(tmp_path, capsys):
     assert len(log.read_text().splitlines()) == 4  # what the script saved is intact
 
 
-@pytest.mark.timeout(120)
 def test_max_record_seconds_stops_a_script_without_an_optimizer(tmp_path, capsys, monkeypatch):
     script = tmp_path / "serve.py"
     script.write_text(textwrap.dedent("""
@@ -124,7 +121,6 @@ def test_entry_mode_counts_calls_of_the_entry(capsys):
     assert addmm["calls"] == 2
 
 
-@pytest.mark.timeout(120)
 def test_run_check_traces_the_same_window_of_a_long_script(capsys):
     code, out, err = _run([TRAIN_LOOP, "--steps", "2", "--run-check", "--reps", "1", "--", "--steps", "20000"],
                           capsys)
