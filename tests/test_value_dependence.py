@@ -28,14 +28,15 @@ def test_a_later_call_with_colliding_indices_is_found(tmp_path, capsys):
     mode over 3 million values landing on 1,000 rows, where the fixture's race shows.
     """
     first_only = tmp_path / "first.yaml"
-    assert main([COLLIDE, "--reps", "6", "--captures-per-signature", "1", "--no-deterministic-pass",
+    # Call 1 is exact whatever the threads do: 2 replays show it as well as 6.
+    assert main([COLLIDE, "--reps", "2", "--captures-per-signature", "1", "--no-deterministic-pass",
                  "--no-timing", "--exit-zero", "-q", "-o", str(first_only)]) == 0
     f1 = load(str(first_only)).finding(INDEX_PUT)
     assert f1.calls == 3 and f1.verdict is Verdict.STABLE
     assert f1.checked_calls == () and f1.calls_checked == 1 and f1.calls_diverged == 0
 
     several = tmp_path / "several.yaml"
-    assert main([COLLIDE, "--reps", "6", "--no-timing", "-q", "-o", str(several)]) == 1
+    assert main([COLLIDE, "--reps", "6", "--no-deterministic-pass", "--no-timing", "-q", "-o", str(several)]) == 1
     capsys.readouterr()
     f = load(str(several)).finding(INDEX_PUT)
     assert f.verdict is Verdict.DIVERGES, f
