@@ -17,6 +17,7 @@ import sys
 import textwrap
 import threading
 
+import pytest
 import torch
 import yaml
 from conftest import ROOT

@@ -129,7 +129,6 @@ def test_run_check_traces_the_same_window_of_a_long_script(capsys):
     assert "Whole-step check, deterministic mode, 2 runs: bitwise reproducible" in out
 
 
-@pytest.mark.timeout(120)
 @pytest.mark.parametrize("wait", [
     "time.sleep(600)",                              # a sleep in C
     "threading.Event().wait()",                     # a lock wait in C, no timeout
