@@ -13,8 +13,8 @@ from opaudit.cli.formats.escape import csv_text, md_table  # noqa: F401 - every 
 from opaudit.data.verdict import Verdict
 
 if TYPE_CHECKING:
+    from opaudit.data.prediction import Predicted, Prediction
     from opaudit.data.report import CompiledCode, Finding, Report, RunCheck
-    from opaudit.flows.predict import Predicted, Prediction
 
 FINDING_HEADERS = ("verdict", "op", "calls", "phase", "where", "module", "default", "determ.", "max |diff|", "det. cost")
 

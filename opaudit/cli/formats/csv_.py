@@ -10,10 +10,10 @@ from opaudit.data.report import ROW_FIELDS, flat_row
 from opaudit.data.site import modules_of
 
 if TYPE_CHECKING:
+    from opaudit.data.catalog import Catalog
+    from opaudit.data.diff import Diff
+    from opaudit.data.prediction import Prediction
     from opaudit.data.report import Report
-    from opaudit.flows.catalog import Catalog
-    from opaudit.flows.diff import Diff
-    from opaudit.flows.predict import Prediction
 
 CATALOG_FIELDS = ("op", "dtype", "variant", "verdict", "input_kind", "phase", "source", "opinfo", "stress",
                   "seen_in", "alert", "error", "warning", "signature")

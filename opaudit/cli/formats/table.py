@@ -25,10 +25,10 @@ from opaudit.cli.formats.common import (
 from opaudit.data.verdict import Verdict
 
 if TYPE_CHECKING:
+    from opaudit.data.catalog import Catalog
+    from opaudit.data.diff import Change, Diff
+    from opaudit.data.prediction import Prediction
     from opaudit.data.report import Report
-    from opaudit.flows.catalog import Catalog
-    from opaudit.flows.diff import Change, Diff
-    from opaudit.flows.predict import Prediction
 
 
 MAX_FINDINGS = 40

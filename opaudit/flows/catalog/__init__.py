@@ -27,7 +27,8 @@ seconds (and on Ctrl-C), so that an interrupted sweep can be resumed.
 
 One module per job, each importing only those above it in this list:
 ``config`` (defaults, :class:`SweepConfig`), ``keys`` (signature → key),
-``model`` (entries, the file form, merging), ``select`` (which ops),
+``entries`` (entries from findings, merging; the records and their file form are
+:mod:`opaudit.data.catalog`), ``select`` (which ops),
 ``stress`` (scaled inputs), ``cases`` (runnable samples), ``sweep`` (one task),
 ``runner`` (a worker process or this one), ``build`` (:func:`build_catalog`).
 """
@@ -35,6 +36,7 @@ One module per job, each importing only those above it in this list:
 from __future__ import annotations
 
 from opaudit.aten.signature import signature_dtype, signature_variant, split_signature
+from opaudit.data.catalog import FORMAT, VERSION, Catalog, CatalogEntry, SweptOp, catalog_from_dict, load_catalog
 from opaudit.flows.catalog.build import PARTIAL_EVERY_S, CatalogRequest, SweepProgress, build_catalog, partial_path
 from opaudit.flows.catalog.config import (
     DEFAULT_DTYPES,
@@ -46,18 +48,8 @@ from opaudit.flows.catalog.config import (
     STRESS_ELEMENTS,
     SweepConfig,
 )
+from opaudit.flows.catalog.entries import CatalogError, merge_entries
 from opaudit.flows.catalog.keys import entry_key
-from opaudit.flows.catalog.model import (
-    FORMAT,
-    VERSION,
-    Catalog,
-    CatalogEntry,
-    CatalogError,
-    SweptOp,
-    catalog_from_dict,
-    load_catalog,
-    merge_entries,
-)
 from opaudit.flows.catalog.select import Task, check_device, parse_dtypes, select_tasks
 
 __all__ = [

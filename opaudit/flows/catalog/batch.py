@@ -20,8 +20,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from opaudit.data.catalog import BatchEntry
 from opaudit.data.invariance import BATCH_INVARIANT, BATCH_VARIANT, OP_VERDICTS
-from opaudit.flows.catalog.model import BatchEntry
 
 BATCH = 256
 """Rows of a probe's full input."""

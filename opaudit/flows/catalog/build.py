@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from opaudit.data.catalog import CRASHED, Catalog, CatalogEntry, SweptOp, load_catalog, swept_order
 from opaudit.data.fileio import write_output
 from opaudit.data.files import dump_yaml
 from opaudit.flows.catalog.config import (
@@ -20,16 +21,7 @@ from opaudit.flows.catalog.config import (
     STRESS_ELEMENTS,
     SweepConfig,
 )
-from opaudit.flows.catalog.model import (
-    CRASHED,
-    Catalog,
-    CatalogEntry,
-    CatalogError,
-    SweptOp,
-    load_catalog,
-    merge_entries,
-    swept_order,
-)
+from opaudit.flows.catalog.entries import CatalogError, merge_entries
 from opaudit.flows.catalog.runner import InProcessRunner, WorkerRunner, worker_memory_limit
 from opaudit.flows.catalog.select import check_device, parse_dtypes, select_tasks
 from opaudit.flows.catalog.sweep import TaskResult

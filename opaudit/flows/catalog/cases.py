@@ -7,8 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from opaudit.data.catalog import OPINFO, STRESS
 from opaudit.flows.catalog.config import SweepConfig
-from opaudit.flows.catalog.model import OPINFO, STRESS
 from opaudit.flows.catalog.select import FUNCTION, INPLACE
 from opaudit.flows.catalog.stress import (
     STRESS_CALL_S,

@@ -9,9 +9,10 @@ import traceback
 from collections.abc import Mapping
 from typing import Any
 
+from opaudit.data.catalog import CRASHED, FAILED, TIMEOUT, SweptOp
 from opaudit.engine.worker import TIMED_OUT, Worker, WorkerStartError, start_interpreter
 from opaudit.flows.catalog.config import SweepConfig
-from opaudit.flows.catalog.model import CRASHED, FAILED, TIMEOUT, CatalogError, SweptOp
+from opaudit.flows.catalog.entries import CatalogError
 from opaudit.flows.catalog.select import Task, databases
 from opaudit.flows.catalog.sweep import TaskResult, error_line, sweep_task
 

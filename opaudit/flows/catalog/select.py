@@ -13,7 +13,7 @@ from typing import Any
 
 from opaudit.aten.signature import dtype_abbreviations
 from opaudit.flows.catalog.config import DEFAULT_DTYPES
-from opaudit.flows.catalog.model import CatalogError
+from opaudit.flows.catalog.entries import CatalogError
 
 # Names of torch.nn modules swept from ``common_modules.module_db`` are prefixed with
 # ``nn.`` there too; OpInfo covers a module when an OpInfo entry has the module's

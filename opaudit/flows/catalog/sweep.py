@@ -10,21 +10,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from opaudit.data.catalog import FAILED, INPUT_KINDS, OK, OPINFO, PARTIAL, STRESS, CatalogEntry, SweptOp
 from opaudit.flows.catalog.cases import module_cases, opinfo_cases, run_case
 from opaudit.flows.catalog.config import SweepConfig
-from opaudit.flows.catalog.model import (
-    FAILED,
-    INPUT_KINDS,
-    OK,
-    OPINFO,
-    PARTIAL,
-    STRESS,
-    CatalogEntry,
-    SweptOp,
-    entry_from_finding,
-    first_line,
-    merge_entries,
-)
+from opaudit.flows.catalog.entries import entry_from_finding, first_line, merge_entries
 from opaudit.flows.catalog.select import OPINFO_TASK, Task, databases
 from opaudit.flows.catalog.stress import is_index, tensor_leaves
 

@@ -17,7 +17,8 @@ import signal
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from opaudit.flows.catalog.model import Catalog, CatalogError, catalog_from_dict, merge_entries, swept_order
+from opaudit.data.catalog import Catalog, catalog_from_dict, swept_order
+from opaudit.flows.catalog.entries import CatalogError, merge_entries
 from opaudit.flows.distributed.comm import Channel, World
 
 STOP_ENV = "OPAUDIT_TEST_STOP_AFTER"

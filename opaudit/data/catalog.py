@@ -1,23 +1,21 @@
-"""The catalog model and its file form: entries, swept ops, merging, strict load.
+"""The catalog document: entries, swept ops, batch-invariance entries, their dict form and strict load.
 
 A catalog file carries ``format: opaudit-catalog`` and ``version: 2`` (version 1,
 the same without the ``batch_invariance`` section, is read too); loading anything
-else is refused.
+else is refused. Pure data: the sweep that builds a catalog is
+:mod:`opaudit.flows.catalog`; the renderers read these records only.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from opaudit.data.errors import OpauditError
 from opaudit.data.files import ReportError, check_environment, check_header, check_settings, read_document
 from opaudit.data.invariance import OP_VERDICTS as BATCH_VERDICTS
 from opaudit.data.verdict import Verdict, verdict_counts
-from opaudit.flows.catalog.keys import entry_key
 
 FORMAT = "opaudit-catalog"
 
@@ -37,10 +35,6 @@ INPUT_KINDS = (OPINFO, STRESS)
 OK, PARTIAL, FAILED, TIMEOUT, CRASHED = "ok", "partial", "failed", "timeout", "crashed"
 """Status of one swept (OpInfo entry, dtype): every sample ran / the time limit cut it short /
 no sample could run / the worker was killed at the hard limit / the worker died."""
-
-
-class CatalogError(OpauditError):
-    """A catalog cannot be built or read: bad options, no CUDA, a mismatched partial file."""
 
 
 @dataclass(frozen=True)
@@ -327,56 +321,6 @@ def load_catalog(path: str) -> Catalog:
     return catalog_from_dict(read_document(path), path)
 
 
-def _rank(v: Verdict | None) -> int:
-    """Severity for merging: ``skipped`` says nothing about the op, so any measurement beats it."""
-    if v is None:
-        return -2
-    return -1 if v is Verdict.SKIPPED else v.severity
-
-
-def _worse(a: Verdict | None, b: Verdict | None) -> Verdict | None:
-    return a if _rank(a) >= _rank(b) else b
-
-
-def _preference(e: CatalogEntry) -> tuple:
-    return (-_rank(e.verdict), INPUT_KINDS.index(e.input_kind), e.source, e.phase, e.signature)
-
-
-def merge_entries(a: CatalogEntry, b: CatalogEntry, *, same_sweep: bool = False) -> CatalogEntry:
-    """One entry for the same key: the worse verdict's evidence, both kinds' verdicts.
-
-    Ties go to OpInfo's own samples, then to the alphabetically first source, so
-    the result does not depend on the order ops were swept in.
-    """
-    best = min(a, b, key=_preference)
-    return dataclasses.replace(
-        best, opinfo=_worse(a.opinfo, b.opinfo), stress=_worse(a.stress, b.stress),
-        seen_in=max(a.seen_in, b.seen_in) if same_sweep else a.seen_in + b.seen_in,
-    )
-
-
-def first_line(text: str | None) -> str:
-    return (text or "").strip().splitlines()[0].strip() if (text or "").strip() else ""
-
-
-def entry_from_finding(f: Any, kind: str, source: str) -> CatalogEntry:
-    """A one-sample :class:`CatalogEntry` from an audit :class:`~opaudit.data.report.Finding`."""
-    op, dtype, variant = entry_key(f.op, f.signature)
-    error = f.reason if f.verdict is Verdict.SKIPPED else (
-        _alert_text(f.strict_error) if f.verdict is Verdict.RAISES else "")
-    return CatalogEntry(
-        op=op, dtype=dtype, variant=variant, verdict=f.verdict, input_kind=kind, phase="/".join(f.phases),
-        source=source, signature=f.signature, opinfo=f.verdict if kind == OPINFO else None,
-        stress=f.verdict if kind == STRESS else None, seen_in=1, alert=f.alert_kind,
-        error=error, warning=_alert_text(f.warnings[0]) if f.warnings and f.verdict is Verdict.WARNS else "",
-    )
-
-
-def _alert_text(message: str | None) -> str:
-    """What PyTorch's alert says about the op, without its boilerplate advice."""
-    line = first_line(message)
-    return line.split(", but you set 'torch.use_deterministic_algorithms", 1)[0]
-
-
 def swept_order(s: SweptOp) -> tuple[str, str]:
+    """Sort key of swept ops: source, then dtype."""
     return (s.source, s.dtype)
