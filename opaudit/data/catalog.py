@@ -13,7 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from opaudit.data.files import ReportError, check_environment, check_header, check_settings, read_document
+from opaudit.data import fields
+from opaudit.data.fields import ReportError, need, opt
+from opaudit.data.files import check_environment, check_header, check_settings, read_document
 from opaudit.data.invariance import OP_VERDICTS as BATCH_VERDICTS
 from opaudit.data.verdict import Verdict, verdict_counts
 
@@ -35,6 +37,7 @@ INPUT_KINDS = (OPINFO, STRESS)
 OK, PARTIAL, FAILED, TIMEOUT, CRASHED = "ok", "partial", "failed", "timeout", "crashed"
 """Status of one swept (OpInfo entry, dtype): every sample ran / the time limit cut it short /
 no sample could run / the worker was killed at the hard limit / the worker died."""
+STATUSES = (OK, PARTIAL, FAILED, TIMEOUT, CRASHED)
 
 
 @dataclass(frozen=True)
@@ -212,107 +215,61 @@ def swept_dict(s: SweptOp) -> dict[str, Any]:
     return d
 
 
-def _field(d: Mapping, key: str, types: type | tuple, where: str, default: Any = ...) -> Any:
-    if key not in d or d[key] is None:
-        if default is ...:
-            raise ReportError(f"{where}: missing field {key!r}")
-        return default
-    v = d[key]
-    if isinstance(v, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
-        raise ReportError(f"{where}: field {key!r} has the wrong type (bool)")
-    if not isinstance(v, types):
-        raise ReportError(f"{where}: field {key!r} has the wrong type ({type(v).__name__})")
-    return v
-
-
-def _verdict(text: Any, where: str) -> Verdict:
-    try:
-        return Verdict.parse(str(text))
-    except ValueError as e:
-        raise ReportError(f"{where}: {e}") from None
-
-
 def parse_entry(d: Any, where: str) -> CatalogEntry:
     """A :class:`CatalogEntry` from its dict form, checking every field."""
-    if not isinstance(d, Mapping):
-        raise ReportError(f"{where}: an entry must be a mapping")
-    kind = _field(d, "input_kind", str, where)
-    if kind not in INPUT_KINDS:
-        raise ReportError(f"{where}: input_kind {kind!r} is not one of {', '.join(INPUT_KINDS)}")
-    opinfo, stress = d.get("opinfo"), d.get("stress")
+    d = fields.mapping(d, where, "an entry")
+    opinfo, stress = fields.opt(d, "opinfo", str, where), fields.opt(d, "stress", str, where)
     return CatalogEntry(
-        op=_field(d, "op", str, where), dtype=_field(d, "dtype", str, where),
-        variant=_field(d, "variant", str, where, ""), verdict=_verdict(_field(d, "verdict", str, where), where),
-        input_kind=kind, phase=_field(d, "phase", str, where, ""), source=_field(d, "source", str, where, ""),
-        signature=_field(d, "signature", str, where, ""),
-        opinfo=_verdict(opinfo, where) if opinfo is not None else None,
-        stress=_verdict(stress, where) if stress is not None else None,
-        seen_in=_field(d, "seen_in", int, where, 1), alert=_field(d, "alert", str, where, None),
-        error=_field(d, "error", str, where, ""), warning=_field(d, "warning", str, where, ""),
+        op=need(d, "op", str, where), dtype=need(d, "dtype", str, where), variant=opt(d, "variant", str, where, ""),
+        verdict=fields.verdict(need(d, "verdict", str, where), where),
+        input_kind=fields.choice(d, "input_kind", INPUT_KINDS, where), phase=opt(d, "phase", str, where, ""),
+        source=opt(d, "source", str, where, ""), signature=opt(d, "signature", str, where, ""),
+        opinfo=fields.verdict(opinfo, where) if opinfo is not None else None,
+        stress=fields.verdict(stress, where) if stress is not None else None,
+        seen_in=opt(d, "seen_in", int, where, 1), alert=opt(d, "alert", str, where),
+        error=opt(d, "error", str, where, ""), warning=opt(d, "warning", str, where, ""),
     )
 
 
 def parse_swept(d: Any, where: str) -> SweptOp:
     """A :class:`SweptOp` from its dict form."""
-    if not isinstance(d, Mapping):
-        raise ReportError(f"{where}: a swept op must be a mapping")
-    status = _field(d, "status", str, where)
-    if status not in (OK, PARTIAL, FAILED, TIMEOUT, CRASHED):
-        raise ReportError(f"{where}: unknown status {status!r}")
-    return SweptOp(source=_field(d, "source", str, where), dtype=_field(d, "dtype", str, where), status=status,
-                   samples=_field(d, "samples", int, where, 0), stress_samples=_field(d, "stress_samples", int, where, 0),
-                   reason=_field(d, "reason", str, where, ""))
-
-
-def _ints(d: Mapping, key: str, where: str) -> tuple[int, ...]:
-    items = _field(d, key, list, where, [])
-    if not all(isinstance(x, int) and not isinstance(x, bool) for x in items):
-        raise ReportError(f"{where}: {key} must be a list of integers")
-    return tuple(items)
+    d = fields.mapping(d, where, "a swept op")
+    return SweptOp(source=need(d, "source", str, where), dtype=need(d, "dtype", str, where),
+                   status=fields.choice(d, "status", STATUSES, where), samples=opt(d, "samples", int, where, 0),
+                   stress_samples=opt(d, "stress_samples", int, where, 0), reason=opt(d, "reason", str, where, ""))
 
 
 def parse_batch_entry(d: Any, where: str) -> BatchEntry:
     """A :class:`BatchEntry` from its dict form."""
-    if not isinstance(d, Mapping):
-        raise ReportError(f"{where}: a batch-invariance entry must be a mapping")
-    verdict = _field(d, "verdict", str, where)
-    if verdict not in BATCH_VERDICTS:
-        raise ReportError(f"{where}: unknown verdict {verdict!r} (expected one of: {', '.join(BATCH_VERDICTS)})")
-    probes = _field(d, "probes", list, where, [])
-    if not all(isinstance(p, str) for p in probes):
-        raise ReportError(f"{where}: probes must be a list of strings")
-    diff = _field(d, "max_abs_diff", (int, float, str), where, None)
-    try:
-        diff = float(diff) if diff is not None else None
-    except ValueError:
-        raise ReportError(f"{where}: max_abs_diff must be a number, got {diff!r}") from None
-    return BatchEntry(op=_field(d, "op", str, where), dtype=_field(d, "dtype", str, where), verdict=verdict,
-                      probes=tuple(probes), batch=_field(d, "batch", int, where), rows=_ints(d, "rows", where),
-                      variant_rows=_ints(d, "variant_rows", where), max_abs_diff=diff,
-                      signature=_field(d, "signature", str, where, ""), reason=_field(d, "reason", str, where, ""))
+    d = fields.mapping(d, where, "a batch-invariance entry")
+    return BatchEntry(op=need(d, "op", str, where), dtype=need(d, "dtype", str, where),
+                      verdict=fields.choice(d, "verdict", BATCH_VERDICTS, where),
+                      probes=fields.strings(d, "probes", where), batch=need(d, "batch", int, where),
+                      rows=fields.ints(d, "rows", where), variant_rows=fields.ints(d, "variant_rows", where),
+                      max_abs_diff=fields.number(d, "max_abs_diff", where),
+                      signature=opt(d, "signature", str, where, ""), reason=opt(d, "reason", str, where, ""))
 
 
 def catalog_from_dict(data: Any, path: str = "<catalog>") -> Catalog:
-    """A :class:`Catalog` from its dict form; :class:`~opaudit.data.report.ReportError` on any mismatch."""
+    """A :class:`Catalog` from its dict form; :class:`~opaudit.data.fields.ReportError` on any mismatch."""
     data = check_header(data, FORMAT, READ_VERSIONS, path)
     batch = tuple(parse_batch_entry(e, f"{path}: batch_invariance[{i}]")
-                  for i, e in enumerate(_field(data, "batch_invariance", list, path, [])))
+                  for i, e in enumerate(opt(data, "batch_invariance", list, path, [])))
     if batch and data["version"] < 2:
         raise ReportError(f"{path}: a version 1 catalog cannot hold a batch_invariance section")
     if len({e.key for e in batch}) != len(batch):
         raise ReportError(f"{path}: an op and dtype appear twice in batch_invariance (hand-edited?)")
-    entries = tuple(parse_entry(e, f"{path}: entries[{i}]")
-                    for i, e in enumerate(_field(data, "entries", list, path)))
+    entries = tuple(parse_entry(e, f"{path}: entries[{i}]") for i, e in enumerate(need(data, "entries", list, path)))
     keys = [e.key for e in entries]
     if len(set(keys)) != len(keys):
         dup = next(k for k in keys if keys.count(k) > 1)
         raise ReportError(f"{path}: entry {'/'.join(x for x in dup if x)} appears twice (hand-edited?)")
-    swept = tuple(parse_swept(s, f"{path}: swept[{i}]") for i, s in enumerate(_field(data, "swept", list, path, [])))
+    swept = tuple(parse_swept(s, f"{path}: swept[{i}]") for i, s in enumerate(opt(data, "swept", list, path, [])))
     return Catalog(
-        environment=check_environment(_field(data, "environment", dict, path), path),
-        settings=check_settings(_field(data, "settings", dict, path), path),
+        environment=check_environment(need(data, "environment", dict, path), path),
+        settings=check_settings(need(data, "settings", dict, path), path),
         entries=tuple(sorted(entries, key=lambda e: e.key)), swept=tuple(sorted(swept, key=swept_order)),
-        complete=_field(data, "complete", bool, path, True), batch_invariance=tuple(sorted(batch, key=lambda e: e.key)),
+        complete=opt(data, "complete", bool, path, True), batch_invariance=tuple(sorted(batch, key=lambda e: e.key)),
     )
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from opaudit.data.errors import OpauditError
+from opaudit.data.fields import ReportError
 from opaudit.data.fileio import FileError, read_input, write_output
 
 
@@ -39,10 +39,6 @@ def dump_yaml(data: Any) -> str:
     # reader can tell a truncated file from a whole one.
     return yaml.dump(data, Dumper=_Dumper, sort_keys=False, width=120, allow_unicode=True,
                      default_flow_style=False, explicit_end=True)
-
-
-class ReportError(OpauditError):
-    """A report or catalog file is missing, malformed, or of another format/version."""
 
 
 def check_header(data: Any, fmt: str, version: int | tuple[int, ...], path: str) -> Mapping[str, Any]:

@@ -1,8 +1,8 @@
 """The batch-invariance result: frozen records and their dict form (the report's ``batch_invariance`` section).
 
 Pure data: built by :mod:`opaudit.flows.batchinv`, embedded in a
-:class:`~opaudit.data.report.Report`, rendered by the formats. ``from_dict`` raises
-``ValueError`` with a one-line reason; the report loader turns it into its own error.
+:class:`~opaudit.data.report.Report`, rendered by the formats. ``from_dict`` reads
+it strictly (:mod:`opaudit.data.fields`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from opaudit.data.site import Site
+from opaudit.data import fields
+from opaudit.data.fields import ReportError, need, opt
+from opaudit.data.site import Site, parse_site
 
 BATCH_INVARIANT, BATCH_VARIANT, NOT_COMPARABLE = "batch_invariant", "batch_variant", "not_comparable"
 OP_VERDICTS = (BATCH_VARIANT, BATCH_INVARIANT, NOT_COMPARABLE)
@@ -174,91 +176,43 @@ def op_row(o: BatchOp) -> dict[str, Any]:
 
 
 # -- parsing (strict) -------------------------------------------------------------
-def _get(d: Mapping, key: str, types: type | tuple, where: str, default: Any = ...) -> Any:
-    if key not in d or d[key] is None:
-        if default is ...:
-            raise ValueError(f"{where}: missing field {key!r}")
-        return default
-    v = d[key]
-    allowed = types if isinstance(types, tuple) else (types,)
-    if not isinstance(v, allowed) or (isinstance(v, bool) and bool not in allowed):
-        raise ValueError(f"{where}: field {key!r} has the wrong type ({type(v).__name__})")
-    return v
-
-
-def _float(v: Any, where: str) -> float | None:
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
-        raise ValueError(f"{where}: expected a number, got {type(v).__name__}")
-    try:
-        return float(v)
-    except ValueError:
-        raise ValueError(f"{where}: expected a number, got {v!r}") from None
-
-
-def _ints(d: Mapping, key: str, where: str) -> tuple[int, ...]:
-    items = _get(d, key, list, where, [])
-    if not all(isinstance(x, int) and not isinstance(x, bool) for x in items):
-        raise ValueError(f"{where}: {key} must be a list of integers")
-    return tuple(items)
-
-
-def _site(s: Any, where: str) -> Site:
-    if not isinstance(s, Mapping):
-        raise ValueError(f"{where}: a site must be a mapping")
-    caller = _get(s, "caller", Mapping, where, None)
-    return Site(_get(s, "file", str, where), _get(s, "line", int, where), _get(s, "function", str, where, ""),
-                _get(s, "module", str, where, ""), _site(caller, f"{where}.caller") if caller is not None else None)
-
-
 def _op(d: Any, where: str) -> BatchOp:
-    if not isinstance(d, Mapping):
-        raise ValueError(f"{where}: must be a mapping")
-    verdict = _get(d, "verdict", str, where)
-    if verdict not in OP_VERDICTS:
-        raise ValueError(f"{where}: unknown verdict {verdict!r} (expected one of: {', '.join(OP_VERDICTS)})")
+    d = fields.mapping(d, where)
     sigs = []
-    for i, r in enumerate(_get(d, "row_signatures", list, where, [])):
+    for i, r in enumerate(opt(d, "row_signatures", list, where, [])):
         w = f"{where}.row_signatures[{i}]"
-        if not isinstance(r, Mapping):
-            raise ValueError(f"{w}: must be a mapping")
-        sigs.append((_get(r, "rows", int, w), _get(r, "signature", str, w)))
+        r = fields.mapping(r, w)
+        sigs.append((need(r, "rows", int, w), need(r, "signature", str, w)))
     return BatchOp(
-        id=_get(d, "id", str, where), op=_get(d, "op", str, where), verdict=verdict,
-        signature=_get(d, "signature", str, where), row_signatures=tuple(sigs),
-        calls=_get(d, "calls", int, where, 1), first_call=_get(d, "first_call", int, where, 0),
-        sites=tuple(_site(s, f"{where}.sites") for s in _get(d, "sites", list, where, [])),
-        variant_rows=_ints(d, "variant_rows", where),
-        max_abs_diff=_float(d.get("max_abs_diff"), f"{where}.max_abs_diff"),
-        reason=_get(d, "reason", str, where, ""), remedy=_get(d, "remedy", str, where, ""),
+        id=need(d, "id", str, where), op=need(d, "op", str, where),
+        verdict=fields.choice(d, "verdict", OP_VERDICTS, where),
+        signature=need(d, "signature", str, where), row_signatures=tuple(sigs),
+        calls=opt(d, "calls", int, where, 1), first_call=opt(d, "first_call", int, where, 0),
+        sites=tuple(parse_site(s, f"{where}.sites") for s in opt(d, "sites", list, where, [])),
+        variant_rows=fields.ints(d, "variant_rows", where), max_abs_diff=fields.number(d, "max_abs_diff", where),
+        reason=opt(d, "reason", str, where, ""), remedy=opt(d, "remedy", str, where, ""),
     )
 
 
 def _check(d: Any, where: str) -> RowCheck:
-    if not isinstance(d, Mapping):
-        raise ValueError(f"{where}: must be a mapping")
-    mismatches = _get(d, "mismatches", list, where, [])
-    if not all(isinstance(x, str) for x in mismatches):
-        raise ValueError(f"{where}: mismatches must be a list of strings")
+    d = fields.mapping(d, where)
     return RowCheck(
-        rows=_get(d, "rows", int, where), invariant=_get(d, "invariant", bool, where),
-        ops=_get(d, "ops", int, where, 0), differing_ops=_get(d, "differing_ops", int, where, 0),
-        root_cause=_get(d, "root_cause", dict, where, None), path_split=_get(d, "path_split", dict, where, None),
-        mismatches=tuple(mismatches),
+        rows=need(d, "rows", int, where), invariant=need(d, "invariant", bool, where),
+        ops=opt(d, "ops", int, where, 0), differing_ops=opt(d, "differing_ops", int, where, 0),
+        root_cause=opt(d, "root_cause", dict, where), path_split=opt(d, "path_split", dict, where),
+        mismatches=fields.strings(d, "mismatches", where),
     )
 
 
 def from_dict(d: Any, where: str = "batch_invariance") -> BatchInvariance:
-    """A :class:`BatchInvariance` from its dict form; ``ValueError`` on any mismatch."""
-    if not isinstance(d, Mapping):
-        raise ValueError(f"{where}: must be a mapping")
+    """A :class:`BatchInvariance` from its dict form; :class:`~opaudit.data.fields.ReportError` on any mismatch."""
+    d = fields.mapping(d, where)
     result = BatchInvariance(
-        batch_size=_get(d, "batch_size", int, where), dim=_get(d, "dim", int, where),
-        device=_get(d, "device", str, where, "cpu"),
-        checks=tuple(_check(c, f"{where}.checks[{i}]") for i, c in enumerate(_get(d, "checks", list, where))),
-        ops=tuple(_op(o, f"{where}.ops[{i}]") for i, o in enumerate(_get(d, "ops", list, where, []))),
+        batch_size=need(d, "batch_size", int, where), dim=need(d, "dim", int, where),
+        device=opt(d, "device", str, where, "cpu"),
+        checks=tuple(_check(c, f"{where}.checks[{i}]") for i, c in enumerate(need(d, "checks", list, where))),
+        ops=tuple(_op(o, f"{where}.ops[{i}]") for i, o in enumerate(opt(d, "ops", list, where, []))),
     )
     if "invariant" in d and d["invariant"] != result.invariant:
-        raise ValueError(f"{where}: 'invariant: {d['invariant']}' contradicts its checks (truncated or hand-edited?)")
+        raise ReportError(f"{where}: 'invariant: {d['invariant']}' contradicts its checks (truncated or hand-edited?)")
     return result

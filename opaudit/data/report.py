@@ -12,10 +12,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from opaudit.data import invariance
-from opaudit.data.files import ReportError, check_environment, check_header, check_settings, read_document
+from opaudit.data import fields, invariance
+from opaudit.data.fields import ReportError, need, opt
+from opaudit.data.files import check_environment, check_header, check_settings, read_document
 from opaudit.data.invariance import BatchInvariance
-from opaudit.data.site import Site, locations_of, modules_of
+from opaudit.data.site import Site, locations_of, modules_of, parse_site
 from opaudit.data.verdict import Verdict, verdict_counts
 
 if TYPE_CHECKING:
@@ -413,19 +414,11 @@ def _rank_dict(o: RankOutcome) -> dict[str, Any]:
     return d
 
 
-def _verdict(d: Mapping, where: str) -> Verdict:
-    try:
-        return Verdict.parse(_need(d, "verdict", str, where))
-    except ValueError as e:
-        raise ReportError(f"{where}: {e}") from None
-
-
 def _parse_rank(d: Any, where: str) -> RankOutcome:
-    if not isinstance(d, Mapping):
-        raise ReportError(f"{where}: a rank entry must be a mapping")
-    verdict = _verdict(d, where)
-    return RankOutcome(_need(d, "rank", int, where), verdict, _opt(d, "default_diverged", str, where, ""),
-                       _opt(d, "deterministic_diverged", str, where, ""), _opt(d, "reason", str, where, ""))
+    d = fields.mapping(d, where, "a rank entry")
+    verdict = fields.verdict(need(d, "verdict", str, where), where)
+    return RankOutcome(need(d, "rank", int, where), verdict, opt(d, "default_diverged", str, where, ""),
+                       opt(d, "deterministic_diverged", str, where, ""), opt(d, "reason", str, where, ""))
 
 
 def _run_check_dict(r: RunCheck) -> dict[str, Any]:
@@ -439,83 +432,39 @@ def _run_check_dict(r: RunCheck) -> dict[str, Any]:
 
 
 # -- parsing (strict: every field checked) ----------------------------------
-def _need(d: Mapping, key: str, types: type | tuple, where: str) -> Any:
-    if key not in d:
-        raise ReportError(f"{where}: missing field {key!r}")
-    v = d[key]
-    if not isinstance(v, types) or (isinstance(v, bool) and bool not in (types if isinstance(types, tuple) else (types,))):
-        raise ReportError(f"{where}: field {key!r} has the wrong type ({type(v).__name__})")
-    return v
-
-
-def _opt(d: Mapping, key: str, types: type | tuple, where: str, default: Any = None) -> Any:
-    if key not in d or d[key] is None:
-        return default
-    return _need(d, key, types, where)
-
-
-def _float(v: Any, where: str) -> float | None:
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
-        raise ReportError(f"{where}: expected a number, got {type(v).__name__}")
-    try:
-        return float(v)
-    except ValueError:
-        raise ReportError(f"{where}: expected a number, got {v!r}") from None
-
-
-def parse_site(s: Any, where: str) -> Site:
-    """A :class:`Site` from its dict form."""
-    if not isinstance(s, Mapping):
-        raise ReportError(f"{where}: a site must be a mapping")
-    caller = _opt(s, "caller", Mapping, where)
-    return Site(_need(s, "file", str, where), _need(s, "line", int, where),
-                _opt(s, "function", str, where, ""), _opt(s, "module", str, where, ""),
-                parse_site(caller, f"{where}.caller") if caller is not None else None)
-
-
 def parse_finding(d: Any, where: str) -> Finding:
     """A :class:`Finding` from its dict form, checking every field's type."""
-    if not isinstance(d, Mapping):
-        raise ReportError(f"{where}: a finding must be a mapping")
-    verdict = _verdict(d, where)
-    sites = tuple(parse_site(s, f"{where}.sites") for s in _opt(d, "sites", list, where, []))
-    warnings_ = _strings(d, "warnings", where)
-    cudnn = _opt(d, "cudnn", dict, where, {})
+    d = fields.mapping(d, where, "a finding")
+    verdict = fields.verdict(need(d, "verdict", str, where), where)
+    sites = tuple(parse_site(s, f"{where}.sites") for s in opt(d, "sites", list, where, []))
+    warnings_ = fields.strings(d, "warnings", where)
+    cudnn = opt(d, "cudnn", dict, where, {})
     f = Finding(
-        id=_need(d, "id", str, where), op=_need(d, "op", str, where), verdict=verdict,
-        calls=_need(d, "calls", int, where), signature=_need(d, "signature", str, where),
-        device=_opt(d, "device", str, where, "cpu"), reason=_opt(d, "reason", str, where, ""),
-        phases=_strings(d, "phases", where), sites=sites,
-        sites_dropped=_opt(d, "sites_dropped", int, where, 0), first_call=_opt(d, "first_call", int, where, 0),
-        alert_kind=_opt(d, "alert_kind", str, where), strict_error=_opt(d, "strict_error", str, where),
-        warnings=tuple(warnings_), default_diverged=_opt(d, "default_diverged", str, where, ""),
-        deterministic_diverged=_opt(d, "deterministic_diverged", str, where, ""),
-        max_abs_diff=_float(d.get("max_abs_diff"), f"{where}.max_abs_diff"),
-        frac_differing=_float(d.get("frac_differing"), f"{where}.frac_differing"),
-        outputs=_strings(d, "outputs", where),
-        time_default_us=_float(d.get("time_default_us"), f"{where}.time_default_us"),
-        time_deterministic_us=_float(d.get("time_deterministic_us"), f"{where}.time_deterministic_us"),
-        rng=bool(_opt(d, "rng", bool, where, False)),
+        id=need(d, "id", str, where), op=need(d, "op", str, where), verdict=verdict,
+        calls=need(d, "calls", int, where), signature=need(d, "signature", str, where),
+        device=opt(d, "device", str, where, "cpu"), reason=opt(d, "reason", str, where, ""),
+        phases=fields.strings(d, "phases", where), sites=sites,
+        sites_dropped=opt(d, "sites_dropped", int, where, 0), first_call=opt(d, "first_call", int, where, 0),
+        alert_kind=opt(d, "alert_kind", str, where), strict_error=opt(d, "strict_error", str, where),
+        warnings=tuple(warnings_), default_diverged=opt(d, "default_diverged", str, where, ""),
+        deterministic_diverged=opt(d, "deterministic_diverged", str, where, ""),
+        max_abs_diff=fields.number(d, "max_abs_diff", where),
+        frac_differing=fields.number(d, "frac_differing", where),
+        outputs=fields.strings(d, "outputs", where),
+        time_default_us=fields.number(d, "time_default_us", where),
+        time_deterministic_us=fields.number(d, "time_deterministic_us", where),
+        rng=bool(opt(d, "rng", bool, where, False)),
         cudnn=tuple((str(k), str(v)) for k, v in sorted(cudnn.items())),
-        remedy=_opt(d, "remedy", str, where, ""),
-        ranks=tuple(_parse_rank(r, f"{where}.ranks") for r in _opt(d, "ranks", list, where, [])),
-        cross_rank=_opt(d, "cross_rank", str, where, ""),
-        recorded_in=_strings(d, "recorded_in", where),
-        checked_calls=_calls(d, "checked_calls", where),
-        diverging_calls=_calls(d, "diverging_calls", where),
-        calls_not_checked=_opt(d, "calls_not_checked", int, where, 0),
+        remedy=opt(d, "remedy", str, where, ""),
+        ranks=tuple(_parse_rank(r, f"{where}.ranks") for r in opt(d, "ranks", list, where, [])),
+        cross_rank=opt(d, "cross_rank", str, where, ""),
+        recorded_in=fields.strings(d, "recorded_in", where),
+        checked_calls=fields.ints(d, "checked_calls", where, minimum=1),
+        diverging_calls=fields.ints(d, "diverging_calls", where, minimum=1),
+        calls_not_checked=opt(d, "calls_not_checked", int, where, 0),
     )
     _check_calls(d, f, where)
     return f
-
-
-def _calls(d: Mapping, key: str, where: str) -> tuple[int, ...]:
-    items = _opt(d, key, list, where, [])
-    if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in items):
-        raise ReportError(f"{where}: {key} must be a list of call numbers (1 or more)")
-    return tuple(items)
 
 
 def _check_calls(d: Mapping, f: Finding, where: str) -> None:
@@ -530,63 +479,51 @@ def _check_calls(d: Mapping, f: Finding, where: str) -> None:
 def from_dict(data: Any, path: str = "<report>") -> Report:
     """A :class:`Report` from its dict form; :class:`ReportError` on any mismatch."""
     data = check_header(data, FORMAT, READ_VERSIONS, path)
-    findings = _need(data, "findings", list, path)
+    findings = need(data, "findings", list, path)
     batch = None
     if data.get("batch_invariance") is not None:
         if data["version"] < 2:
             raise ReportError(f"{path}: a version 1 report cannot hold a batch_invariance section")
-        try:
-            batch = invariance.from_dict(data["batch_invariance"], "batch_invariance")
-        except ValueError as e:
-            raise ReportError(f"{path}: {e}") from None
+        batch = invariance.from_dict(data["batch_invariance"], f"{path}: batch_invariance")
     runs = []
-    for i, r in enumerate(_opt(data, "run_checks", list, path, [])):
+    for i, r in enumerate(opt(data, "run_checks", list, path, [])):
         w = f"{path}: run_checks[{i}]"
-        if not isinstance(r, Mapping):
-            raise ReportError(f"{w}: must be a mapping")
+        r = fields.mapping(r, w)
         runs.append(RunCheck(
-            mode=_need(r, "mode", str, w), runs=_need(r, "runs", int, w),
-            reproducible=_need(r, "reproducible", bool, w), ops=_need(r, "ops", int, w),
-            differing_ops=_opt(r, "differing_ops", int, w, 0), root_cause=_opt(r, "root_cause", dict, w),
-            path_split=_opt(r, "path_split", dict, w), mismatches=_strings(r, "mismatches", w),
-            error=_opt(r, "error", str, w), compared=_opt(r, "compared", int, w),
-            collectives=_opt(r, "collectives", dict, w), rank=_opt(r, "rank", int, w),
-            compiled=_strings(r, "compiled", w), compiles=_opt(r, "compiles", int, w),
-            inductor_deterministic=_opt(r, "inductor_deterministic", bool, w)))
+            mode=need(r, "mode", str, w), runs=need(r, "runs", int, w),
+            reproducible=need(r, "reproducible", bool, w), ops=need(r, "ops", int, w),
+            differing_ops=opt(r, "differing_ops", int, w, 0), root_cause=opt(r, "root_cause", dict, w),
+            path_split=opt(r, "path_split", dict, w), mismatches=fields.strings(r, "mismatches", w),
+            error=opt(r, "error", str, w), compared=opt(r, "compared", int, w),
+            collectives=opt(r, "collectives", dict, w), rank=opt(r, "rank", int, w),
+            compiled=fields.strings(r, "compiled", w), compiles=opt(r, "compiles", int, w),
+            inductor_deterministic=opt(r, "inductor_deterministic", bool, w)))
     compiled = []
-    for i, c in enumerate(_opt(data, "compiled", list, path, [])):
+    for i, c in enumerate(opt(data, "compiled", list, path, [])):
         w = f"{path}: compiled[{i}]"
-        if not isinstance(c, Mapping):
-            raise ReportError(f"{w}: must be a mapping")
+        c = fields.mapping(c, w)
         compiled.append(CompiledCode(
-            kind=_need(c, "kind", str, w), name=_need(c, "name", str, w), calls=_need(c, "calls", int, w),
-            compiled_at=_opt(c, "compiled_at", str, w, ""), defined_at=_opt(c, "defined_at", str, w, "")))
-    view_calls = _opt(data, "view_calls", dict, path, {})
+            kind=need(c, "kind", str, w), name=need(c, "name", str, w), calls=need(c, "calls", int, w),
+            compiled_at=opt(c, "compiled_at", str, w, ""), defined_at=opt(c, "defined_at", str, w, "")))
+    view_calls = opt(data, "view_calls", dict, path, {})
     if not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in view_calls.items()):
         raise ReportError(f"{path}: view_calls must map op names to counts")
-    summary = _opt(data, "summary", dict, path, {})
+    summary = opt(data, "summary", dict, path, {})
     report = Report(
-        environment=check_environment(_need(data, "environment", dict, path), path),
-        settings=check_settings(_need(data, "settings", dict, path), path),
+        environment=check_environment(need(data, "environment", dict, path), path),
+        settings=check_settings(need(data, "settings", dict, path), path),
         all_findings=tuple(parse_finding(f, f"{path}: findings[{i}]") for i, f in enumerate(findings)),
         view_calls=view_calls,
         total_calls=int(summary.get("total_calls", 0)) if isinstance(summary.get("total_calls", 0), int) else 0,
-        complete=bool(_opt(data, "complete", bool, path, True)),
-        env_warnings=_strings(data, "env_warnings", path),
+        complete=bool(opt(data, "complete", bool, path, True)),
+        env_warnings=fields.strings(data, "env_warnings", path),
         run_checks=tuple(runs),
         batch_invariance=batch,
-        distributed=_opt(data, "distributed", dict, path, {}),
+        distributed=opt(data, "distributed", dict, path, {}),
         compiled=tuple(compiled),
     )
     _check_summary(summary, report, path)
     return report
-
-
-def _strings(d: Mapping, key: str, where: str) -> tuple[str, ...]:
-    items = _opt(d, key, list, where, [])
-    if not all(isinstance(x, str) for x in items):
-        raise ReportError(f"{where}: {key} must be a list of strings")
-    return tuple(items)
 
 
 def _check_summary(summary: Mapping[str, Any], report: Report, path: str) -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from opaudit.data import fields
+from opaudit.data.fields import need, opt
 
 
 @dataclass(frozen=True)
@@ -47,3 +50,11 @@ def locations_of(sites: Iterable[Site]) -> tuple[str, ...]:
 def modules_of(sites: Iterable[Site]) -> tuple[str, ...]:
     """Distinct module paths of ``sites`` (empty ones left out), in first-seen order."""
     return tuple(dict.fromkeys(s.module for s in sites if s.module))
+
+
+def parse_site(s: Any, where: str) -> Site:
+    """A :class:`Site` from its dict form (:meth:`Site.to_dict`), read strictly."""
+    s = fields.mapping(s, where, "a site")
+    caller = opt(s, "caller", Mapping, where)
+    return Site(need(s, "file", str, where), need(s, "line", int, where), opt(s, "function", str, where, ""),
+                opt(s, "module", str, where, ""), parse_site(caller, f"{where}.caller") if caller is not None else None)
