@@ -6,13 +6,15 @@ import json
 
 import yaml
 
-from opaudit.cli.formats import RENDERERS, Format, Kind, render
+from opaudit.cli.formats import RENDERERS, REPORT_ONLY, Format, Kind, render
 from opaudit.data.report import Finding, Report, Site
 from opaudit.data.verdict import Verdict
 
 
 def test_registry_is_exhaustive():
-    assert set(RENDERERS) == {(k, f) for k in Kind for f in Format}
+    """Every kind in every format, but SARIF (results at source lines) for reports only."""
+    assert REPORT_ONLY == {Format.SARIF}
+    assert set(RENDERERS) == {(k, f) for k in Kind for f in Format if f not in REPORT_ONLY or k is Kind.REPORT}
 
 
 def _report() -> Report:

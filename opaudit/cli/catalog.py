@@ -35,7 +35,7 @@ def _catalog_parser() -> Parser:
     p.add_argument("-o", "--output", metavar="PATH",
                    help="write the catalog here (format from the extension; a partial file PATH.partial is kept "
                         "while the sweep runs)")
-    p.add_argument("--format", metavar="FMT", help="yaml, json, csv, md or table (default: from -o, else yaml)")
+    p.add_argument("--format", metavar="FMT", help="yaml, json, csv, md, html or table (default: from -o, else yaml)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep from -o's partial file")
     p.add_argument("--from", dest="source", metavar="CATALOG",
                    help="no sweep: convert an existing catalog file to -o / --format (e.g. the Markdown export)")
@@ -68,7 +68,7 @@ def catalog_main(argv: list[str]) -> int:
     """``opaudit catalog [options]``."""
     args = _catalog_parser().parse_args(argv)
     output = check_output(args.output)
-    check_format(args.format, output)
+    check_format(args.format, output, "catalog")
     from opaudit.flows.catalog import CatalogRequest, build_catalog, load_catalog, partial_path
 
     if args.source:

@@ -17,7 +17,7 @@ def _diff_parser() -> Parser:
     p.add_argument("a", metavar="A", help="first catalog or report (YAML or JSON)")
     p.add_argument("b", metavar="B", help="second catalog or report, of the same kind")
     p.add_argument("-o", "--output", metavar="PATH", help="write the diff here (format from the extension)")
-    p.add_argument("--format", metavar="FMT", help="table, md, csv, yaml or json (default: from -o, else table)")
+    p.add_argument("--format", metavar="FMT", help="table, md, html, csv, yaml or json (default: from -o, else table)")
     p.add_argument("--fail-on", default=DIFF_FAIL_ON, metavar="RULES",
                    help=f"transitions FROM->TO (globs; 'missing' for an op on one side only) that make the exit "
                         f"code 1 (default {DIFF_FAIL_ON}; 'none' for never)")
@@ -34,7 +34,7 @@ def diff_main(argv: list[str]) -> int:
 
     rules = parse_fail_on(args.fail_on)
     output = check_output(args.output)
-    check_format(args.format, output)
+    check_format(args.format, output, "diff")
     diff = diff_files(args.a, args.b)
     emit(diff, "diff", args.format, output, args.quiet)
     failing = diff.matching(rules)

@@ -116,7 +116,7 @@ def _audit_parser() -> Parser:
                    help="row counts checked with --batch-invariance (default 1,2,3)")
     p.add_argument("--batch-dim", type=non_negative_int, metavar="N", help="the batch dim for --batch-invariance (default 0)")
     p.add_argument("-o", "--output", metavar="PATH", help="write the report here (format from the extension)")
-    p.add_argument("--format", metavar="FMT", help="yaml, json, csv, md or table (default: from -o, else table)")
+    p.add_argument("--format", metavar="FMT", help="yaml, json, csv, md, html, sarif or table (default: from -o, else table)")
     p.add_argument("--fail-on", type=parse_verdicts, default=parse_verdicts(DEFAULT_FAIL_ON), metavar="LIST",
                    help=f"verdicts that make the exit code 1 (default {DEFAULT_FAIL_ON}; 'none' for never); with "
                         f"--run-check also '{NOT_REPRODUCIBLE}' (either mode) or '{NOT_REPRODUCIBLE_DETERMINISTIC}'")
@@ -174,7 +174,7 @@ def audit_main(argv: list[str]) -> int:
             rest = script_args if "--" in argv else None
             return launch(args.nproc_per_node, torchrun.without_option(own, rest, "--nproc-per-node"))
     output = check_output(args.output)
-    check_format(args.format, output)
+    check_format(args.format, output, "prediction" if args.against else "report")
 
     if args.batch_invariance:
         return _batch_invariance_main(args, script_args, output)

@@ -62,14 +62,16 @@ def run_check_progress(enabled: bool) -> tuple[Callable[[str, int, int], None] |
     return show, clear
 
 
-def check_format(fmt_name: str | None, output: str | None) -> None:
-    """Refuse an unknown ``--format``, or an ``-o`` extension with no format, before any work is done."""
-    from opaudit.cli.formats import Format
+def check_format(fmt_name: str | None, output: str | None, kind: str = "report") -> None:
+    """Refuse an unknown ``--format``, an ``-o`` extension with no format, or a format the document
+    ``kind`` is not written in (SARIF for a catalog), before any work is done."""
+    from opaudit.cli.formats import Format, Kind
+    from opaudit.cli.formats.choice import check_kind
 
     if fmt_name:
-        Format.parse(fmt_name)
+        check_kind(Kind(kind), Format.parse(fmt_name))
     elif output:
-        Format.from_path(output)
+        check_kind(Kind(kind), Format.from_path(output))
 
 
 def emit(document: Any, kind: str, fmt_name: str | None, output: str | None, quiet: bool,

@@ -4,7 +4,7 @@
 renderer; :func:`render` looks it up.
 """
 
-from opaudit.cli.formats.choice import Format, FormatError, Kind
+from opaudit.cli.formats.choice import REPORT_ONLY, Format, FormatError, Kind
 from opaudit.cli.formats.registry import RENDERERS, render
 
-__all__ = ["Format", "FormatError", "Kind", "RENDERERS", "render"]
+__all__ = ["Format", "FormatError", "Kind", "RENDERERS", "REPORT_ONLY", "render"]

@@ -29,6 +29,8 @@ class Format(str, enum.Enum):
     CSV = "csv"
     MARKDOWN = "md"
     TABLE = "table"
+    HTML = "html"
+    SARIF = "sarif"
 
     @classmethod
     def parse(cls, name: str) -> "Format":
@@ -48,6 +50,17 @@ class Format(str, enum.Enum):
         try:
             return cls.parse(ext)
         except FormatError:
-            raise FormatError(f"{path}: unknown extension .{ext} (use .yaml, .json, .csv or .md, or --format)") from None
+            raise FormatError(f"{path}: unknown extension .{ext} (use .yaml, .json, .csv, .md, .html or .sarif, or --format)") from None
 
-_ALIASES = {"yml": "yaml", "markdown": "md", "txt": "table"}
+_ALIASES = {"yml": "yaml", "markdown": "md", "txt": "table", "htm": "html"}
+
+REPORT_ONLY = frozenset({Format.SARIF})
+"""Formats written for the audit report only: SARIF's results sit at source lines, and only a report's
+findings have them (a catalog's entries, a diff's changes and a prediction's rows do not)."""
+
+
+def check_kind(kind: Kind, fmt: Format) -> None:
+    """Refuse a format the document kind is not written in (``sarif`` for anything but a report)."""
+    if fmt in REPORT_ONLY and kind is not Kind.REPORT:
+        raise FormatError(f"{fmt.value} is written for audit reports only, not for a {kind.value}; "
+                          "use html, md, csv, yaml or json")

@@ -12,8 +12,8 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from opaudit.cli.formats import csv_, markdown, table
-from opaudit.cli.formats.choice import Format, Kind
+from opaudit.cli.formats import csv_, html, markdown, sarif, table
+from opaudit.cli.formats.choice import Format, Kind, check_kind
 from opaudit.data.files import dump_yaml
 
 
@@ -35,25 +35,36 @@ RENDERERS: dict[tuple[Kind, Format], Renderer] = {
     (Kind.REPORT, Format.CSV): csv_.report,
     (Kind.REPORT, Format.MARKDOWN): markdown.report,
     (Kind.REPORT, Format.TABLE): table.report,
+    (Kind.REPORT, Format.HTML): html.report,
+    (Kind.REPORT, Format.SARIF): sarif.report,
     (Kind.CATALOG, Format.YAML): as_yaml,
     (Kind.CATALOG, Format.JSON): as_json,
     (Kind.CATALOG, Format.CSV): csv_.catalog,
     (Kind.CATALOG, Format.MARKDOWN): markdown.catalog,
     (Kind.CATALOG, Format.TABLE): table.catalog,
+    (Kind.CATALOG, Format.HTML): html.catalog,
     (Kind.DIFF, Format.YAML): as_yaml,
     (Kind.DIFF, Format.JSON): as_json,
     (Kind.DIFF, Format.CSV): csv_.diff,
     (Kind.DIFF, Format.MARKDOWN): markdown.diff,
     (Kind.DIFF, Format.TABLE): table.diff,
+    (Kind.DIFF, Format.HTML): html.diff,
     (Kind.PREDICTION, Format.YAML): as_yaml,
     (Kind.PREDICTION, Format.JSON): as_json,
     (Kind.PREDICTION, Format.CSV): csv_.prediction,
     (Kind.PREDICTION, Format.MARKDOWN): markdown.prediction,
     (Kind.PREDICTION, Format.TABLE): table.prediction,
+    (Kind.PREDICTION, Format.HTML): html.prediction,
 }
-"""Every (kind, format) pair: each document kind is written in every format."""
+"""Every (kind, format) pair: each document kind is written in every format but the
+:data:`~opaudit.cli.formats.choice.REPORT_ONLY` ones (SARIF), which only a report is."""
 
 
 def render(document: Any, kind: Kind | str, fmt: Format) -> str:
-    """``document`` (a report, catalog, diff or prediction) as text in ``fmt``."""
-    return RENDERERS[(Kind(kind), fmt)](document)
+    """``document`` (a report, catalog, diff or prediction) as text in ``fmt``.
+
+    :class:`~opaudit.cli.formats.choice.FormatError` for a format its kind is not written in.
+    """
+    kind = Kind(kind)
+    check_kind(kind, fmt)
+    return RENDERERS[(kind, fmt)](document)

@@ -1,0 +1,171 @@
+"""SARIF 2.1.0 for the audit report: what GitHub code scanning (and other SARIF viewers) show on the lines.
+
+One result per finding that is not ``stable``, at the user's source line (a
+backward op's site is the forward line that made its autograd node: the report
+already records it so). Each result's rule is its verdict and op
+(``diverges/aten.index_put.default``); the rule's help is the remedy.
+
+Levels, from the verdict:
+
+* ``raises``, ``diverges_deterministic``, ``diverges``: ``error``;
+* ``warns``: ``warning``;
+* ``random``, ``uninitialized``, ``skipped``: ``note``;
+* ``stable``: no result (it is not a finding in any other format either).
+
+File URIs are the report's site paths, relative to the directory the audit ran in
+(``uriBaseId: %SRCROOT%``), so that a SARIF upload from the repository root places
+them. The document is byte-stable: no timestamps, no absolute paths.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.parse
+from typing import TYPE_CHECKING, Any
+
+from opaudit.cli.formats.common import calls_text, verdict_text
+from opaudit.data.verdict import Verdict
+from opaudit.data.version import __version__
+
+if TYPE_CHECKING:
+    from opaudit.data.report import Finding, Report
+    from opaudit.data.site import Site
+
+SCHEMA = "https://docs.oasis-open.org/sarif/sarif/v2.1.0/errata01/os/schemas/sarif-schema-2.1.0.json"
+SRCROOT = "%SRCROOT%"
+
+LEVELS: dict[Verdict, str | None] = {
+    Verdict.RAISES: "error",
+    Verdict.DIVERGES_DETERMINISTIC: "error",
+    Verdict.DIVERGES: "error",
+    Verdict.WARNS: "warning",
+    Verdict.RANDOM: "note",
+    Verdict.UNINITIALIZED: "note",
+    Verdict.SKIPPED: "note",
+    Verdict.STABLE: None,
+}
+"""SARIF level of each verdict; ``None``: the verdict gives no result."""
+
+
+def rule_id(f: "Finding") -> str:
+    """``verdict/op``: the rule a finding's result belongs to."""
+    return f"{f.verdict.value}/{f.op}"
+
+
+def _location(site: "Site") -> "Site":
+    """The user's own line: for code generated at run time, the line of the user's that led there."""
+    return site.caller if site.caller is not None else site
+
+
+def _physical(site: "Site") -> dict[str, Any] | None:
+    """A SARIF physicalLocation, or ``None`` for a file that is not one (``<stdin>``, generated code)."""
+    s = _location(site)
+    if not s.file or s.file.startswith("<") or s.line < 1:
+        return None
+    return {"artifactLocation": {"uri": urllib.parse.quote(s.file, safe="/"), "uriBaseId": SRCROOT},
+            "region": {"startLine": s.line}}
+
+
+def _message(f: "Finding") -> str:
+    """What the reviewer reads on the line: the verdict and its measurements, where, and what to do."""
+    parts = [f"{f.op}: {verdict_text(f)} ({f.verdict.meaning})."]
+    facts = []
+    if f.phases:
+        facts.append(f"phase {'/'.join(f.phases)}")
+    if f.modules:
+        facts.append(f"module {', '.join(f.modules)}")
+    facts.append(f"{f.calls} call{'s' if f.calls != 1 else ''}")
+    if f.diverges or f.diverges_deterministic:
+        facts.append(f"{f.default_diverged} replays differed by default, {f.deterministic_diverged or '-'} "
+                     "with deterministic mode")
+        if f.max_abs_diff is not None:
+            facts.append(f"max |diff| {f.max_abs_diff:.3g}")
+    calls = calls_text(f)
+    if calls:
+        facts.append(calls)
+    if f.det_cost is not None:
+        facts.append(f"deterministic mode costs {f.det_cost:.2f}x")
+    text = "; ".join(facts)
+    parts.append(text[:1].upper() + text[1:] + ".")
+    generated = [s for s in f.sites if s.caller is not None]
+    if generated:
+        parts.append("Via generated code: " + ", ".join(f"{s.file}:{s.line}" for s in generated) + ".")
+    if f.strict_error:
+        parts.append(f"PyTorch: {f.strict_error.strip()}")
+    elif f.warnings:
+        parts.append(f"PyTorch warns: {f.warnings[0].strip()}")
+    if f.remedy:
+        parts.append(f"What to do: {f.remedy}")
+    return " ".join(parts)
+
+
+def _rule(f: "Finding", level: str) -> dict[str, Any]:
+    """The rule of ``f``'s verdict and op; its help is the remedy of the first (worst) such finding."""
+    meaning = f.verdict.meaning
+    rule: dict[str, Any] = {
+        "id": rule_id(f),
+        "shortDescription": {"text": f"{f.op}: {f.verdict.value}"},
+        "fullDescription": {"text": f"{f.op} {meaning}."},
+        "defaultConfiguration": {"level": level},
+        "properties": {"tags": ["nondeterminism", f.verdict.value]},
+    }
+    if f.remedy:
+        rule["help"] = {"text": f.remedy}
+    return rule
+
+
+def _result(f: "Finding", index: int, level: str) -> dict[str, Any]:
+    result: dict[str, Any] = {"ruleId": rule_id(f), "ruleIndex": index, "level": level,
+                              "message": {"text": _message(f)}}
+    physical = [p for p in (_physical(s) for s in f.sites) if p is not None]
+    unique = list({json.dumps(p, sort_keys=True): p for p in physical}.values())
+    if unique:
+        result["locations"] = [{"physicalLocation": unique[0]}]
+    if len(unique) > 1:
+        result["relatedLocations"] = [{"id": i, "physicalLocation": p, "message": {"text": f"{f.op} is called here too"}}
+                                      for i, p in enumerate(unique[1:], 1)]
+    result["partialFingerprints"] = {"opauditSignature/v1": f.id}
+    props: dict[str, Any] = {"verdict": f.verdict.value, "op": f.op, "signature": f.signature, "calls": f.calls,
+                             "first_call": f.first_call}
+    for key in ("phases", "modules", "outputs"):
+        if getattr(f, key):
+            props[key] = list(getattr(f, key))
+    for key in ("reason", "default_diverged", "deterministic_diverged", "strict_error"):
+        if getattr(f, key):
+            props[key] = getattr(f, key)
+    if f.max_abs_diff is not None:
+        props["max_abs_diff"] = f.max_abs_diff
+    result["properties"] = props
+    return result
+
+
+def report(report: "Report") -> str:
+    """The report as a SARIF 2.1.0 log: one run, one result per finding that is not ``stable``."""
+    rules: list[dict[str, Any]] = []
+    index: dict[str, int] = {}
+    results = []
+    for f in report.all_findings:
+        level = LEVELS[f.verdict]
+        if level is None:
+            continue
+        rid = rule_id(f)
+        if rid not in index:
+            index[rid] = len(rules)
+            rules.append(_rule(f, level))
+        results.append(_result(f, index[rid], level))
+    run: dict[str, Any] = {
+        "tool": {"driver": {
+            "name": "opaudit",
+            "version": __version__,
+            "semanticVersion": __version__,
+            "rules": rules,
+        }},
+        "originalUriBaseIds": {SRCROOT: {"description": {"text": "The directory the audit ran in."}}},
+        "invocations": [{"executionSuccessful": bool(report.complete)}],
+        "results": results,
+        "properties": {"summary": report.summary,
+                       "script": str(report.settings.get("script", "")),
+                       "complete": bool(report.complete)},
+    }
+    log = {"$schema": SCHEMA, "version": "2.1.0", "runs": [run]}
+    return json.dumps(log, indent=2, ensure_ascii=False) + "\n"
