@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import warnings
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from fixtures import models as zoo
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import opaudit
+import opaudit.cli
 from opaudit.aten.ops import OpKind, op_kind
 from opaudit.aten.tensors import Snapshot
 from opaudit.engine.record import Recorder, RecordError
@@ -171,6 +173,56 @@ def test_snapshot_keeps_strides_offsets_and_aliasing():
     # and each materialize() is fresh for written buffers
     (v2, _, _), _, _ = snap.materialize()
     assert torch.equal(v2, view)
+
+
+def _quantized_inputs():
+    """Real quantized tensors of every scheme a capture keeps: per tensor (a strided view of one), per
+    channel on axis 1, per channel with float zero points, and a 4-bit type packed two to a byte."""
+    warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+    x = torch.linspace(-2, 2, 24)
+    per_tensor = torch.quantize_per_tensor(x.reshape(4, 6), 0.05, 7, torch.quint8)[1:, ::2]
+    per_channel = torch.quantize_per_channel(x.reshape(4, 6), torch.linspace(0.01, 0.06, 6, dtype=torch.float64),
+                                             torch.arange(6), 1, torch.qint8)
+    float_qparams = torch.quantize_per_channel(x.reshape(4, 6), torch.tensor([0.02, 0.03, 0.04, 0.05]),
+                                               torch.tensor([0.5, -1.0, 0.0, 2.0]), 0, torch.quint8)
+    packed = torch.quantize_per_tensor(x[:8], 0.25, 3, torch.quint4x2)
+    return per_tensor, per_channel, float_qparams, packed
+
+
+def _quantizer(t):
+    if t.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+        return t.qscheme(), t.q_scale(), t.q_zero_point()
+    return (t.qscheme(), t.q_per_channel_scales().tolist(), t.q_per_channel_zero_points().tolist(),
+            t.q_per_channel_axis())
+
+
+def test_quantized_inputs_keep_their_quantizer_and_bits(tmp_path):
+    inputs = _quantized_inputs()
+    snap = Snapshot(inputs, {}, written=[True, False, False, False])
+    path = tmp_path / "snap.pt"
+    torch.save(snap, path)  # how --isolate's spawned worker receives it
+    for copy in (snap, torch.load(path, weights_only=False)):
+        rebuilt, _, _ = copy.materialize()
+        for got, want in zip(rebuilt, inputs, strict=True):
+            assert (got.dtype, got.shape, got.stride(), _quantizer(got)) == \
+                (want.dtype, want.shape, want.stride(), _quantizer(want))
+            assert torch.equal(got.int_repr(), want.int_repr()) and torch.equal(got.dequantize(), want.dequantize())
+
+
+def test_ops_on_quantized_tensors_are_replayed(tmp_path, capsys):
+    script = tmp_path / "quantized.py"
+    script.write_text("import warnings\nimport torch\n\n" + inspect.getsource(_quantized_inputs)
+                      + "\n\ndef opaudit_step():\n    for q in _quantized_inputs():\n        q.dequantize().sum()\n"
+                      "    torch.empty_like(_quantized_inputs()[0])\n"
+                      "    torch.relu(_quantized_inputs()[0]).int_repr()\n")
+    out = tmp_path / "r.yaml"
+    assert opaudit.cli.main([str(script), "--reps", "2", "-q", "-o", str(out)]) == 0, capsys.readouterr().err
+    findings = opaudit.load_report(str(out)).all_findings
+    dequantize = [f for f in findings if f.op == "aten.dequantize.self"]
+    assert len(dequantize) == 4 and {f.verdict.value for f in dequantize} == {"stable"}
+    assert [f.verdict.value for f in findings if f.op == "aten.relu.default"] == ["stable"]
+    assert [f.verdict.value for f in findings if f.op == "aten.empty_like.default"] == ["uninitialized"]
+    assert not [f for f in findings if f.verdict.value == "skipped"]
 
 
 def test_explicit_generator_is_snapshotted_and_the_users_generator_untouched():

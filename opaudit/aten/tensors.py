@@ -60,6 +60,46 @@ class _ShapeSlot:
 
 
 @dataclass(frozen=True)
+class _QuantizedSlot:
+    """A quantized tensor: its storage slot, and the quantizer that gives its integers their values.
+
+    A tensor rebuilt on a bare storage would carry no quantizer (ATen's
+    ``UnknownQuantizer``, which every quantized op refuses).
+    """
+
+    tensor: tuple
+    """The storage slot, as for any strided tensor."""
+    qscheme: Any
+    params: tuple
+    """``(scale, zero_point)`` per tensor; ``(scales, zero_points, axis)`` per channel."""
+
+    def empty(self, device: torch.device) -> torch.Tensor:
+        """An empty tensor with this quantizer, to ``set_`` on the captured storage."""
+        dtype = self.tensor[1]
+        if self.qscheme in _PER_TENSOR:
+            scale, zero_point = self.params
+            return torch._empty_affine_quantized([0], scale=scale, zero_point=zero_point, dtype=dtype, device=device)
+        scales, zero_points, axis = self.params
+        return torch._empty_per_channel_affine_quantized([0], scales=scales, zero_points=zero_points, axis=axis,
+                                                         dtype=dtype, device=device)
+
+
+_PER_TENSOR = (torch.per_tensor_affine, torch.per_tensor_symmetric)
+_PER_CHANNEL = (torch.per_channel_affine, torch.per_channel_symmetric, torch.per_channel_affine_float_qparams)
+
+
+def _quantizer(t: torch.Tensor) -> tuple[Any, tuple]:
+    """``(qscheme, params)`` of a quantized tensor, exactly (scales and zero points copied)."""
+    qscheme = t.qscheme()
+    if qscheme in _PER_TENSOR:
+        return qscheme, (t.q_scale(), t.q_zero_point())
+    if qscheme in _PER_CHANNEL:
+        return qscheme, (t.q_per_channel_scales().clone(), t.q_per_channel_zero_points().clone(),
+                         t.q_per_channel_axis())
+    raise CaptureError(f"quantized tensor with an unsupported scheme ({qscheme})")
+
+
+@dataclass(frozen=True)
 class _GeneratorSlot:
     """An explicit ``generator=`` argument, kept as its state at capture time."""
 
@@ -228,7 +268,7 @@ class Snapshot:
                 except Exception as e:  # any failure means "cannot capture"
                     raise CaptureError(f"cannot clone {type(leaf).__name__} ({leaf.layout}): {e}") from e
                 continue
-            if not values and leaf.layout == torch.strided:
+            if not values and leaf.layout == torch.strided and not leaf.is_quantized:
                 # Only the tensor's form matters (``empty_like``): hold no storage.
                 slots.append(_ShapeSlot(leaf.dtype, leaf.shape, leaf.stride(), leaf.device))
                 continue
@@ -250,6 +290,9 @@ class Snapshot:
                     end = start + es * n
                 else:
                     end = start + es * (1 + sum([(s - 1) * abs(st) for s, st in zip(shape, stride, strict=True)]))
+                if leaf.is_quantized:
+                    # quint4x2 and quint2x4 pack several elements per byte (element_size() says 1).
+                    end = min(end, storage.nbytes())
             b = buffer_of.get(key)
             if b is None:
                 b = buffer_of[key] = len(storages)
@@ -265,7 +308,10 @@ class Snapshot:
             if w:
                 written_buffers.add(b)
             # ``shape`` is an immutable ``torch.Size`` and ``stride()`` a fresh tuple: kept as they are.
-            slots.append((b, leaf.dtype, shape, stride, offset, w))
+            if leaf.is_quantized:
+                slots.append(_QuantizedSlot((b, leaf.dtype, shape, stride, offset, w), *_quantizer(leaf)))
+            else:
+                slots.append((b, leaf.dtype, shape, stride, offset, w))
         nbytes = sum([t.numel() * t.element_size() for t in opaque]) if opaque else 0
         for b in range(len(storages)):
             if lo[b] < 0:
@@ -347,6 +393,15 @@ class Snapshot:
                 b, dtype, size, stride, offset, w = slot
                 storage = storages[b]
                 t = torch.empty(0, dtype=dtype, device=storage.device)
+                t.set_(storage, offset - bases[b] // t.element_size(), size, stride)
+                values.append(t)
+                if w:
+                    written.append(t)
+                continue
+            if type(slot) is _QuantizedSlot:
+                b, _, size, stride, offset, w = slot.tensor
+                storage = storages[b]
+                t = slot.empty(storage.device)
                 t.set_(storage, offset - bases[b] // t.element_size(), size, stride)
                 values.append(t)
                 if w:
