@@ -7,6 +7,7 @@ a running CLI, a real allocation failure under ``RLIMIT_AS``, real YAML payloads
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import faulthandler
 import json
@@ -43,8 +44,18 @@ _REPLAY = {"armed": False}
 @torch.library.custom_op("opaudit_ft::exits_on_replay", mutates_args=())
 def exits_on_replay(x: torch.Tensor) -> torch.Tensor:
     if _REPLAY["armed"]:
-        os._exit(3)
+        ctypes.CDLL(None)._exit(3)  # from C, as a C++ kernel would: nothing in the process can stop it
     return x + 1
+
+
+_QUITS = {"sys.exit()": lambda: sys.exit(), "sys.exit(0)": lambda: sys.exit(0), "sys.exit(3)": lambda: sys.exit(3)}
+
+
+@torch.library.custom_op("opaudit_ft::quits_on_replay", mutates_args=())
+def quits_on_replay(x: torch.Tensor) -> torch.Tensor:
+    if _REPLAY["armed"]:
+        _QUITS[_REPLAY["quit"]]()
+    return x + 2
 
 
 @torch.library.custom_op("opaudit_ft::segfaults_on_replay", mutates_args=())
@@ -91,6 +102,22 @@ def test_isolate_reports_crashed_ops_and_a_new_worker_goes_on(armed):
     for op in ("aten.add.Tensor", "aten.mul.Tensor", "aten.sum.default"):
         assert v[op] == (Verdict.STABLE, ""), op
     assert iso.starts == 3
+    assert report.complete
+
+
+@pytest.mark.parametrize(("quit", "isolate"), [(q, False) for q in _QUITS] + [("sys.exit(3)", True)])
+def test_an_op_that_calls_sys_exit_when_replayed_fails_its_replay(quit, isolate, armed):
+    x = torch.randn(16)
+    with Recorder() as rec:
+        quits_on_replay(x)
+        x.sum()
+    _REPLAY["quit"] = quit
+    armed()
+    with Isolator(rec) if isolate else contextlib.nullcontext() as iso:
+        report = build_report(rec, reps=2, replay_fn=iso, remedies=False)
+    v = _verdicts(report)
+    assert v["opaudit_ft.quits_on_replay.default"] == (Verdict.SKIPPED, f"replay failed: the op called {quit}")
+    assert v["aten.sum.default"] == (Verdict.STABLE, "")
     assert report.complete
 
 
@@ -175,7 +202,7 @@ def _cli(args, **kw):
 
 
 MISBEHAVING = """
-    import os, time, torch
+    import ctypes, os, time, torch
 
     # Replays turn deterministic mode on after the script has ended (the script itself
     # also runs once in deterministic mode, for the deterministic-path recording).
@@ -184,7 +211,7 @@ MISBEHAVING = """
     @torch.library.custom_op("ft_script::exits", mutates_args=())
     def exits(x: torch.Tensor) -> torch.Tensor:
         if torch.are_deterministic_algorithms_enabled() and not RUNNING:
-            os._exit(5)
+            ctypes.CDLL(None)._exit(5)  # from C: only a worker process can survive it
         return x + 1
 
     @torch.library.custom_op("ft_script::hangs", mutates_args=())
@@ -212,6 +239,34 @@ def test_cli_op_timeout_implies_isolation(tmp_path):
     assert v["ft_script.hangs.default"] == (Verdict.SKIPPED, "timeout")
     assert v["aten.sum.default"] == (Verdict.STABLE, "")
     assert report.settings["isolate"] == "fork" and report.settings["op_timeout_s"] == 4.0
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("isolate", [False, True], ids=["in-process", "isolated"])
+def test_an_op_that_calls_os_exit_when_replayed_fails_its_replay(tmp_path, isolate):
+    """``os._exit`` ends a process wherever it is called; opaudit replaces it while ops replay."""
+    out = tmp_path / "report.yaml"
+    script = _script(tmp_path, """
+        import os, torch
+
+        RUNNING = True
+
+        @torch.library.custom_op("ft_quit::quits", mutates_args=())
+        def quits(x: torch.Tensor) -> torch.Tensor:
+            if not RUNNING:
+                os._exit(0)
+            return x + 1
+
+        quits(torch.randn(8)).sum()
+        RUNNING = False
+    """)
+    proc = _cli([script, "--reps", "2", "--no-deterministic-pass", "-o", str(out), *(["--isolate"] * isolate)])
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "report written to" in err
+    v = _verdicts(load(str(out)))
+    assert v["ft_quit.quits.default"] == (Verdict.SKIPPED, "replay failed: the op called os._exit(0)")
+    assert v["aten.sum.default"] == (Verdict.STABLE, "")
 
 
 SLOW = """

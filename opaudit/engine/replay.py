@@ -54,6 +54,46 @@ class ReplayError(OpauditError):
     """A replay could not be set up (not raised for ops that fail: those are observations)."""
 
 
+class _ExitCalled(SystemExit):
+    """``os._exit(status)`` called by a replayed op's Python code (a ``torch.library`` op), raised in its place."""
+
+
+@contextlib.contextmanager
+def _exits_fail_the_op() -> Iterator[None]:
+    """While ops replay, ``os._exit`` in this process raises :class:`_ExitCalled` instead of ending it.
+
+    With ``sys.exit`` (:class:`SystemExit`) it is then the op's failure (``replay
+    failed: the op called ...``), not the end of opaudit with that status and no
+    report. An op that ends the process from C (``abort``, ``_exit`` in C++)
+    cannot be stopped here: ``--isolate`` replays it in a worker, and reports it
+    ``crashed``.
+    """
+    real, owner = os._exit, os.getpid()
+
+    def _exit(status: int) -> None:
+        if os.getpid() != owner:
+            real(status)  # a process the op forked: exactly what it asked for
+        raise _ExitCalled(status)
+
+    os._exit = _exit  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        os._exit = real  # type: ignore[assignment]
+
+
+_OP_FAILURES = (Exception, SystemExit)
+"""What an op's call can raise that is its own failure, an observation; Ctrl-C (``KeyboardInterrupt``) is not."""
+
+
+def _failure_text(e: BaseException) -> str:
+    if isinstance(e, _ExitCalled):
+        return f"the op called os._exit({e.code!r})"
+    if isinstance(e, SystemExit):
+        return f"the op called sys.exit({'' if e.code is None else repr(e.code)})"
+    return error_text(e)
+
+
 # -- global state -----------------------------------------------------------
 def _cuda_ready() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_initialized()
@@ -342,7 +382,7 @@ def _filled_run(func: Any, snap: Snapshot, rng: _Rng) -> list[Any] | None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return _outputs(func(*args, **kwargs), written)
-    except Exception:  # no filled run, no excuse: a divergence stands
+    except _OP_FAILURES:  # no filled run, no excuse: a divergence stands
         return None
 
 
@@ -351,7 +391,7 @@ def replay(func: Any, snap: Snapshot, reps: int = 5, *, cudnn_variants: bool = F
     if reps < 1:
         raise ReplayError("reps must be at least 1")
     devices = snap.devices
-    with preserved_state(), _disable_current_modes(), torch.no_grad():
+    with preserved_state(), _disable_current_modes(), torch.no_grad(), _exits_fail_the_op():
         rng = _Rng(devices)
         timer = _Timer(devices)
         strict_kind = strict_error = None
@@ -363,8 +403,9 @@ def replay(func: Any, snap: Snapshot, reps: int = 5, *, cudnn_variants: bool = F
                 warnings.simplefilter("ignore")
                 func(*args, **kwargs)
             timer.sync()
-        except Exception as e:  # an op's own failure is an observation
-            strict_kind, strict_error = _alert_kind(str(e)), str(e).strip()
+        except _OP_FAILURES as e:  # an op's own failure is an observation
+            strict_kind = _alert_kind(str(e))
+            strict_error = str(e).strip() if isinstance(e, Exception) else _failure_text(e)
         sink: list[str] = []
         from torch.utils import deterministic as det_utils
 
@@ -397,8 +438,8 @@ def replay(func: Any, snap: Snapshot, reps: int = 5, *, cudnn_variants: bool = F
                 if unwritten and default_stats.diverges:
                     # Everything that differed is memory the kernel never wrote: the rest is identical.
                     default_stats = RunStats(reps, 0, 0.0, 0.0, default_stats.median_s)
-        except Exception as e:
-            return Observation(strict_kind, strict_error, tuple(sink), None, None, False, error=error_text(e))
+        except _OP_FAILURES as e:
+            return Observation(strict_kind, strict_error, tuple(sink), None, None, False, error=_failure_text(e))
         return Observation(strict_kind, strict_error, tuple(sink), default_stats, det.stats,
                            default.rng_used or det.rng_used, variants=tuple(variants), unwritten=unwritten)
 
@@ -416,7 +457,7 @@ def time_fill(func: Any, snap: Snapshot, reps: int = 5) -> tuple[float, float] |
     from torch.utils import deterministic as det_utils
 
     best = [float("inf"), float("inf")]
-    with preserved_state(), _disable_current_modes(), torch.no_grad():
+    with preserved_state(), _disable_current_modes(), torch.no_grad(), _exits_fail_the_op():
         timer = _Timer(snap.devices)
         det_utils.fill_uninitialized_memory = True
         for _ in range(max(reps, 5)):
@@ -427,7 +468,7 @@ def time_fill(func: Any, snap: Snapshot, reps: int = 5) -> tuple[float, float] |
                 t0 = time.perf_counter()
                 try:
                     func(*args, **kwargs)
-                except Exception:  # timing is best effort
+                except _OP_FAILURES:  # timing is best effort
                     return None
                 timer.sync()
                 best[i] = min(best[i], time.perf_counter() - t0)
