@@ -215,3 +215,70 @@ def test_inference_mode_left_entered_is_left_before_the_audit_goes_on(entry, tmp
     report = load(str(out))
     assert report.complete and {"aten.mul.Tensor", "aten.sum.default"} <= {f.op for f in report.all_findings}
     assert not [f for f in report.all_findings if f.verdict.value == "skipped"]
+
+
+def test_a_script_that_closes_its_streams_leaves_opaudit_its_own(tmp_path):
+    out = tmp_path / "r.yaml"
+    script = _script(tmp_path, f"""
+        import os, sys, torch
+        {RAISES}
+        print("from print")
+        sys.stdout.buffer.write(b"from the buffer\\n")
+        for stream in (sys.stdout.buffer, sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+            stream.close()
+        os.close(2)
+    """)
+    done = _opaudit([script, "--reps", "1", "--no-deterministic-pass", "-o", str(out)])
+    assert done.returncode == 1, done.stderr
+    assert "from print\nfrom the buffer\n" in done.stderr
+    assert f"report written to {out}" in done.stderr  # opaudit's stderr still works
+    assert load(str(out)).summary["raises"] == 1
+
+
+def test_builtins_the_script_replaces_hold_for_its_code_only(tmp_path, capsys):
+    import builtins
+
+    before = dict(vars(builtins))
+    broken = _script(tmp_path, f"""
+        import builtins, torch
+        {RAISES}
+        builtins.isinstance = lambda obj, cls: False
+        builtins.len = lambda obj: 0
+        del builtins.sorted
+    """, name="broken.py")
+    own = _script(tmp_path, """
+        import builtins, torch
+
+        def counting_len(obj, _len=len):
+            counting_len.calls += 1
+            return _len(obj)
+
+        counting_len.calls = 0
+        builtins.len = counting_len  # the script's own len holds for its own code
+
+        def opaudit_step():
+            assert len([1, 2]) == 2 and getattr(len, "calls", 0) > 0
+            return torch.ones(3).sum()
+    """, name="own.py")
+    out = tmp_path / "r.yaml"
+    try:
+        assert main([broken, "--reps", "1", "-q", "-o", str(out)]) == 1, capsys.readouterr().err
+        assert load(str(out)).summary["raises"] == 1
+        assert main([own, "--reps", "1", "-q", "-o", str(out)]) == 0, capsys.readouterr().err
+        assert vars(builtins) == before
+    finally:
+        vars(builtins).update(before)
+
+
+@pytest.mark.parametrize("definition, kind", [
+    ("async def opaudit_step():\n    return torch.ones(3).sum()", "an async function"),
+    ("async def opaudit_step():\n    yield torch.ones(3).sum()", "an async function"),
+    ("def opaudit_step():\n    yield torch.ones(3).sum()", "a generator function (it yields)"),
+])
+def test_an_entry_that_would_run_none_of_its_body_is_refused(definition, kind, tmp_path, capsys):
+    script = _script(tmp_path, "import torch\n\n" + definition + "\n")
+    assert main([script, "--reps", "1", "-o", str(tmp_path / "r.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"opaudit: error: train.py: the entry 'opaudit_step' is {kind}: calling it runs none of "
+                          "its body;") and err.count("\n") == 1
+    assert not (tmp_path / "r.yaml").exists()

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import ast
 import atexit
+import builtins
 import contextlib
+import io
 import os
 import signal
 import sys
@@ -170,6 +172,45 @@ class _ProcessExit(BaseException):
         self.status = status
 
 
+_MISSING = object()
+
+
+class _Builtins:
+    """The interpreter's builtins as a sandbox found them, and what the script changed in them.
+
+    The script's changes (``builtins.len = ...``, ``del builtins.print``) hold
+    while its code runs (:func:`call_user`) and are undone whenever opaudit's own
+    code runs, between calls and after the script: a ``len`` that returns 0 must
+    not break the recorder or the report. Names the script added stay.
+    """
+
+    def __init__(self) -> None:
+        self.original = dict(vars(builtins))
+        self.changed: dict[str, Any] = {}
+        """Name → the script's value, or ``_MISSING`` for a name it deleted."""
+
+    def enter(self) -> None:
+        """Put the script's changes back (its code is about to run)."""
+        names = vars(builtins)
+        for name, value in self.changed.items():
+            if value is _MISSING:
+                names.pop(name, None)
+            else:
+                names[name] = value
+
+    def leave(self) -> None:
+        """Note the script's changes and restore the builtins it replaced or deleted."""
+        names = vars(builtins)
+        changed = {k: v for k, v in names.items() if k in self.original and self.original[k] is not v}
+        changed.update((k, _MISSING) for k in self.original if k not in names)
+        self.changed = changed
+        for name in changed:
+            names[name] = self.original[name]
+
+
+_BUILTINS: list[_Builtins] = []
+"""The builtins of each sandbox open, innermost last."""
+
 _real_exit = os._exit
 _TIMERS = tuple(getattr(signal, n) for n in ("ITIMER_REAL", "ITIMER_VIRTUAL", "ITIMER_PROF") if hasattr(signal, n))
 
@@ -187,7 +228,7 @@ def sandboxed(target: Target) -> Iterator[Sandbox]:
     saved_umask = os.umask(0o022)
     os.umask(saved_umask)
     saved_main = sys.modules.get("__main__")
-    saved_streams = (sys.stdout, sys.stderr)
+    saved_streams = (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
     main_thread = threading.current_thread() is threading.main_thread()
     saved_handlers = _signal_handlers() if main_thread else {}
     # As deadlines: a timer opaudit's caller set (pytest-timeout's, say) must still fire on time.
@@ -196,6 +237,9 @@ def sandboxed(target: Target) -> Iterator[Sandbox]:
     hooks: list[tuple[Callable[..., Any], tuple, dict]] = []
     saved_atexit = (atexit.register, atexit.unregister)
     saved_fd = _stdout_to_stderr()
+    sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__ = _script_streams()  # type: ignore[misc]
+    script_builtins = _Builtins()
+    _BUILTINS.append(script_builtins)
     os._exit = _exit_for(box.pid)  # type: ignore[assignment]
     atexit.register, atexit.unregister = _capturing_atexit(hooks)  # type: ignore[assignment]
     sys.argv = [target.path, *target.argv]
@@ -203,6 +247,8 @@ def sandboxed(target: Target) -> Iterator[Sandbox]:
     try:
         yield box
     finally:
+        _BUILTINS.remove(script_builtins)
+        script_builtins.leave()
         if os.getpid() != box.pid:
             _leave_child(None)
         # The interpreter waits for non-daemon threads at exit, then runs the
@@ -212,7 +258,11 @@ def sandboxed(target: Target) -> Iterator[Sandbox]:
                     and not _executor_worker(t):
                 t.join()
         try:
-            _run_hooks(hooks, box)
+            script_builtins.enter()
+            try:
+                _run_hooks(hooks, box)
+            finally:
+                script_builtins.leave()
         finally:
             atexit.register, atexit.unregister = saved_atexit  # type: ignore[assignment]
             os._exit = _real_exit  # type: ignore[assignment]
@@ -223,7 +273,7 @@ def sandboxed(target: Target) -> Iterator[Sandbox]:
                 if signal.getsignal(signum) is not handler:
                     signal.signal(signum, handler)
             _restore_stdout(saved_fd)
-            sys.stdout, sys.stderr = saved_streams
+            sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__ = saved_streams  # type: ignore[misc]
             sys.argv = saved_argv
             sys.path[:] = saved_path
             try:
@@ -271,11 +321,16 @@ def _signal_handlers() -> dict[int, Any]:
     return handlers
 
 
-def _stdout_to_stderr() -> int | None:
-    """Point the script's stdout (``sys.stdout`` and descriptor 1) at stderr; the saved descriptor 1."""
+def _stdout_to_stderr() -> tuple[int | None, int | None]:
+    """Point the script's stdout (``sys.stdout`` and descriptor 1) at stderr; the saved descriptors 1 and 2
+    (2 too: a script that closes or redirects it must not take opaudit's messages with it)."""
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
+    try:
+        saved_err: int | None = os.dup(2)
+    except OSError:
+        saved_err = None  # stderr closed
     try:
         saved = os.dup(1)
     except OSError:
@@ -288,10 +343,94 @@ def _stdout_to_stderr() -> int | None:
             os.dup2(devnull, 1)
             os.close(devnull)
     sys.stdout = sys.stderr
-    return saved
+    return saved, saved_err
 
 
-def _restore_stdout(saved: int | None) -> None:
+class _ScriptStream(io.TextIOBase):
+    """The script's ``sys.stdout`` or ``sys.stderr``: it writes to opaudit's stream, but closing it
+    (``sys.stdout.close()``) closes only this stand-in, never the stream opaudit writes to."""
+
+    def __init__(self, target: Any) -> None:
+        super().__init__()
+        self._target = target
+
+    def write(self, text: str) -> int:
+        if self.closed:
+            raise ValueError("I/O operation on closed file.")
+        return self._target.write(text)
+
+    def flush(self) -> None:
+        if not self.closed:
+            self._target.flush()
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._target.fileno()
+
+    def isatty(self) -> bool:
+        return not self.closed and self._target.isatty()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self._target, "encoding", None) or "utf-8"
+
+    @property
+    def errors(self) -> str | None:  # type: ignore[override]
+        return getattr(self._target, "errors", None)
+
+    @property
+    def buffer(self) -> Any:
+        """Bytes written here go to the target's buffer; closing it closes this stand-in only too."""
+        return _ScriptBuffer(self._target.buffer, self)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._target, name)
+
+
+class _ScriptBuffer(io.BufferedIOBase):
+    """``sys.stdout.buffer`` of a :class:`_ScriptStream`."""
+
+    def __init__(self, target: Any, text: _ScriptStream) -> None:
+        super().__init__()
+        self._target = target
+        self._text = text
+
+    def write(self, data: Any) -> int:
+        if self.closed or self._text.closed:
+            raise ValueError("write to closed file")
+        return self._target.write(data)
+
+    def flush(self) -> None:
+        if not self.closed:
+            self._target.flush()
+
+    def close(self) -> None:
+        super().close()
+        self._text.close()
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._target.fileno()
+
+    def isatty(self) -> bool:
+        return self._target.isatty()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._target, name)
+
+
+def _script_streams() -> tuple[Any, ...]:
+    """Stand-ins for ``sys.stdout``/``sys.stderr`` and ``sys.__stdout__``/``sys.__stderr__``, all writing to
+    the stream the script's output goes to (see :func:`_stdout_to_stderr`)."""
+    return tuple(None if s is None else _ScriptStream(s)
+                 for s in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__))
+
+
+def _restore_stdout(saved: tuple[int | None, int | None]) -> None:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
@@ -300,9 +439,10 @@ def _restore_stdout(saved: int | None) -> None:
         import ctypes
 
         ctypes.CDLL(None).fflush(None)
-    if saved is not None:
-        os.dup2(saved, 1)
-        os.close(saved)
+    for fd, saved_fd in zip((1, 2), saved, strict=True):
+        if saved_fd is not None:
+            os.dup2(saved_fd, fd)
+            os.close(saved_fd)
 
 
 def _exit_for(owner: int) -> Callable[[int], Any]:
@@ -407,6 +547,9 @@ def call_user(fn: Callable[[], Any]) -> Any:
     owner = os.getpid()
     depth = _mode_depth()
     inference = _inference_mode()
+    script_builtins = _BUILTINS[-1] if _BUILTINS else None
+    if script_builtins is not None:
+        script_builtins.enter()
     try:
         result = fn()
     except BaseException as e:
@@ -419,6 +562,8 @@ def call_user(fn: Callable[[], Any]) -> Any:
         return result
     finally:
         if os.getpid() == owner:
+            if script_builtins is not None:
+                script_builtins.leave()
             try:
                 _leave_inference_mode(inference)
             finally:
@@ -516,7 +661,24 @@ def prepare(target: Target, seed: int | None = 0) -> Prepared:
     fn = module.__dict__.get(target.entry)
     if not callable(fn):
         raise ModelLoadError(f"{target.name}: {target.entry!r} is not a function")
+    _require_plain_function(target, fn)
     return Prepared(fn, module.__dict__)
+
+
+def _require_plain_function(target: Target, fn: Callable[..., Any]) -> None:
+    """Refuse an ``async def`` or generator entry: calling it runs none of its body, so nothing would be recorded."""
+    import inspect
+
+    name = target.entry
+    if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+        raise ModelLoadError(
+            f"{target.name}: the entry {name!r} is an async function: calling it runs none of its body; "
+            f"add a plain function that runs it (def step(): return asyncio.run({name}())) and give --entry step")
+    if inspect.isgeneratorfunction(fn):
+        raise ModelLoadError(
+            f"{target.name}: the entry {name!r} is a generator function (it yields): calling it runs none of its "
+            f"body; make it a plain function, or add one that runs it (def step(): return list({name}())) and "
+            "give --entry step")
 
 
 def require_no_arguments(target: Target, prepared: Prepared) -> None:
