@@ -117,6 +117,9 @@ def test_distributed_options_outside_torchrun_are_usage_errors(tmp_path, capsys)
     script.write_text("pass\n")
     assert main([str(script), "--per-rank-reports", str(tmp_path)]) == 2
     assert "needs a distributed run" in capsys.readouterr().err
+    # A folder that is not there is refused before N ranks are launched
+    assert main([str(script), "--nproc-per-node", "2", "--per-rank-reports", str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err == f"opaudit: error: --per-rank-reports: {tmp_path / 'nope'} is not a folder\n"
 
 
 def _check(mode: str, root: int | None, before: int, *, root_call: int | None = None, calls=()) -> RunCheck:
@@ -304,10 +307,15 @@ def test_a_rank_stopped_in_the_middle_of_its_audit_writes_no_report(tmp_path, ca
     assert sorted(os.listdir(tmp_path)) == ["replaying"]
 
 
-def test_world_of_one_without_a_process_group(tmp_path, capfd):
-    out = tmp_path / "report.yaml"
-    code = main(["--nproc-per-node", "1", _fixture("no_group.py"), "-o", str(out), "--reps", "2", "-q"])
+def test_world_of_one_without_a_process_group_with_per_rank_reports(tmp_path, capfd):
+    out, per_rank = tmp_path / "report.yaml", tmp_path / "ranks"
+    per_rank.mkdir()
+    # --per-rank-reports with the --nproc-per-node shortcut (issue 22 item 10: was refused, asking for it)
+    code = main(["--nproc-per-node", "1", _fixture("no_group.py"), "-o", str(out), "--reps", "2", "-q",
+                 "--per-rank-reports", str(per_rank)])
     assert code == 0, capfd.readouterr().err[-3000:]
+    assert os.listdir(per_rank) == ["rank-0.yaml"]
+    assert load(str(per_rank / "rank-0.yaml")).finding("aten.mm.default").verdict is Verdict.STABLE
     report = load(str(out))
     assert report.distributed["world_size"] == 1 and report.complete
     assert report.distributed["process_group"].startswith("never initialised by the script on rank(s) 0")

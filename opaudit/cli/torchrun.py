@@ -47,10 +47,12 @@ def without_option(own: list[str], rest: list[str] | None, name: str) -> list[st
 
 def rank_audit(args: argparse.Namespace) -> Any:
     """The distributed half of the audit when this process is a torchrun worker, else ``None``."""
+    if args.per_rank_reports and not os.path.isdir(args.per_rank_reports):
+        raise UsageError(f"--per-rank-reports: {args.per_rank_reports} is not a folder")
     if not under_torchrun():
-        if args.per_rank_reports:
+        if args.per_rank_reports and not args.nproc_per_node:
             raise UsageError("--per-rank-reports needs a distributed run (--nproc-per-node N, or torchrun)")
-        return None
+        return None  # --nproc-per-node: this process launches the ranks, which take the option
     if args.nproc_per_node:
         raise UsageError("--nproc-per-node: already running under torchrun (drop the option)")
     from opaudit.flows.distributed import world_from_env
@@ -59,8 +61,6 @@ def rank_audit(args: argparse.Namespace) -> Any:
     world = world_from_env()
     if world is None:
         return None
-    if args.per_rank_reports and not os.path.isdir(args.per_rank_reports):
-        raise UsageError(f"--per-rank-reports: {args.per_rank_reports} is not a folder")
     if world.rank != 0:
         args.quiet = True
     return RankAudit(world, timeout_s=args.dist_timeout, per_rank_dir=args.per_rank_reports,
