@@ -162,7 +162,7 @@ def _wait_for_file(path, proc, limit: float = 240.0) -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGHUP, 129)])
 def test_stopping_a_running_script_audits_what_it_recorded(tmp_path, signum, code):
     out, started = tmp_path / "report.yaml", tmp_path / "started"
     proc = _start([_script("long_training.py"), "--reps", "2", "--no-timing", "-o", str(out)], started)
@@ -173,7 +173,7 @@ def test_stopping_a_running_script_audits_what_it_recorded(tmp_path, signum, cod
     assert "partial report (complete: false) written to" in err
     report = load(str(out))
     assert report.complete is False
-    assert report.settings["recording_cut_short"] == ("terminated" if signum == signal.SIGTERM else "interrupted")
+    assert report.settings["recording_cut_short"] == ("interrupted" if signum == signal.SIGINT else "terminated")
     assert {"aten.index_put_.default", "aten.randint.low"} <= {f.op for f in report.all_findings}
     assert sorted(os.listdir(tmp_path)) == ["report.yaml", "started"]  # no temp file left
 

@@ -2,6 +2,6 @@
 
 import sys
 
-from opaudit.cli.main import main
+from opaudit.cli import main
 
 sys.exit(main())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 
@@ -12,9 +11,9 @@ from opaudit.cli.options import (
     UsageError,
     check_output,
     interrupted_code,
+    interruption,
     positive_float,
     positive_int,
-    sigterm_interrupts,
 )
 from opaudit.cli.output import check_format, emit, progress
 
@@ -96,26 +95,26 @@ def catalog_main(argv: list[str]) -> int:
     update, close = progress(not args.quiet and sys.stderr.isatty(), "sweeping", "op")
     if world is not None:
         update = shard.with_test_stop(update, world)
-    # Under torchrun, SIGTERM is how the agent stops the other ranks when one fails or the job is interrupted:
-    # each shard then keeps its partial file for --resume, as on Ctrl-C.
-    sigterm = sigterm_interrupts() if world is not None else contextlib.nullcontext()
+    # SIGTERM and SIGHUP interrupt the sweep like Ctrl-C (opaudit.cli.main installs the handlers): the partial
+    # file is written at once and the worker stopped. Under torchrun SIGTERM is also how the agent stops the other
+    # ranks when one fails or the job is interrupted: each shard then keeps its partial file for --resume.
     try:
-        with sigterm:
-            request = CatalogRequest(
-                device=device or args.device, ops=tuple(args.ops.split(",")) if args.ops else (), dtypes=args.dtypes,
-                stress=not args.no_stress, reps=args.reps, op_timeout=args.op_timeout, max_samples=args.max_samples,
-                stress_elements=args.stress_elements, modules=not args.no_modules,
-                resume=partial if args.resume else None, partial=partial, isolate=not args.in_process,
-                threads=args.threads, quiet_worker=not args.debug,
-                batch_invariance=args.batch_invariance and (world is None or world.rank == 0),
-                shard=(world.rank, world.world_size) if world is not None else None)
-            catalog = build_catalog(request, on_progress=update)
+        request = CatalogRequest(
+            device=device or args.device, ops=tuple(args.ops.split(",")) if args.ops else (), dtypes=args.dtypes,
+            stress=not args.no_stress, reps=args.reps, op_timeout=args.op_timeout, max_samples=args.max_samples,
+            stress_elements=args.stress_elements, modules=not args.no_modules,
+            resume=partial if args.resume else None, partial=partial, isolate=not args.in_process,
+            threads=args.threads, quiet_worker=not args.debug,
+            batch_invariance=args.batch_invariance and (world is None or world.rank == 0),
+            shard=(world.rank, world.world_size) if world is not None else None)
+        catalog = build_catalog(request, on_progress=update)
     except KeyboardInterrupt as e:
         close()
-        if partial:
-            sys.stderr.write(f"opaudit: interrupted; resume with: opaudit catalog ... -o {args.output} --resume\n")
+        why = interruption(e)
+        if partial and os.path.exists(partial):  # none yet if the worker had not started
+            sys.stderr.write(f"opaudit: {why}; resume with: opaudit catalog ... -o {args.output} --resume\n")
         else:
-            sys.stderr.write("opaudit: interrupted\n")
+            sys.stderr.write(f"opaudit: {why}\n")
         return interrupted_code(e)
     finally:
         close()

@@ -6,7 +6,8 @@ The only place where errors become exit codes:
 * 1: findings in ``--fail-on``;
 * 2: usage, model-load, user-code, file-format or internal errors;
 * 130: interrupted (a partial report marked ``complete: false`` is still written);
-* 143: terminated by SIGTERM (a CI timeout): the same partial report as for Ctrl-C.
+* 143: terminated by SIGTERM (a CI timeout): the same partial report as for Ctrl-C;
+* 129: SIGHUP (the terminal went away): as for SIGTERM.
 
 Reports go to ``-o FILE`` (written atomically, only once the analysis is done)
 or to stdout; progress and the summary go to stderr.
@@ -39,11 +40,12 @@ from opaudit.cli.options import (
     check_output,
     integer,
     interrupted_code,
+    interrupts,
     non_negative_int,
     positive_float,
     positive_int,
+    raise_if_signalled,
     run_count,
-    sigterm_interrupts,
 )
 from opaudit.cli.output import check_format, emit, emit_partial, plain_progress, progress, run_check_progress
 from opaudit.data.errors import OpauditError
@@ -188,6 +190,7 @@ def audit_main(argv: list[str]) -> int:
 
     import torch
 
+    raise_if_signalled()  # one that came while torch imported NumPy: its C++ swallows the interrupt
     from opaudit.engine import loader
     from opaudit.engine.record import Recorder
     from opaudit.engine.window import WindowError
@@ -421,9 +424,9 @@ def _main(argv: list[str], debug: bool) -> int:
     # A torchrun worker names its rank: several ranks write to the same terminal.
     name = f"opaudit [rank {os.environ.get('RANK')}]" if "TORCHELASTIC_RUN_ID" in os.environ else "opaudit"
     try:
-        if argv and argv[0] in SUBCOMMANDS:
-            return SUBCOMMANDS[argv[0]](argv[1:])
-        with sigterm_interrupts():
+        with interrupts():
+            if argv and argv[0] in SUBCOMMANDS:
+                return SUBCOMMANDS[argv[0]](argv[1:])
             return audit_main(argv)
     except SystemExit as e:  # --help / --version
         return int(e.code or 0) if isinstance(e.code, int) or e.code is None else EXIT_ERROR

@@ -1,5 +1,5 @@
 """What every ``opaudit`` command shares: exit codes, the one-line usage error, argument types, the
-output check, and SIGTERM raised as an interrupt.
+output check, and SIGINT, SIGTERM and SIGHUP raised as interrupts.
 
 The bottom of :mod:`opaudit.cli`: it imports no other module of it.
 """
@@ -17,7 +17,7 @@ from typing import Any
 from opaudit.data.errors import EXIT_ERROR as EXIT_ERROR  # re-exported: the exit codes live here
 from opaudit.data.errors import OpauditError
 
-EXIT_OK, EXIT_FINDINGS, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 130, 143
+EXIT_OK, EXIT_FINDINGS, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_HUNG_UP = 0, 1, 130, 143, 129
 MAX_SECONDS = 1e6
 """Longest time limit accepted (11.6 days): waits past ~24 days overflow the OS's poll timeout."""
 
@@ -31,25 +31,58 @@ class Terminated(KeyboardInterrupt):
     Ctrl-C does so on a CI job's timeout too; the exit code is 143 instead of 130."""
 
 
-def _on_sigterm(signum: int, frame: Any) -> None:
-    raise Terminated()
+class HungUp(Terminated):
+    """SIGHUP (the terminal or the ssh session went away): handled like SIGTERM; the exit code is 129."""
+
+
+_RAISED = {signal.SIGINT: KeyboardInterrupt, signal.SIGTERM: Terminated}
+if hasattr(signal, "SIGHUP"):
+    _RAISED[signal.SIGHUP] = HungUp
+_received: list[int] = []
+"""The signals that arrived while :func:`interrupts` was active, first first."""
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    _received.append(signum)
+    raise _RAISED[signum]()
 
 
 @contextlib.contextmanager
-def sigterm_interrupts() -> Any:
-    """Turn SIGTERM into :class:`Terminated` while the audit runs (main thread only)."""
+def interrupts() -> Any:
+    """While a command runs (main thread only): SIGINT, SIGTERM and SIGHUP raise :class:`KeyboardInterrupt`,
+    :class:`Terminated` and :class:`HungUp`, and each is remembered (see :func:`raise_if_signalled`)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    _received.clear()
+    previous = {signum: signal.signal(signum, _on_signal) for signum in _RAISED}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def raise_if_signalled() -> None:
+    """Raise the interrupt of a signal that arrived while :func:`interrupts` was active, if one did.
+
+    For the places a command claims to be complete: an interrupt raised where
+    something swallows it (torch's C++ import of NumPy clears any Python error,
+    and goes on without NumPy) must still end the command with 130, 143 or 129.
+    """
+    if _received:
+        raise _RAISED[_received[0]]()
+
+
+def interruption(e: BaseException) -> str:
+    """How messages and reports name an interrupt: ``terminated`` (SIGTERM, SIGHUP) or ``interrupted``."""
+    return "terminated" if isinstance(e, Terminated) else "interrupted"
 
 
 def interrupted_code(e: BaseException) -> int:
-    """The exit code of an interrupted command: 143 after SIGTERM, else 130."""
+    """The exit code of an interrupted command: 129 after SIGHUP, 143 after SIGTERM, else 130."""
+    if isinstance(e, HungUp):
+        return EXIT_HUNG_UP
     return EXIT_TERMINATED if isinstance(e, Terminated) else EXIT_INTERRUPTED
 
 

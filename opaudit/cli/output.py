@@ -7,6 +7,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from opaudit.cli.options import raise_if_signalled
+
 
 def progress(enabled: bool, desc: str = "replaying", unit: str = "sig"
               ) -> tuple[Callable[[Any], None] | None, Callable[[], None]]:
@@ -87,6 +89,8 @@ def emit(document: Any, kind: str, fmt_name: str | None, output: str | None, qui
     from opaudit.cli.formats import table as table_format
     from opaudit.data.fileio import write_output
 
+    if getattr(document, "complete", True) is not False:
+        raise_if_signalled()  # a signal whose interrupt something swallowed: never a complete document after it
     kind = Kind(kind)
 
     def text(fmt: Format, written_to: str | None = None) -> str:
