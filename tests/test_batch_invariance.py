@@ -328,3 +328,57 @@ def test_diff_of_two_reports_shows_batch_invariance_transitions(variant_report):
     assert change.field == BATCH_FIELD and change.transition == "batch_invariant->batch_variant"
     assert change.op == "aten.addmm.default" and change.where.startswith("tests/fixtures/models.py:")
     assert diff_documents(variant_report, variant_report).changes == ()
+
+
+# -- the root cause follows the data (issue 21 item 1) ------------------------------------
+def test_a_mask_check_feeding_python_is_not_the_root_cause(tmp_path, capsys):
+    """``bool(mask.sum() == mask.numel())``: the sum differs, but only the Linear's result reaches the output."""
+    script = os.path.join(ROOT, "tests", "fixtures", "scripts", "mask_check.py")
+    out = tmp_path / "r.yaml"
+    assert main([script, "--batch-invariance", "--batch-sizes", "1,2", "-o", str(out), "-q"]) == 1
+    for check in yaml.safe_load(out.read_text())["batch_invariance"]["checks"]:
+        rc = check["root_cause"]
+        assert rc["op"] == "aten.addmm.default" and rc["module"] == "Linear"
+        assert rc["where"] == "tests/fixtures/scripts/mask_check.py:22" and "reaches_output" not in rc
+        assert rc["downstream"] == 1  # the ``* 1.0`` reads the projection; the ``eq`` after the sum does not
+        (side,) = check["unreached"]
+        assert side["op"] == "aten.sum.default" and side["where"] == "tests/fixtures/scripts/mask_check.py:21"
+    assert main([script, "--batch-invariance", "--batch-sizes", "1"]) == 1
+    text = capsys.readouterr().out
+    assert "differs but does not reach the output: op #1 aten.sum.default at tests/fixtures/scripts/mask_check.py:21" in text
+
+
+@pytest.mark.timeout(120)
+def test_gpt2_with_an_attention_mask_blames_c_attn_not_the_mask_check():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=16, bos_token_id=0,
+                     eos_token_id=0)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(0, 128, (8, 6), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones(8, 6, dtype=torch.long)}
+    line = inspect.currentframe().f_lineno + 1
+    result = opaudit.batch_invariance(lambda b: model(**b, use_cache=False).logits[:, -1], batch, sizes=(1,))
+    (check,) = result.checks
+    rc = check.root_cause
+    assert not result.invariant and rc["op"] == "aten.addmm.default"
+    assert rc["module"] == "GPT2LMHeadModel.transformer.h.0.attn.c_attn"
+    assert rc["where"] == f"tests/test_batch_invariance.py:{line}" and 10 < rc["downstream"] < check.differing_ops
+    # The mask check is a sum over the whole batch: it differs, and is named apart.
+    assert [u["op"] for u in check.unreached] == ["aten.sum.default"]
+    assert check.unreached[0]["index"] < rc["index"]
+
+
+def test_a_number_computed_in_python_from_the_batch_carries_its_source(wide):
+    """``x * x.sum().item()``: the sum is the root cause (its number reaches the mul), not the mul."""
+    result = opaudit.batch_invariance(lambda x: x * x.sum().item(), wide, sizes=(2,))
+    rc = result.checks[0].root_cause
+    assert rc["op"] == "aten.sum.default" and "mixes the rows" in rc["reason"] and rc["downstream"] == 1
+    assert {o.op: o.verdict for o in result.ops}["aten.mul.Tensor"] == BATCH_INVARIANT
+    # A number made from the row count in Python enters at the mul: named there, not called its fault.
+    result = opaudit.batch_invariance(lambda x: x * (1.0 / len(x)), wide, sizes=(2,))
+    rc = result.checks[0].root_cause
+    assert rc["op"] == "aten.mul.Tensor" and not rc["inputs_identical"]
+    assert rc["reason"].endswith("a number passed to it was not: 0.00390625 (full batch) vs 0.5")
+    assert [o.verdict for o in result.ops] == [BATCH_INVARIANT]

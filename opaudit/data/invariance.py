@@ -66,11 +66,15 @@ class RowCheck:
     differing_ops: int = 0
     """Ops whose output slices differed."""
     root_cause: Mapping[str, Any] | None = None
-    """First op whose input slices were identical and whose output slices were not."""
+    """First op whose input slices were identical, whose output slices were not, and whose result flows
+    into the output (``reaches_output: false`` when none does through the recorded ops: then the first such op)."""
     path_split: Mapping[str, Any] | None = None
     """Where the two runs took different op sequences, if they did."""
     mismatches: tuple[str, ...] = ()
     """Outputs whose leading slice differed."""
+    unreached: tuple[Mapping[str, Any], ...] = ()
+    """Ops whose own output slices differed but whose results reach no compared output (a check of the
+    whole batch that only feeds Python control flow, or nothing): not the root cause, in execution order."""
 
 
 @dataclass(frozen=True)
@@ -141,6 +145,8 @@ def _check_dict(c: RowCheck) -> dict[str, Any]:
         d["path_split"] = dict(c.path_split)
     if c.mismatches:
         d["mismatches"] = list(c.mismatches)
+    if c.unreached:
+        d["unreached"] = [dict(u) for u in c.unreached]
     return d
 
 
@@ -196,11 +202,14 @@ def _op(d: Any, where: str) -> BatchOp:
 
 def _check(d: Any, where: str) -> RowCheck:
     d = fields.mapping(d, where)
+    unreached = opt(d, "unreached", list, where, [])
+    if not all(isinstance(x, Mapping) for x in unreached):
+        raise ReportError(f"{where}: unreached must be a list of mappings")
     return RowCheck(
         rows=need(d, "rows", int, where), invariant=need(d, "invariant", bool, where),
         ops=opt(d, "ops", int, where, 0), differing_ops=opt(d, "differing_ops", int, where, 0),
         root_cause=opt(d, "root_cause", dict, where), path_split=opt(d, "path_split", dict, where),
-        mismatches=fields.strings(d, "mismatches", where),
+        mismatches=fields.strings(d, "mismatches", where), unreached=tuple(dict(x) for x in unreached),
     )
 
 

@@ -13,6 +13,12 @@ Each pair becomes one :class:`Pairing`: inputs identical or not, outputs
 identical or not (with the max |diff|), or why the pair cannot be compared.
 Copies, comparisons and signatures run with the dispatch mode disabled, so the
 tool never records itself.
+
+The tracer also follows the data: every op's inputs are tied to the ops that
+last wrote their storages, so :meth:`Tracer.reaching` says which ops' results
+flow into a given tensor (the forward's output) and :meth:`Tracer.descendants`
+which ops read what one op made. A value that leaves the recorded ops (a
+``bool()`` or ``.item()`` used by Python control flow) does not carry data on.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -82,6 +89,9 @@ class Pairing:
     """For :data:`INPUTS_DIFFER`: the op rerun on the leading slices of the full run's own inputs, compared with
     the full run's output slices (:data:`SAME` or :data:`DIFFERS`); ``""`` when not probed."""
     probe_diff: float = 0.0
+    number: str = ""
+    """For :data:`INPUTS_DIFFER`: the plain number argument that differed (``-124.1 (full batch) vs 6.7``), when
+    every tensor input's rows were identical: a value the forward computed in Python (``.item()``) entered here."""
 
 
 class Split(NamedTuple):
@@ -148,6 +158,14 @@ class Tracer:
         self._computed = 0
         self._uninitialized: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._copies: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.inputs_from: list[tuple[int, ...]] = []
+        """Per op (views included): the ops that last wrote the storages its tensor inputs read."""
+        self._writers: dict[int, tuple[StorageWeakRef, int]] = {}
+        """Storage address → (a weak reference that keeps the address from being reused, last writer)."""
+        self._bare_writers: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        """The same for tensors without a storage (sparse, nested), by the tensor itself."""
+        self._number_writers: dict[float | complex, int] = {}
+        """A float an op returned (``.item()``) → that op: the same number passed to a later op is its data."""
         self._interception = Interception(self._on_call, self.sites)
 
     def __enter__(self) -> Tracer:
@@ -175,19 +193,31 @@ class Tracer:
     def _on_call(self, func: Any, args: tuple, kwargs: dict | None) -> Callable[..., Any]:
         kind = op_kind(func)[0]
         if kind is OpKind.VIEW:
-            self.ops.append(TracedOp(func, None, "", None, None))
-            return func
+            with _disable_current_modes():
+                sources = self._sources(_inputs(func, args, kwargs))
+            return functools.partial(self._run_view, func, sources)
         where = self.sites.current()
         with _disable_current_modes(), torch.no_grad():
+            sources = self._sources(_inputs(func, args, kwargs))
             # Comparing mode holds the full run's inputs as they are, except those the op
             # is about to overwrite.
             written = {id(t) for t in _written(func, args, kwargs or {})} if self.references else ()
             ins = tuple(self._leaf(x, copy=not self.references or id(x) in written)
                         for x in _inputs(func, args, kwargs))
-        return functools.partial(self._run, func, kind, where, ins)
+        return functools.partial(self._run, func, kind, where, ins, sources)
+
+    def _run_view(self, func: Any, sources: tuple[int, ...], *args: Any, **kwargs: Any) -> Any:
+        result = func(*args, **kwargs)
+        with _disable_current_modes():
+            # Most views share their input's storage; those that do not (``resolve_conj`` of a
+            # conjugate) still carry its data.
+            self._wrote(len(self.ops), nested_leaves(result, []))
+            self.ops.append(TracedOp(func, None, "", None, None))
+            self.inputs_from.append(sources)
+        return result
 
     def _run(self, func: Any, kind: OpKind, where: tuple[int, int], ins: tuple[_Leaf, ...],
-             *args: Any, **kwargs: Any) -> Any:
+             sources: tuple[int, ...], *args: Any, **kwargs: Any) -> Any:
         if kind is OpKind.RANDOM:
             # An op tagged random that draws nothing this call (attention or dropout at p=0)
             # is judged like any other.
@@ -215,8 +245,10 @@ class Tracer:
                 outs = tuple(self._leaf(x, copy=not self.references, fresh=id(x) in wrote)
                              for x in _outputs(func, result, args, kwargs))
             index, n = len(self.ops), self._computed
+            self._wrote(index, _outputs(func, result, args, kwargs))
             self.ops.append(TracedOp(func, where, signature_text(args, kwargs), None if self.references else ins,
                                      None if self.references else outs))
+            self.inputs_from.append(sources)
             self._computed += 1
             for k, ref in enumerate(self.references):
                 if self.splits[k] is not None:
@@ -229,6 +261,60 @@ class Tracer:
                     p = _probe(p, func, ref[n], args, kwargs, outs)
                 self.pairings[k].append(p)
         return result
+
+    # -- data flow ----------------------------------------------------------
+    def _writer(self, t: Any) -> int | None:
+        if isinstance(t, (float, complex)):
+            return self._number_writers.get(t)
+        if not isinstance(t, torch.Tensor):
+            return None
+        try:
+            entry = self._writers.get(t.untyped_storage()._cdata)
+        except (RuntimeError, NotImplementedError):
+            return self._bare_writers.get(t)
+        return None if entry is None else entry[1]
+
+    def _sources(self, leaves: list) -> tuple[int, ...]:
+        found = {w for x in leaves if (w := self._writer(x)) is not None}
+        return tuple(sorted(found))
+
+    def _wrote(self, index: int, leaves: list) -> None:
+        """Op ``index`` is now the last writer of every storage its results and written arguments use."""
+        for x in leaves:
+            if isinstance(x, (float, complex)):
+                if x == x:  # not NaN
+                    self._number_writers[x] = index
+                continue
+            if not isinstance(x, torch.Tensor):
+                continue
+            try:
+                storage = x.untyped_storage()
+            except (RuntimeError, NotImplementedError):
+                self._bare_writers[x] = index
+                continue
+            known = self._writers.get(storage._cdata)
+            self._writers[storage._cdata] = (known[0] if known is not None else StorageWeakRef(storage), index)
+
+    def reaching(self, tensors: list) -> set[int]:
+        """Indices of the ops whose results flow, through the recorded ops, into ``tensors``."""
+        found: set[int] = set()
+        with _disable_current_modes():
+            todo = [w for x in tensors if isinstance(x, torch.Tensor) and (w := self._writer(x)) is not None]
+        while todo:
+            i = todo.pop()
+            if i not in found:
+                found.add(i)
+                todo.extend(self.inputs_from[i])
+        return found
+
+    def descendants(self, index: int) -> set[int]:
+        """Indices of the ops after ``index`` that read, directly or not, what op ``index`` made."""
+        found = {index}
+        for i in range(index + 1, len(self.inputs_from)):
+            if any(j in found for j in self.inputs_from[i]):
+                found.add(i)
+        found.discard(index)
+        return found
 
     def _leaf(self, x: Any, copy: bool, fresh: bool = False) -> _Leaf:
         if not isinstance(x, torch.Tensor):
@@ -273,7 +359,7 @@ def _pair(index: int, kind: OpKind, ref: TracedOp, ins: tuple[_Leaf, ...], outs:
     sig = ref.signature
     if ref.ins is None or len(ref.ins) != len(ins):
         return Pairing(index, NOT_COMPARED, "arguments differ in structure", reference_signature=sig)
-    batched_input, inputs_same = False, True
+    batched_input, inputs_same, number = False, True, ""
     for r, f in zip(ref.ins, ins, strict=True):
         if r.uninitialized or f.uninitialized:
             continue
@@ -281,7 +367,11 @@ def _pair(index: int, kind: OpKind, ref: TracedOp, ins: tuple[_Leaf, ...], outs:
         if rt != ft:
             return Pairing(index, NOT_COMPARED, "arguments differ in structure", reference_signature=sig)
         if not rt:
-            continue  # sizes and other plain values follow the row count by design
+            # Integers are sizes and follow the row count by design; a float is data (``x * s.item()``).
+            if isinstance(r.value, (float, complex)) and isinstance(f.value, (float, complex)) and not number \
+                    and r.value != f.value and r.value == r.value:
+                number = f"{f.value!r} (full batch) vs {r.value!r}"
+            continue
         part, dim, why = _slice(r.value, f.value)
         if part is None:
             return Pairing(index, NOT_COMPARED, f"input {why}", reference_signature=sig)
@@ -309,8 +399,9 @@ def _pair(index: int, kind: OpKind, ref: TracedOp, ins: tuple[_Leaf, ...], outs:
             differs = True
             worst = max(worst, difference(r.value, part.contiguous()).max_abs_diff)
     changed = mixes or differs
-    if not inputs_same:
-        return Pairing(index, INPUTS_DIFFER, "its inputs already differed", worst, sig, carried=changed)
+    if not inputs_same or number:
+        return Pairing(index, INPUTS_DIFFER, "its inputs already differed", worst, sig, carried=changed,
+                       number=number if inputs_same else "")
     if kind is OpKind.RANDOM:
         return Pairing(index, NOT_COMPARED, "draws from the RNG", worst, sig, carried=changed)
     if kind is OpKind.SIDE_EFFECT:

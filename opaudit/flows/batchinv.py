@@ -4,9 +4,12 @@ The forward runs on the first ``b`` rows of a batch, for each requested ``b``,
 and on the whole batch; each output's first ``b`` rows must match the small
 run's bit for bit. Both runs are traced op by op (:mod:`opaudit.engine.batchtrace`),
 so when they do not match the check names the **root cause**: the first op
-whose input slices were identical and whose output slices were not, with its
-module, the user's ``file:line``, the max |diff| and how many later ops carried
-the difference. Every op signature gets a verdict (``batch_invariant``,
+whose input slices were identical, whose output slices were not, and whose
+result flows (through the recorded ops) into the output, with its module, the
+user's ``file:line``, the max |diff| and how many ops that read its result
+carried the difference. An op that differed but whose result reaches no output
+(a "is the mask all ones?" sum over the whole batch, read by Python control
+flow) is listed apart, as ``unreached``. Every op signature gets a verdict (``batch_invariant``,
 ``batch_variant`` with the row counts that broke it, or ``not_comparable`` with
 the reason) and, when variant, a remedy from the knowledge base.
 
@@ -110,9 +113,10 @@ def _outputs(out: Any, dim: int, rows: int) -> list[Any]:
     return [x.detach().clone() if isinstance(x, torch.Tensor) else x for x in leaves]
 
 
-def _mismatches(small: list[Any], full: list[Any], dim: int, rows: int) -> tuple[str, ...]:
+def _mismatches(small: list[Any], full: list[Any], dim: int, rows: int) -> tuple[tuple[int, str], ...]:
+    """``(leaf index, description)`` of each output leaf whose leading rows differ; index ``-1`` for the whole."""
     if len(small) != len(full):
-        return (f"the output has {len(small)} leaves at {rows} rows and {len(full)} at the full batch",)
+        return ((-1, f"the output has {len(small)} leaves at {rows} rows and {len(full)} at the full batch"),)
     out = []
     for i, (a, b) in enumerate(zip(small, full, strict=True)):
         name = "output" if len(full) == 1 else f"output [{i}]"
@@ -120,9 +124,10 @@ def _mismatches(small: list[Any], full: list[Any], dim: int, rows: int) -> tuple
             part = b.narrow(dim, 0, rows)
             if not same_bits(a, part):
                 d = difference(a, part.contiguous())
-                out.append(f"{name} ({d.elements_differing} of {d.elements} elements, max |diff| {d.max_abs_diff:.3g})")
+                out.append((i, f"{name} ({d.elements_differing} of {d.elements} elements, "
+                               f"max |diff| {d.max_abs_diff:.3g})"))
         elif not same_bits(a, b):
-            out.append(f"{name} ({a!r} vs {b!r})")
+            out.append((i, f"{name} ({a!r} vs {b!r})"))
     return tuple(out)
 
 
@@ -137,17 +142,46 @@ def _op_fields(full: Tracer, i: int) -> dict[str, Any]:
 
 
 def _row_check(rows: int, full: Tracer, ref_len: int, pairings: list[Pairing], split: Split | None,
-               mismatches: tuple[str, ...]) -> RowCheck:
+               mismatches: tuple[tuple[int, str], ...], reaching: list[set[int]]) -> RowCheck:
+    """One row count's result. ``reaching[i]``: the ops whose results flow into output leaf ``i``.
+
+    The root cause is the first op that changed the rows itself and whose result
+    flows into an output that differed (into any output when none did); the ops
+    that changed the rows but whose results reach no output (a mask check feeding
+    Python control flow) are listed apart.
+    """
     carried = [p for p in pairings if p.carried]
-    root = next((p for p in pairings if p.outcome in (DIFFERS, MIXES)), None)
+    # Where a difference starts: an op that changed the rows itself, or the first op a number computed
+    # in Python from the batch entered (``x * s.item()``, ``x * (1.0 / len(x))``).
+    changed = [p for p in pairings if p.outcome in (DIFFERS, MIXES) or p.number]
+    leaves = {i for i, _ in mismatches}
+    targets = set().union(*(r for i, r in enumerate(reaching) if i in leaves or -1 in leaves or not leaves))
+    root = next((p for p in changed if p.index in targets), None)
+    fallback = root is None and bool(mismatches) and bool(changed)
+    if fallback:
+        root = changed[0]  # its result reaches the output only through a Python value (``.item()``)
     root_cause = None
     if root is not None:
+        after = full.descendants(root.index)
         root_cause = {**_op_fields(full, root.index), "signature": full.ops[root.index].signature,
-                      "row_signature": root.reference_signature, "inputs_identical": True,
+                      "row_signature": root.reference_signature, "inputs_identical": not root.number,
                       "max_abs_diff": float(f"{root.max_abs_diff:.6g}"),
-                      "downstream": sum(1 for p in carried if p.index > root.index)}
+                      "downstream": sum(1 for p in carried if p.index in after)}
         if root.outcome == MIXES:
             root_cause["reason"] = root.reason
+        elif root.number:
+            root_cause["reason"] = f"its tensor inputs' rows were identical, a number passed to it was not: {root.number}"
+        if fallback:
+            root_cause["reaches_output"] = False
+    unreached = []
+    for p in changed:
+        if p is not root and p.index not in targets:
+            entry = {**_op_fields(full, p.index), "max_abs_diff": float(f"{p.max_abs_diff:.6g}")}
+            if p.outcome == MIXES:
+                entry["reason"] = p.reason
+            elif p.number:
+                entry["reason"] = f"a number passed to it differed: {p.number}"
+            unreached.append(entry)
     path_split = None
     if split is not None:
         path_split = {"index": split.index + 1, "full_batch_op": split.full_op, "row_op": split.reference_op}
@@ -155,7 +189,7 @@ def _row_check(rows: int, full: Tracer, ref_len: int, pairings: list[Pairing], s
             path_split["where"] = full.site(split.index).location
     return RowCheck(rows=rows, invariant=not mismatches, ops=ref_len,
                     differing_ops=len(carried), root_cause=root_cause, path_split=path_split,
-                    mismatches=mismatches)
+                    mismatches=tuple(m for _, m in mismatches), unreached=tuple(unreached))
 
 
 # -- per-op verdicts --------------------------------------------------------------
@@ -273,11 +307,12 @@ def batch_invariance(
         with Tracer(root, tuple(refs)) as full:
             out = forward(batch)
         full_outputs = _outputs(out, dim, full_rows)
+        reaching = [full.reaching([x]) for x in tree_flatten(out)[0]]
         del out
     checks, per_rows = [], []
     for k, rows in enumerate(rows_list):
         mismatches = _mismatches(small_outputs[k], full_outputs, dim, rows)
-        checks.append(_row_check(rows, full, small_ops[k], full.pairings[k], full.splits[k], mismatches))
+        checks.append(_row_check(rows, full, small_ops[k], full.pairings[k], full.splits[k], mismatches, reaching))
         per_rows.append((rows, full.pairings[k]))
     return BatchInvariance(batch_size=full_rows, dim=dim, checks=tuple(checks),
                            ops=_op_verdicts(full, per_rows, remedy), device=device)

@@ -40,8 +40,16 @@ def check_lines(c: "RowCheck") -> list[str]:
             lines.append(f"  root cause: op #{rc.get('index')} {at}: its input rows were identical, its output rows "
                          f"were not (max |diff| {float(rc.get('max_abs_diff') or 0):.3g})")
         lines.append(f"    signature: {rc.get('signature')} (full batch) vs {rc.get('row_signature')}")
+        if rc.get("reaches_output") is False:
+            lines.append("    its result reaches the output through no recorded op (a Python number: .item(), bool()?)")
         if rc.get("downstream"):
             lines.append(f"    {rc['downstream']} later op(s) carried the difference")
+    for u in c.unreached[:8]:
+        at = f"{u.get('op')} at {u.get('where', '?')}" + (f" ({u['module']})" if u.get("module") else "")
+        lines.append(f"  differs but does not reach the output: op #{u.get('index')} {at}"
+                     + (f": {u['reason']}" if u.get("reason") else ""))
+    if len(c.unreached) > 8:
+        lines.append(f"  ... and {len(c.unreached) - 8} more that do not reach the output")
     ps = c.path_split
     if ps:
         where = f" at {ps['where']}" if ps.get("where") else ""
