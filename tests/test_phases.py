@@ -69,3 +69,27 @@ def test_lightning_deterministic_trainer_gets_its_raising_op_and_closure_phases(
     assert _phases(report, "aten.uniform_.default", 17) == {("setup",)}
     # The refused op ran without its C++ warn_only warning (which would print once per call).
     assert not [w for w in recwarn if "does not have a deterministic implementation" in str(w.message)]
+
+
+def test_data_made_before_the_first_module_is_setup(tmp_path, capsys):
+    """Issue 21 item 5: a tensor above the model, a Dataset's ``__init__``, ``randint`` in ``main()``."""
+    _, report = _report(tmp_path, capsys, "data_first.py")
+    assert _phases(report, "aten.randn.default", 9) == {("setup",)}
+    assert _phases(report, "aten.rand.default", 14) == {("setup",)}  # in Dataset.__init__
+    assert _phases(report, "aten.randint.low", 15) == {("setup",)}
+    assert _phases(report, "aten.randint.low", 25) == {("setup",)}  # in main()
+    assert _phases(report, "aten.uniform_.default", 27) == {("setup",)}  # the Linear's initialisation
+    assert _phases(report, "aten.stack.default") == {("data",)}
+    assert _phases(report, "aten.addmm.default") == {("forward",)}
+    assert _phases(report, "aten.index.Tensor") == {("forward",)}
+    assert _phases(report, "aten.mm.default") == {("backward",)}
+
+
+def test_a_window_after_start_step_has_no_setup(tmp_path, capsys):
+    """A window that opens mid-run (after step 1) never saw the run start: nothing in it is setup."""
+    _, report = _report(tmp_path, capsys, "train_loop.py", "--start-step", "1", "--steps", "1", "--",
+                        "--steps", "3", "--log", str(tmp_path / "log.txt"))
+    # ``loss.item()`` for the log (line 53) runs after step 1's optimizer.step(), before step 2's forward.
+    assert not [f for f in report["findings"] if "setup" in f["phases"]]
+    assert "forward" in _phases(report, "aten._local_scalar_dense.default").pop()
+    assert _phases(report, "aten.addmm.default") == {("forward",)}

@@ -131,7 +131,7 @@ class Entry:
 _REMEDY_KEYS = ("raises", "diverges", "diverges_deterministic", "warns", "cublas", "batch_variant",
                 "batch_variant_cuda", "forward", "backward")
 """Remedy texts by verdict; ``forward`` / ``backward`` are context added to a ``diverges`` remedy
-when the op ran in only that phase (a direct call, or the backward of another op)."""
+when the op ran in only that phase (a direct call, before the first forward too, or the backward of another op)."""
 
 
 class KnowledgeBase:
@@ -250,7 +250,9 @@ class KnowledgeBase:
             measured = f" Measured cost here: {cost:.2f}x this op's default time." if cost is not None else ""
             cudnn = _cudnn_advice(f)
             text = cudnn or curated("diverges") or "torch.use_deterministic_algorithms(True) makes it deterministic."
-            context = {("backward",): "backward", ("forward",): "forward"}.get(tuple(f.phases))
+            # Called directly by the user's code (before the first forward too), or only as another op's backward.
+            context = ("backward" if tuple(f.phases) == ("backward",)
+                       else "forward" if f.phases and set(f.phases) <= {"setup", "forward"} else None)
             extra = curated(context) if context and not cudnn else None
             return text + (f" {extra}" if extra else "") + measured
         if v is Verdict.DIVERGES_DETERMINISTIC:

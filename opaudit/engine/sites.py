@@ -5,8 +5,9 @@ for the site of the op being dispatched.
 
 Phases are what a user would call the part of the run an op belongs to:
 
-* ``setup``: while an ``nn.Module`` is constructed (``__init__``, ``reset_parameters``:
-  its parameters' initialisation), and from then until the first forward op;
+* ``setup``: everything before the first forward: inputs and datasets made up
+  front, the model's construction (its parameters' initialisation), whether or
+  not a module has been built yet;
 * ``data``: in a ``DataLoader`` (creating its iterator, ``next()`` on it: sampler,
   dataset ``__getitem__``, collate), and everything its worker processes run;
 * ``forward``: from the first op inside an ``nn.Module`` call or recording an
@@ -15,12 +16,17 @@ Phases are what a user would call the part of the run an op belongs to:
 * ``optimizer``: inside ``optimizer.step()`` but not inside its closure (a closure's
   forward and backward are forward and backward: Lightning and LBFGS pass one).
 
-A script that builds no module has no setup: its ops before the first forward
-are its forward too.
+Which ops came before the first forward is known only once it comes: until then
+they carry a provisional bit, named ``setup`` if a forward came and ``forward``
+if none did (plain tensor code that calls no module and records no autograd
+node: its ops are its forward). A recording that opens mid-run (inside an
+optimizer step: a window after ``--start-step K``; a training framework's
+callback) did not see the run start: there only a module's construction is ``setup``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import sys
@@ -36,6 +42,8 @@ from opaudit.data.site import Site
 
 SETUP, DATA, FORWARD, BACKWARD, OPTIMIZER = "setup", "data", "forward", "backward", "optimizer"
 FORWARD_BIT, BACKWARD_BIT, OPTIMIZER_BIT, SETUP_BIT, DATA_BIT = 1, 2, 4, 8, 16
+BEFORE_FORWARD_BIT = 32
+"""Provisional: before the first forward, outside a module's construction (see :meth:`SiteTracker.phase_names`)."""
 # The hot path keeps phases as bits of one int; ``phase_names()`` turns them into
 # names, in the order of a step.
 PHASE_BITS = ((SETUP, SETUP_BIT), (DATA, DATA_BIT), (FORWARD, FORWARD_BIT), (BACKWARD, BACKWARD_BIT),
@@ -46,6 +54,12 @@ _graph_task_id = torch._C._current_graph_task_id
 _current_node = torch._C._current_autograd_node
 # ``loss.backward()`` makes its gradient seed (``ones_like``) here, before the engine runs.
 _GRAD_SEED_CODE: Any = getattr(getattr(torch.autograd, "_make_grads", None), "__code__", None)
+# Where Python hands over to the autograd engine (``backward()``, ``autograd.grad``): the frames
+# above it are the code that asked for the gradients, not what the engine runs.
+_ENGINE_ENTRY = frozenset(id(fn.__code__) for fn in (
+    getattr(torch.autograd.graph, "_engine_run_backward", None), torch.autograd.backward, torch.autograd.grad)
+    if fn is not None)
+_CHECKPOINT_FILE = os.path.join(os.path.dirname(torch.__file__), "utils", "checkpoint.py")
 
 
 def _site_packages() -> set[str]:
@@ -132,7 +146,13 @@ def _compiled_original(mod: torch.nn.Module) -> torch.nn.Module | None:
 def _internal_code(code: Any) -> bool:
     r = _INTERNAL_CODE[id(code)] = is_internal(code.co_filename)
     _KEPT_CODE.append(code)
+    if code.co_filename == _CHECKPOINT_FILE:
+        _CHECKPOINT_CODE.add(id(code))
     return r
+
+
+_CHECKPOINT_CODE: set[int] = set()
+"""Ids of ``torch.utils.checkpoint``'s code objects met so far (kept alive by ``_KEPT_CODE``)."""
 
 
 # The ``data`` phase. ``DataLoader`` has no hook to say "loading now", so while a
@@ -234,6 +254,11 @@ class SiteTracker:
         self._generated_code: dict[int, bool] = {}
         """``is_generated()`` per user-side code object, by ``id(code)``."""
         self._node_sites: dict[int, int] = {}
+        self._checkpointed: dict[str, int] = {}
+        """Module name → the site its ops had in a checkpointed forward (the first seen), for their recomputation."""
+        self._forward_modules: dict[tuple[int, int], str] = {}
+        """``(id(code), line)`` → the module a forward op on that line ran in (its first), for checkpointing's
+        recomputation, which calls the wrapped function without the module that called ``checkpoint()``."""
         self._last_nr = _get_seq_nr() if _get_seq_nr else -1
         self.in_optimizer = 0
         """``optimizer.step()`` calls under way, less those whose closure is running."""
@@ -244,7 +269,13 @@ class SiteTracker:
         (outside model construction): from then on nothing is ``setup``."""
         self.built = False
         """Whether an op has run while an ``nn.Module`` was being constructed: from then
-        until the first forward, the ops are ``setup``."""
+        until the first forward, the ops are ``setup`` (in a recording that opened mid-run)."""
+        self.opens_mid_run = False
+        """Set by whoever starts the recording in the middle of a run (a training framework's callback):
+        the run's start, and its first forward, are not recorded."""
+        self.mid_run = False
+        """This recording opened mid-run: :attr:`opens_mid_run`, or inside an optimizer step (a step
+        window's post hook) (see :meth:`start`)."""
         self._handles: list[Any] = []
         self._thread: int | None = None
         # The last forward lookup: nearest Python frame, its line (-1 when that
@@ -318,6 +349,9 @@ class SiteTracker:
 
         self._thread = threading.get_ident()
         self.forward_seen = self.built = False
+        self.mid_run = self.opens_mid_run or _inside_optimizer_step(sys._getframe(1))
+        # Nodes the code made before the recording started are not this recording's.
+        self._last_nr = _get_seq_nr() if _get_seq_nr else -1
         _watch_data(self)
         self._handles.append(optim_module.register_optimizer_step_pre_hook(self._opt_pre))
         self._handles.append(optim_module.register_optimizer_step_post_hook(self._opt_post))
@@ -363,19 +397,25 @@ class SiteTracker:
             path = self._paths[filename] = relative_path(filename, self.root, self.cwd)
         return path
 
-    def _site_id(self, f: Any, with_module: bool = True) -> int:
+    def _site_id(self, f: Any, with_module: bool = True, in_backward: bool = False) -> int:
         """Id of the site of the innermost user frame at or above ``f``, and of the innermost module.
 
         When that frame runs generated code (see :func:`is_generated`), the site
         keeps it and adds, as its ``caller``, the nearest frame of the user's own files above it.
+        ``in_backward``: ``f`` is Python run by the autograd engine (a custom
+        ``backward()``, a hook, checkpointing's recomputation): the walk stops at
+        the engine's entry, the frames above it being the code that called
+        ``backward()``, and returns ``-1`` when no user frame lies below it. The
+        site is marked ``recomputed`` when ``torch.utils.checkpoint`` ran it.
         """
-        last_f, last_line, last_site = self._last if with_module else self._last_bare
-        if f is last_f and (last_line < 0 or f.f_lineno == last_line):
-            return last_site
+        if not in_backward:
+            last_f, last_line, last_site = self._last if with_module else self._last_bare
+            if f is last_f and (last_line < 0 or f.f_lineno == last_line):
+                return last_site
         f0 = f
         internal = _INTERNAL_CODE
         user = mod = caller = None
-        generated = False
+        generated = checkpointed = recomputed = False
         while f is not None:
             code = f.f_code
             r = internal.get(id(code))
@@ -387,21 +427,39 @@ class SiteTracker:
                     generated = self._generated(code)
                 elif generated and caller is None and not self._generated(code):
                     caller = f
-                if (not generated or caller is not None) and (mod is not None or not with_module):
+                if (not generated or caller is not None) and (mod is not None or not with_module) and not in_backward:
                     break
+            elif in_backward and id(code) in _ENGINE_ENTRY:
+                break
             elif with_module and mod is None and id(code) in _MODULE_CALL:
                 mod = f
-                if user is not None and (not generated or caller is not None):
+                if user is not None and (not generated or caller is not None) and not in_backward:
                     break
+            elif id(code) in _CHECKPOINT_CODE:
+                recomputed = in_backward
+                checkpointed = checkpointed or user is None
             f = f.f_back
+        if in_backward and user is None and not recomputed:
+            return -1
         module = ""
         if mod is not None:
             called = mod.f_locals.get("self")
             if isinstance(called, torch.nn.Module):
                 module = self._name(called, mod)
+        if recomputed and user is None:
+            # Checkpointing recomputes library code (a module's own forward) with none of the user's
+            # frames below it: the site is the one the same module's ops had in the checkpointed forward.
+            site_id = self._checkpointed.get(module)
+            if site_id is None:
+                return -1
+            return self._variant(site_id, recomputed=True)
         line = user.f_lineno if user is not None else 0
+        if recomputed and not module and user is not None:
+            # Checkpointing calls the function it wraps, not the module that called ``checkpoint()``:
+            # the module is the one the same line ran in during the forward.
+            module = self._forward_modules.get((id(user.f_code), line), "")
         key = (id(user.f_code) if user is not None else 0, line, module,
-               id(caller.f_code) if caller is not None else 0, caller.f_lineno if caller is not None else 0)
+               id(caller.f_code) if caller is not None else 0, caller.f_lineno if caller is not None else 0, recomputed)
         site_id = self._site_ids.get(key)
         if site_id is None:
             if user is None:
@@ -410,14 +468,50 @@ class SiteTracker:
                 from_user = None
                 if caller is not None:
                     from_user = Site(self._path(caller.f_code.co_filename), caller.f_lineno, caller.f_code.co_name, "")
-                site = Site(self._path(user.f_code.co_filename), line, user.f_code.co_name, module, from_user)
+                site = Site(self._path(user.f_code.co_filename), line, user.f_code.co_name, module, from_user,
+                            recomputed=recomputed)
+                if module and not in_backward:
+                    self._forward_modules.setdefault((id(user.f_code), line), module)
             site_id = self._site_ids[key] = len(self._site_list)
             self._site_list.append(site)
+            if checkpointed and module and not in_backward:
+                self._checkpointed.setdefault(module, site_id)
+        if in_backward:
+            return site_id
         if with_module:
             self._last = (f0, line if user is f0 else -1, site_id)
         else:
             self._last_bare = (f0, line if user is f0 else -1, site_id)
         return site_id
+
+    def _variant(self, site_id: int, **changes: Any) -> int:
+        """Id of the site ``site_id`` names with ``changes`` made to it (see :func:`dataclasses.replace`)."""
+        key = ("variant", site_id, *sorted(changes.items()))
+        derived = self._site_ids.get(key)
+        if derived is None:
+            derived = self._site_ids[key] = self.add_site(dataclasses.replace(self._site_list[site_id], **changes))
+        return derived
+
+    def _python_backward_site(self, f: Any, node: Any) -> int:
+        """Site id of an op that Python code ran during backward, or ``-1`` if none of the user's did.
+
+        Checkpointing's recomputation keeps the forward op's own line and module
+        (marked ``recomputed``); an op of a custom ``backward()`` or a hook of the
+        user's gets its own line, and the site of the forward op that created the
+        node running it as ``node`` (its module too, when the line ran outside any module).
+        """
+        site_id = self._site_id(f, in_backward=True)
+        if site_id < 0:
+            return -1
+        site = self._site_list[site_id]
+        if site.recomputed or node is None:
+            return site_id
+        made = self._node_sites.get(node._sequence_nr())
+        if made is None:
+            return site_id
+        origin = self._site_list[made]
+        return self._variant(site_id, module=site.module or origin.module,
+                             node=Site(origin.file, origin.line, origin.function, ""))
 
     def current(self) -> tuple[int, int]:
         """Phase bit and site id of the op being dispatched now.
@@ -427,6 +521,24 @@ class SiteTracker:
         """
         if _graph_task_id() != -1:
             node = _current_node()
+            try:
+                f = sys._getframe(3)
+            except ValueError:  # an engine thread with no Python below the op
+                f = None
+            # On the engine's thread the op of a C++ node is called straight from the engine's entry;
+            # anything else between them is Python run by the engine.
+            if f is not None and id(f.f_code) not in _ENGINE_ENTRY:
+                site_id = self._python_backward_site(f, node)
+                if site_id >= 0:
+                    if _get_seq_nr is not None and _get_seq_nr() != self._last_nr:
+                        # A node made here (reentrant checkpointing's recomputation, ``create_graph``)
+                        # has its backward ops run by an inner engine call: they point back here.
+                        self._last_nr = _get_seq_nr()
+                        made = site_id
+                        if self._site_list[site_id].recomputed:  # its backward ops are not recomputed
+                            made = self._variant(site_id, recomputed=False)
+                        self._node_sites[self._last_nr - 1] = made
+                    return BACKWARD_BIT, site_id
             if node is not None and node is self._last_node[0]:
                 return BACKWARD_BIT, self._last_node[1]
             site_id = None
@@ -455,24 +567,43 @@ class SiteTracker:
         if self.in_optimizer:
             return OPTIMIZER_BIT, site_id
         if not self.forward_seen:
-            # Before the first forward (only then: the stack walk is not free). A
-            # script that never builds a module has no setup: its ops are its forward.
+            # Before the first forward (only then: the stack walk is not free). Whether the
+            # rest is setup is known when a forward comes (see ``phase_names``).
             if _constructing(sys._getframe(3)):
                 self.built = True
                 return SETUP_BIT, site_id
             if node or self._site_list[site_id].module:
                 self.forward_seen = True
+            elif not self.mid_run:
+                return BEFORE_FORWARD_BIT, site_id
             elif self.built:
                 return SETUP_BIT, site_id
         return FORWARD_BIT, site_id
 
-    @staticmethod
-    def phase_names(bits: int) -> tuple[str, ...]:
-        """The phases in ``bits`` (from :meth:`current`), in step order."""
+    def phase_names(self, bits: int) -> tuple[str, ...]:
+        """The phases in ``bits`` (from :meth:`current`), in step order.
+
+        The ops before the first forward are ``setup`` once a forward has run, and
+        ``forward`` in a run that had none.
+        """
+        if bits & BEFORE_FORWARD_BIT:
+            bits = (bits & ~BEFORE_FORWARD_BIT) | (SETUP_BIT if self.forward_seen else FORWARD_BIT)
         return tuple(name for name, bit in PHASE_BITS if bits & bit)
 
 
 _CONSTRUCTION = frozenset({"__init__", "reset_parameters", "_reset_parameters"})
+
+
+def _inside_optimizer_step(f: Any) -> bool:
+    """Whether frame ``f`` runs inside ``optimizer.step()`` (a step window opens in its post hook)."""
+    from torch.optim import optimizer as optim_module
+
+    optimizer_file = optim_module.__file__
+    while f is not None:
+        if f.f_code.co_filename == optimizer_file:
+            return True
+        f = f.f_back
+    return False
 
 
 def _constructing(f: Any) -> bool:

@@ -79,6 +79,7 @@ class StepAudit:
         """A step begins, ``completed`` optimizer steps into training: open the window at its start."""
         if self._rec is None and self.report is None and completed == self.window.start:
             self._rec = Recorder(capture_budget=self.capture_budget, root=os.getcwd())
+            self._rec.sites.opens_mid_run = True  # the model was built and run before: nothing here is setup
             self._first = completed + 1
             self._rec.__enter__()
 

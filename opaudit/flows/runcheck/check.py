@@ -15,7 +15,7 @@ from opaudit.data.report import RunCheck
 from opaudit.engine import loader
 from opaudit.engine.compiled import compiles_so_far
 from opaudit.engine.replay import preserved_state, set_deterministic
-from opaudit.engine.sites import PHASE_BITS, SiteTracker
+from opaudit.engine.sites import SiteTracker
 from opaudit.engine.window import Window, finalize, run_window
 from opaudit.flows.runcheck.collectives import aligned_calls, summary
 from opaudit.flows.runcheck.compiled import InductorDeterministic, Untraced, compiled_names
@@ -60,7 +60,7 @@ class _Run:
         step = self.steps[i]
         fields: dict[str, Any] = {"index": i + 1, "op": str(step.func)}
         if step.where is not None:
-            phase, site = _PHASE_NAMES.get(step.where[0], ""), self.sites.site(step.where[1])
+            phase, site = ", ".join(self.sites.phase_names(step.where[0])), self.sites.site(step.where[1])
             fields.update(where=site.location, function=site.function, module=site.module, phase=phase)
         return fields
 
@@ -70,9 +70,6 @@ class _Run:
             return ""
         f = self.op_fields(i)
         return f"{f['where']} ({f['phase']})"
-
-
-_PHASE_NAMES = {bit: name for name, bit in PHASE_BITS}
 
 
 def _execute(target: loader.Target, mode: str, seed: int | None, *, keep_errors: bool,
