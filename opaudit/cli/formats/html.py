@@ -91,6 +91,10 @@ def _site_html(s: "Site") -> str:
     text = code(f"{s.file}:{s.line}")
     if s.caller is not None:
         text = f"{code(f'{s.caller.file}:{s.caller.line}')} via {text}"
+    if s.recomputed:
+        text += " (recomputed)"
+    if s.node is not None:
+        text += f" (backward of {code(f'{s.node.file}:{s.node.line}')})"
     extra = ", ".join(x for x in (f"in {s.function}" if s.function else "", s.module) if x)
     return text + (f" ({esc(extra)})" if extra else "")
 
