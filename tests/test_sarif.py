@@ -14,7 +14,7 @@ import urllib.parse
 
 import jsonschema
 import pytest
-from fixtures.review import FORWARD_LINE, SCRIPT_NAME, documents
+from fixtures.review import PUT_LINE, SCRIPT_NAME, documents
 
 from opaudit.cli.formats import Format, FormatError, Kind, render
 from opaudit.cli.formats.sarif import LEVELS
@@ -65,7 +65,7 @@ def test_a_real_audit_is_valid_sarif_with_one_result_per_finding(report):
     assert put.strict_error in message and put.remedy in message
 
 
-def test_a_backward_op_is_placed_at_its_forward_line_relative_to_the_audit_folder(report):
+def test_an_op_of_a_custom_backward_is_placed_at_its_own_line_relative_to_the_audit_folder(report):
     run = json.loads(render(report, Kind.REPORT, Format.SARIF))["runs"][0]
     result = next(r for r in run["results"] if r["ruleId"] == "raises/aten.put_.default")
     assert report.finding("aten.put_.default").phases == ("backward",)
@@ -74,7 +74,7 @@ def test_a_backward_op_is_placed_at_its_forward_line_relative_to_the_audit_folde
     # The file name is markup: a URI escapes it; the path stays relative, against %SRCROOT%.
     assert physical["artifactLocation"] == {"uri": urllib.parse.quote(SCRIPT_NAME), "uriBaseId": "%SRCROOT%"}
     assert urllib.parse.unquote(physical["artifactLocation"]["uri"]) == SCRIPT_NAME
-    assert physical["region"] == {"startLine": FORWARD_LINE}  # the Function's forward, not the put_ line
+    assert physical["region"] == {"startLine": PUT_LINE}  # the put_ in backward(), where PyTorch's traceback points
     assert "%SRCROOT%" in run["originalUriBaseIds"]
 
 
