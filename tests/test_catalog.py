@@ -21,6 +21,7 @@ from opaudit.flows.catalog import (
     CatalogEntry,
     CatalogError,
     CatalogRequest,
+    SweepConfig,
     SweptOp,
     build_catalog,
     catalog_from_dict,
@@ -38,13 +39,14 @@ from opaudit.flows.catalog import (
 DOCUMENTED = ["nn.functional.max_unpool1d", "nn.functional.max_unpool2d", "nn.functional.max_unpool3d",
               "put", "index_put", "index_copy"]
 # Small enough for a test on two cores, large enough (> 1e5 elements) for the races.
-FAST = dict(isolate=False, max_samples=4, stress_elements=300_000, stress_samples=2, reps=2, modules=False)
+FAST_SWEEP = SweepConfig(max_samples=4, stress_elements=300_000, stress_samples=2, reps=2)
+FAST = dict(isolate=False, modules=False)
 
 
 @pytest.fixture(scope="module")
 def documented() -> Catalog:
     torch.set_num_threads(2)
-    return build_catalog(CatalogRequest("cpu", tuple(DOCUMENTED), **FAST))
+    return build_catalog(CatalogRequest(FAST_SWEEP, tuple(DOCUMENTED), **FAST))
 
 
 def test_documented_cpu_ops_are_classified_as_documented(documented):
@@ -150,7 +152,7 @@ def test_unknown_ops_name_the_closest():
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(dtypes="float33"), "unknown dtype 'float33'"),
-    (dict(device="tpu"), "expected cpu, cuda or cuda:N"),
+    (dict(config=SweepConfig(device="tpu")), "expected cpu, cuda or cuda:N"),
     (dict(ops=("nn.functional.max_unpool2d",), dtypes="int64"), "none of the selected ops supports int64"),
 ])
 def test_bad_options(kwargs, message):
@@ -161,7 +163,7 @@ def test_bad_options(kwargs, message):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_cuda():
     with pytest.raises(CatalogError, match="CUDA is not available"):
-        build_catalog(CatalogRequest("cuda", ("put",)))
+        build_catalog(CatalogRequest(SweepConfig(device="cuda"), ("put",)))
 
 
 # -- files -------------------------------------------------------------------------------
@@ -245,19 +247,19 @@ def test_interrupted_sweep_resumes_from_partial_file(tmp_path):
         seen.append(p.op)
         raise KeyboardInterrupt
 
-    opts = dict(FAST, stress=False)
+    sweep = dataclasses.replace(FAST_SWEEP, stress=False)
     with pytest.raises(KeyboardInterrupt):
-        build_catalog(CatalogRequest("cpu", ("put", "take"), partial=partial, **opts), on_progress=stop_after_first)
+        build_catalog(CatalogRequest(sweep, ("put", "take"), partial=partial, **FAST), on_progress=stop_after_first)
     first = load_catalog(partial)
     assert not first.complete and [s.task_id for s in first.swept] == ["put:float32"]
     done = []
-    full = build_catalog(CatalogRequest("cpu", ("put", "take"), resume=partial, **opts),
+    full = build_catalog(CatalogRequest(sweep, ("put", "take"), resume=partial, **FAST),
                          on_progress=lambda p: done.append(p.op))
     assert done == ["take:float32"] and full.complete
     assert {s.source for s in full.swept} == {"put", "take"}
     assert full.get("aten.put.default", "float32").verdict is Verdict.RAISES
     with pytest.raises(CatalogError, match="cannot resume: it was made with reps=2"):
-        build_catalog(CatalogRequest("cpu", ("put",), resume=partial, **dict(opts, reps=3)))
+        build_catalog(CatalogRequest(dataclasses.replace(sweep, reps=3), ("put",), resume=partial, **FAST))
 
 
 # -- command line --------------------------------------------------------------------------

@@ -12,18 +12,19 @@ from opaudit.cli.formats import REPORT_ONLY, Format, Kind, render
 from opaudit.cli.main import main
 from opaudit.data.files import ReportError
 from opaudit.data.verdict import Verdict
-from opaudit.flows.catalog import CatalogRequest, build_catalog
+from opaudit.flows.catalog import CatalogRequest, SweepConfig, build_catalog
 from opaudit.flows.diff import DiffError, diff_documents, diff_files, normalize_signature, parse_fail_on
 from opaudit.flows.pipeline import audit
 
-OPTS = dict(isolate=False, stress=False, max_samples=3, reps=2, modules=False)
+SWEEP = SweepConfig(stress=False, max_samples=3, reps=2)
+OPTS = dict(isolate=False, modules=False)
 
 
 @pytest.fixture(scope="module")
 def catalogs():
     """Two real catalogs that differ: float32 only, and float32 + float64 on other ops."""
-    a = build_catalog(CatalogRequest("cpu", ("put", "nn.functional.max_unpool1d"), "float32", **OPTS))
-    b = build_catalog(CatalogRequest("cpu", ("put", "index_add"), "float32,float64", **OPTS))
+    a = build_catalog(CatalogRequest(SWEEP, ("put", "nn.functional.max_unpool1d"), "float32", **OPTS))
+    b = build_catalog(CatalogRequest(SWEEP, ("put", "index_add"), "float32,float64", **OPTS))
     return a, b
 
 

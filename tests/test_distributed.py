@@ -328,7 +328,7 @@ def test_interrupted_sharded_catalog_resumes_to_a_single_process_sweep(tmp_path)
     """``torchrun -m opaudit catalog``: each rank sweeps its share, rank 0 merges. Rank 0 gets a real SIGINT after
     its first op (the STOP_ENV test hook); torchrun stops rank 1 with SIGTERM; both keep their partial files. The
     ``--resume`` run sweeps what is left, and the merged catalog equals one single-process sweep."""
-    from opaudit.flows.catalog import CatalogRequest, build_catalog, load_catalog
+    from opaudit.flows.catalog import CatalogRequest, SweepConfig, build_catalog, load_catalog
     from opaudit.flows.distributed.shard import STOP_ENV
 
     ops = ("put", "take", "nn.functional.max_unpool1d", "cumsum", "index_add")
@@ -350,7 +350,7 @@ def test_interrupted_sharded_catalog_resumes_to_a_single_process_sweep(tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert sorted(os.listdir(tmp_path)) == ["cat.yaml"]  # the ranks' partial files are gone, no other output
     sharded = load_catalog(str(out))
-    single = build_catalog(CatalogRequest("cpu", ops, dtypes="float32", stress=False, max_samples=2, reps=2,
+    single = build_catalog(CatalogRequest(SweepConfig(stress=False, max_samples=2, reps=2), ops, dtypes="float32",
                                           isolate=False, threads=2))
     assert [s.task_id for s in sharded.swept] == [s.task_id for s in single.swept] and len(single.swept) >= 5
     marked = [s for s in sharded.swept if s.reason == "kept from the partial file"]

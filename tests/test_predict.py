@@ -11,11 +11,12 @@ import torch
 from opaudit.cli.formats import REPORT_ONLY, Format, Kind, render
 from opaudit.cli.main import main
 from opaudit.data.verdict import Verdict
-from opaudit.flows.catalog import CatalogRequest, build_catalog
+from opaudit.flows.catalog import CatalogRequest, SweepConfig, build_catalog
 from opaudit.flows.pipeline import audit
 from opaudit.flows.predict import EXACT, OTHER_VARIANT, TWIN, UNKNOWN, predict
 
-OPTS = dict(isolate=False, stress=False, max_samples=4, reps=2, modules=False)
+SWEEP = SweepConfig(stress=False, max_samples=4, reps=2)
+OPTS = dict(isolate=False, modules=False)
 
 MODEL = """
     import torch
@@ -38,8 +39,8 @@ def _step():
 @pytest.fixture(scope="module")
 def catalogs():
     """Two catalogs that differ: float32 on this machine, and a float64-only sweep."""
-    here = build_catalog(CatalogRequest("cpu", ("put", "index_put"), "float32", **OPTS))
-    other = build_catalog(CatalogRequest("cpu", ("put", "index_put"), "float64", **OPTS))
+    here = build_catalog(CatalogRequest(SWEEP, ("put", "index_put"), "float32", **OPTS))
+    other = build_catalog(CatalogRequest(SWEEP, ("put", "index_put"), "float64", **OPTS))
     return here, other
 
 

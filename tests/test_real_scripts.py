@@ -15,7 +15,7 @@ from conftest import ROOT
 from opaudit.cli.main import main
 from opaudit.data.report import load
 from opaudit.data.verdict import Verdict
-from opaudit.flows.catalog import CatalogRequest, build_catalog
+from opaudit.flows.catalog import CatalogRequest, SweepConfig, build_catalog
 
 SCRIPTS = os.path.join(ROOT, "tests", "fixtures", "scripts")
 
@@ -55,8 +55,8 @@ def test_ctc_loss_is_partly_uninitialized_not_diverging(tmp_path, capsys):
 
 def test_ctc_loss_in_the_catalog_sweep_is_not_diverging():
     """The catalog classifies through the same replay: ``_ctc_loss`` on OpInfo's and stress samples."""
-    catalog = build_catalog(CatalogRequest("cpu", ("nn.functional.ctc_loss",), isolate=False, max_samples=2,
-                                           stress_samples=1, stress_elements=100_000, reps=3, modules=False))
+    sweep = SweepConfig(max_samples=2, stress_samples=1, stress_elements=100_000, reps=3)
+    catalog = build_catalog(CatalogRequest(sweep, ("nn.functional.ctc_loss",), isolate=False, modules=False))
     ctc = [e for e in catalog.entries if e.op.startswith("aten._ctc_loss.")]
     assert ctc, catalog.entries
     assert all(e.verdict is not Verdict.DIVERGES for e in ctc), ctc

@@ -68,7 +68,7 @@ def catalog_main(argv: list[str]) -> int:
     args = _catalog_parser().parse_args(argv)
     output = check_output(args.output)
     check_format(args.format, output, "catalog")
-    from opaudit.flows.catalog import CatalogRequest, build_catalog, load_catalog, partial_path
+    from opaudit.flows.catalog import CatalogRequest, SweepConfig, build_catalog, load_catalog, partial_path
 
     if args.source:
         emit(load_catalog(args.source), "catalog", args.format, output, args.quiet, default="yaml")
@@ -99,12 +99,13 @@ def catalog_main(argv: list[str]) -> int:
     # file is written at once and the worker stopped. Under torchrun SIGTERM is also how the agent stops the other
     # ranks when one fails or the job is interrupted: each shard then keeps its partial file for --resume.
     try:
+        config = SweepConfig(device=device or args.device, stress=not args.no_stress, reps=args.reps,
+                             op_timeout=args.op_timeout, max_samples=args.max_samples,
+                             stress_elements=args.stress_elements)
         request = CatalogRequest(
-            device=device or args.device, ops=tuple(args.ops.split(",")) if args.ops else (), dtypes=args.dtypes,
-            stress=not args.no_stress, reps=args.reps, op_timeout=args.op_timeout, max_samples=args.max_samples,
-            stress_elements=args.stress_elements, modules=not args.no_modules,
-            resume=partial if args.resume else None, partial=partial, isolate=not args.in_process,
-            threads=args.threads, quiet_worker=not args.debug,
+            config, ops=tuple(args.ops.split(",")) if args.ops else (), dtypes=args.dtypes,
+            modules=not args.no_modules, resume=partial if args.resume else None, partial=partial,
+            isolate=not args.in_process, threads=args.threads, quiet_worker=not args.debug,
             batch_invariance=args.batch_invariance and (world is None or world.rank == 0),
             shard=(world.rank, world.world_size) if world is not None else None)
         catalog = build_catalog(request, on_progress=update)

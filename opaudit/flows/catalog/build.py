@@ -14,11 +14,6 @@ from opaudit.data.fileio import write_output
 from opaudit.data.files import dump_yaml
 from opaudit.flows.catalog.config import (
     DEFAULT_DTYPES,
-    DEFAULT_MAX_SAMPLES,
-    DEFAULT_OP_TIMEOUT,
-    DEFAULT_REPS,
-    DEFAULT_STRESS_SAMPLES,
-    STRESS_ELEMENTS,
     SweepConfig,
 )
 from opaudit.flows.catalog.entries import CatalogError, merge_entries
@@ -84,19 +79,15 @@ def partial_path(output: str) -> str:
 class CatalogRequest:
     """What to sweep, how, and where to keep the partial file: every option of ``opaudit catalog``."""
 
-    device: str = "cpu"
+    config: SweepConfig = SweepConfig()
+    """How each op is swept (device, replays, stress inputs, time limit...); its ``device`` is checked
+    (``cuda`` becomes ``cuda:0``) before the sweep."""
     ops: tuple[str, ...] = ()
     """Globs over OpInfo names, aten names and modules (see :func:`select_tasks`); empty for every op."""
     dtypes: tuple[str, ...] | str = DEFAULT_DTYPES
     """Dtype names, or one comma-separated string (``float32,bfloat16``)."""
     modules: bool = True
     """Without ``ops``: also the ``torch.nn`` modules OpInfo does not cover."""
-    stress: bool = True
-    reps: int = DEFAULT_REPS
-    op_timeout: float = DEFAULT_OP_TIMEOUT
-    max_samples: int = DEFAULT_MAX_SAMPLES
-    stress_samples: int = DEFAULT_STRESS_SAMPLES
-    stress_elements: int = STRESS_ELEMENTS
     resume: str | None = None
     """A partial file whose swept ops are kept and not swept again."""
     partial: str | None = None
@@ -115,26 +106,20 @@ class CatalogRequest:
     sharded sweep, see :mod:`opaudit.flows.distributed.shard`). Not part of the catalog's settings: the
     shards of one sweep merge into the catalog a single sweep makes."""
 
-    def sweep_config(self, device: str) -> SweepConfig:
-        """The part the worker needs, for the checked ``device``."""
-        return SweepConfig(device=device, reps=self.reps, stress=self.stress, op_timeout=self.op_timeout,
-                           max_samples=self.max_samples, stress_samples=self.stress_samples,
-                           stress_elements=self.stress_elements)
-
 
 def build_catalog(request: CatalogRequest, on_progress: Callable[[SweepProgress], None] | None = None) -> Catalog:
     """Sweep the ops ``request`` selects and return the :class:`Catalog`.
 
     A ``KeyboardInterrupt`` writes the partial file (if ``request.partial``) before propagating.
     """
-    if request.reps < 1:
+    if request.config.reps < 1:
         raise CatalogError("reps must be at least 1")
-    if request.op_timeout <= 0:
+    if request.config.op_timeout <= 0:
         raise CatalogError("the op time limit must be positive")
-    device = check_device(request.device)
+    device = check_device(request.config.device)
     dtype_names = parse_dtypes(request.dtypes)
     patterns = tuple(p.strip() for p in request.ops if p.strip())
-    cfg = request.sweep_config(device)
+    cfg = dataclasses.replace(request.config, device=device)
     tasks = select_tasks(device, patterns, dtype_names, modules=request.modules)
     if request.shard is not None:
         index, count = request.shard
@@ -165,7 +150,7 @@ def build_catalog(request: CatalogRequest, on_progress: Callable[[SweepProgress]
         todo = [t for t in tasks if t.task_id not in acc.swept]
         done = len(tasks) - len(todo)
         last_write = time.monotonic()
-        hard_limit = request.op_timeout * 1.5 + 30
+        hard_limit = cfg.op_timeout * 1.5 + 30
         try:
             for i, task in enumerate(todo):
                 result = runner.run(task, hard_limit)
