@@ -17,7 +17,8 @@ from opaudit.data.version import __version__
 __all__ = ["Recorder", "Report", "Finding", "Verdict", "audit", "batch_invariance", "build_report", "load_report", "__version__"]
 
 if TYPE_CHECKING:
-    from opaudit.data.report import Finding, Report
+    from opaudit.data.findings import Finding
+    from opaudit.data.report import Report
     from opaudit.data.report import load as load_report
     from opaudit.data.verdict import Verdict
     from opaudit.engine.record import Recorder
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 _LAZY = {
     "Recorder": ("opaudit.engine.record", "Recorder"),
     "Report": ("opaudit.data.report", "Report"),
-    "Finding": ("opaudit.data.report", "Finding"),
+    "Finding": ("opaudit.data.findings", "Finding"),
     "Verdict": ("opaudit.data.verdict", "Verdict"),
     "audit": ("opaudit.flows.pipeline", "audit"),
     "build_report": ("opaudit.flows.pipeline", "build_report"),

@@ -13,16 +13,17 @@ tool for that question.
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from opaudit.data.catalog import Catalog, catalog_from_dict
-from opaudit.data.diff import BATCH_FIELD, MISSING, Change, Diff, FieldChange
+from opaudit.data.diff import BATCH_FIELD, MISSING, VERDICT, Change, Diff, FieldChange
 from opaudit.data.errors import OpauditError
 from opaudit.data.files import ReportError, read_document
+from opaudit.data.findings import Finding
 from opaudit.data.invariance import BATCH_INVARIANT, BATCH_VARIANT, NOT_COMPARABLE
 from opaudit.data.report import Report, from_dict
 from opaudit.data.verdict import Verdict
@@ -111,9 +112,17 @@ def normalize_signature(signature: str) -> str:
 def diff_documents(a: Any, b: Any, a_label: str = "a", b_label: str = "b") -> Diff:
     """Diff two catalogs or two reports; :class:`DiffError` for a report against a catalog."""
     if isinstance(a, Catalog) and isinstance(b, Catalog):
-        return _diff_catalogs(a, b, a_label, b_label)
+        sides = [(_catalog_entries(a), _catalog_entries(b))]
+        if a.batch_invariance and b.batch_invariance:
+            # Only when both sweeps checked it: a catalog made without --batch-invariance says nothing about it.
+            sides.append((_catalog_batch(a), _catalog_batch(b)))
+        return _diff("catalog", a, b, a_label, b_label, sides)
     if isinstance(a, Report) and isinstance(b, Report):
-        return _diff_reports(a, b, a_label, b_label)
+        sides = [(_report_findings(a), _report_findings(b))]
+        if a.batch_invariance is not None and b.batch_invariance is not None:
+            # Both reports of a --batch-invariance check: their per-op verdicts too.
+            sides.append((_report_batch(a), _report_batch(b)))
+        return _diff("report", a, b, a_label, b_label, sides)
     kinds = {Catalog: "catalog", Report: "report"}
     ka, kb = kinds.get(type(a), type(a).__name__), kinds.get(type(b), type(b).__name__)
     if "catalog" in (ka, kb) and "report" in (ka, kb):
@@ -123,107 +132,85 @@ def diff_documents(a: Any, b: Any, a_label: str = "a", b_label: str = "b") -> Di
     raise DiffError(f"cannot diff {ka} against {kb}")
 
 
-def _diff_catalogs(a: Any, b: Any, a_label: str, b_label: str) -> Diff:
-    def detail(e: Any) -> str:
-        return f"{e.dtype} {e.variant}".strip()
+@dataclass(frozen=True)
+class _Side:
+    """One op's verdict in one document, keyed for the join: what a :class:`Change` shows of it."""
 
-    ia, ib = {e.key: e for e in a.entries}, {e.key: e for e in b.entries}
-    changes, only_a, only_b, same = [], [], [], 0
-    for k in sorted(set(ia) | set(ib)):
-        ea, eb = ia.get(k), ib.get(k)
-        if ea is not None and eb is not None:
-            if ea.verdict is eb.verdict:
-                same += 1
-            else:
-                changes.append(Change(ea.op, detail(ea), ea.verdict.value, eb.verdict.value, eb.source))
-        elif ea is not None:
-            only_a.append(Change(ea.op, detail(ea), ea.verdict.value, MISSING, ea.source))
-        elif eb is not None:
-            only_b.append(Change(eb.op, detail(eb), MISSING, eb.verdict.value, eb.source))
-    if a.batch_invariance and b.batch_invariance:
-        # Only when both sweeps checked it: a catalog made without --batch-invariance says nothing about it.
-        same += _diff_batch(_catalog_batch(a), _catalog_batch(b), changes, only_a, only_b)
-    return Diff("catalog", a_label, b_label, tuple(sorted(changes, key=_order)), tuple(sorted(only_a, key=_order)),
-                tuple(sorted(only_b, key=_order)), _fields(a.environment, b.environment),
-                _fields(a.settings, b.settings), same)
-
-
-@dataclasses.dataclass(frozen=True)
-class _BatchVerdict:
-    """One op's batch-invariance verdict, from a catalog entry or a report's op, ready to diff."""
-
-    key: tuple[str, str]
     op: str
-    verdict: str
     detail: str
+    verdict: str
     where: str
+    field: str = VERDICT
 
 
-def _catalog_batch(catalog: Any) -> list[_BatchVerdict]:
-    return [_BatchVerdict(e.key, e.op, e.verdict, f"{e.dtype} batch invariance", ", ".join(e.probes))
-            for e in catalog.batch_invariance]
+Keyed = dict[tuple[str, ...], _Side]
 
 
-def _report_batch(report: Any) -> list[_BatchVerdict]:
-    out = []
-    for o in report.batch_invariance.ops:
+def _catalog_entries(catalog: Catalog) -> Keyed:
+    return {e.key: _Side(e.op, f"{e.dtype} {e.variant}".strip(), e.verdict.value, e.source) for e in catalog.entries}
+
+
+def _catalog_batch(catalog: Catalog) -> Keyed:
+    return {e.key: _Side(e.op, f"{e.dtype} batch invariance", e.verdict, ", ".join(e.probes), BATCH_FIELD)
+            for e in catalog.batch_invariance}
+
+
+def _report_findings(report: Report) -> Keyed:
+    """The worst finding per op and signature (device suffixes dropped: a CPU and a CUDA run line up)."""
+    worst: dict[tuple[str, str], Finding] = {}
+    for f in report.all_findings:
+        key = (f.op, normalize_signature(f.signature))
+        if key not in worst or f.verdict.severity > worst[key].verdict.severity:
+            worst[key] = f
+    return {k: _Side(k[0], k[1], f.verdict.value, f.locations[0] if f.locations else "") for k, f in worst.items()}
+
+
+def _report_batch(report: Report) -> Keyed:
+    out: Keyed = {}
+    for o in report.batch_invariance.ops if report.batch_invariance is not None else ():
         sig = normalize_signature(o.signature)
-        out.append(_BatchVerdict((o.op, sig), o.op, o.verdict, f"{sig} (batch invariance)",
-                                 o.site.location if o.site else ""))
+        out[(o.op, sig)] = _Side(o.op, f"{sig} (batch invariance)", o.verdict, o.site.location if o.site else "",
+                                 BATCH_FIELD)
     return out
 
 
-def _diff_batch(a: list[_BatchVerdict], b: list[_BatchVerdict], changes: list[Change], only_a: list[Change],
-                only_b: list[Change]) -> int:
-    """Batch-invariance transitions between two documents' sections; returns how many stayed the same."""
-    ia, ib = {e.key: e for e in a}, {e.key: e for e in b}
-    same = 0
-    for k in sorted(set(ia) | set(ib)):
-        ea, eb = ia.get(k), ib.get(k)
+@dataclass(frozen=True)
+class _Joined:
+    """One :func:`_join`'s result."""
+
+    changes: tuple[Change, ...] = ()
+    only_a: tuple[Change, ...] = ()
+    only_b: tuple[Change, ...] = ()
+    same: int = 0
+
+
+def _join(a: Keyed, b: Keyed) -> _Joined:
+    """The keyed outer join of two documents' verdicts: what changed, what one side lacks, how many stayed."""
+    changes, only_a, only_b, same = [], [], [], 0
+    for k in sorted(set(a) | set(b)):
+        ea, eb = a.get(k), b.get(k)
         if ea is not None and eb is not None:
             if ea.verdict == eb.verdict:
                 same += 1
             else:
-                changes.append(Change(eb.op, eb.detail, ea.verdict, eb.verdict, eb.where, BATCH_FIELD))
+                changes.append(Change(eb.op, eb.detail, ea.verdict, eb.verdict, eb.where or ea.where, eb.field))
         elif ea is not None:
-            only_a.append(Change(ea.op, ea.detail, ea.verdict, MISSING, ea.where, BATCH_FIELD))
+            only_a.append(Change(ea.op, ea.detail, ea.verdict, MISSING, ea.where, ea.field))
         elif eb is not None:
-            only_b.append(Change(eb.op, eb.detail, MISSING, eb.verdict, eb.where, BATCH_FIELD))
-    return same
+            only_b.append(Change(eb.op, eb.detail, MISSING, eb.verdict, eb.where, eb.field))
+    return _Joined(tuple(changes), tuple(only_a), tuple(only_b), same)
 
 
-def _diff_reports(a: Any, b: Any, a_label: str, b_label: str) -> Diff:
-    def index(report: Any) -> dict[tuple[str, str], Any]:
-        out: dict[tuple[str, str], Any] = {}
-        for f in report.all_findings:
-            key = (f.op, normalize_signature(f.signature))
-            prev = out.get(key)
-            if prev is None or f.verdict.severity > prev.verdict.severity:
-                out[key] = f
-        return out
+def _diff(kind: str, a: Catalog | Report, b: Catalog | Report, a_label: str, b_label: str,
+          sides: list[tuple[Keyed, Keyed]]) -> Diff:
+    joined = [_join(ia, ib) for ia, ib in sides]
+    return Diff(kind, a_label, b_label, _sorted(c for j in joined for c in j.changes),
+                _sorted(c for j in joined for c in j.only_a), _sorted(c for j in joined for c in j.only_b),
+                _fields(a.environment, b.environment), _fields(a.settings, b.settings), sum(j.same for j in joined))
 
-    def where(f: Any) -> str:
-        return f.locations[0] if f.locations else ""
 
-    ia, ib = index(a), index(b)
-    changes, only_a, only_b, same = [], [], [], 0
-    for k in sorted(set(ia) | set(ib)):
-        fa, fb = ia.get(k), ib.get(k)
-        if fa is not None and fb is not None:
-            if fa.verdict is fb.verdict:
-                same += 1
-            else:
-                changes.append(Change(k[0], k[1], fa.verdict.value, fb.verdict.value, where(fb) or where(fa)))
-        elif fa is not None:
-            only_a.append(Change(k[0], k[1], fa.verdict.value, MISSING, where(fa)))
-        elif fb is not None:
-            only_b.append(Change(k[0], k[1], MISSING, fb.verdict.value, where(fb)))
-    if a.batch_invariance is not None and b.batch_invariance is not None:
-        # Both reports of a --batch-invariance check: their per-op verdicts too.
-        same += _diff_batch(_report_batch(a), _report_batch(b), changes, only_a, only_b)
-    return Diff("report", a_label, b_label, tuple(sorted(changes, key=_order)), tuple(sorted(only_a, key=_order)),
-                tuple(sorted(only_b, key=_order)), _fields(a.environment, b.environment),
-                _fields(a.settings, b.settings), same)
+def _sorted(changes: Iterable[Change]) -> tuple[Change, ...]:
+    return tuple(sorted(changes, key=_order))
 
 
 def diff_files(path_a: str, path_b: str) -> Diff:

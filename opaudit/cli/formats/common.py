@@ -13,8 +13,10 @@ from opaudit.cli.formats.escape import csv_text, md_table  # noqa: F401 - every 
 from opaudit.data.verdict import Verdict
 
 if TYPE_CHECKING:
+    from opaudit.data.findings import Finding
     from opaudit.data.prediction import Predicted, Prediction
-    from opaudit.data.report import CompiledCode, Finding, Report, RunCheck
+    from opaudit.data.report import Report
+    from opaudit.data.runcheck import CompiledCode, RunCheck
 
 FINDING_HEADERS = ("verdict", "op", "calls", "phase", "where", "module", "default", "determ.", "max |diff|", "det. cost")
 

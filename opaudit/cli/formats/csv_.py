@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from opaudit.cli.formats import batch_invariance
 from opaudit.cli.formats.common import csv_text
-from opaudit.data.report import ROW_FIELDS, flat_row
+from opaudit.data.findings import ROW_FIELDS, flat_row
 from opaudit.data.site import modules_of
 
 if TYPE_CHECKING:
