@@ -54,8 +54,10 @@ from opaudit.data.invariance import OP_VERDICTS
 from opaudit.data.verdict import Verdict
 
 if TYPE_CHECKING:
+    from opaudit.data.findings import Finding
     from opaudit.data.invariance import BatchInvariance, BatchOp
-    from opaudit.data.report import Finding, Report, RunCheck
+    from opaudit.data.report import Report
+    from opaudit.data.runcheck import RunCheck
     from opaudit.data.site import Site
 
 CHART_ROWS = 30

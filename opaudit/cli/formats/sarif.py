@@ -28,7 +28,8 @@ from opaudit.data.verdict import Verdict
 from opaudit.data.version import __version__
 
 if TYPE_CHECKING:
-    from opaudit.data.report import Finding, Report
+    from opaudit.data.findings import Finding
+    from opaudit.data.report import Report
     from opaudit.data.site import Site
 
 SCHEMA = "https://docs.oasis-open.org/sarif/sarif/v2.1.0/errata01/os/schemas/sarif-schema-2.1.0.json"
