@@ -9,9 +9,11 @@ did not measure, or could not, is ``unknown``: never ``stable``.
 from __future__ import annotations
 
 import re
-from typing import Any
 
+from opaudit.data.catalog import Catalog, CatalogEntry
+from opaudit.data.findings import Finding
 from opaudit.data.prediction import EXACT, NO_MATCH, OTHER_VARIANT, TWIN, UNKNOWN, Predicted, Prediction, predicted_rank
+from opaudit.data.report import Report
 from opaudit.data.verdict import Verdict
 
 
@@ -27,7 +29,7 @@ def _twin(op: str) -> str | None:
     return None
 
 
-def _lookup(catalog: Any, op: str, dtype: str, variant: str) -> tuple[Any, str, str]:
+def _lookup(catalog: Catalog, op: str, dtype: str, variant: str) -> tuple[CatalogEntry | None, str, str]:
     """``(entry, match, note)``: this op's entry, else another variant's, else ``(None, none, "")``."""
     entry = catalog.get(op, dtype, variant)
     if entry is not None:
@@ -40,7 +42,7 @@ def _lookup(catalog: Any, op: str, dtype: str, variant: str) -> tuple[Any, str, 
     return None, NO_MATCH, ""
 
 
-def predict_finding(f: Any, catalog: Any) -> Predicted:
+def predict_finding(f: Finding, catalog: Catalog) -> Predicted:
     """The catalog's prediction for one :class:`~opaudit.data.report.Finding`."""
     from opaudit.flows.catalog import entry_key
 
@@ -90,7 +92,7 @@ def implied_dtype(op: str, signature: str) -> str:
     return default
 
 
-def predict(report: Any, catalog: Any, catalog_label: str = "catalog") -> Prediction:
+def predict(report: Report, catalog: Catalog, catalog_label: str = "catalog") -> Prediction:
     """Predict every signature of ``report`` (recorded here) on ``catalog``'s hardware."""
     rows = [predict_finding(f, catalog) for f in report.all_findings]
     rows.sort(key=lambda r: (predicted_rank(r.predicted), r.op, r.dtype, r.variant, r.signature))
