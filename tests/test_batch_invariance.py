@@ -85,13 +85,18 @@ def test_linear_points_at_the_module_and_downstream_ops_are_probed(wide):
     assert by_module["Sequential.1"].verdict == BATCH_INVARIANT
 
 
-def test_gpt2_decode_step_is_variant_in_a_linear_layer():
+def _tiny_gpt2():
+    """A random 2-layer GPT-2 built from a config (no download), in eval mode."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=16, bos_token_id=0,
                      eos_token_id=0)
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(cfg).eval()
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def test_gpt2_decode_step_is_variant_in_a_linear_layer():
+    model = _tiny_gpt2()
     ids = torch.randint(0, 128, (8, 1), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         diff = (model(ids[:1]).logits - model(ids).logits[:1]).abs().max().item()
@@ -350,12 +355,7 @@ def test_a_mask_check_feeding_python_is_not_the_root_cause(tmp_path, capsys):
 
 @pytest.mark.timeout(120)
 def test_gpt2_with_an_attention_mask_blames_c_attn_not_the_mask_check():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    cfg = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=16, bos_token_id=0,
-                     eos_token_id=0)
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(cfg).eval()
+    model = _tiny_gpt2()
     ids = torch.randint(0, 128, (8, 6), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "attention_mask": torch.ones(8, 6, dtype=torch.long)}
     line = inspect.currentframe().f_lineno + 1
