@@ -23,14 +23,15 @@ if TYPE_CHECKING:
     from opaudit.data.verdict import Verdict
     from opaudit.engine.record import Recorder
     from opaudit.flows.batchinv import batch_invariance
-    from opaudit.flows.pipeline import audit, build_report
+    from opaudit.flows.pipeline import build_report
+    from opaudit.flows.run import audit
 
 _LAZY = {
     "Recorder": ("opaudit.engine.record", "Recorder"),
     "Report": ("opaudit.data.report", "Report"),
     "Finding": ("opaudit.data.findings", "Finding"),
     "Verdict": ("opaudit.data.verdict", "Verdict"),
-    "audit": ("opaudit.flows.pipeline", "audit"),
+    "audit": ("opaudit.flows.run", "audit"),
     "build_report": ("opaudit.flows.pipeline", "build_report"),
     "batch_invariance": ("opaudit.flows.batchinv", "batch_invariance"),
     "load_report": ("opaudit.data.report", "load"),

@@ -45,7 +45,7 @@ def assert_deterministic(fn: Callable[..., Any], *args: Any, at_least: Verdict |
     ``allow`` lists op names accepted as known (e.g. ``("aten.index_put.default",)``).
     Returns the report so that a test can assert more.
     """
-    from opaudit.flows.pipeline import audit
+    from opaudit.flows.run import audit
 
     report = audit(fn, *args, reps=reps, **kwargs)
     check(report, at_least, allow)

@@ -14,7 +14,7 @@ from opaudit.cli.main import main
 from opaudit.data.report import CompiledCode, from_dict, load
 from opaudit.engine import loader
 from opaudit.engine.record import Recorder
-from opaudit.flows.pipeline import audit
+from opaudit.flows.run import audit
 from opaudit.flows.runcheck import DEFAULT, DETERMINISTIC, run_check
 
 SCRIPT = os.path.join(ROOT, "tests", "fixtures", "scripts", "compiled_lookup.py")

@@ -14,7 +14,7 @@ from opaudit.data.files import ReportError
 from opaudit.data.verdict import Verdict
 from opaudit.flows.catalog import CatalogRequest, SweepConfig, build_catalog
 from opaudit.flows.diff import DiffError, diff_documents, diff_files, normalize_signature, parse_fail_on
-from opaudit.flows.pipeline import audit
+from opaudit.flows.run import audit
 
 SWEEP = SweepConfig(stress=False, max_samples=3, reps=2)
 OPTS = dict(isolate=False, modules=False)

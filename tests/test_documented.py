@@ -13,7 +13,7 @@ from opaudit.data.verdict import Verdict
 from opaudit.engine.remedies import KnowledgeBase, documented_ops
 from opaudit.flows.catalog import DEFAULT_DTYPES, select_tasks
 from opaudit.flows.catalog.select import INPLACE, databases
-from opaudit.flows.pipeline import audit
+from opaudit.flows.run import audit
 
 
 def _covered(api: str, tasks: list) -> bool:

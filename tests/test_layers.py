@@ -24,7 +24,9 @@ def _lint(*args: str) -> subprocess.CompletedProcess:
 def test_import_linter_contracts_hold():
     r = _lint("--no-cache")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "Contracts: 6 kept, 0 broken." in r.stdout
+    with open(os.path.join(ROOT, "pyproject.toml"), encoding="utf-8") as f:
+        contracts = f.read().count("[[tool.importlinter.contracts]]")
+    assert f"Contracts: {contracts} kept, 0 broken." in r.stdout
 
 
 @pytest.mark.parametrize("module", ["opaudit", "opaudit.data.report", "opaudit.data.files", "opaudit.data.catalog",

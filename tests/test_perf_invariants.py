@@ -144,19 +144,25 @@ def test_recording_does_not_import_dynamo(code):
     assert out.stdout.strip() == "False"
 
 
-def test_a_whole_audit_with_its_deterministic_pass_and_run_check_imports_no_dynamo(tmp_path):
+def test_a_whole_audit_imports_neither_dynamo_nor_the_distributed_flow(tmp_path):
     """The deterministic-mode recording and the run check switch modes too: through ATen's flag, not the
-    public function, whose first call imports Inductor's config and Dynamo (~2 s of every audit)."""
+    public function, whose first call imports Inductor's config and Dynamo (~2 s of every audit). And a
+    single-process audit loads no ``torch.distributed`` module that ``import torch`` did not (the
+    distributed options are in every audit's parser; their flow is imported only under torchrun)."""
     script = tmp_path / "step.py"
     # No optimizer: torch 2.13's optimizers import Dynamo themselves on their first step.
     script.write_text("import torch\n"
                       "model = torch.nn.Linear(4, 2)\n"
                       "model(torch.ones(3, 4)).sum().backward()\n")
-    code = ("import sys; from opaudit.cli.main import main\n"
+    code = ("import sys, torch\n"
+            "before = set(sys.modules)\n"
+            "from opaudit.cli.main import main\n"
             f"code = main([{str(script)!r}, '--reps', '1', '-q', '--run-check', '-o', {str(tmp_path / 'r.yaml')!r}])\n"
-            "print(code, 'torch._dynamo' in sys.modules, 'torch._inductor.config' in sys.modules)")
+            "added = sorted(m for m in set(sys.modules) - before\n"
+            "               if m.startswith(('torch.distributed', 'opaudit.flows.distributed')))\n"
+            "print(code, 'torch._dynamo' in sys.modules, 'torch._inductor.config' in sys.modules, added)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.split()[-3:] == ["0", "False", "False"], out.stdout + out.stderr
+    assert out.stdout.split()[-4:] == ["0", "False", "False", "[]"], out.stdout + out.stderr
     assert "deterministic_pass: true" in (tmp_path / "r.yaml").read_text()
 
 

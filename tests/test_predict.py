@@ -12,8 +12,8 @@ from opaudit.cli.formats import REPORT_ONLY, Format, Kind, render
 from opaudit.cli.main import main
 from opaudit.data.verdict import Verdict
 from opaudit.flows.catalog import CatalogRequest, SweepConfig, build_catalog
-from opaudit.flows.pipeline import audit
 from opaudit.flows.predict import EXACT, OTHER_VARIANT, TWIN, UNKNOWN, predict
+from opaudit.flows.run import audit
 
 SWEEP = SweepConfig(stress=False, max_samples=4, reps=2)
 OPTS = dict(isolate=False, modules=False)

@@ -121,6 +121,36 @@ def test_entry_mode_counts_calls_of_the_entry(capsys):
     assert addmm["calls"] == 2
 
 
+def test_steps_all_of_an_entry_function_needs_a_time_limit(capsys):
+    # An entry function has no last call: 'all' used to record one call and say nothing.
+    code, out, err = _run([os.path.join(EXAMPLES, "mlp.py"), "--steps", "all", "--reps", "1"], capsys)
+    assert code == 2 and out == ""
+    assert err == ("opaudit: error: --steps all records a script to its end, and an entry function has none: "
+                   "give a number of calls, or --max-record-seconds to call it until then\n")
+
+
+def test_steps_all_of_an_entry_function_calls_it_until_the_time_limit(tmp_path, capsys):
+    script = tmp_path / "tick.py"
+    script.write_text(textwrap.dedent("""
+        import time
+        import torch
+
+        def opaudit_step():
+            time.sleep(0.05)
+            return torch.ones(3).sum()
+    """))
+    code, out, err = _run([str(script), "--steps", "all", "--max-record-seconds", "1", "--reps", "1",
+                           "--no-deterministic-pass", "--format", "yaml"], capsys)
+    assert code == 0, err
+    doc = yaml.safe_load(out)
+    span = doc["settings"]["recorded"]
+    assert span.startswith("calls 1-") and span.endswith(" (stopped by --max-record-seconds)"), span
+    last = int(span.removeprefix("calls 1-").split()[0])
+    assert last > 1, span
+    (total,) = [f for f in doc["findings"] if f["op"] == "aten.sum.default"]
+    assert total["calls"] == last
+
+
 def test_run_check_traces_the_same_window_of_a_long_script(capsys):
     code, out, err = _run([TRAIN_LOOP, "--steps", "2", "--run-check", "--reps", "1", "--", "--steps", "20000"],
                           capsys)

@@ -35,7 +35,6 @@ from opaudit.cli.options import (
     EXIT_FINDINGS,
     EXIT_OK,
     Parser,
-    Terminated,
     UsageError,
     check_output,
     integer,
@@ -48,7 +47,7 @@ from opaudit.cli.options import (
     run_count,
 )
 from opaudit.cli.output import check_format, emit, emit_partial, plain_progress, progress, run_check_progress
-from opaudit.data.errors import OpauditError
+from opaudit.data.errors import OpauditError, interruption
 from opaudit.data.version import __version__
 
 DEFAULT_FAIL_ON = "raises,diverges,diverges_deterministic"
@@ -192,128 +191,34 @@ def audit_main(argv: list[str]) -> int:
 
     raise_if_signalled()  # one that came while torch imported NumPy: its C++ swallows the interrupt
     from opaudit.engine import loader
-    from opaudit.engine.record import Recorder
-    from opaudit.engine.window import WindowError
-    from opaudit.flows.pipeline import build_report, record_target
+    from opaudit.flows.run import RunOptions, run_audit
 
     if args.threads:
         torch.set_num_threads(args.threads)
     target = loader.load_target(args.script, args.entry, script_args)
-    window = steps.window(args, target)
-    checks: tuple = ()
-    if args.run_check:
-        from opaudit.flows.runcheck import run_checks
-
-        # Before recording, so that the recorder's captured inputs are not held meanwhile.
-        show, clear = run_check_progress(not args.quiet and sys.stderr.isatty())
-        try:
-            checks = run_checks(target, args.run_check, seed=args.seed, window=window,
-                                on_run=rank_audit.before_run(show) if rank_audit is not None else show)
-        finally:
-            clear()
-    budget = args.capture_budget * 2**20
-    cut: KeyboardInterrupt | None = None
-    recorded = det_recorded = None
-    det_rec = det_failure = None
-    if not args.no_deterministic_pass and rank_audit is None:
-        # First, so that the recording replayed for most signatures is the last one made: an op the
-        # script registers itself (torch.library) is registered anew by each run. (Not under torchrun:
-        # the ranks' collectives would run twice.)
-        det_rec = Recorder(capture_budget=budget, root=target.root, captures_per_signature=args.captures_per_signature)
-        try:
-            det_recorded = record_target(target, det_rec, window, seed=args.seed, deterministic=True)
-        except WindowError:
-            det_rec = None  # nothing recorded: the default-mode run below says so
-        except (loader.UserCodeError, loader.ScriptExitError) as e:
-            # Said only once the default-mode run succeeded: if it fails too, its error is the one message.
-            det_rec, det_failure = None, e
-        except KeyboardInterrupt as e:
-            cut = e  # the audit goes on with what the deterministic-mode run recorded
-    if cut is None:
-        if rank_audit is not None and checks:
-            rank_audit.fresh_start()  # the run check's runs are gone on every rank before this one starts
-        rec = Recorder(capture_budget=budget, root=target.root, capture_collectives=rank_audit is not None,
-                       captures_per_signature=args.captures_per_signature)
-        try:
-            recorded = record_target(target, rec, window, seed=args.seed,
-                                     recording=rank_audit.recording if rank_audit else None)
-        except KeyboardInterrupt as e:
-            # Ctrl-C (or SIGTERM) while the user's code runs: recording stops there, and
-            # what was recorded is still audited (a second interrupt stops that too).
-            cut = e
-        if cut is not None and rank_audit is not None:
-            rec.release()
-            raise cut  # a rank's partial audit is not the job's report (see below)
-    else:
-        rec, det_rec = det_rec, None
-    if det_failure is not None:
-        sys.stderr.write(f"opaudit: warning: the run in deterministic mode failed ({det_failure}); the crash "
-                         "list comes from the default-mode recording\n")
-    if recorded is not None and not args.quiet:
-        sys.stderr.write(recorded.describe() + "\n")
-    # The script ran once per recording: what either run left behind is said once.
-    boxes = [r.sandbox for r in (det_recorded, recorded) if r is not None and r.sandbox is not None]
-    threads_left = tuple(sorted({name for box in boxes for name in box.threads_left}))
-    for note in dict.fromkeys(note for box in boxes for note in box.notes):
-        _say(f"opaudit: note: {note}\n")
-
-    if args.quiet or sys.stderr.isatty():
-        update, close = progress(not args.quiet)
-    else:
-        update, close = plain_progress()
-    settings = {"script": target.name, "entry": target.entry or "__main__", "timing": not args.no_timing,
-                "recorded": recorded.span if recorded is not None else "cut short",
-                "deterministic_pass": det_rec is not None}
-    if cut is not None:
-        settings["recording_cut_short"] = "terminated" if isinstance(cut, Terminated) else "interrupted"
-    if args.run_check:
-        settings["run_check"] = args.run_check
-    isolator = None
-    if args.isolate or args.op_timeout:
-        from opaudit.engine.isolate import Isolator
-
-        # Forking while another thread may hold a lock (torch's, the allocator's,
-        # the GIL's bookkeeping) can leave the worker blocked for ever.
-        isolator = Isolator(rec, timeout=args.op_timeout, start_method="spawn" if threads_left else None)
-        settings["isolate"] = isolator.start_method
-        if args.op_timeout:
-            settings["op_timeout_s"] = args.op_timeout
-    if threads_left:
-        _say(f"opaudit: note: {len(threads_left)} thread(s) the script started still run "
-             f"({', '.join(threads_left[:3])}); "
-             + ("replaying in a spawned worker, which they cannot touch\n" if isolator is not None else
-                "if they run torch ops or change torch settings, replays can be disturbed: use --isolate\n"))
+    options = RunOptions(reps=args.reps, seed=args.seed, capture_budget=args.capture_budget * 2**20,
+                         captures_per_signature=args.captures_per_signature,
+                         deterministic_pass=not args.no_deterministic_pass, run_check=args.run_check,
+                         isolate=args.isolate, op_timeout=args.op_timeout, timings=not args.no_timing)
+    hooks = _Hooks(args.quiet)
     try:
-        report = build_report(rec, reps=args.reps, seed=args.seed, settings=settings,
-                              timings=not args.no_timing, on_progress=update, replay_fn=isolator,
-                              run_checks=checks, complete=cut is None, deterministic=det_rec)
-        if rank_audit is not None:
-            close()
-            report = rank_audit.finish(report, rec, reps=args.reps)
+        outcome = run_audit(target, steps.window(args, target), options, distributed=rank_audit, hooks=hooks)
     except KeyboardInterrupt as e:
-        close()
         if rank_audit is not None:
             # torchrun stops every rank when one fails or the job is interrupted: one rank's
             # findings, unmerged, are not the job's report. No file; the launcher says why.
             raise
         partial = getattr(e, "report", None)
-        why = "terminated" if isinstance(e, Terminated) else "interrupted"
         if partial is None:
-            sys.stderr.write(f"opaudit: {why}\n")
+            sys.stderr.write(f"opaudit: {interruption(e)}\n")
         else:
-            emit_partial(partial, args.format, output, why)
+            emit_partial(partial, args.format, output, interruption(e))
         return interrupted_code(e)
-    finally:
-        close()
-        if isolator is not None:
-            isolator.close()
-        rec.release()
-        if det_rec is not None:
-            det_rec.release()
-    if cut is not None and report is not None:
-        why = "terminated" if isinstance(cut, Terminated) else "interrupted"
-        emit_partial(report, args.format, output, f"{why} while the script ran; what it ran until then is audited")
-        return interrupted_code(cut)
+    report = outcome.report
+    if outcome.cut is not None and report is not None:
+        emit_partial(report, args.format, output,
+                     f"{interruption(outcome.cut)} while the script ran; what it ran until then is audited")
+        return interrupted_code(outcome.cut)
     if rank_audit is None:
         return _finish(report, against, args, output)
     if report is None:
@@ -321,6 +226,37 @@ def audit_main(argv: list[str]) -> int:
     from opaudit.cli import torchrun
 
     return torchrun.rank0_status(_finish(report, against, args, output))
+
+
+class _Hooks:
+    """What the audit run says and how far it got, on stderr: messages, the run check's line, the replay's bar."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        tty = sys.stderr.isatty()
+        self._show, self._clear = run_check_progress(not quiet and tty)
+        self._update, self._close = progress(not quiet) if quiet or tty else plain_progress()
+
+    def say(self, kind: str, text: str) -> None:
+        if kind == "info":
+            if not self.quiet:
+                sys.stderr.write(text + "\n")
+        else:
+            _say(f"opaudit: {kind}: {text}\n")
+
+    def run_check(self, mode: str, i: int, runs: int) -> None:
+        if self._show is not None:
+            self._show(mode, i, runs)
+
+    def run_check_done(self) -> None:
+        self._clear()
+
+    def replayed(self, p: Any) -> None:
+        if self._update is not None:
+            self._update(p)
+
+    def replay_done(self) -> None:
+        self._close()
 
 
 def _finish(report: Any, against: Any, args: argparse.Namespace, output: str | None) -> int:
@@ -353,7 +289,6 @@ SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {"catalog": catalog_main, "
 """Subcommand name → handler taking the remaining argv."""
 
 
-# -- catalogs: ``opaudit catalog``, ``opaudit diff``, ``--against`` ---------------------
 def _load_against(path: str) -> Any:
     """The ``--against`` catalog, loaded before any model code runs (a bad file fails fast)."""
     from opaudit.flows.catalog import load_catalog
@@ -431,7 +366,7 @@ def _main(argv: list[str], debug: bool) -> int:
     except SystemExit as e:  # --help / --version
         return int(e.code or 0) if isinstance(e.code, int) or e.code is None else EXIT_ERROR
     except KeyboardInterrupt as e:
-        _say(f"{name}: {'terminated' if isinstance(e, Terminated) else 'interrupted'}\n")
+        _say(f"{name}: {interruption(e)}\n")
         return interrupted_code(e)
     except OpauditError as e:
         if debug:

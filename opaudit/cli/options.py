@@ -16,6 +16,8 @@ from typing import Any
 
 from opaudit.data.errors import EXIT_ERROR as EXIT_ERROR  # re-exported: the exit codes live here
 from opaudit.data.errors import OpauditError
+from opaudit.data.errors import Terminated as Terminated  # re-exported: SIGTERM's interrupt, raised here
+from opaudit.data.errors import interruption as interruption  # re-exported: how messages name an interrupt
 
 EXIT_OK, EXIT_FINDINGS, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_HUNG_UP = 0, 1, 130, 143, 129
 MAX_SECONDS = 1e6
@@ -24,11 +26,6 @@ MAX_SECONDS = 1e6
 
 class UsageError(OpauditError):
     """Bad command-line input (exit 2)."""
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C so that every path that writes a partial report on
-    Ctrl-C does so on a CI job's timeout too; the exit code is 143 instead of 130."""
 
 
 class HungUp(Terminated):
@@ -72,11 +69,6 @@ def raise_if_signalled() -> None:
     """
     if _received:
         raise _RAISED[_received[0]]()
-
-
-def interruption(e: BaseException) -> str:
-    """How messages and reports name an interrupt: ``terminated`` (SIGTERM, SIGHUP) or ``interrupted``."""
-    return "terminated" if isinstance(e, Terminated) else "interrupted"
 
 
 def interrupted_code(e: BaseException) -> int:

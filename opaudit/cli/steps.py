@@ -40,8 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def window(args: argparse.Namespace, target: Any) -> "Window":
-    """The step window the options ask for (default: 3 steps of a script, 1 call of an entry)."""
-    from opaudit.engine.window import DEFAULT_ENTRY_CALLS, DEFAULT_STEPS, Window
+    """The step window the options ask for (the default is :func:`~opaudit.engine.window.window_for`'s)."""
+    from opaudit.engine.window import DEFAULT, window_for
 
-    default = DEFAULT_STEPS if target.entry is None else DEFAULT_ENTRY_CALLS
-    return Window(steps=getattr(args, "steps", default), start=args.start_step, max_seconds=args.max_record_seconds)
+    return window_for(target.entry is not None, getattr(args, "steps", DEFAULT), start=args.start_step,
+                      max_seconds=args.max_record_seconds)

@@ -1,8 +1,9 @@
 """The command line's distributed half: options, the ``--nproc-per-node`` shortcut, and rank 0's exit status.
 
-Imported by :mod:`opaudit.cli.main` only when a distributed option is given or
-the process runs under torchrun (``TORCHELASTIC_RUN_ID`` is set): the
-single-process path never loads it.
+Its options are part of every audit's parser, so this module imports nothing of
+:mod:`opaudit.flows.distributed` (nor ``torch.distributed``) until a distributed
+option is given or the process runs under torchrun (``TORCHELASTIC_RUN_ID`` is
+set): the single-process path never loads them.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import os
 from typing import Any
 
 from opaudit.cli.options import UsageError, positive_float, positive_int
-from opaudit.flows.distributed.launch import STATUS_ENV
 
 
 def under_torchrun() -> bool:
@@ -77,6 +77,8 @@ def rank0_status(code: int) -> int:
 
     torchrun takes any non-zero exit (1 = findings) for a crashed worker.
     """
+    from opaudit.flows.distributed.launch import STATUS_ENV
+
     path = os.environ.get(STATUS_ENV)
     if not path or not under_torchrun():
         return code

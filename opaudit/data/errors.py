@@ -24,3 +24,13 @@ class OpauditError(Exception):
     def detail(self) -> str:
         """Text printed before the one-line message (a user traceback), or ``""``."""
         return ""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every path that writes a partial report on
+    Ctrl-C does so on a CI job's timeout too; the exit code is 143 instead of 130."""
+
+
+def interruption(e: BaseException) -> str:
+    """How messages and reports name an interrupt: ``terminated`` (SIGTERM, SIGHUP) or ``interrupted``."""
+    return "terminated" if isinstance(e, Terminated) else "interrupted"

@@ -40,12 +40,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from opaudit.data.errors import OpauditError
 from opaudit.engine.loader import Prepared, Sandbox, Target, call_user, prepare, require_no_arguments, sandboxed
+from opaudit.engine.mode import skip_dynamo
 
 DEFAULT_STEPS = 3
 """Steps recorded by default in script mode: enough to see warm-up effects, as cheap as a few steps."""
 
 DEFAULT_ENTRY_CALLS = 1
 """Calls of the entry function recorded by default."""
+
+DEFAULT = "default"
+"""``steps`` for :func:`window_for`: the default of the mode (:data:`DEFAULT_STEPS` or :data:`DEFAULT_ENTRY_CALLS`)."""
 
 
 class WindowError(OpauditError):
@@ -54,10 +58,10 @@ class WindowError(OpauditError):
 
 @dataclass(frozen=True)
 class Window:
-    """Which steps of a run are recorded."""
+    """Which steps of a run are recorded (:func:`window_for` picks the default number)."""
 
-    steps: int | None = DEFAULT_STEPS
-    """Steps recorded; ``None`` records to the end of the script."""
+    steps: int | None
+    """Steps recorded; ``None`` records to the end of the script (an entry: until ``max_seconds``)."""
     start: int = 0
     """Steps run (unrecorded) before the window opens."""
     max_seconds: float | None = None
@@ -129,12 +133,41 @@ class Recorded:
         return text + ("; it ended there" if self.last >= self.first else "")
 
 
+def window_for(entry: bool, steps: int | str | None = DEFAULT, start: int = 0,
+               max_seconds: float | None = None) -> Window:
+    """The window an audit records: the one place where the default number of steps is decided.
+
+    ``steps`` is a number, ``None`` (all: a script to its end) or :data:`DEFAULT`
+    (3 optimizer steps of a script, 1 call of an entry function). An entry
+    function has no end of its own: ``None`` calls it until ``max_seconds``, and
+    is refused without it.
+    """
+    if steps == DEFAULT:
+        steps = DEFAULT_ENTRY_CALLS if entry else DEFAULT_STEPS
+    if entry and steps is None and max_seconds is None:
+        raise WindowError("--steps all records a script to its end, and an entry function has none: give a number "
+                          "of calls, or --max-record-seconds to call it until then")
+    return Window(steps=steps, start=start, max_seconds=max_seconds)  # type: ignore[arg-type]
+
+
 def _plural(n: int, unit: str) -> str:
     return f"{n} {unit}" if n == 1 else f"{n} {unit}s"
 
 
 class _StopScript(BaseException):
     """Raised out of the hook that ends the window; caught by :func:`run_window`."""
+
+
+def _deadline_dispatch(self: _Deadline, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+    if torch._C._current_graph_task_id() == -1 and self._stop_now():
+        raise _StopScript
+    return func(*args, **(kwargs or {}))
+
+
+# Marked like the recorder's dispatch function (see :func:`opaudit.engine.mode.skip_dynamo`): with
+# TorchDispatchMode's own wrapper the first op under the deadline imports Dynamo (seconds, on a
+# loaded machine longer than a short deadline: the window then closed before its first op ran).
+_DEADLINE_SKIPPED = skip_dynamo(_deadline_dispatch.__code__)
 
 
 class _Deadline(TorchDispatchMode):
@@ -150,6 +183,10 @@ class _Deadline(TorchDispatchMode):
     after :data:`_GRACE_S` seconds (its ``finally`` blocks get that long to run).
     """
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        return not _DEADLINE_SKIPPED
+
     def __init__(self, deadline: float) -> None:
         super().__init__()
         self.deadline = deadline
@@ -161,6 +198,8 @@ class _Deadline(TorchDispatchMode):
         self._previous: Any = None
 
     def __enter__(self) -> _Deadline:
+        if _DEADLINE_SKIPPED:
+            skip_dynamo(_deadline_dispatch.__code__)  # again: ``torch._dynamo.reset()`` may have cleared it
         super().__enter__()
         if _STOP_SIGNAL is not None and threading.current_thread() is threading.main_thread():
             # Without SA_RESTART (Python's default), or a lock wait would resume without looking at the handler.
@@ -196,10 +235,7 @@ class _Deadline(TorchDispatchMode):
         if _safe_to_stop(frame) and self._stop_now():
             raise _StopScript
 
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        if torch._C._current_graph_task_id() == -1 and self._stop_now():
-            raise _StopScript
-        return func(*args, **(kwargs or {}))
+    __torch_dispatch__ = _deadline_dispatch
 
 
 _STOP_SIGNAL: int | None = getattr(signal, "SIGURG", None)
@@ -377,18 +413,22 @@ def run_window(prepared: Prepared, recording: Callable[[], contextlib.AbstractCo
 
 def _run_entry(prepared: Prepared, recording: Callable[[], contextlib.AbstractContextManager[Any]],
                window: Window, entry: str) -> tuple[Recorded, Any]:
+    if window.steps is None and window.max_seconds is None:
+        raise WindowError(f"an entry function has no end: record a number of calls of {entry}, or until a time limit")
     for _ in range(window.start):
         call_user(prepared.call)
-    calls = window.steps or DEFAULT_ENTRY_CALLS
     result = None
     done = 0
     stopped = None
     try:
         with contextlib.ExitStack() as stack:
             stack.enter_context(recording())
+            deadline = None
             if window.max_seconds is not None:
-                stack.enter_context(_Deadline(time.monotonic() + window.max_seconds))
-            for _ in range(calls):
+                deadline = stack.enter_context(_Deadline(time.monotonic() + window.max_seconds))
+            while window.steps is None or done < window.steps:
+                if deadline is not None and time.monotonic() >= deadline.deadline:
+                    raise _StopScript  # an entry that runs no torch op never meets the deadline's check
                 result = call_user(prepared.call)
                 done += 1
     except _StopScript as e:

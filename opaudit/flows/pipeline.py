@@ -1,7 +1,8 @@
-"""The audit pipeline in one place: record → replay → classify → :class:`Report`.
+"""Replay and classify what was recorded: recordings → findings → :class:`Report`.
 
-``audit(fn, *args)`` is the Python API; the CLI and ``Recorder.classify()`` call
-:func:`build_report`.
+:func:`build_report` replays each recorded signature and classifies it; the
+audit run (:mod:`opaudit.flows.run`) calls it, and so do the catalog sweep and
+whoever holds a :class:`~opaudit.engine.record.Recorder` of their own.
 """
 
 from __future__ import annotations
@@ -19,15 +20,8 @@ from opaudit.data.report import Finding, Report, RunCheck, sort_findings
 from opaudit.data.verdict import Verdict
 from opaudit.engine.classify import classify
 from opaudit.engine.environment import environment_warnings, fingerprint
-from opaudit.engine.loader import Target
-from opaudit.engine.record import (
-    DEFAULT_CAPTURE_BUDGET,
-    DEFAULT_CAPTURES_PER_SIGNATURE,
-    RecordedSignature,
-    Recorder,
-)
-from opaudit.engine.replay import preserved_state, replay, set_deterministic, time_fill
-from opaudit.engine.window import Recorded, Window, run_target
+from opaudit.engine.record import DEFAULT_CAPTURES_PER_SIGNATURE, RecordedSignature, Recorder
+from opaudit.engine.replay import preserved_state, replay, time_fill
 
 DEFAULT_REPS = 5
 
@@ -264,75 +258,3 @@ def assemble(rec: Recorder, findings: list[Finding], *, reps: int, seed: int, se
         view_calls=rec.view_calls, total_calls=rec.total_calls, complete=complete,
         env_warnings=tuple(warnings), run_checks=run_checks, compiled=rec.compiled(),
     )
-
-
-def record_target(target: Target, rec: Recorder, window: Window, *, seed: int = 0, deterministic: bool = False,
-                  recording: Callable[[Recorder], Callable[[], Any]] | None = None) -> Recorded:
-    """Load ``target`` and record ``window``'s steps of it into ``rec``.
-
-    With ``deterministic``, the run is made under
-    ``torch.use_deterministic_algorithms(True, warn_only=True)`` (restored
-    afterwards, its warnings silenced): the recording shows which ops
-    deterministic mode really runs (see :func:`merge_recordings`).
-    ``recording(rec)``, if given, wraps the recorder in the context the run is
-    recorded inside (a distributed rank's, for instance). An interrupt while the
-    user's code runs propagates; ``rec`` then holds what was recorded until then.
-    """
-    import warnings
-
-    context = recording(rec) if recording is not None else (lambda: rec)
-    if not deterministic:
-        return run_target(target, context, window, seed=seed)
-    with preserved_state(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        set_deterministic(True, warn_only=True)
-        # The default-mode run comes next: it must not find this run's model still held.
-        return run_target(target, context, window, seed=seed, keep_module=False)
-
-
-def audit(fn: Callable[..., Any], *args: Any, reps: int = DEFAULT_REPS, seed: int = 0,
-          capture_budget: int = DEFAULT_CAPTURE_BUDGET, deterministic_pass: bool = False,
-          captures_per_signature: int = DEFAULT_CAPTURES_PER_SIGNATURE, **kwargs: Any) -> Report:
-    """Record one call of ``fn(*args, **kwargs)`` and return its audit :class:`Report`.
-
-    ``reps``, ``seed``, ``capture_budget``, ``deterministic_pass`` and
-    ``captures_per_signature`` are opaudit's own options; every other keyword goes to ``fn``.
-
-    With ``deterministic_pass=True``, ``fn`` is **called twice**: first under
-    ``torch.use_deterministic_algorithms(True, warn_only=True)``, recorded on its
-    own, then as usual (with the global RNG states the first call found). As the
-    command line does, the report then says which recording called each op
-    (``recorded_in``), and :meth:`Report.crashes` leaves out the ops that only the
-    default-mode path calls. It is off by default because a step usually changes
-    state (an optimizer step, a counter, a data iterator): the second call starts
-    from what the first left, and its own inputs are held (within
-    ``capture_budget``) while the second runs. Use it when ``fn`` can be called
-    twice, or when its code branches on ``torch.are_deterministic_algorithms_enabled()``.
-    """
-    import os
-    import warnings
-
-    root = None
-    code = getattr(fn, "__code__", None)
-    if code is not None:
-        root = os.path.dirname(os.path.abspath(code.co_filename))
-    det = None
-    if deterministic_pass:
-        det = Recorder(capture_budget=capture_budget, root=root, captures_per_signature=captures_per_signature)
-        with preserved_state(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            set_deterministic(True, warn_only=True)
-            with det:
-                fn(*args, **kwargs)
-    rec = Recorder(capture_budget=capture_budget, root=root, captures_per_signature=captures_per_signature)
-    try:
-        with rec:
-            fn(*args, **kwargs)
-        settings = {"entry": getattr(fn, "__qualname__", repr(fn))}
-        if deterministic_pass:
-            settings["deterministic_pass"] = True
-        return build_report(rec, reps=reps, seed=seed, settings=settings, deterministic=det)
-    finally:
-        rec.release()
-        if det is not None:
-            det.release()

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any
 
 from opaudit.cli.formats import Format, Kind, render
 from opaudit.data.errors import OpauditError
 from opaudit.data.files import atomic_write
 from opaudit.data.report import Report
-from opaudit.engine.record import DEFAULT_CAPTURE_BUDGET, Recorder
+from opaudit.engine.record import DEFAULT_CAPTURE_BUDGET
 from opaudit.engine.window import DEFAULT_STEPS, Recorded, Window, WindowError
-from opaudit.flows.pipeline import DEFAULT_REPS, build_report
+from opaudit.flows.pipeline import DEFAULT_REPS
+from opaudit.flows.run import AuditRun, RunOptions
 
 
 class IntegrationError(OpauditError, ValueError):
@@ -60,32 +60,29 @@ class StepAudit:
             self.format = Format.parse(format) if format else Format.from_path(self.output)
         except ValueError as e:
             raise IntegrationError(str(e)) from None
-        self.reps = reps
-        self.seed = seed
-        self.capture_budget = capture_budget
+        self.options = RunOptions(reps=reps, seed=seed, capture_budget=capture_budget, deterministic_pass=False)
         self.framework = framework
         self.report: Report | None = None
         """The audit, once written."""
-        self._rec: Recorder | None = None
+        self._run: AuditRun | None = None
         self._first = 0
         self._last = 0
 
     @property
     def recording(self) -> bool:
         """Whether steps are being recorded now."""
-        return self._rec is not None
+        return self._run is not None
 
     def step_begins(self, completed: int) -> None:
         """A step begins, ``completed`` optimizer steps into training: open the window at its start."""
-        if self._rec is None and self.report is None and completed == self.window.start:
-            self._rec = Recorder(capture_budget=self.capture_budget, root=os.getcwd())
-            self._rec.sites.opens_mid_run = True  # the model was built and run before: nothing here is setup
+        if self._run is None and self.report is None and completed == self.window.start:
+            self._run = AuditRun(self.options, root=os.getcwd())
             self._first = completed + 1
-            self._rec.__enter__()
+            self._run.begin(mid_run=True)  # the model was built and run before: nothing here is setup
 
     def step_ends(self, completed: int) -> None:
         """A step ended (``completed`` optimizer steps so far): after the window's last, write the audit."""
-        if self._rec is None:
+        if self._run is None:
             return
         self._last = completed
         if self.window.steps is not None and completed >= self.window.start + self.window.steps:
@@ -93,7 +90,7 @@ class StepAudit:
 
     def training_ends(self, completed: int) -> None:
         """Training is over: write what was recorded, or warn that the window never opened."""
-        if self._rec is not None:
+        if self._run is not None:
             self._last = max(self._last, completed)
             self._finish(stopped=None)
         elif self.report is None:
@@ -103,19 +100,15 @@ class StepAudit:
 
     def close(self) -> None:
         """Stop recording without writing anything (training failed)."""
-        rec, self._rec = self._rec, None
-        if rec is not None:
-            rec.__exit__(None, None, None)
-            rec.release()
+        run, self._run = self._run, None
+        if run is not None:
+            run.close()
 
     def _finish(self, stopped: str | None) -> None:
-        rec, self._rec = self._rec, None
-        assert rec is not None
-        rec.__exit__(None, None, None)
-        recorded = Recorded("step", self._first, self._last, stopped)
-        settings: dict[str, Any] = {"recorded": recorded.span, "integration": self.framework}
-        try:
-            self.report = build_report(rec, reps=self.reps, seed=self.seed, settings=settings)
-        finally:
-            rec.release()
+        run, self._run = self._run, None
+        assert run is not None
+        with run:
+            run.end()
+            recorded = Recorded("step", self._first, self._last, stopped)
+            self.report = run.report({"recorded": recorded.span, "integration": self.framework})
         atomic_write(self.output, render(self.report, Kind.REPORT, self.format))

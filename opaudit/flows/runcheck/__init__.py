@@ -40,10 +40,10 @@ from opaudit.flows.runcheck.check import (
     DEFAULT_RUNS,
     DETERMINISTIC,
     MODES,
-    WHOLE_RUN,
     RunCheckError,
     run_check,
     run_checks,
+    whole_run,
 )
 
-__all__ = ["DEFAULT", "DEFAULT_RUNS", "DETERMINISTIC", "MODES", "WHOLE_RUN", "RunCheckError", "run_check", "run_checks"]
+__all__ = ["DEFAULT", "DEFAULT_RUNS", "DETERMINISTIC", "MODES", "RunCheckError", "run_check", "run_checks", "whole_run"]

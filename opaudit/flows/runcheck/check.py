@@ -16,7 +16,8 @@ from opaudit.engine import loader
 from opaudit.engine.compiled import compiles_so_far
 from opaudit.engine.replay import preserved_state, set_deterministic
 from opaudit.engine.sites import SiteTracker
-from opaudit.engine.window import Window, finalize, run_window
+from opaudit.engine.window import DEFAULT as WINDOW_DEFAULT
+from opaudit.engine.window import Window, finalize, run_window, window_for
 from opaudit.flows.runcheck.collectives import aligned_calls, summary
 from opaudit.flows.runcheck.compiled import InductorDeterministic, Untraced, compiled_names
 from opaudit.flows.runcheck.state import final_state, state_mismatches
@@ -30,8 +31,10 @@ DEFAULT_RUNS = 2
 
 _END = "<end of run>"
 
-WHOLE_RUN = Window(steps=None)
-"""The whole script, or one call of the entry function."""
+
+def whole_run(target: loader.Target) -> Window:
+    """The window a check runs by default: the whole script, or the audit's default calls of the entry."""
+    return window_for(target.entry is not None, None if target.entry is None else WINDOW_DEFAULT)
 
 
 class RunCheckError(OpauditError):
@@ -73,13 +76,14 @@ class _Run:
 
 
 def _execute(target: loader.Target, mode: str, seed: int | None, *, keep_errors: bool,
-             window: Window = WHOLE_RUN, compiled: bool = False) -> _Run:
+             window: Window | None = None, compiled: bool = False) -> _Run:
     """Run the target once, from a fresh module load, under ``mode``, tracing ``window``'s steps.
 
     With ``keep_errors``, the user's code failing ends the run early with its
     error recorded instead of raising. With ``compiled``, the window runs
     untraced (:class:`Untraced`), so that ``torch.compile``d code runs compiled.
     """
+    window = window or whole_run(target)
     set_deterministic(mode == DETERMINISTIC, warn_only=True)
     tracer: Any = Untraced(target.root) if compiled else Tracer(target.root)
     watch = tracer.compiled
@@ -206,7 +210,7 @@ def run_check(
     *,
     seed: int | None = 0,
     on_run: Callable[[str, int, int], None] | None = None,
-    window: Window = WHOLE_RUN,
+    window: Window | None = None,
     compiled: bool | None = None,
 ) -> RunCheck:
     """Run ``target`` ``runs`` times from identical state under ``mode`` and compare the bits.
@@ -257,7 +261,7 @@ def run_checks(
     seed: int | None = 0,
     modes: Iterable[str] = MODES,
     on_run: Callable[[str, int, int], None] | None = None,
-    window: Window = WHOLE_RUN,
+    window: Window | None = None,
 ) -> tuple[RunCheck, ...]:
     """:func:`run_check` under each of ``modes`` (default and deterministic), in that order.
 
