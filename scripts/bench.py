@@ -5,7 +5,7 @@
     python scripts/bench.py --quick          # smoke run (well under a minute)
     python scripts/bench.py --device cuda    # the same on a GPU
 
-Five parts (``--only`` picks some):
+Six parts (``--only`` picks some):
 
 * **overhead**: one training step (forward + backward) of two models, each wrapped
   in: nothing (plain eager), a bare pass-through ``TorchDispatchMode``, the same
@@ -30,6 +30,12 @@ Five parts (``--only`` picks some):
 * **training**: unique signatures of a 2-step and a 1,000-step AdamW + ``LambdaLR``
   loop (they must be equal), and the time of ``opaudit train_loop.py --steps 3``
   on a 20,000-step script over the same on a 3-step script (about 1x).
+* **html**: the ``--format html`` page of a 5,000-finding report (a typical mix of
+  verdicts, and a worst case where every finding diverges or raises with its remedy
+  and three sites): file size, render time, and in headless Chromium (the browser
+  tests' driver) the time to open it (navigation start to the load event, the
+  page's script included; first contentful paint; the driver's own wait), to sort
+  a column and to apply a verdict filter.
 
 The targets of issue 5 are checked at the end; the exit status is 0 either way
 (this is a measurement, not a test).
@@ -44,9 +50,11 @@ import json
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -72,6 +80,8 @@ TARGETS = {
     "whole audit / plain step (24 layers)": 2.5,
     "peak memory audit / plain step": 1.5,
     "whole CLI run, one recording / plain script, minus import (12 layers)": 2.5,
+    "HTML page of 5,000 findings, MB (worst case)": 5.0,
+    "HTML page of 5,000 findings, seconds to open in Chromium (worst case)": 2.0,
 }
 """Targets. The CLI's target is for one recording of the step (``--no-deterministic-pass``): the default
 records the step a second time in deterministic mode (issue 9), which costs one more step by design; that
@@ -258,6 +268,7 @@ class Results:
     memory: list[dict[str, Any]] = field(default_factory=list)
     cli: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
+    html: dict[str, Any] = field(default_factory=dict)
     targets: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -517,9 +528,121 @@ def bench_memory(args: argparse.Namespace, res: Results) -> None:
                   f" {row['audit']['peak_rss_bytes'] / row['plain']['peak_rss_bytes']:.2f}x)")
 
 
+# -- html -------------------------------------------------------------------
+HTML_FINDINGS = 5000
+
+
+def html_report(n: int, worst: bool) -> Any:
+    """A report of ``n`` findings whose fields are as long as real ones (PyTorch's error text, the remedies
+    of opaudit's own catalog, encoder module paths). Typical: 85% stable and a mix of the rest; worst: every
+    finding ``diverges`` or ``raises``, with its remedy, PyTorch's error and three sites."""
+    import yaml
+
+    from opaudit.data.report import Finding, Report, sort_findings
+    from opaudit.data.site import Site
+    from opaudit.data.verdict import Verdict
+
+    with open(os.path.join(ROOT, "catalogs", "remedies.yaml")) as f:
+        remedies = [e[k] for e in yaml.safe_load(f)["entries"] for k in ("diverges", "raises") if e.get(k)]
+    error = ("put_ does not have a deterministic implementation, but you set 'torch.use_deterministic_algorithms("
+             "True)'. You can turn off determinism just for this operation, or you can use the 'warn_only=True' "
+             "option, if that's acceptable for your application. You can also file an issue at "
+             "https://github.com/pytorch/pytorch/issues to help us prioritize adding deterministic support for "
+             "this operation.")
+    ops = ["aten.index_put_.default", "aten.scatter_add_.default", "aten.mm.default", "aten.addmm.default",
+           "aten._softmax.default", "aten.native_layer_norm.default", "aten.embedding_dense_backward.default",
+           "aten.bmm.default", "aten.gelu.default", "aten.add_.Tensor", "aten.mul.Tensor", "aten.sum.dim_IntList"]
+    typical = ([Verdict.STABLE] * 85 + [Verdict.DIVERGES] * 5 + [Verdict.RANDOM] * 3 + [Verdict.UNINITIALIZED] * 3
+               + [Verdict.RAISES] * 2 + [Verdict.WARNS, Verdict.SKIPPED])
+    phases = ("setup", "data", "forward", "backward", "optimizer")
+    findings = []
+    for i in range(n):
+        v = (Verdict.RAISES if i % 4 == 0 else Verdict.DIVERGES) if worst else typical[i % len(typical)]
+        layer = i % 48
+        sites = tuple(Site(f"models/encoder_{i % 7}.py", 20 + (i * 7 + k) % 400, "forward",
+                           f"Transformer.encoder.layers.{layer}.self_attn.out_proj")
+                      for k in range(3 if worst else 1 + i % 2))
+        diverged = v in (Verdict.DIVERGES, Verdict.DIVERGES_DETERMINISTIC)
+        findings.append(Finding(
+            id=f"{i:012x}", op=ops[i % len(ops)], verdict=v, calls=1 + i % 9,
+            signature=f"f32[{8 + i % 64},128,256], f32[256,256], [i64[{1000 + i}]], True", device="cpu",
+            reason="capture budget" if v is Verdict.SKIPPED else "", phases=(phases[i % 5],), sites=sites,
+            first_call=1 + (i * 13) % (n * 3), strict_error=error if v is Verdict.RAISES else None,
+            default_diverged="4/5" if diverged else "0/5", deterministic_diverged="0/5",
+            max_abs_diff=1.5 * 10.0 ** -(i % 12) if diverged else 0.0, frac_differing=0.25 if diverged else 0.0,
+            outputs=("output",) if diverged else (), time_default_us=50.0 + i % 300,
+            time_deterministic_us=(50.0 + i % 300) * (0.5 + (i % 40) / 10),
+            remedy=remedies[i % len(remedies)] if v is not Verdict.STABLE else ""))
+    return Report(environment={"torch": torch.__version__, "cpu": "bench", "threads": 2},
+                  settings={"script": "bench_5000.py", "reps": 5}, all_findings=sort_findings(findings),
+                  total_calls=n * 3)
+
+
+def bench_html(args: argparse.Namespace, res: Results) -> None:
+    print(f"\n## HTML page of a {HTML_FINDINGS:,}-finding report: size, render, and Chromium (median of 3 opens)\n")
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from fixtures import browser
+
+    from opaudit.cli.formats import Format, Kind, render
+
+    why = browser.missing()
+    pages = {}
+    folder = tempfile.mkdtemp(prefix="opaudit-bench-html-")
+    for case in ("typical", "worst"):
+        report = html_report(HTML_FINDINGS, worst=case == "worst")
+        t = time.perf_counter()
+        text = render(report, Kind.REPORT, Format.HTML)
+        render_s = time.perf_counter() - t
+        path = os.path.join(folder, f"{case}.html")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        pages[case] = path
+        res.html[case] = {"bytes": len(text.encode()), "render_s": render_s}
+    if why:
+        print(f"  (no browser: {why}; sizes only)")
+    else:
+        with browser.chromium() as driver:
+            for case, path in pages.items():
+                opens, paints, walls, sorts, filters, lists = [], [], [], [], [], []
+                for _ in range(3):
+                    driver.get("about:blank")
+                    t = time.perf_counter()
+                    driver.get(browser.file_url(path))
+                    walls.append(time.perf_counter() - t)
+                    opens.append(driver.execute_script(
+                        "var n=performance.getEntriesByType('navigation')[0];return n.loadEventEnd-n.startTime;"))
+                    paints.append(driver.execute_script(
+                        "var p=performance.getEntriesByName('first-contentful-paint')[0];return p?p.startTime:null;"))
+                    sorts.append(driver.execute_script(
+                        "var t=performance.now();document.querySelector(\"th[data-key='cost'] button\").click();"
+                        "return performance.now()-t;"))
+                    filters.append(driver.execute_script(
+                        "var t=performance.now();document.querySelector('.chip[data-verdict=raises]').click();"
+                        "return performance.now()-t;"))
+                    lists.append(driver.execute_script(
+                        "var t=performance.now();document.getElementById('f-reset').click();"
+                        "document.getElementById('f-more').click();return performance.now()-t;"))
+                    assert not browser.console_errors(driver)
+                res.html[case].update(open_s=statistics.median(opens) / 1000, wall_s=statistics.median(walls),
+                                      sort_s=statistics.median(sorts) / 1000, filter_s=statistics.median(filters) / 1000,
+                                      all_s=statistics.median(lists) / 1000)
+                if None not in paints:
+                    res.html[case]["paint_s"] = statistics.median(paints) / 1000
+    shutil.rmtree(folder, ignore_errors=True)
+    columns = (("open_s", "open s", 7), ("paint_s", "1st paint s", 12), ("wall_s", "driver s", 9),
+               ("sort_s", "sort s", 7), ("filter_s", "filter s", 9), ("all_s", "list all s", 11))
+    print(f"  {'case':8s} {'MB':>6s} {'render s':>9s}" + "".join(f" {t:>{w}s}" for _, t, w in columns))
+    for case, r in res.html.items():
+        timed = "".join(f" {r[k]:>{w}.2f}" if k in r else f" {'-':>{w}s}" for k, _, w in columns)
+        print(f"  {case:8s} {r['bytes'] / 1e6:6.2f} {r['render_s']:9.2f}{timed}")
+    print("  (open: navigation start to the load event, the page's script included; 1st paint: to the first "
+          "contentful paint; driver: the WebDriver's get() as the bench waits for it; sort: a click on the cost "
+          "column; filter: a click on the raises chip; list all: drawing every row)")
+
+
 # -- targets ----------------------------------------------------------------
 def check_targets(res: Results) -> None:
-    print("\n## Targets (issues 5 and 8)\n")
+    print("\n## Targets (issues 5, 8 and 20)\n")
     found: dict[str, float] = {}
     small = next((v for k, v in res.overhead.items() if k.startswith("encoder-4 d=64")), None)
     if small:
@@ -535,13 +658,19 @@ def check_targets(res: Results) -> None:
         found["whole CLI run, one recording / plain script, minus import (12 layers)"] = res.cli["one_recording_ratio"]
     if res.memory:
         found["peak memory audit / plain step"] = max(r["ratio"] for r in res.memory)
+    worst = res.html.get("worst", {})
+    if worst:
+        found["HTML page of 5,000 findings, MB (worst case)"] = worst["bytes"] / 1e6
+    if "open_s" in worst:
+        found["HTML page of 5,000 findings, seconds to open in Chromium (worst case)"] = worst["open_s"]
     for name, target in TARGETS.items():
         if name not in found:
             print(f"  {name:56s} not measured in this run")
             continue
         value = found[name]
-        shown = f"{value * 100:+.1f}%" if "growth" in name else f"{value:.2f}x"
-        limit = f"{target * 100:.0f}%" if "growth" in name else f"{target:.2f}x"
+        unit = "" if "HTML" in name else "x"
+        shown = f"{value * 100:+.1f}%" if "growth" in name else f"{value:.2f}{unit}"
+        limit = f"{target * 100:.0f}%" if "growth" in name else f"{target:.2f}{unit}"
         ok = value <= target
         res.targets.append({"figure": name, "value": value, "target": target, "met": ok})
         print(f"  {name:56s} {shown:>8s}  target <= {limit:6s} {'met' if ok else 'MISSED'}")
@@ -570,7 +699,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--quick", action="store_true", help="a fast smoke run: fewer steps, depths 2 and 12 only")
-    p.add_argument("--only", default="overhead,audit,cli,memory,training", help="comma-separated parts to run")
+    p.add_argument("--only", default="overhead,audit,cli,memory,training,html", help="comma-separated parts to run")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds per tool (overhead)")
     p.add_argument("--reps", type=int, default=5, help="replays per mode (audit)")
@@ -621,6 +750,8 @@ def main(argv: list[str] | None = None) -> int:
         bench_memory(args, res)
     if "training" in parts:
         bench_training(args, res)
+    if "html" in parts:
+        bench_html(args, res)
     check_targets(res)
     with contextlib.suppress(OSError):
         res.env["loadavg_end"] = os.getloadavg()[0]

@@ -43,7 +43,7 @@ def test_ops_of_a_custom_backward_carry_their_own_line_and_the_node_they_belong_
     table = render(report, Kind.REPORT, Format.TABLE)
     crash = table[table.index("Will deterministic mode crash this run?"):]
     assert f"{here}:{put_line} (backward of line {made})" in crash
-    assert f"{here}:{put_line}</code> (backward of <code>{here}:{made}</code>)" in render(report, Kind.REPORT, Format.HTML)
+    assert f"<code>{here}:{put_line}</code> backward of {here}:{made}" in render(report, Kind.REPORT, Format.HTML)
     # The forward op itself is where it was.
     (gather,) = [f for f in report.all_findings if f.op == "aten.index_select.default"]
     assert gather.sites == (Site(here, made, "forward", "Lookup"),)

@@ -82,28 +82,42 @@ def test_every_page_is_one_self_contained_file(docs):
         assert [a.get("rel") for a in page.tags("link")] == ["icon"]
         styles = "".join(page.text)
         assert "@import" not in styles and "url(" not in styles and "@font-face" not in styles
-        assert len(page.tags("script")) == 2, name  # the JSON data and the page's own script
+        # The page's own script, and data (JSON) that no browser runs.
+        assert [a.get("type") for a in page.tags("script")].count(None) == 1, name
+        assert {a.get("type") for a in page.tags("script")} == {None, "application/json"}, name
+
+
+def _data(source: str, table: str) -> dict:
+    """A table's inline JSON rows, as the page's script reads them."""
+    return json.loads(re.search(f'<script type="application/json" id="{table}-data">(.*?)</script>', source,
+                                re.S).group(1))
 
 
 def test_hostile_names_are_text_in_every_page(docs):
     """File names, module names, op names, error texts and a hand-made catalog's fields that are markup create no
-    element: they come out as the text they are (control characters as \\xNN)."""
+    element: they come out as the text they are (control characters as \\xNN) in the HTML a browser without
+    JavaScript shows, and unchanged in the JSON the page's script reads (which puts them in as text nodes)."""
+    shown_op = HOSTILE_OP.replace("\x1b", "\\x1b") + "0"
+    shown_text = HOSTILE_TEXT.replace("\x07", "\\x07")
     expect = {
-        "report": [SCRIPT_NAME, MODULE_NAME],
-        "hostile report": [HOSTILE_OP.replace("\x1b", "\\x1b") + "0", HOSTILE_TEXT.replace("\x07", "\\x07")],
-        "hostile catalog": [HOSTILE_OP.replace("\x1b", "\\x1b") + "0", HOSTILE_TEXT.replace("\x07", "\\x07")],
-        "diff": [HOSTILE_OP.replace("\x1b", "\\x1b") + "0"],
-        "prediction": [HOSTILE_TEXT.replace("\x07", "\\x07")],
+        "report": ([SCRIPT_NAME, MODULE_NAME], "findings", [SCRIPT_NAME]),
+        "hostile report": ([shown_op, shown_text], "findings", [HOSTILE_OP + "0", HOSTILE_TEXT]),
+        "hostile catalog": ([shown_op, shown_text], "entries", [HOSTILE_OP + "0", HOSTILE_TEXT]),
+        "diff": ([shown_op], "changes", [HOSTILE_OP + "0"]),
+        "prediction": ([shown_text], "predictions", []),
     }
-    for name, needles in expect.items():
+    for name, (needles, table, data_needles) in expect.items():
         source = open(docs.pages[name], encoding="utf-8").read()
         page = Parsed(source)
-        assert not page.tags("img") and len(page.tags("script")) == 2
+        assert not page.tags("img") and [a.get("type") for a in page.tags("script")].count(None) == 1
         assert not [(t, k) for t, a in page.elements for k in a if k.startswith("on")]  # no event handler at all
         assert [t for t, _ in page.elements].count("table") == source.count("<table")
         text = "".join(page.text)
         for needle in needles:
             assert needle in text, (name, needle)
+        strings = _data(source, table)["s"]
+        for needle in data_needles:
+            assert any(needle in x for x in strings), (name, needle)
         meta = json.loads(re.search(r'<script type="application/json" id="opaudit-meta">(.*?)</script>', source,
                                     re.S).group(1))
         assert meta["kind"] in ("report", "catalog", "diff", "prediction")
@@ -113,8 +127,10 @@ def test_the_report_page_holds_every_finding_its_detail_and_the_run_check(docs):
     report = load(docs.report_yaml)
     source = open(docs.report_html, encoding="utf-8").read()
     page = Parsed(source)
-    rows = [a for a in page.tags("tbody") if "data-verdict" in a]
-    assert [(a["data-id"], a["data-verdict"]) for a in rows] == [(f.id, f.verdict.value) for f in report.all_findings]
+    data = _data(source, "findings")
+    strings = data["s"]
+    assert [(strings[i], strings[v]) for i, v in zip(data["i"], data["v"])] == [
+        (f.id, f.verdict.value) for f in report.all_findings]
     chips = {a["data-verdict"]: a for a in page.tags("button") if "chip" in (a.get("class") or "")}
     assert set(chips) == {v.value for v in Verdict}
     text = "".join(page.text)
@@ -126,7 +142,7 @@ def test_the_report_page_holds_every_finding_its_detail_and_the_run_check(docs):
     # The strip: a mark per signature at its first call; the run check: root cause to the tensors that differed.
     default = next(r for r in report.run_checks if r.mode == "default")
     assert not default.reproducible and default.mismatches
-    assert f"#{put.first_call} aten.put_.default raises" in text
+    assert f"1 raises: #{put.first_call} aten.put_.default at {SCRIPT_NAME}:{put.sites[0].line}" in text
     assert f"op #{default.root_cause['index']} {default.root_cause['op']}" in text
     assert default.mismatches[0].split(" (")[0] in text
 

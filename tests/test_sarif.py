@@ -104,7 +104,7 @@ def test_levels_follow_the_verdict():
 
 def test_sarif_is_for_reports_only(docs):
     """A catalog, diff or prediction has no results at source lines: refused at once, one line, exit 2."""
-    from opaudit.flows.catalog import load_catalog
+    from opaudit.data.catalog import load_catalog
 
     with pytest.raises(FormatError, match="audit reports only"):
         render(load_catalog(docs.catalog_yaml), Kind.CATALOG, Format.SARIF)

@@ -41,7 +41,6 @@ from opaudit.cli.formats.html_page import (
     Table,
     badge,
     code,
-    definitions,
     esc,
     kv_table,
     num,
@@ -51,11 +50,15 @@ from opaudit.cli.formats.html_page import (
 )
 from opaudit.cli.formats.html_svg import Bar, call_strip, grid, log_bars, spread, transitions
 from opaudit.data.invariance import OP_VERDICTS
+from opaudit.data.prediction import UNKNOWN, predicted_rank
 from opaudit.data.verdict import Verdict
 
 if TYPE_CHECKING:
+    from opaudit.data.catalog import Catalog, CatalogEntry
+    from opaudit.data.diff import Diff
     from opaudit.data.findings import Finding
     from opaudit.data.invariance import BatchInvariance, BatchOp
+    from opaudit.data.prediction import Prediction
     from opaudit.data.report import Report
     from opaudit.data.runcheck import RunCheck
     from opaudit.data.site import Site
@@ -66,8 +69,8 @@ CHART_ROWS = 30
 
 # -- report -------------------------------------------------------------------------------
 FINDING_COLUMNS = (
-    Column("verdict", "verdict", True, "worst first when sorted descending"),
-    Column("op", "op"),
+    Column("verdict", "verdict", True, "worst first when sorted descending", style="badge"),
+    Column("op", "op", style="code"),
     Column("calls", "calls", True, "calls of this signature in the recorded steps"),
     Column("phase", "phase"),
     Column("where", "where", tip="the user's source line (a backward op: the forward line that made it)",
@@ -89,29 +92,27 @@ def _ratio(k_of_n: str) -> float | None:
         return None
 
 
-def _site_html(s: "Site") -> str:
-    text = code(f"{s.file}:{s.line}")
-    if s.caller is not None:
-        text = f"{code(f'{s.caller.file}:{s.caller.line}')} via {text}"
-    if s.recomputed:
-        text += " (recomputed)"
-    if s.node is not None:
-        text += f" (backward of {code(f'{s.node.file}:{s.node.line}')})"
-    extra = ", ".join(x for x in (f"in {s.function}" if s.function else "", s.module) if x)
-    return text + (f" ({esc(extra)})" if extra else "")
+def _site_parts(s: "Site") -> tuple[str, str]:
+    """A site as ``(location, more)``: ``file:line`` (``user.py:3 via generated.py:1``), then whether it is a
+    recomputation (checkpointing), the forward line of the node a Python ``backward()`` belongs to, the function
+    and the module."""
+    here = f"{s.file}:{s.line}"
+    location = f"{s.caller.file}:{s.caller.line} via {here}" if s.caller is not None else here
+    more = ["recomputed" if s.recomputed else "",
+            f"backward of {s.node.file}:{s.node.line}" if s.node is not None else "",
+            f"in {s.function}" if s.function else "", s.module]
+    return location, ", ".join(x for x in more if x)
 
 
-def _sites(sites: Sequence["Site"], dropped: int = 0) -> str:
-    items = "".join(f"<li>{_site_html(s)}</li>" for s in sites)
-    more = f"<li>{dropped} more site(s) not kept</li>" if dropped else ""
-    return f'<ul class="sites">{items}{more}</ul>' if items or more else ""
+def _sites(sites: Sequence["Site"], dropped: int = 0) -> list[tuple[str, str]]:
+    return [_site_parts(s) for s in sites] + ([(f"{dropped} more site(s)", "not kept")] if dropped else [])
 
 
 def _files(sites: Sequence["Site"]) -> list[str]:
     return list(dict.fromkeys(s.caller.file if s.caller is not None else s.file for s in sites))
 
 
-def finding_detail(f: "Finding") -> str:
+def finding_detail(f: "Finding") -> list[tuple[str, str, Any]]:
     """What a finding holds beyond its row: every site, the measurements in full, PyTorch's own words, the remedy.
 
     (The row above it shows the verdict, op, calls, phases, ``k/N``, max |diff| and cost.)
@@ -124,35 +125,33 @@ def finding_detail(f: "Finding") -> str:
     timing = ""
     if f.time_default_us is not None:
         timing = f"{num(f.time_default_us)} µs default, {num(f.time_deterministic_us)} µs deterministic"
-    ranks = "".join(f"<li>rank {o.rank}: {badge(o.verdict.value)} {esc(o.default_diverged)}"
-                    f"{' / ' + esc(o.deterministic_diverged) if o.deterministic_diverged else ''}"
-                    f"{' (' + esc(o.reason) + ')' if o.reason else ''}</li>" for o in f.ranks)
-    error = ""
-    if f.strict_error:
-        error = (f"{esc(f.alert_kind)}: " if f.alert_kind else "") + pre(f.strict_error)
-    return definitions([
-        ("meaning", esc(f.verdict.meaning) if f.verdict is not Verdict.STABLE else ""),
-        ("signature", code(f.signature)),
-        ("device", esc(f.device) if f.device != "cpu" else ""),
-        ("sites", _sites(f.sites, f.sites_dropped)),
-        ("modules", esc(", ".join(f.modules)) if len(f.modules) > 2 else ""),
-        ("reason", esc(f.reason)),
-        ("replays that differed", esc(f"{f.default_diverged} default, {f.deterministic_diverged or '-'} "
-                                      "deterministic") if diverged else ""),
-        ("max |diff|", esc(f"{num(f.max_abs_diff)} ({f.frac_differing:.3g} of the elements differed)")
+    ranks = [f"rank {o.rank}: {o.verdict.value} {o.default_diverged}"
+             + (f" / {o.deterministic_diverged}" if o.deterministic_diverged else "")
+             + (f" ({o.reason})" if o.reason else "") for o in f.ranks]
+    return [
+        ("meaning", "text", f.verdict.meaning if f.verdict is not Verdict.STABLE else ""),
+        ("signature", "code", f.signature),
+        ("device", "text", f.device if f.device != "cpu" else ""),
+        ("sites", "sites", _sites(f.sites, f.sites_dropped)),
+        ("modules", "text", ", ".join(f.modules) if len(f.modules) > 2 else ""),
+        ("reason", "text", f.reason),
+        ("replays that differed", "text", f"{f.default_diverged} default, {f.deterministic_diverged or '-'} "
+                                          "deterministic" if diverged else ""),
+        ("max |diff|", "text", f"{num(f.max_abs_diff)} ({f.frac_differing:.3g} of the elements differed)"
          if diverged and f.max_abs_diff is not None and f.frac_differing is not None else ""),
-        ("outputs that differed", esc(", ".join(f.outputs))),
-        ("calls checked", esc(checked)),
-        ("timing", esc(timing)),
-        ("recorded in", esc(", ".join(f.recorded_in)) if len(f.recorded_in) == 1 else ""),
-        ("RNG", "draws from the RNG" if f.rng else ""),
-        ("cuDNN", esc(", ".join(f"{k}: {v}" for k, v in f.cudnn))),
-        ("per rank", f"<ul>{ranks}</ul>" if ranks else ""),
-        ("across ranks", esc(f.cross_rank)),
-        ("PyTorch's error", error),
-        ("warnings", "".join(pre(w) for w in f.warnings)),
-        ("what to do", esc(f.remedy)),
-    ])
+        ("outputs that differed", "text", ", ".join(f.outputs)),
+        ("calls checked", "text", checked),
+        ("timing", "text", timing),
+        ("recorded in", "text", ", ".join(f.recorded_in) if len(f.recorded_in) == 1 else ""),
+        ("RNG", "text", "draws from the RNG" if f.rng else ""),
+        ("cuDNN", "text", ", ".join(f"{k}: {v}" for k, v in f.cudnn)),
+        ("per rank", "lines", ranks),
+        ("across ranks", "text", f.cross_rank),
+        ("strict-mode alert", "text", f.alert_kind or ""),
+        ("PyTorch's error", "pre", f.strict_error or ""),
+        ("warnings", "pre", list(f.warnings)),
+        ("what to do", "text", f.remedy),
+    ]
 
 
 def finding_row(f: "Finding") -> Row:
@@ -160,69 +159,35 @@ def finding_row(f: "Finding") -> Row:
     cost = f.det_cost
     diverged = f.diverges or f.diverges_deterministic
     qualifier = verdict_text(f)[len(f.verdict.value):].strip()
-    extra = calls_text(f)
-    verdict = badge(f.verdict.value) + (f" {esc(qualifier)}" if qualifier else "") + (
-        f"<br><small>{esc(extra)}</small>" if extra else "")
     cells = [
-        (verdict, f.verdict.severity),
-        (code(f.op), None),
-        (str(f.calls), None),
-        (esc("/".join(f.phases)), None),
-        (f'{esc(where(f.locations, 2, f.sites_dropped))}', None),
-        (esc(", ".join(f.modules[:2]) or "-"), None),
-        (esc(f.default_diverged or "-"), _ratio_key(f.default_diverged)),
-        (esc(f.deterministic_diverged or "-"), _ratio_key(f.deterministic_diverged)),
-        (esc(num(f.max_abs_diff)) if diverged else "-", None),
-        (esc(f"{cost:.2f}x") if cost is not None else "-", None if cost is None or cost >= 0.01 else _sortable(cost)),
-        (str(f.first_call), None),
+        (f.verdict.value, qualifier, calls_text(f)), f.op, f.calls, "/".join(f.phases),
+        where(f.locations, 2, f.sites_dropped), ", ".join(f.modules[:2]) or "-",
+        f.default_diverged or "-", f.deterministic_diverged or "-",
+        num(f.max_abs_diff) if diverged else "-", f"{cost:.2f}x" if cost is not None else "-", f.first_call,
     ]
-    return Row(cells, f.verdict.value, f.phases, _files(f.sites), finding_detail(f), f.id)
-
-
-def _ratio_key(k_of_n: str) -> str | None:
-    """The sort value of a ``k/N`` cell: its fraction, written only where the text (read as ``k``) would not do."""
-    r = _ratio(k_of_n)
-    return None if not r else _sortable(r)
-
-
-def _sortable(x: float | None) -> str:
-    """A sort value (for a cell whose text does not sort as it should); missing numbers sort below every number."""
-    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.6g}"
+    keys = [f.verdict.severity, None, None, None, None, None, _ratio(f.default_diverged),
+            _ratio(f.deterministic_diverged), None, cost]
+    return Row(cells, keys, f.verdict.value, f.phases, _files(f.sites), finding_detail(f), f.id)
 
 
 def _verdict_chips(counts: dict[str, int], names: Sequence[str]) -> list[tuple[str, str, int]]:
     return [(v, v, counts.get(v, 0)) for v in names]
 
 
-def _phase_bands(findings: Sequence["Finding"], total: int) -> list[tuple[int, int, str]]:
-    """Runs of consecutive first calls (in call order) of single-phase signatures, as ``(from, to, phase)``."""
-    marks = sorted((f.first_call, f.phases[0]) for f in findings if f.first_call > 0 and len(f.phases) == 1)
-    bands: list[list[Any]] = []
-    for call, phase in marks:
-        if bands and bands[-1][2] == phase:
-            continue
-        if bands:
-            bands[-1][1] = call - 1
-        bands.append([call, call, phase])
-    if bands:
-        bands[0][0] = 1
-        bands[-1][1] = total
-    return [(a, max(a, b), p) for a, b, p in bands]
-
-
 def _step_strip(report: "Report") -> str:
     total = report.total_calls or max((f.first_call for f in report.all_findings), default=0)
-    marks = [(f.first_call, f.verdict.value,
-              f"#{f.first_call} {f.op} {verdict_text(f)} at {where(f.locations, 1, f.sites_dropped)}")
-             for f in report.all_findings if f.first_call > 0]
-    if not marks or total < 1:
+    found = [f for f in report.all_findings if f.first_call > 0]
+    if not found or total < 1:
         return ""
-    svg = call_strip(marks, total, _phase_bands(report.all_findings, total),
-                     "Where in the step each signature is first called, coloured by verdict")
+    marks = [(f.first_call, f.verdict.value, f"#{f.first_call} {f.op} at {where(f.locations, 1, f.sites_dropped)}")
+             for f in found]
+    phases = [(f.first_call, f.phases[0]) for f in found if len(f.phases) == 1]
+    svg = call_strip(marks, total, phases, "Where in the step each signature is first called, coloured by verdict",
+                     {v.value: v.severity for v in Verdict})
     return (f'<div class="fig">{svg}</div><p class="cap">Each mark is a signature at its first call, in the order '
             f"of the step's {total} recorded op calls (view and metadata calls not counted), coloured by verdict; "
-            "stable ones are the low light marks. Bands: the phase of the signatures first called there (the calls "
-            "between two marks take the earlier one's band).</p>")
+            "stable ones are the low light marks (hover a mark: how many, and which). Bands: the phase of most of "
+            "the signatures first called there.</p>")
 
 
 def _bar_label(f: "Finding") -> str:
@@ -321,7 +286,7 @@ def _yamlish(value: Any, indent: int = 0) -> str:
 
 
 BATCH_COLUMNS = (
-    Column("verdict", "verdict", True), Column("op", "op"), Column("rows that differ", "rows"),
+    Column("verdict", "verdict", True, style="badge"), Column("op", "op", style="code"), Column("rows that differ", "rows"),
     Column("max |diff|", "diff", True), Column("calls", "calls", True), Column("where", "where", wrap=True),
     Column("module", "module", wrap=True), Column("#", "first", True),
 )
@@ -331,25 +296,16 @@ def batch_op_row(o: "BatchOp") -> Row:
     """A batch-invariance op verdict as a table row."""
     s = o.site
     severity = {v: len(OP_VERDICTS) - i for i, v in enumerate(OP_VERDICTS)}.get(o.verdict, 0)
-    cells = [
-        (badge(o.verdict) + (f" {esc(o.reason)}" if o.reason else ""), severity),
-        (code(o.op), None),
-        (esc(",".join(map(str, o.variant_rows)) or "-"), None),
-        (esc(num(o.max_abs_diff)), _sortable(o.max_abs_diff)),
-        (str(o.calls), o.calls),
-        (esc(s.location if s else "-"), None),
-        (esc((s.module if s else "") or "-"), None),
-        (str(o.first_call), o.first_call),
+    cells = [(o.verdict, o.reason, ""), o.op, ",".join(map(str, o.variant_rows)) or "-", num(o.max_abs_diff),
+             o.calls, s.location if s else "-", (s.module if s else "") or "-", o.first_call]
+    detail = [
+        ("signature", "code", o.signature),
+        ("at fewer rows", "lines", [f"{r} row(s): {sig}" for r, sig in o.row_signatures]),
+        ("sites", "sites", _sites(o.sites)),
+        ("reason", "text", o.reason),
+        ("what to do", "text", o.remedy),
     ]
-    detail = definitions([
-        ("signature", code(o.signature)),
-        ("at fewer rows", "<br>".join(f"{r} row(s): {code(sig)}" for r, sig in o.row_signatures)),
-        ("sites", _sites(o.sites)),
-        ("reason", esc(o.reason)),
-        ("what to do", f"<p>{esc(o.remedy)}</p>" if o.remedy else ""),
-        ("id", code(o.id)),
-    ])
-    return Row(cells, o.verdict, (), [s.file for s in o.sites], detail, o.id)
+    return Row(cells, [severity], o.verdict, (), [s.file for s in o.sites], detail, o.id)
 
 
 def batch_section(bi: "BatchInvariance", as_main: bool = False) -> tuple[str, Table]:
@@ -417,15 +373,22 @@ def report(report: "Report") -> str:
     rows = [finding_row(f) for f in report.all_findings]
     table = Table("findings", FINDING_COLUMNS, rows, filterable=True, empty="Nothing was recorded.")
 
-    sections.append(section("Where in the step", _step_strip(report) or '<p class="empty">No calls recorded.</p>'))
-    sections.append(section("Deterministic-mode cost per op", _cost_chart(report)))
-    sections.append(section("Divergence magnitude per op", _divergence_chart(report)))
-    crash_body = ""
+    sections.append(section("Where in the step", _step_strip(report) or '<p class="empty">No calls recorded.</p>',
+                            "step"))
+    sections.append(section("Deterministic-mode cost per op", _cost_chart(report), "cost"))
+    sections.append(section("Divergence magnitude per op", _divergence_chart(report), "divergence"))
     if crashes:
+        # One row per op and error, in execution order: a model with many signatures of one raising op would
+        # otherwise repeat PyTorch's paragraph for each.
+        groups: dict[tuple[str, str], list[Finding]] = {}
+        for f in crashes:
+            groups.setdefault((f.op, f.strict_error or ""), []).append(f)
         crash_body = plain_table(
-            ("#", "op", "where", "phase", "PyTorch's error"),
-            [(str(f.first_call), code(f.op), esc(where(f.locations, 2, f.sites_dropped)), esc("/".join(f.phases)),
-              pre(f.strict_error or "")) for f in crashes])
+            ("first call", "op", "signatures", "where", "phase", "PyTorch's error"),
+            [(", ".join(f"#{f.first_call}" for f in fs[:5]) + (f" +{len(fs) - 5}" if len(fs) > 5 else ""), code(op),
+              str(len(fs)), esc(where(list(dict.fromkeys(loc for f in fs for loc in f.locations)), 3)),
+              esc("/".join(dict.fromkeys(p for f in fs for p in f.phases))), pre(error))
+             for (op, error), fs in groups.items()])
     else:
         crash_body = "<p>No op raises under torch.use_deterministic_algorithms(True).</p>"
     note = not_crashes_line(report)
@@ -463,7 +426,8 @@ def report(report: "Report") -> str:
 
 # -- catalog --------------------------------------------------------------------------------
 CATALOG_COLUMNS = (
-    Column("verdict", "verdict", True), Column("op", "op", wrap=True), Column("dtype", "dtype"),
+    Column("verdict", "verdict", True, style="badge"), Column("op", "op", wrap=True, style="code"),
+    Column("dtype", "dtype"),
     Column("variant", "variant", wrap=True), Column("phase", "phase"), Column("shown by", "kind", tip="the input kind behind the verdict: OpInfo's samples "
                                                             "or opaudit's stress inputs"),
     Column("OpInfo entry", "source", wrap=True),
@@ -476,31 +440,28 @@ def _first_line(text: str) -> str:
     return text.strip().splitlines()[0] if text and text.strip() else ""
 
 
-def catalog_row(e: Any) -> Row:
-    """A catalog entry (:class:`CatalogEntry`) as a table row."""
+def catalog_row(e: "CatalogEntry") -> Row:
+    """A catalog entry as a table row."""
     message = e.error or e.warning
     kind = e.input_kind
     if e.input_kind == "stress" and e.opinfo is not None and e.opinfo is not e.verdict:
         kind = f"stress only (OpInfo samples: {e.opinfo.value})"
-    cells = [
-        (badge(e.verdict.value), e.verdict.severity), (code(e.op), None), (esc(e.dtype), None),
-        (esc(e.variant), None), (esc(e.phase), None), (esc(kind), None), (esc(e.source), None),
-        (str(e.seen_in), None), (esc(_first_line(message)[:120]), None),
+    cells = [(e.verdict.value, "", ""), e.op, e.dtype, e.variant, e.phase, kind, e.source, e.seen_in,
+             _first_line(message)[:120]]
+    detail = [
+        ("signature", "code", e.signature),
+        ("OpInfo samples", "badge", (e.opinfo.value, "") if e.opinfo is not None else ("none", "no sample reached it")),
+        ("stress samples", "badge", (e.stress.value, "") if e.stress is not None else ("none", "no sample reached it")),
+        ("alert", "text", e.alert or ""),
+        ("error" if e.verdict is not Verdict.SKIPPED else "reason", "pre", e.error),
+        ("warning", "pre", e.warning),
     ]
-    detail = definitions([
-        ("signature", code(e.signature)),
-        ("OpInfo samples", badge(e.opinfo.value) if e.opinfo is not None else "none reached this op"),
-        ("stress samples", badge(e.stress.value) if e.stress is not None else "none reached this op"),
-        ("alert", esc(e.alert or "")),
-        ("error" if e.verdict is not Verdict.SKIPPED else "reason", pre(e.error) if e.error else ""),
-        ("warning", pre(e.warning) if e.warning else ""),
-    ])
-    return Row(cells, e.verdict.value, e.phase.split("/") if e.phase else (), [e.source] if e.source else (),
-               detail, "/".join((e.op, e.dtype, e.variant)))
+    return Row(cells, [e.verdict.severity], e.verdict.value, e.phase.split("/") if e.phase else (),
+               [e.source] if e.source else (), detail, "/".join((e.op, e.dtype, e.variant)))
 
 
-def _catalog_grid(catalog: Any) -> str:
-    by_cell: dict[tuple[str, str], list[Any]] = {}
+def _catalog_grid(catalog: "Catalog") -> str:
+    by_cell: dict[tuple[str, str], list[CatalogEntry]] = {}
     for e in catalog.entries:
         by_cell.setdefault((e.op, e.dtype), []).append(e)
     ops_all = sorted({e.op for e in catalog.entries})
@@ -521,8 +482,8 @@ def _catalog_grid(catalog: Any) -> str:
             "is the worst verdict over the op's argument variants, blank where the dtype was not measured.</p>")
 
 
-def catalog(catalog: Any) -> str:
-    """A catalog (:class:`Catalog`) as one HTML page: entries table, op x dtype grid, what was not swept."""
+def catalog(catalog: "Catalog") -> str:
+    """A catalog as one HTML page: entries table, op x dtype grid, what was not swept."""
     env, st = catalog.environment, catalog.settings
     device = env.get("gpu") or env.get("cpu") or st.get("device")
     counts = catalog.summary
@@ -533,9 +494,10 @@ def catalog(catalog: Any) -> str:
                      f"argument variant) from {counts['swept']} swept OpInfo entries and modules, on "
                      f"{st.get('device')} for {', '.join(map(str, st.get('dtypes', [])))}; each replayed "
                      f"{st.get('reps')} times with and without use_deterministic_algorithms(True)."))
-    table = Table("entries", CATALOG_COLUMNS, [catalog_row(e) for e in catalog.entries], filterable=True,
+    worst_first = sorted(catalog.entries, key=lambda e: -e.verdict.severity)  # stable: by op within a verdict
+    table = Table("entries", CATALOG_COLUMNS, [catalog_row(e) for e in worst_first], filterable=True,
                   empty="The catalog holds no entry.")
-    sections = [section("Ops by dtype", _catalog_grid(catalog))]
+    sections = [section("Ops by dtype", _catalog_grid(catalog), "grid")]
     not_swept = [s for s in catalog.swept if s.status not in ("ok", "partial")]
     sections.append(section(f"Not swept ({len(not_swept)})", plain_table(
         ("entry", "dtype", "status", "reason"),
@@ -550,38 +512,33 @@ def catalog(catalog: Any) -> str:
     sections.append(section("Environment and settings", _environment(env, st), open_=False))
     page = Page("catalog", f"Determinism catalog: {device}, torch {env.get('torch')}", "", notes,
                 _verdict_chips(counts, [v.value for v in Verdict]), table, sections,
-                {"summary": counts, "complete": catalog.complete})
+                {"summary": counts, "complete": catalog.complete}, file_label="OpInfo entry")
     return page.html()
 
 
 # -- diff -----------------------------------------------------------------------------------
-def _arrow(before: str, after: str) -> str:
-    return f"{badge(before)} → {badge(after)}"
-
-
 def _where_file(text: str) -> str:
     """``train.py:12`` -> ``train.py``; an OpInfo entry stays as it is."""
     head, sep, tail = text.rpartition(":")
     return head if sep and tail.isdigit() else text
 
 
-def diff(diff: Any) -> str:
-    """A diff (:class:`Diff`) as one HTML page: the changes, the transitions, the setup fields that differ."""
+def diff(diff: "Diff") -> str:
+    """A diff as one HTML page: the changes, the transitions, the setup fields that differ."""
     s = diff.summary
     detail = "dtype / variant" if diff.kind == "catalog" else "signature"
     where_title = "OpInfo entry" if diff.kind == "catalog" else "where"
-    columns = (Column("A → B", "change"), Column("op", "op"), Column(detail, "detail", wrap=True),
+    columns = (Column("A → B", "change"), Column("op", "op", style="code"), Column(detail, "detail", wrap=True),
                Column(where_title, "where", wrap=True),
                Column("what", "field", tip="the op's determinism verdict, or its batch-invariance verdict"),
                Column("part", "part"))
     rows = []
     for part, changes in (("changed", diff.changes), ("only in A", diff.only_a), ("only in B", diff.only_b)):
         for c in changes:
-            cells = [(_arrow(c.before, c.after), c.transition), (code(c.op), None), (esc(c.detail), None),
-                     (esc(c.where), None), (esc(c.field), None), (esc(part), None)]
-            info = definitions([("op", code(c.op)), (detail, esc(c.detail)), ("A", badge(c.before)),
-                                ("B", badge(c.after)), (where_title, esc(c.where)), ("what changed", esc(c.field))])
-            rows.append(Row(cells, c.transition, (), [_where_file(c.where)] if c.where else (), info,
+            cells = [f"{c.before} → {c.after}", c.op, c.detail, c.where, c.field, part]
+            info = [("op", "code", c.op), (detail, "text", c.detail), ("A", "badge", (c.before, "")),
+                    ("B", "badge", (c.after, "")), (where_title, "text", c.where), ("what changed", "text", c.field)]
+            rows.append(Row(cells, (), c.transition, (), [_where_file(c.where)] if c.where else (), info,
                             f"{c.field}/{c.op}/{c.detail}"))
     transitions_ = diff.transitions()
     chips = [(t, t.replace("->", " → "), n, t.split("->")[-1]) for t, n in transitions_.items()]
@@ -592,7 +549,7 @@ def diff(diff: Any) -> str:
     sections = [section("Transitions", (f'<div class="fig">{picture}</div><p class="cap">Each band is one '
                                         "transition, as wide as the number of ops that made it (hover for the "
                                         "count); missing: the op is in one document only.</p>")
-                        if picture else "<p>No op changed verdict.</p>")]
+                        if picture else "<p>No op changed verdict.</p>", "transitions")]
     fields = [("environment", f) for f in diff.environment] + [("settings", f) for f in diff.settings]
     sections.append(section("What differs between the two setups", plain_table(
         ("", "field", "A", "B"),
@@ -607,31 +564,27 @@ def diff(diff: Any) -> str:
 
 
 # -- prediction -----------------------------------------------------------------------------
-PREDICTION_ORDER = ("raises", "diverges_deterministic", "diverges", "unknown", "warns", "random", "uninitialized",
-                    "skipped", "stable")
+PREDICTION_ORDER = tuple(sorted((*(v.value for v in Verdict), UNKNOWN), key=predicted_rank))
 """Predicted verdicts, worst first (``unknown`` after those that fail by default)."""
 
 
-def prediction(prediction: Any) -> str:
-    """A prediction (:class:`Prediction`) as one HTML page: each recorded signature's verdict here and the
+def prediction(prediction: "Prediction") -> str:
+    """A prediction as one HTML page: each recorded signature's verdict here and the
     catalog's verdict on the target."""
     s = prediction.summary
-    columns = (Column("predicted", "predicted", True), Column("here", "here", True), Column("op", "op"),
-               Column("dtype", "dtype"), Column("variant", "variant", wrap=True), Column("match", "match"),
-               Column("calls", "calls", True), Column("phase", "phase"), Column("where", "where", wrap=True),
-               Column("note", "note"))
+    columns = (Column("predicted", "predicted", True, style="badge"), Column("here", "here", True, style="badge"),
+               Column("op", "op", style="code"), Column("dtype", "dtype"), Column("variant", "variant", wrap=True),
+               Column("match", "match"), Column("calls", "calls", True), Column("phase", "phase"),
+               Column("where", "where", wrap=True), Column("note", "note"))
     rank = {v: len(PREDICTION_ORDER) - i for i, v in enumerate(PREDICTION_ORDER)}
     rows = []
     for i, r in enumerate(prediction.rows):
-        cells = [(badge(r.predicted), rank.get(r.predicted, 0)), (badge(r.here.value), r.here.severity),
-                 (code(r.op), None), (esc(r.dtype), None), (esc(r.variant), None), (esc(r.match), None),
-                 (str(r.calls), r.calls), (esc("/".join(r.phases)), None),
-                 (esc(where(r.locations, 2)), None), (esc(r.note), None)]
-        info = definitions([("op", code(r.op)), ("signature", code(r.signature)), ("predicted", badge(r.predicted)),
-                            ("here", badge(r.here.value)), ("match", esc(r.match)), ("sites", _sites(r.sites)),
-                            ("catalog entry", esc(r.source)), ("input kind", esc(r.input_kind)),
-                            ("note", esc(r.note))])
-        rows.append(Row(cells, r.predicted, r.phases, _files(r.sites), info, str(i)))
+        cells = [(r.predicted, "", ""), (r.here.value, "", ""), r.op, r.dtype, r.variant, r.match, r.calls,
+                 "/".join(r.phases), where(r.locations, 2), r.note]
+        info = [("signature", "code", r.signature), ("sites", "sites", _sites(r.sites)),
+                ("catalog entry", "text", r.source), ("input kind", "text", r.input_kind), ("note", "text", r.note)]
+        rows.append(Row(cells, [rank.get(r.predicted, 0), r.here.severity], r.predicted, r.phases, _files(r.sites),
+                        info, str(i)))
     counts: dict[tuple[str, str], int] = {}
     for r in prediction.rows:
         counts[(r.here.value, r.predicted)] = counts.get((r.here.value, r.predicted), 0) + 1
@@ -644,7 +597,7 @@ def prediction(prediction: Any) -> str:
         notes.insert(0, '<span class="bad">Incomplete</span>: the audit was interrupted.')
     sections = [section("Here and predicted", f'<div class="fig">{picture}</div><p class="cap">Each band joins the '
                         "verdict measured here to the one the catalog predicts on the target, as wide as the number "
-                        "of signatures.</p>" if picture else "<p>Nothing was recorded.</p>"),
+                        "of signatures.</p>" if picture else "<p>Nothing was recorded.</p>", "transitions"),
                 section("Target and here", "<h3>Target (the catalog's machine)</h3>"
                         + kv_table(sorted((str(k), v) for k, v in prediction.target.items()))
                         + "<h3>Here</h3>" + kv_table(sorted((str(k), v) for k, v in here.items())), open_=False)]

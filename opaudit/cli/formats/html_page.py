@@ -93,38 +93,59 @@ def badge(verdict: str, text: str | None = None) -> str:
 # -- the filterable table -----------------------------------------------------------------
 @dataclass(frozen=True)
 class Column:
-    """One column of a :class:`Table`: its heading, the key it is sorted by in the fragment, its kind."""
+    """One column of a :class:`Table`: its heading, the key it is sorted by in the fragment, how it shows."""
 
     title: str
     key: str
     numeric: bool = False
-    """Sorted as numbers (a cell's sort value, ``data-v``, when it has one)."""
+    """Sorted as numbers: the row's sort value for it, else its text read as a number."""
     tip: str = ""
     """What the heading means, shown on hover."""
     wrap: bool = False
     """Long values (paths, module names) may break anywhere, so that the column can be narrow."""
+    style: str = "text"
+    """``text``; ``code`` (an op name); ``badge``: a verdict as a coloured label, then an optional qualifier
+    and note (the cell is ``(verdict, qualifier, note)``)."""
+
+
+Detail = tuple
+"""``(term, kind, value)``, one line of a row's detail: ``text``, ``code`` and ``pre`` take a string (``pre``
+also a list of them), ``badge`` a ``(verdict, text)`` pair, ``sites`` a list of ``(location, more)`` pairs,
+``lines`` a list of strings. Entries whose value is empty are left out."""
+
+_KINDS = {"text": "t", "code": "c", "pre": "p", "badge": "b", "sites": "s", "lines": "l"}
 
 
 @dataclass(frozen=True)
 class Row:
-    """One row of a :class:`Table`: its cells (HTML, sort value) and what the filters match it by."""
+    """One row of a :class:`Table`: its cells, sort values, what the filters match it by, and its detail."""
 
-    cells: Sequence[tuple[str, Any]]
-    """``(html, sort value)`` per column; a sort value of ``None`` sorts by the cell's text."""
+    cells: Sequence[Any]
+    """Per column: a text (or number), or for a ``badge`` column ``(verdict, qualifier, note)``."""
+    keys: Sequence[float | None] = ()
+    """Per column, a sort value where the cell's text would not do (the verdict's severity); empty: none."""
     verdict: str = ""
     """The value the summary bar's chips filter on (a verdict, or a diff's transition)."""
     phases: Sequence[str] = ()
-    """The phases the phase filter offers for it (the filter matches the ``phase`` column's ``/``-separated text)."""
     files: Sequence[str] = ()
-    detail: str = ""
-    """HTML shown when the row is opened."""
+    detail: Sequence[Detail] = ()
     id: str = ""
     """Stable id of the row (kept in the fragment when the row is open)."""
 
 
+NOSCRIPT_ROWS = 200
+"""Rows of the copy of a table a browser without JavaScript shows (the table's own order: worst first)."""
+
+
 @dataclass
 class Table:
-    """A sortable table whose rows open to their detail; ``filterable`` makes it the page's main table."""
+    """A sortable table whose rows open to their detail; ``filterable`` makes it the page's main table.
+
+    The rows travel as inline JSON (strings stored once, every row's cells as indexes
+    into them) and the page's script draws the rows a view shows: a 5,000-finding
+    report stays a few MB and opens at once. A browser without JavaScript shows a
+    static copy of the first :data:`NOSCRIPT_ROWS` rows, details open, instead.
+    """
 
     id: str
     columns: Sequence[Column]
@@ -134,51 +155,117 @@ class Table:
     empty: str = "Nothing to show."
 
     def html(self) -> str:
-        """The table: a ``<tbody>`` per row holding the row and, after it, its detail row.
-
-        Kept small (a 5,000-finding report is one file of a few MB): a cell carries a sort
-        value (``data-v``) only where its text does not sort right by itself, and the op
-        and phase filters read the ``op`` and ``phase`` columns' text.
-        """
+        """The table's head, its rows as inline JSON, and the static copy for a browser without JavaScript."""
         if not self.rows:
             return f'<p class="empty">{esc(self.empty)}</p>'
-        n = len(self.columns)
         heads = "".join(
-            f'<th data-key="{esc(c.key)}"{" data-type=num" if c.numeric else ""} aria-sort="none"'
-            f'{f" title={_q(c.tip)}" if c.tip else ""}><button type="button">{esc(c.title)}</button></th>'
-            for c in self.columns)
-        out = [f'<table class="data{" main" if self.filterable else ""}" id="{esc(self.id)}">']
-        wrapped = ",".join(f"#{self.id} td:nth-child({i + 1})" for i, c in enumerate(self.columns) if c.wrap)
-        if wrapped:
-            out.append(f"<style>{wrapped}{{overflow-wrap:anywhere;min-width:8em}}</style>")
-        if self.caption:
-            out.append(f"<caption>{esc(self.caption)}</caption>")
-        out.append(f"<thead><tr>{heads}</tr></thead>")
-        for r in self.rows:
-            attrs = [f'data-id="{esc(r.id)}"'] if r.id else []
-            if self.filterable:
-                attrs.append(f'data-verdict="{esc(r.verdict)}"')
-                if r.files:
-                    attrs.append(f'data-file="{esc(_joined(r.files))}"')
-            cells = "".join(f"<td>{h}</td>" if v is None else f'<td data-v="{esc(v)}">{h}</td>' for h, v in r.cells)
-            out.append(f'<tbody {" ".join(attrs)}><tr>{cells}</tr><tr><td colspan="{n}">{r.detail}</td></tr></tbody>'
-                       if attrs else f"<tbody><tr>{cells}</tr><tr><td colspan=\"{n}\">{r.detail}</td></tr></tbody>")
-        out.append("</table>")
+            f'<th data-key="{esc(c.key)}"{" data-type=num" if c.numeric else ""} data-style="{esc(c.style)}" '
+            f'aria-sort="none"{f" title={_q(c.tip)}" if c.tip else ""}><button type="button">{esc(c.title)}'
+            "</button></th>" for c in self.columns)
+        wrapped = ",".join(f"table.data.t-{self.id} td:nth-child({i + 1})"
+                           for i, c in enumerate(self.columns) if c.wrap)
+        out = [f"<style>{wrapped}{{overflow-wrap:anywhere;min-width:11em}}</style>" if wrapped else "",
+               f'<table class="data t-{esc(self.id)} js{" main" if self.filterable else ""}" id="{esc(self.id)}">',
+               f"<caption>{esc(self.caption)}</caption>" if self.caption else "",
+               f"<thead><tr>{heads}</tr></thead></table>",
+               f'<script type="application/json" id="{esc(self.id)}-data">{json_script(self.data())}</script>',
+               f"<noscript>{self.static(NOSCRIPT_ROWS)}</noscript>"]
         return "".join(out)
+
+    def data(self) -> dict[str, Any]:
+        """The rows as the page's script reads them: ``s`` the strings, once each; per row ``c`` its cells,
+        ``k`` its numeric columns' sort values, ``v`` its chip value, ``p`` phases, ``f`` files, ``i`` id,
+        ``d`` detail (every text an index into ``s``)."""
+        strings: dict[str, int] = {}
+
+        def s(text: Any) -> int:
+            text = "" if text is None else str(text)
+            return strings.setdefault(text, len(strings))
+
+        numeric = [i for i, c in enumerate(self.columns) if c.numeric]
+        cells, keys, details = [], [], []
+        for r in self.rows:
+            cells.append([[s(x) for x in v] if c.style == "badge" and isinstance(v, tuple) else s(v)
+                          for c, v in zip(self.columns, r.cells)])
+            keys.append([_key(r, i) for i in numeric])
+            details.append([[s(term), _KINDS[kind], _encode(kind, value, s)]
+                            for term, kind, value in r.detail if value not in ("", None, (), [])])
+        return {"c": cells, "k": keys, "v": [s(r.verdict) for r in self.rows],
+                "p": [[s(p) for p in r.phases] for r in self.rows], "f": [[s(f) for f in r.files] for r in self.rows],
+                "i": [s(r.id) for r in self.rows], "d": details, "s": list(strings)}
+
+    def static(self, limit: int) -> str:
+        """The first ``limit`` rows as plain HTML, each with its detail (what a browser without JavaScript shows)."""
+        n = len(self.columns)
+        heads = "".join(f"<th>{esc(c.title)}</th>" for c in self.columns)
+        out = [f'<table class="data static t-{esc(self.id)}"><thead><tr>{heads}</tr></thead>']
+        for r in self.rows[:limit]:
+            cells = "".join(f"<td>{_cell_html(c, v)}</td>" for c, v in zip(self.columns, r.cells))
+            out.append(f"<tbody><tr>{cells}</tr><tr><td colspan=\"{n}\">{detail_html(r.detail)}</td></tr></tbody>")
+        out.append("</table>")
+        if len(self.rows) > limit:
+            out.append(f'<p class="empty">The first {limit} of {len(self.rows)} rows; the whole table, its sorting and '
+                       "filters need JavaScript.</p>")
+        return "".join(out)
+
+
+def _key(r: Row, i: int) -> float | None:
+    """Row ``r``'s sort value for column ``i``: its own, else its cell read as a number (``2.5x``, ``3``), else
+    none (sorted below every number)."""
+    if i < len(r.keys) and r.keys[i] is not None:
+        return r.keys[i]
+    m = re.match(r"\s*(-?[0-9.]+(?:e[-+]?[0-9]+)?)", str(r.cells[i]))
+    try:
+        return float(m.group(1)) if m else None
+    except ValueError:
+        return None
+
+
+def _encode(kind: str, value: Any, s: Any) -> Any:
+    if kind == "badge":
+        return [s(value[0]), s(value[1])]
+    if kind == "sites":
+        return [[s(a), s(b)] for a, b in value]
+    if kind == "lines" or (kind == "pre" and not isinstance(value, str)):
+        return [s(x) for x in value]
+    return s(value)
+
+
+def _cell_html(column: Column, value: Any) -> str:
+    if column.style == "badge":
+        verdict, qualifier, note = (tuple(value) + ("", ""))[:3] if isinstance(value, tuple) else (value, "", "")
+        return (badge(verdict) + (f" {esc(qualifier)}" if qualifier else "")
+                + (f"<br><small>{esc(note)}</small>" if note else ""))
+    if column.style == "code":
+        return code(value)
+    return esc(value)
+
+
+def detail_html(detail: Sequence[Detail]) -> str:
+    """A row's detail as a definition list (the static copy; the page's script draws the same)."""
+    items = []
+    for term, kind, value in detail:
+        if value in ("", None, (), []):
+            continue
+        if kind == "code":
+            html_ = code(value)
+        elif kind == "pre":
+            html_ = "".join(pre(v) for v in ([value] if isinstance(value, str) else value))
+        elif kind == "badge":
+            html_ = badge(value[0]) + (f" {esc(value[1])}" if value[1] else "")
+        elif kind == "sites":
+            html_ = '<ul class="sites">' + "".join(f"<li>{code(a)}{f' {esc(b)}' if b else ''}</li>"
+                                                   for a, b in value) + "</ul>"
+        elif kind == "lines":
+            html_ = "<ul>" + "".join(f"<li>{esc(v)}</li>" for v in value) + "</ul>"
+        else:
+            html_ = esc(value)
+        items.append(f"<dt>{esc(term)}</dt><dd>{html_}</dd>")
+    return f'<dl class="kv">{"".join(items)}</dl>'
 
 
 def _q(text: str) -> str:
     return f'"{esc(text)}"'
-
-
-def _name(value: str) -> str:
-    """A file name as the filter holds it: a newline (the separator of :func:`_joined`) becomes a space."""
-    return value.replace("\n", " ")
-
-
-def _joined(values: Iterable[str]) -> str:
-    """A row's files in one data attribute, one per line."""
-    return "\n".join(_name(v) for v in values)
 
 
 Chip = tuple
@@ -186,7 +273,7 @@ Chip = tuple
 table's rows whose ``verdict`` is ``value``, and takes the colour of ``verdict`` (default: ``value``)."""
 
 
-def filters(rows: Sequence[Row], chips: Sequence[Chip], chip_title: str = "verdict") -> str:
+def filters(rows: Sequence[Row], chips: Sequence[Chip], chip_title: str = "verdict", file_label: str = "file") -> str:
     """The summary bar (a chip per value with its count: pressing one shows only those rows, pressing more
     adds them) and the phase, file and op filters of the main table."""
     total = sum(c[2] for c in chips) or 1
@@ -208,17 +295,17 @@ def filters(rows: Sequence[Row], chips: Sequence[Chip], chip_title: str = "verdi
                    f'{" disabled" if not n else ""}><b>{n}</b> {esc(label)}</button>')
     out.append("</div></div>")
     phases = sorted({p for r in rows for p in r.phases}, key=_phase_order)
-    files = sorted({_name(f) for r in rows for f in r.files})
+    files = sorted({f for r in rows for f in r.files})
     ctl = ['<div class="filters js">']
     if phases:
         ctl.append('<label>phase <select id="f-phase"><option value="">any</option>'
                    + "".join(f'<option value="{esc(p)}">{esc(p)}</option>' for p in phases) + "</select></label>")
     if files:
-        ctl.append('<label>file <select id="f-file"><option value="">any</option>'
+        ctl.append(f'<label>{esc(file_label)} <select id="f-file"><option value="">any</option>'
                    + "".join(f'<option value="{esc(f)}">{esc(f)}</option>' for f in files) + "</select></label>")
     ctl.append('<label>op <input id="f-op" type="search" placeholder="part of an op name"></label>'
-               '<button type="button" id="f-reset">show all</button><span id="f-count" aria-live="polite"></span>'
-               "</div>")
+               '<button type="button" id="f-reset">clear filters</button><span id="f-count" aria-live="polite"></span>'
+               '<button type="button" id="f-more" hidden></button></div>')
     return "".join(out + ctl)
 
 
@@ -227,12 +314,6 @@ _PHASES = ("setup", "data", "forward", "backward", "optimizer")
 
 def _phase_order(p: str) -> tuple[int, str]:
     return (_PHASES.index(p) if p in _PHASES else len(_PHASES), p)
-
-
-def definitions(items: Iterable[tuple[str, str]]) -> str:
-    """A detail list: ``(term, html)`` pairs, those with an empty value left out."""
-    body = "".join(f"<dt>{esc(k)}</dt><dd>{v}</dd>" for k, v in items if v not in ("", None))
-    return f'<dl class="kv">{body}</dl>'
 
 
 def kv_table(rows: Iterable[tuple[str, Any]], headers: Sequence[str] = ("", "value")) -> str:
@@ -270,6 +351,8 @@ class Page:
     sections: list[str] = field(default_factory=list)
     meta: Mapping[str, Any] = field(default_factory=dict)
     """Machine-readable facts about the document (kind, title, counts), embedded as inline JSON."""
+    file_label: str = "file"
+    """What the main table's file filter is called (a catalog's rows have an OpInfo entry instead)."""
 
     def html(self) -> str:
         """The page as one self-contained HTML document."""
@@ -279,11 +362,11 @@ class Page:
         body.append("</header><main>")
         body += [f'<p class="note">{n}</p>' for n in self.notes]
         if self.main is not None:
-            body.append(filters(self.main.rows, self.chips))
+            body.append(filters(self.main.rows, self.chips, file_label=self.file_label))
             body.append(self.main.html())
         body += self.sections
-        body.append("</main><footer>Written by opaudit. This page makes no network request; "
-                    "it works offline and without JavaScript (then unsorted, with every detail open).</footer>")
+        body.append("</main><footer>Written by opaudit. This page makes no network request and works offline; "
+                    "without JavaScript it lists the first rows with their details, and every picture.</footer>")
         meta = {"kind": self.kind, "title": self.title, **self.meta}
         return "".join([
             "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">",
@@ -324,9 +407,9 @@ CSS = (
     + _verdict_css() + ".v.v-missing{color:#1f2937}"
     ".summary{margin:10px 0 6px}.stack{display:block;border-radius:3px;background:#f3f4f6}"
     ".chips{display:flex;flex-wrap:wrap;gap:6px;margin-top:6px}"
-    ".chip{--c:#9ca3af;border:1px solid var(--c);background:#fff;border-radius:14px;padding:2px 10px;"
-    "cursor:pointer;font:inherit;color:#111827}.chip b{color:var(--c)}"
-    ".chip[aria-pressed=true]{background:var(--c);color:#fff}.chip[aria-pressed=true] b{color:#fff}"
+    ".chip{border:1px solid var(--c,#9ca3af);background:#fff;border-radius:14px;padding:2px 10px;"
+    "cursor:pointer;font:inherit;color:#111827}.chip b{color:var(--c,#9ca3af)}"
+    ".chip[aria-pressed=true]{background:var(--c,#9ca3af);color:#fff}.chip[aria-pressed=true] b{color:#fff}"
     ".chip:disabled{opacity:.45;cursor:default}"
     ".filters{display:flex;flex-wrap:wrap;gap:12px;align-items:center;margin:6px 0 8px}"
     ".filters select,.filters input{font:inherit;max-width:24em}#f-count{color:#4b5563}"
@@ -356,59 +439,95 @@ CSS = (
 )
 
 SCRIPT = r"""(function(){'use strict';
-var main=document.querySelector('table.data.main'),st={sort:'',dir:'',verdict:[],phase:'',file:'',op:'',open:[]};
-var each=function(xs,f){Array.prototype.forEach.call(xs,f);};
-function bodies(t){return Array.prototype.slice.call(t.tBodies);}
-function heads(t){return Array.prototype.slice.call(t.tHead.rows[0].cells);}
-function col(t,k){var i=-1;heads(t).forEach(function(h,j){if(h.getAttribute('data-key')===k)i=j;});return i;}
-function keyOf(b,i,numeric){var c=b.rows[0].cells[i],v=c.getAttribute('data-v');if(v===null)v=c.textContent;
-if(numeric){var x=parseFloat(v);return isNaN(x)?-Infinity:x;}return v.toLowerCase();}
-function order(t,bs){var f=document.createDocumentFragment();bs.forEach(function(b){f.appendChild(b);});t.appendChild(f);}
-function sortBy(t,i,desc){var hs=heads(t),numeric=hs[i].getAttribute('data-type')==='num';
-var ks=bodies(t).map(function(b){return [keyOf(b,i,numeric),b._i,b];});
-ks.sort(function(a,b){var r=a[0]<b[0]?-1:(a[0]>b[0]?1:0);if(desc)r=-r;return r||a[1]-b[1];});
-order(t,ks.map(function(k){return k[2];}));
-hs.forEach(function(h,j){h.setAttribute('aria-sort',j===i?(desc?'descending':'ascending'):'none');});}
-function unsort(t){order(t,bodies(t).sort(function(a,b){return a._i-b._i;}));
-heads(t).forEach(function(h){h.setAttribute('aria-sort','none');});}
-function filter(){if(!main)return;var op=st.op.toLowerCase(),shown=0,all=0,oc=col(main,'op'),pc=col(main,'phase');
-bodies(main).forEach(function(b){all++;var cs=b.rows[0].cells;
-var ok=(!st.verdict.length||st.verdict.indexOf(b.getAttribute('data-verdict'))>=0)
-&&(!st.phase||(pc>=0&&cs[pc].textContent.split('/').indexOf(st.phase)>=0))
-&&(!st.file||(b.getAttribute('data-file')||'').split('\n').indexOf(st.file)>=0)
-&&(!op||(oc>=0&&cs[oc].textContent.toLowerCase().indexOf(op)>=0));
-if(b.hidden===ok)b.hidden=!ok;if(ok)shown++;});
-var c=document.getElementById('f-count');if(c)c.textContent=shown===all?all+' rows':shown+' of '+all+' rows shown';
+var LIMIT=200,each=function(xs,f){Array.prototype.forEach.call(xs,f);};
+function el(tag,cls,text){var e=document.createElement(tag);if(cls)e.className=cls;if(text!=null)e.textContent=text;return e;}
+function badge(v){return el('span','v v-'+v.replace(/[^a-z_]/g,''),v);}
+function Grid(t){var g=this,d=JSON.parse(document.getElementById(t.id+'-data').textContent),ki=0;
+g.t=t;g.d=d;g.S=d.s;g.n=d.c.length;g.rows=[];g.open={};g.limit=LIMIT;g.order=g.identity();g.shown=0;g.matched=g.n;
+g.heads=Array.prototype.slice.call(t.tHead.rows[0].cells);
+g.cols=g.heads.map(function(h){var num=h.getAttribute('data-type')==='num';
+return {key:h.getAttribute('data-key'),num:num,style:h.getAttribute('data-style'),ki:num?ki++:-1};});
+g.opCol=g.col('op');
+function hit(ev){var tr=ev.target.closest('tr'),b=tr&&tr.parentNode;
+return b&&b.tagName==='TBODY'&&b.parentNode===t&&b.rows[0]===tr?b:null;}
+t.addEventListener('click',function(ev){var b=hit(ev);if(b)g.toggle(b,!b.classList.contains('open'));});
+t.addEventListener('keydown',function(ev){var b=hit(ev);if(b&&(ev.key==='Enter'||ev.key===' ')){ev.preventDefault();
+g.toggle(b,!b.classList.contains('open'));}});}
+Grid.prototype.identity=function(){var o=[];for(var i=0;i<this.n;i++)o.push(i);return o;};
+Grid.prototype.col=function(k){for(var i=0;i<this.cols.length;i++)if(this.cols[i].key===k)return i;return -1;};
+Grid.prototype.text=function(r,i){var c=this.d.c[r][i],S=this.S;return Array.isArray(c)?c.map(function(x){return S[x];}).join(' '):S[c];};
+Grid.prototype.sort=function(i,desc){var g=this,c=g.cols[i],K=g.d.k,ks=[],r;
+for(r=0;r<g.n;r++){if(c.num){var v=K[r][c.ki];ks.push(v==null?-Infinity:v);}else ks.push(g.text(r,i).toLowerCase());}
+g.order=g.identity().sort(function(a,b){var x=ks[a],y=ks[b],o=x<y?-1:(x>y?1:0);return (desc?-o:o)||a-b;});
+g.heads.forEach(function(h,j){h.setAttribute('aria-sort',i===j?(desc?'descending':'ascending'):'none');});};
+Grid.prototype.unsort=function(){this.order=this.identity();this.heads.forEach(function(h){h.setAttribute('aria-sort','none');});};
+Grid.prototype.matches=function(r,f){var d=this.d,S=this.S;if(!f)return true;
+if(f.verdict.length&&f.verdict.indexOf(S[d.v[r]])<0)return false;
+if(f.phase&&!d.p[r].some(function(x){return S[x]===f.phase;}))return false;
+if(f.file&&!d.f[r].some(function(x){return S[x]===f.file;}))return false;
+return !f.op||(this.opCol>=0&&this.text(r,this.opCol).toLowerCase().indexOf(f.op.toLowerCase())>=0);};
+Grid.prototype.render=function(f){var g=this,show=[],frag=document.createDocumentFragment();g.matched=0;
+g.order.forEach(function(r){if(g.matches(r,f)){g.matched++;if(show.length<g.limit)show.push(r);}});
+each(Array.prototype.slice.call(g.t.tBodies),function(b){g.t.removeChild(b);});
+show.forEach(function(r){frag.appendChild(g.row(r));});g.t.appendChild(frag);g.shown=show.length;};
+Grid.prototype.row=function(r){var g=this,S=g.S,b=g.rows[r];if(b)return b;
+b=el('tbody');b._r=r;b.setAttribute('data-id',S[g.d.i[r]]);b.setAttribute('data-verdict',S[g.d.v[r]]);
+var tr=el('tr');tr.tabIndex=0;g.cols.forEach(function(c,i){var td=el('td'),v=g.d.c[r][i];
+if(c.style==='badge'){var a=Array.isArray(v)?v:[v];td.appendChild(badge(S[a[0]]));
+if(a.length>1&&S[a[1]])td.appendChild(document.createTextNode(' '+S[a[1]]));
+if(a.length>2&&S[a[2]]){td.appendChild(el('br'));td.appendChild(el('small',null,S[a[2]]));}}
+else if(c.style==='code')td.appendChild(el('code',null,S[v]));else td.textContent=S[v];tr.appendChild(td);});
+b.appendChild(tr);g.rows[r]=b;if(g.open[S[g.d.i[r]]])g.toggle(b,true,true);return b;};
+Grid.prototype.detail=function(r){var g=this,S=g.S,dl=el('dl','kv');g.d.d[r].forEach(function(e){var k=e[1],v=e[2],dd=el('dd');
+dl.appendChild(el('dt',null,S[e[0]]));
+if(k==='c')dd.appendChild(el('code',null,S[v]));
+else if(k==='p')(Array.isArray(v)?v:[v]).forEach(function(x){dd.appendChild(el('pre',null,S[x]));});
+else if(k==='b'){dd.appendChild(badge(S[v[0]]));if(S[v[1]])dd.appendChild(document.createTextNode(' '+S[v[1]]));}
+else if(k==='s'){var ul=el('ul','sites');v.forEach(function(x){var li=el('li');li.appendChild(el('code',null,S[x[0]]));
+if(S[x[1]])li.appendChild(document.createTextNode(' '+S[x[1]]));ul.appendChild(li);});dd.appendChild(ul);}
+else if(k==='l'){var u=el('ul');v.forEach(function(x){u.appendChild(el('li',null,S[x]));});dd.appendChild(u);}
+else dd.textContent=S[v];dl.appendChild(dd);});
+var tr=el('tr'),td=el('td');td.colSpan=g.cols.length;td.appendChild(dl);tr.appendChild(td);return tr;};
+Grid.prototype.toggle=function(b,on,quiet){var id=this.S[this.d.i[b._r]];
+if(on&&b.rows.length<2)b.appendChild(this.detail(b._r));b.classList.toggle('open',on);
+b.rows[0].setAttribute('aria-expanded',on?'true':'false');if(on)this.open[id]=1;else delete this.open[id];
+if(!quiet&&this.onchange)this.onchange();};
+var grids=[],main=null;
+each(document.querySelectorAll('table.data.js'),function(t){var g=new Grid(t);grids.push(g);
+if(t.classList.contains('main'))main=g;
+g.heads.forEach(function(h,i){h.querySelector('button').addEventListener('click',function(){
+var cur=h.getAttribute('aria-sort'),desc=cur==='none'?g.cols[i].num:cur==='ascending';g.sort(i,desc);
+if(g===main){st.sort=g.cols[i].key;st.dir=desc?'desc':'';apply();save();}else g.render(null);});});});
+var st={sort:'',dir:'',verdict:[],phase:'',file:'',op:'',open:[],show:''};
+function apply(){if(!main)return;main.limit=st.show==='all'?Infinity:LIMIT;main.render(st);
+var c=document.getElementById('f-count'),m=document.getElementById('f-more');
+if(c)c.textContent=main.matched===main.n?main.n+' rows':main.matched+' of '+main.n+' rows shown';
+if(m){m.hidden=main.shown>=main.matched;m.textContent='list all '+main.matched+' (the first '+main.shown+' are listed)';}
 each(document.querySelectorAll('.chip'),function(ch){
 ch.setAttribute('aria-pressed',st.verdict.indexOf(ch.getAttribute('data-verdict'))>=0?'true':'false');});}
-function setOpen(b,on){b.classList.toggle('open',on);b.rows[0].setAttribute('aria-expanded',on?'true':'false');}
-function save(){if(!main)return;var p=[];function add(k,v){if(v)p.push(k+'='+encodeURIComponent(v));}
+function save(){if(!main)return;st.open=Object.keys(main.open);var p=[];function add(k,v){if(v)p.push(k+'='+encodeURIComponent(v));}
 add('sort',st.sort);add('dir',st.dir);add('verdict',st.verdict.join(','));add('phase',st.phase);add('file',st.file);
-add('op',st.op);add('open',st.open.join(','));var h=p.length?'#'+p.join('&'):'';
+add('op',st.op);add('show',st.show);add('open',st.open.join(','));var h=p.length?'#'+p.join('&'):'';
 if(h!==location.hash){try{history.replaceState(null,'',h||location.pathname+location.search);}catch(e){location.hash=h;}}}
 function load(){var p={};location.hash.replace(/^#/,'').split('&').forEach(function(kv){if(!kv)return;var i=kv.indexOf('=');
 try{p[i<0?kv:kv.slice(0,i)]=i<0?'':decodeURIComponent(kv.slice(i+1));}catch(e){}});
-st.sort=p.sort||'';st.dir=p.dir==='desc'?'desc':'';st.verdict=p.verdict?p.verdict.split(','):[];
-st.phase=p.phase||'';st.file=p.file||'';st.op=p.op||'';st.open=p.open?p.open.split(','):[];
-if(!main)return;var i=col(main,st.sort);
-if(i>=0)sortBy(main,i,st.dir==='desc');else if(main.querySelector('th[aria-sort$=ending]'))unsort(main);
-['phase','file','op'].forEach(function(k){var e=document.getElementById('f-'+k);if(e)e.value=st[k];});
-bodies(main).forEach(function(b){var on=st.open.indexOf(b.getAttribute('data-id'))>=0;
-if(on||b.classList.contains('open'))setOpen(b,on);});filter();}
-each(document.querySelectorAll('table.data'),function(t){bodies(t).forEach(function(b,i){b._i=i;});
-heads(t).forEach(function(h,i){h.querySelector('button').addEventListener('click',function(){
-var cur=h.getAttribute('aria-sort'),numeric=h.getAttribute('data-type')==='num';
-var desc=cur==='none'?numeric:cur==='ascending';sortBy(t,i,desc);
-if(t===main){st.sort=h.getAttribute('data-key');st.dir=desc?'desc':'';save();}});});
-t.addEventListener('click',function(ev){var tr=ev.target.closest('tr'),b=tr&&tr.parentNode;
-if(!b||b.parentNode!==t||b.rows[0]!==tr||b.tagName!=='TBODY')return;var on=!b.classList.contains('open');setOpen(b,on);
-if(t===main){var id=b.getAttribute('data-id');if(id){st.open=st.open.filter(function(x){return x!==id;});if(on)st.open.push(id);}save();}});});
+st.sort=p.sort||'';st.dir=p.dir==='desc'?'desc':'';st.verdict=p.verdict?p.verdict.split(','):[];st.phase=p.phase||'';
+st.file=p.file||'';st.op=p.op||'';st.show=p.show==='all'?'all':'';st.open=p.open?p.open.split(','):[];
+if(!main)return;var i=main.col(st.sort);if(i>=0)main.sort(i,st.dir==='desc');else main.unsort();
+main.open={};st.open.forEach(function(id){main.open[id]=1;});
+main.rows.forEach(function(b){if(b)main.toggle(b,!!main.open[main.S[main.d.i[b._r]]],true);});
+['phase','file','op'].forEach(function(k){var e=document.getElementById('f-'+k);if(e)e.value=st[k];});apply();}
+grids.forEach(function(g){if(g!==main){g.limit=Infinity;g.render(null);}});
+if(main)main.onchange=save;
 each(document.querySelectorAll('.chip'),function(ch){ch.addEventListener('click',function(){
 var v=ch.getAttribute('data-verdict'),i=st.verdict.indexOf(v);if(i>=0)st.verdict.splice(i,1);else st.verdict.push(v);
-filter();save();});});
+apply();save();});});
 ['phase','file','op'].forEach(function(k){var e=document.getElementById('f-'+k);if(e)['input','change'].forEach(function(ev){
-e.addEventListener(ev,function(){if(st[k]!==e.value){st[k]=e.value;filter();save();}});});});
+e.addEventListener(ev,function(){if(st[k]!==e.value){st[k]=e.value;apply();save();}});});});
 var r=document.getElementById('f-reset');if(r)r.addEventListener('click',function(){st.verdict=[];st.phase='';st.file='';st.op='';
-['phase','file','op'].forEach(function(k){var e=document.getElementById('f-'+k);if(e)e.value='';});filter();save();});
+['phase','file','op'].forEach(function(k){var e=document.getElementById('f-'+k);if(e)e.value='';});apply();save();});
+var m=document.getElementById('f-more');if(m)m.addEventListener('click',function(){st.show='all';apply();save();});
 window.addEventListener('hashchange',load);load();})();"""
-"""Sorting, filtering, opening rows, and the URL fragment that holds that state (no library, no request)."""
+"""Draws the tables from their inline JSON (the rows a view shows: the first 200 until asked for all),
+sorting, filtering, opening rows, and the URL fragment that holds that state (no library, no request). Every
+text goes into the page as a text node (``textContent``), never as markup."""

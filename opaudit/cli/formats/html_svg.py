@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from opaudit.cli.formats.html_page import PHASE_COLOURS, colour, esc
 
@@ -92,11 +93,15 @@ def log_bars(bars: Sequence[Bar], label: str, ref: float | None = None) -> str:
     return _svg(WIDTH, height, label, "".join(parts))
 
 
-def call_strip(marks: Sequence[tuple[int, str, str]], total: int, bands: Sequence[tuple[int, int, str]],
-               label: str) -> str:
-    """The step's op calls in order, left to right: a mark per ``(call number, verdict, tooltip)``, coloured by
-    verdict, over bands ``(first call, last call, phase)``. ``stable`` marks are drawn as one light mark per
-    pixel column (with how many), the others on top, one each."""
+def call_strip(marks: Sequence[tuple[int, str, str]], total: int, phases: Sequence[tuple[int, str]],
+               label: str, severity: Mapping[str, int]) -> str:
+    """The step's op calls in order, left to right: ``marks`` ``(call number, verdict, tooltip)`` coloured by
+    verdict over bands of the ``phases`` ``(call number, phase)`` of the calls around them.
+
+    Drawn per pixel column, so that the picture stays small however many calls the step made: a column holds
+    one mark per verdict (its tooltip counts them and names the first few), ``stable`` ones light and low, the
+    worst verdict drawn last; a band is a run of columns whose calls are mostly of one phase.
+    """
     if total < 1:
         return ""
     left, right, band_h, top = 8.0, 8.0, 16.0, 4.0
@@ -104,31 +109,43 @@ def call_strip(marks: Sequence[tuple[int, str, str]], total: int, bands: Sequenc
     tick_y, tick_h = top + band_h + 4, 30.0
     height = tick_y + tick_h + 22
 
-    def x(call: int) -> float:
-        return left + plot * (min(max(call, 1), total) - 1) / max(total, 1)
+    def column(call: int) -> int:
+        return int(plot * (min(max(call, 1), total) - 1) / total)
 
-    w = max(plot / total, 1.5)
+    w = max(plot / total, 1.0)
+    votes: dict[int, dict[str, int]] = {}
+    for call, phase in phases:
+        c = votes.setdefault(column(call), {})
+        c[phase] = c.get(phase, 0) + 1
+    runs: list[list[Any]] = []
+    for col in sorted(votes):
+        phase = max(sorted(votes[col]), key=lambda p: votes[col][p])
+        if runs and runs[-1][2] == phase:
+            runs[-1][1] = col
+        else:
+            if runs:
+                runs[-1][1] = col - 1
+            runs.append([col, col, phase])
+    if runs:
+        runs[0][0], runs[-1][1] = 0, int(plot) - 1
     parts = []
-    for start, end, phase in bands:
-        x1, x2 = x(start), x(end) + w
+    for c1, c2, phase in runs:
+        x1, x2 = left + c1, left + c2 + 1
         fill = PHASE_COLOURS.get(phase, "#f3f4f6")
-        parts.append(f'<g><title>{esc(phase)}: calls {start} to {end}</title>'
-                     f'<rect x="{x1:.1f}" y="{top}" width="{max(x2 - x1, 1):.1f}" height="{tick_y + tick_h - top:.0f}" '
+        parts.append(f'<g><title>{esc(phase)}</title>'
+                     f'<rect x="{x1:.0f}" y="{top}" width="{max(x2 - x1, 1):.0f}" height="{tick_y + tick_h - top:.0f}" '
                      f'fill="{fill}"/>'
                      + (_text(x1 + 3, top + 12, _fit(phase, int((x2 - x1) / 6.5))) if x2 - x1 > 30 else "")
                      + "</g>")
-    stable: dict[int, int] = {}
-    for call, verdict, _ in marks:
-        if verdict == "stable":
-            px = int(x(call))
-            stable[px] = stable.get(px, 0) + 1
-    for px, n in sorted(stable.items()):
-        parts.append(f'<rect x="{px}" y="{tick_y + tick_h / 2:.0f}" width="{max(w, 1.5):.1f}" height="{tick_h / 2:.0f}" '
-                     f'fill="{colour("stable")}" opacity=".45"><title>{n} stable signature(s)</title></rect>')
+    cells: dict[tuple[int, str], list[str]] = {}
     for call, verdict, tip in marks:
-        if verdict != "stable":
-            parts.append(f'<rect x="{x(call):.1f}" y="{tick_y:.0f}" width="{max(w, 2.5):.1f}" height="{tick_h:.0f}" '
-                         f'fill="{colour(verdict)}"><title>{esc(tip)}</title></rect>')
+        cells.setdefault((column(call), verdict), []).append(tip)
+    for (col, verdict), tips in sorted(cells.items(), key=lambda kv: (severity.get(kv[0][1], 0), kv[0][0])):
+        low = verdict == "stable"
+        text = f"{len(tips)} {verdict}: " + "; ".join(tips[:3]) + (" …" if len(tips) > 3 else "")
+        parts.append(f'<rect x="{left + col:.0f}" y="{tick_y + (tick_h / 2 if low else 0):.0f}" width="{max(w, 2.0):.1f}" '
+                     f'height="{tick_h / 2 if low else tick_h:.0f}" fill="{colour(verdict)}"'
+                     f'{" opacity=.45" if low else ""}><title>{esc(text)}</title></rect>')
     parts.append(_text(left, height - 6, "call 1"))
     parts.append(_text(WIDTH - right, height - 6, f"call {total}", "end"))
     return _svg(WIDTH, height, label, "".join(parts))
