@@ -3,11 +3,11 @@ filterable table, the verdict summary bar and detail lists.
 
 A page is one self-contained file: no request of any kind leaves it when it is opened
 (no font, stylesheet, script, image or favicon is fetched; a Content-Security-Policy
-``default-src 'none'`` says so to the browser too). Everything readable is in the HTML
-itself: without JavaScript every row and its detail is shown, in the document's order;
-the script adds sorting, filtering and opening rows, and keeps that state in the URL
-fragment (``#sort=calls&dir=desc&verdict=diverges&phase=backward&file=train.py&op=index&open=ID``),
-so that a link reproduces the view.
+``default-src 'none'`` says so to the browser too). A table's rows travel as inline JSON
+that the page's script draws (:class:`Table`), sorts, filters and opens, keeping that state
+in the URL fragment (``#sort=calls&dir=desc&verdict=diverges&phase=backward&file=train.py&op=index&open=ID``)
+so that a link reproduces the view; without JavaScript the page shows a static copy of each
+table's first rows with their details, and every picture (inline SVG).
 
 Every text that came from outside opaudit (script paths, module and op names, error
 messages, a hand-made catalog) goes through :func:`esc` (text and attribute values) or

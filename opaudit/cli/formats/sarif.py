@@ -1,8 +1,8 @@
 """SARIF 2.1.0 for the audit report: what GitHub code scanning (and other SARIF viewers) show on the lines.
 
-One result per finding that is not ``stable``, at the user's source line (a
-backward op's site is the forward line that made its autograd node: the report
-already records it so). Each result's rule is its verdict and op
+One result per finding that is not ``stable``, at the user's source line as the
+report records it (an op of the autograd engine at the forward line that made its
+node, an op of the user's own ``backward()`` at its line). Each result's rule is its verdict and op
 (``diverges/aten.index_put.default``); the rule's help is the remedy.
 
 Levels, from the verdict:
