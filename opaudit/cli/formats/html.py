@@ -336,65 +336,35 @@ def _environment(env: Any, settings: Any, warnings: Sequence[str] = ()) -> str:
     return "".join(parts)
 
 
-def report(report: "Report") -> str:
-    """The audit report as one HTML page: findings table, outcome, pictures, run checks, batch invariance,
-    distributed job, compiled code, remedies, environment."""
-    env, st = report.environment, report.settings
-    device = env.get("gpu") or env.get("cpu")
-    script = st.get("script") or "script"
-    notes = []
-    if not report.complete:
-        notes.append('<span class="bad">Incomplete</span>: the audit was interrupted; this lists what was '
-                     "classified so far.")
-    meta: dict[str, Any] = {"summary": report.summary, "complete": report.complete}
-    sections = []
-    if report.batch_invariance is not None and not report.all_findings:
-        body, table = batch_section(report.batch_invariance, as_main=True)
-        counts = report.batch_invariance.counts()
-        page = Page("report", f"opaudit batch invariance: {script}",
-                    f"torch {env.get('torch')} on {device}, {env.get('threads')} threads",
-                    notes + [esc(batch_text.headline(report.batch_invariance))],
-                    _verdict_chips(counts, OP_VERDICTS), table,
-                    [section("Batch invariance", body),
-                     section("Environment", _environment(env, st, report.env_warnings), open_=False)],
-                    {**meta, "batch_invariance": counts})
-        return page.html()
-
+def _crash_section(report: "Report") -> str:
+    """Will deterministic mode crash this run? One row per op and PyTorch error, in execution order (a model with
+    many signatures of one raising op would otherwise repeat PyTorch's paragraph for each)."""
     crashes = report.crashes()
-    if crashes:
-        notes.append(f'<span class="bad">Deterministic mode would crash this run</span> at {len(crashes)} op(s): '
-                     'see <a href="#crashes">the list</a>.')
+    if not crashes:
+        body = "<p>No op raises under torch.use_deterministic_algorithms(True).</p>"
     else:
-        notes.append("No op raises under torch.use_deterministic_algorithms(True).")
-    for r in report.run_checks:
-        notes.append(f'<a href="#run-check">Whole step</a>, {esc(run_check_lines(r)[0])}')
-    if report.batch_invariance is not None:
-        notes.append(esc(batch_text.headline(report.batch_invariance)))
-    rows = [finding_row(f) for f in report.all_findings]
-    table = Table("findings", FINDING_COLUMNS, rows, filterable=True, empty="Nothing was recorded.")
-
-    sections.append(section("Where in the step", _step_strip(report) or '<p class="empty">No calls recorded.</p>',
-                            "step"))
-    sections.append(section("Deterministic-mode cost per op", _cost_chart(report), "cost"))
-    sections.append(section("Divergence magnitude per op", _divergence_chart(report), "divergence"))
-    if crashes:
-        # One row per op and error, in execution order: a model with many signatures of one raising op would
-        # otherwise repeat PyTorch's paragraph for each.
         groups: dict[tuple[str, str], list[Finding]] = {}
         for f in crashes:
             groups.setdefault((f.op, f.strict_error or ""), []).append(f)
-        crash_body = plain_table(
+        body = plain_table(
             ("first call", "op", "signatures", "where", "phase", "PyTorch's error"),
             [(", ".join(f"#{f.first_call}" for f in fs[:5]) + (f" +{len(fs) - 5}" if len(fs) > 5 else ""), code(op),
               str(len(fs)), esc(where(list(dict.fromkeys(loc for f in fs for loc in f.locations)), 3)),
               esc("/".join(dict.fromkeys(p for f in fs for p in f.phases))), pre(error))
              for (op, error), fs in groups.items()])
-    else:
-        crash_body = "<p>No op raises under torch.use_deterministic_algorithms(True).</p>"
     note = not_crashes_line(report)
-    if note:
-        crash_body += f"<p>{esc(note)}</p>"
-    sections.append(section("Will deterministic mode crash this run?", crash_body, "crashes"))
+    return body + (f"<p>{esc(note)}</p>" if note else "")
+
+
+def _report_sections(report: "Report") -> list[str]:
+    """Everything after the findings table: pictures, crash list, run checks, distributed job, batch invariance,
+    compiled code, remedies, environment."""
+    sections = [
+        section("Where in the step", _step_strip(report) or '<p class="empty">No calls recorded.</p>', "step"),
+        section("Deterministic-mode cost per op", _cost_chart(report), "cost"),
+        section("Divergence magnitude per op", _divergence_chart(report), "divergence"),
+        section("Will deterministic mode crash this run?", _crash_section(report), "crashes"),
+    ]
     if report.run_checks:
         sections.append(section("Whole-step reproducibility", "".join(run_check_html(r) for r in report.run_checks),
                                 "run-check"))
@@ -415,13 +385,47 @@ def report(report: "Report") -> str:
         sections.append(section("What to do", plain_table(("op", "verdict", "remedy"),
                                                           [(code(op), badge(v), esc(text)) for op, v, text in remedies]),
                                 "remedies"))
-    sections.append(section("Environment and settings", _environment(env, st, report.env_warnings), "environment",
+    sections.append(section("Environment and settings",
+                            _environment(report.environment, report.settings, report.env_warnings), "environment",
                             open_=bool(report.env_warnings)))
-    page = Page("report", f"opaudit report: {script}",
+    return sections
+
+
+def report(report: "Report") -> str:
+    """The audit report as one HTML page: the findings table first, the outcome above it, then
+    :func:`_report_sections`. A batch-invariance check's report (it replays nothing) is its op table."""
+    env, st = report.environment, report.settings
+    device = env.get("gpu") or env.get("cpu")
+    script = st.get("script") or "script"
+    notes = []
+    if not report.complete:
+        notes.append('<span class="bad">Incomplete</span>: the audit was interrupted; this lists what was '
+                     "classified so far.")
+    meta: dict[str, Any] = {"summary": report.summary, "complete": report.complete}
+    if report.batch_invariance is not None and not report.all_findings:
+        body, table = batch_section(report.batch_invariance, as_main=True)
+        counts = report.batch_invariance.counts()
+        return Page("report", f"opaudit batch invariance: {script}",
+                    f"torch {env.get('torch')} on {device}, {env.get('threads')} threads",
+                    notes + [esc(batch_text.headline(report.batch_invariance))],
+                    _verdict_chips(counts, OP_VERDICTS), table,
+                    [section("Batch invariance", body),
+                     section("Environment", _environment(env, st, report.env_warnings), open_=False)],
+                    {**meta, "batch_invariance": counts}).html()
+    crashes = report.crashes()
+    notes.append(f'<span class="bad">Deterministic mode would crash this run</span> at {len(crashes)} op(s): '
+                 'see <a href="#crashes">the list</a>.' if crashes
+                 else "No op raises under torch.use_deterministic_algorithms(True).")
+    notes += [f'<a href="#run-check">Whole step</a>, {esc(run_check_lines(r)[0])}' for r in report.run_checks]
+    if report.batch_invariance is not None:
+        notes.append(esc(batch_text.headline(report.batch_invariance)))
+    table = Table("findings", FINDING_COLUMNS, [finding_row(f) for f in report.all_findings], filterable=True,
+                  empty="Nothing was recorded.")
+    return Page("report", f"opaudit report: {script}",
                 f"torch {env.get('torch')} on {device}, {env.get('threads')} threads; "
                 f"{st.get('reps')} replays per mode. {summary_line(report)}",
-                notes, _verdict_chips(report.summary, [v.value for v in Verdict]), table, sections, meta)
-    return page.html()
+                notes, _verdict_chips(report.summary, [v.value for v in Verdict]), table, _report_sections(report),
+                meta).html()
 
 
 # -- catalog --------------------------------------------------------------------------------
