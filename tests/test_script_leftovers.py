@@ -282,3 +282,24 @@ def test_an_entry_that_would_run_none_of_its_body_is_refused(definition, kind, t
     assert err.startswith(f"opaudit: error: train.py: the entry 'opaudit_step' is {kind}: calling it runs none of "
                           "its body;") and err.count("\n") == 1
     assert not (tmp_path / "r.yaml").exists()
+
+
+def test_the_scripts_global_torch_settings_end_with_it(tmp_path, capsys):
+    """Trainer(deterministic=True)-style scripts turn strict mode on for their process; after the audit
+    (in this process) the flags are what they were before it."""
+    script = _script(tmp_path, """
+        import torch
+        torch.use_deterministic_algorithms(True)
+        torch.set_num_threads(1)
+        torch.set_grad_enabled(False)
+        torch.backends.cudnn.benchmark = True
+        torch.ones(3) * 2
+    """)
+    before = (torch.are_deterministic_algorithms_enabled(), torch.get_num_threads(), torch.is_grad_enabled(),
+              torch.backends.cudnn.benchmark)
+    assert before == (False, 2, True, False)  # conftest's 2 threads; the flags the script flips are off
+    code = main([script, "--reps", "1", "-q", "--no-timing", "-o", str(tmp_path / "r.yaml")])
+    assert code == 0, capsys.readouterr().err
+    after = (torch.are_deterministic_algorithms_enabled(), torch.get_num_threads(), torch.is_grad_enabled(),
+             torch.backends.cudnn.benchmark)
+    assert after == before
