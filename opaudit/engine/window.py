@@ -41,7 +41,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from opaudit.data.errors import OpauditError
 from opaudit.engine.loader import Prepared, Sandbox, Target, call_user, prepare, require_no_arguments, sandboxed
 from opaudit.engine.mode import skip_dynamo
-from opaudit.engine.replay import preserved_state
 
 DEFAULT_STEPS = 3
 """Steps recorded by default in script mode: enough to see warm-up effects, as cheap as a few steps."""
@@ -448,9 +447,7 @@ def run_target(target: Target, recording: Callable[[], contextlib.AbstractContex
     of as well, so that a run that follows does not hold two copies of the
     user's model and data.
     """
-    # The script's own global torch settings (Trainer(deterministic=True) turns strict mode on,
-    # set_num_threads, grad mode, TF32, the RNG) end with it, as they would with its process.
-    with preserved_state(), sandboxed(target) as box:
+    with sandboxed(target) as box:
         prepared = prepare(target, seed)
         require_no_arguments(target, prepared)
         recorded, _ = run_window(prepared, recording, window, target.entry)

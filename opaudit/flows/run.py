@@ -321,7 +321,10 @@ def run_audit(target: Target, window: Window, options: RunOptions | None = None,
     replay propagates with the partial report attached (see :meth:`AuditRun.report`).
     """
     options = options or RunOptions()
-    with AuditRun(options, root=target.root, distributed=distributed, hooks=hooks) as run:
+    # The script's own global torch settings (Trainer(deterministic=True) turns strict mode on, threads,
+    # grad mode, cuDNN and TF32 flags) end with the audit, as they would with the script's process; the
+    # report's environment, assembled inside, still names the ones it ran with.
+    with preserved_state(), AuditRun(options, root=target.root, distributed=distributed, hooks=hooks) as run:
         if options.run_check:
             run.check_runs(target, window)
         run.record_target(target, window)
