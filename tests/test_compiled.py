@@ -103,7 +103,10 @@ def test_run_check_checks_the_compiled_step_and_deterministic_mode_fixes_it():
 
     target = loader.load_target(SCRIPT)
     before = inductor_config.deterministic
-    default = run_check(target, DEFAULT, 3)
+    # A real race (Inductor's atomic adds, 3.2M values into 512 slots). With two busy processes beside,
+    # two runs of this compiled backward matched in 5 of 30 pairs: 6 later runs all matching the first
+    # is about 1 in 50,000.
+    default = run_check(target, DEFAULT, 7)
     det = run_check(target, DETERMINISTIC, 2, compiled=True)
     assert inductor_config.deterministic == before
     _dynamo_left_as_found()
