@@ -353,7 +353,6 @@ def test_a_mask_check_feeding_python_is_not_the_root_cause(tmp_path, capsys):
     assert "differs but does not reach the output: op #1 aten.sum.default at tests/fixtures/scripts/mask_check.py:21" in text
 
 
-@pytest.mark.timeout(120)
 def test_gpt2_with_an_attention_mask_blames_c_attn_not_the_mask_check():
     model = _tiny_gpt2()
     ids = torch.randint(0, 128, (8, 6), generator=torch.Generator().manual_seed(0))
