@@ -23,6 +23,9 @@ Six parts (``--only`` picks some):
   (build the model, one step), and a subprocess that only imports torch, run
   round-robin. The figure is (CLI - import) / (plain script - import), wall
   clock, median over rounds; CPU seconds (user + sys) are printed beside it.
+  Then ``opaudit train.py --start-step K --steps N`` on a training loop against
+  the plain script's K + N steps plus the audit's own replay (timed inside the
+  same CLI process): the unrecorded prefix must run once.
 * **memory**: peak memory of the audit vs the plain step. On CPU each
   measurement runs in a fresh process: peak RSS minus the RSS before the model
   was built (so the interpreter and torch's libraries, the same in both, do not
@@ -79,13 +82,13 @@ TARGETS = {
     "replay growth 12 -> 24 layers": 0.15,
     "whole audit / plain step (24 layers)": 2.5,
     "peak memory audit / plain step": 1.5,
-    "whole CLI run, one recording / plain script, minus import (12 layers)": 2.5,
+    "whole CLI run (deterministic pass included) / plain script, minus import (12 layers)": 2.5,
+    "--start-step K audit / (plain K+N steps + replay)": 1.3,
     "HTML page of 5,000 findings, MB (worst case)": 5.0,
     "HTML page of 5,000 findings, seconds to open in Chromium (worst case)": 2.0,
 }
-"""Targets. The CLI's target is for one recording of the step (``--no-deterministic-pass``): the default
-records the step a second time in deterministic mode (issue 9), which costs one more step by design; that
-ratio is printed beside it, with no target of its own."""
+"""Targets (issues 5, 8 and 17). The CLI's is for the default command, whose deterministic-mode recording
+runs the step once more (issue 17 item 7); ``--no-deterministic-pass`` is printed beside it."""
 
 # The plain script the ``cli`` part audits: the same model as ``audit_workload(12)``.
 CLI_SCRIPT = """\
@@ -108,6 +111,42 @@ def opaudit_step():
 
 if __name__ == "__main__":
     opaudit_step()
+"""
+
+# The ``--start-step`` audit's training loop: ``python prefix.py STEPS`` runs STEPS AdamW steps.
+PREFIX_SCRIPT = """\
+import sys
+import torch
+from torch import nn
+
+torch.manual_seed(0)
+layer = nn.TransformerEncoderLayer(128, 4, 512, dropout=0.0, batch_first=True)
+model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).to("{device}").train()
+opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+x = torch.randn(8, 64, 128, generator=torch.Generator().manual_seed(0)).to("{device}")
+for step in range(int(sys.argv[1])):
+    opt.zero_grad(set_to_none=True)
+    model(x).pow(2).mean().backward()
+    opt.step()
+if x.is_cuda:
+    torch.cuda.synchronize()
+"""
+
+# The CLI, with the replay (``AuditRun.report``) timed: the seconds go to the file named by BENCH_TIMES.
+TIMED_CLI = """\
+import json, os, sys, time
+from opaudit.flows import run
+report = run.AuditRun.report
+def timed(self, *args, **kwargs):
+    t0 = time.perf_counter()
+    try:
+        return report(self, *args, **kwargs)
+    finally:
+        with open(os.environ["BENCH_TIMES"], "w") as f:
+            json.dump({"replay_s": time.perf_counter() - t0}, f)
+run.AuditRun.report = timed
+from opaudit.cli.main import main
+sys.exit(main(sys.argv[1:]))
 """
 
 
@@ -405,7 +444,7 @@ def bench_cli(args: argparse.Namespace, res: Results) -> None:
     print(f"  whole CLI / plain script, each minus import: {ratio:.2f}x wall"
           f" (per-round median {statistics.median(per_round):.2f}x, range {min(per_round):.2f}-{max(per_round):.2f});"
           f" {cpu_ratio:.2f}x CPU seconds")
-    print(f"  the same with --no-deterministic-pass (the step recorded once): {one_ratio:.2f}x wall")
+    print(f"  the same with --no-deterministic-pass (no deterministic-mode step): {one_ratio:.2f}x wall")
     inproc = next((r for r in res.audit if r["layers"] == args.cli_layers), None)
     if inproc is not None:
         print(f"  in-process audit (record + classify) / plain step, same model: {inproc['audit_ratio']:.2f}x")
@@ -413,6 +452,55 @@ def bench_cli(args: argparse.Namespace, res: Results) -> None:
               " (the model build is charged to the CLI here)")
     res.cli = {"layers": args.cli_layers, "rounds": args.cli_rounds, "wall_s": walls, "cpu_s": cpus,
                "ratio": ratio, "one_recording_ratio": one_ratio, "per_round": per_round, "cpu_ratio": cpu_ratio}
+    bench_prefix(args, res, tmp, env)
+
+
+def bench_prefix(args: argparse.Namespace, res: Results, tmp: str, env: dict[str, str]) -> None:
+    """``opaudit prefix.py --start-step K --steps N`` against the plain K + N steps plus the audit's replay."""
+    import resource
+
+    k, n = (40, 2) if args.quick else (300, 3)
+    script = os.path.join(tmp, "prefix.py")
+    with open(script, "w") as f:
+        f.write(PREFIX_SCRIPT.format(device=args.device))
+    times = os.path.join(tmp, "times.json")
+    audit = [sys.executable, "-c", TIMED_CLI, script, "--start-step", str(k), "--steps", str(n), "--reps",
+             str(args.reps), "-q", "--exit-zero", "--format", "json", "--", str(k + 2 * n + 10)]
+    commands = {"import torch": [sys.executable, "-c", "import torch"],
+                f"plain {k}+{n} steps": [sys.executable, script, str(k + n)],
+                f"opaudit --start-step {k}": audit}
+    print(f"\n## --start-step: `opaudit prefix.py --start-step {k} --steps {n}` (2-layer encoder d=128, AdamW) "
+          f"against the plain {k + n} steps, each a fresh process, wall seconds\n")
+    walls: dict[str, list[float]] = {name: [] for name in commands}
+    cpus: dict[str, list[float]] = {name: [] for name in commands}
+    replays: list[float] = []
+    for _ in range(args.cli_rounds):
+        for name, cmd in commands.items():
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp, check=False,
+                                  env=dict(env, BENCH_TIMES=times))
+            walls[name].append(time.perf_counter() - t0)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpus[name].append((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime))
+            if proc.returncode != 0:
+                raise SystemExit(f"{name} failed with exit code {proc.returncode}:\n{proc.stderr.decode()}")
+            if cmd is audit:
+                with open(times) as f:
+                    replays.append(json.load(f)["replay_s"])
+    med = {name: statistics.median(v) for name, v in walls.items()}
+    cpu = {name: statistics.median(v) for name, v in cpus.items()}
+    replay = statistics.median(replays)
+    base, plain, audited = med["import torch"], med[f"plain {k}+{n} steps"], med[f"opaudit --start-step {k}"]
+    print(f"  {'process':26s} {'wall s':>8s} {'- import':>9s} {'cpu s':>7s}   ({args.cli_rounds} rounds, medians)")
+    for name in commands:
+        print(f"  {name:26s} {med[name]:8.2f} {med[name] - base:9.2f} {cpu[name]:7.2f}")
+    print(f"  {'  of which the replay':26s} {replay:8.2f}")
+    ratio = audited / (plain + replay)
+    bare = (audited - base) / (plain - base + replay)
+    print(f"  audit / (plain {k + n} steps + replay): {ratio:.2f}x wall; each minus import: {bare:.2f}x")
+    res.cli["prefix"] = {"start_step": k, "steps": n, "wall_s": walls, "cpu_s": cpus, "replay_s": replays,
+                         "ratio": ratio, "ratio_minus_import": bare}
 
 
 # -- training jobs ------------------------------------------------------------
@@ -655,7 +743,10 @@ def check_targets(res: Results) -> None:
     if 24 in by_depth:
         found["whole audit / plain step (24 layers)"] = by_depth[24]["audit_ratio"]
     if res.cli:
-        found["whole CLI run, one recording / plain script, minus import (12 layers)"] = res.cli["one_recording_ratio"]
+        found["whole CLI run (deterministic pass included) / plain script, minus import (12 layers)"] = \
+            res.cli["ratio"]
+        if "prefix" in res.cli:
+            found["--start-step K audit / (plain K+N steps + replay)"] = res.cli["prefix"]["ratio_minus_import"]
     if res.memory:
         found["peak memory audit / plain step"] = max(r["ratio"] for r in res.memory)
     worst = res.html.get("worst", {})

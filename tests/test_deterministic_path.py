@@ -1,4 +1,4 @@
-"""What deterministic mode really runs: a second recording under use_deterministic_algorithms(True)."""
+"""What deterministic mode really runs: a second, light recording under use_deterministic_algorithms(True)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from conftest import ROOT
 
 from opaudit.cli.main import main
 from opaudit.data.report import load
+from opaudit.data.verdict import Verdict
 
 DET_BRANCH = os.path.join(ROOT, "tests", "fixtures", "scripts", "det_branch.py")
 
@@ -66,7 +67,7 @@ def test_the_python_api_records_deterministic_mode_when_asked():
 
     calls: list[bool] = []
     report = opaudit.audit(_branching_step(calls), reps=1, deterministic_pass=True)
-    assert calls == [True, False]  # called twice: deterministic mode first
+    assert calls == [False, True]  # called twice: deterministic mode second
     assert [f.op for f in report.crashes()] == ["aten.max_unpool2d.default"]
     assert report.finding("aten.put_.default").recorded_in == ("default",)
     assert report.finding("aten.index_add.default").recorded_in == ("deterministic",)
@@ -78,3 +79,76 @@ def test_the_python_api_records_deterministic_mode_when_asked():
     assert calls == [False]  # by default fn runs once
     assert [f.op for f in report.crashes()] == ["aten.put_.default"]
     assert "deterministic_pass" not in report.settings
+
+
+DET_BRANCH_TRAIN = os.path.join(ROOT, "tests", "fixtures", "scripts", "det_branch_train.py")
+
+
+def test_deterministic_mode_is_recorded_over_the_next_steps_of_the_same_run(tmp_path, capsys, monkeypatch):
+    strict = torch.are_deterministic_algorithms_enabled()  # an earlier test's script may have left it on
+    loads = tmp_path / "loads.txt"
+    monkeypatch.setenv("LOADS", str(loads))
+    out = tmp_path / "r.yaml"
+    code = main([DET_BRANCH_TRAIN, "--steps", "2", "--reps", "1", "-o", str(out)])
+    _, err = capsys.readouterr()
+    assert code == 1, err
+    assert loads.read_text() == "loaded\n"  # the script ran once: no second load for deterministic mode
+    assert "recorded steps 1-2 of the script, then steps 3-4 in deterministic mode; stopped it there" in err
+    report = load(str(out))
+    assert [f.op for f in report.crashes()] == ["aten.max_unpool2d.default"]
+    assert report.finding("aten.put_.default").recorded_in == ("default",)
+    assert report.finding("aten.max_unpool2d.default").recorded_in == ("deterministic",)
+    assert report.finding("aten.index_add.default").recorded_in == ("deterministic",)
+    assert report.finding("aten.randperm.default").recorded_in == ("default", "deterministic")
+    # Built once, before the window's steps: the steps after it cannot say whether deterministic mode calls it.
+    ones = report.finding("aten.ones.default")
+    assert ones.phases == ("setup",) and ones.recorded_in == () and ones.deterministic_path
+    assert report.settings["deterministic_pass"] is True
+    assert torch.are_deterministic_algorithms_enabled() == strict
+
+
+LIBRARY = """
+import torch
+
+lib = torch.library.Library("{ns}", "DEF")
+lib.define("shift(Tensor x) -> Tensor")
+lib.impl("shift", lambda x: x + 0.5, "CPU")
+
+torch.manual_seed(0)
+model = torch.nn.Linear(4, 1)
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+for step in range({steps}):
+    x = torch.ops.{ns}.shift(torch.randn(8, 4))
+    model(x).pow(2).mean().backward()
+    if {steps} > 1:
+        opt.step()
+"""
+
+
+def test_a_script_that_defines_its_own_ops_is_loaded_once(tmp_path, capsys):
+    """Issue 22 item 5: torch.library.Library(ns, "DEF") twice in one process fails; the script is loaded once."""
+    script = tmp_path / "custom.py"
+    script.write_text(LIBRARY.format(ns="opaudit_lib_loop", steps=10))
+    out = tmp_path / "r.yaml"
+    code = main([str(script), "--reps", "1", "-o", str(out)])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    assert "deterministic mode failed" not in err
+    report = load(str(out))
+    assert report.settings["deterministic_pass"] is True
+    shift = report.finding("opaudit_lib_loop.shift.default")
+    assert shift.recorded_in == ("default", "deterministic") and shift.verdict is Verdict.STABLE
+
+
+def test_a_script_without_steps_that_defines_its_own_ops_is_audited_without_the_second_recording(tmp_path, capsys):
+    # No optimizer step: deterministic mode needs a second load, which the library refuses. The audit goes on.
+    script = tmp_path / "custom.py"
+    script.write_text(LIBRARY.format(ns="opaudit_lib_once", steps=1))
+    out = tmp_path / "r.yaml"
+    code = main([str(script), "--reps", "1", "-o", str(out)])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    assert "opaudit: warning: the run in deterministic mode failed (the script raised RuntimeError" in err
+    report = load(str(out))
+    assert report.settings["deterministic_pass"] is False
+    assert report.finding("opaudit_lib_once.shift.default").recorded_in == ()

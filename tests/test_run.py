@@ -47,7 +47,7 @@ def test_a_run_records_without_replaying_and_lets_go_of_its_captures_when_closed
         assert heard.replayed_ops == []  # recorded, not replayed
     assert all(snap is None for _, _, snap in run.recorder.items())
     assert run.recorder.captured_bytes == 0 and run.deterministic.captured_bytes == 0
-    assert (INFO, "recorded call 1 of opaudit_step") in heard.said
+    assert (INFO, "recorded call 1 of opaudit_step, then call 2 in deterministic mode") in heard.said
 
 
 def test_a_run_reports_what_it_recorded_with_its_settings(tmp_path):

@@ -223,6 +223,8 @@ class Recorder:
         self.strict_refusals: dict[str, int] = {}
         """Op → calls that strict deterministic mode, turned on by the recorded code, refused
         (each then ran with ``warn_only`` so that the run could go on)."""
+        self._mark: dict[Any, int] | None = None
+        """Calls per signature when :meth:`mark_step` was last called (``None``: never)."""
         self._interception = Interception(self._on_call, self.sites, self._on_alert)
         self._active = False
         self.children = ChildProcesses(self)
@@ -263,6 +265,11 @@ class Recorder:
             views = self._view_calls
             views[info] = views.get(info, 0) + 1
             return info.call
+        phase, site = self.sites.current()
+        return self._account(info, args, kwargs, phase, site)
+
+    def _account(self, info: _OpTraits, args: tuple, kwargs: dict | None, phase: int, site: int) -> Callable[..., Any]:
+        """Count a (non-view) call under its signature, capturing the first call's inputs; what runs it."""
         entries = self._entries
         try:
             key = (info, _args_key(args), (tuple(kwargs), _args_key(kwargs.values())) if kwargs else None)
@@ -270,9 +277,8 @@ class Recorder:
         except Exception:  # unhashable values, tensors without strides
             key = (info, signature_text(args, kwargs or {}))
             entry = entries.get(key)
-        phase, site = self.sites.current()
         if entry is None:
-            entry = entries[key] = _Entry(func, info.kind, key, self.total_calls)
+            entry = entries[key] = _Entry(info.func, info.kind, key, self.total_calls)
             self._first_call(entry, info, args, kwargs or {})
         entry.calls += 1
         if entry.samples is not None and entry.calls > 1:
@@ -502,6 +508,7 @@ class Recorder:
         self.captured_bytes = 0
         self.strict_refusals = {}
         self._samples_closed = False
+        self._mark = None
 
     def shipment(self) -> dict[str, Any]:
         """What this (child) recorder recorded, as plain values and snapshots, for :meth:`merge`."""
@@ -563,6 +570,9 @@ class Recorder:
     def _entries_in_order(self) -> Iterator[_Entry]:
         return iter(sorted(self._entries.values(), key=lambda e: e.first_call))
 
+    def _keys_in_order(self) -> list[tuple[Any, _Entry]]:
+        return sorted(self._entries.items(), key=lambda ke: ke[1].first_call)
+
     def signatures(self) -> list[RecordedSignature]:
         """Every unique non-view signature, in order of first call."""
         out = []
@@ -606,6 +616,27 @@ class Recorder:
                 held = tuple((s.call, s.snapshot) for s in e.samples.kept if s.snapshot is not None)
                 if held:
                     out[sig.id] = held
+        return out
+
+    def mark_step(self) -> None:
+        """A step of the recorded window ended: :meth:`since_mark` will name the signatures called after it."""
+        self._mark = {key: e.calls for key, e in self._entries.items()}
+
+    def since_mark(self) -> set[str]:
+        """Ids of the signatures called since the last :meth:`mark_step` (all of them if it never was)."""
+        mark = self._mark or {}
+        return {sig.id for sig, (key, e) in zip(self.signatures(), self._keys_in_order())
+                if e.calls > mark.get(key, 0)}
+
+    def op_sites(self) -> set[tuple[str, Site | None]]:
+        """Every ``(op, site)`` this recording called; ``(op, None)`` for an op that called from more sites
+        than a signature keeps (:data:`MAX_SITES`)."""
+        out: set[tuple[str, Site | None]] = set()
+        for e in self._entries.values():
+            name = str(e.func)
+            out.update((name, self.sites.site(i)) for i in e.sites)
+            if e.sites_dropped:
+                out.add((name, None))
         return out
 
     @property

@@ -39,7 +39,17 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from opaudit.data.errors import OpauditError
-from opaudit.engine.loader import Prepared, Sandbox, Target, call_user, prepare, require_no_arguments, sandboxed
+from opaudit.engine.loader import (
+    Prepared,
+    Sandbox,
+    ScriptExitError,
+    Target,
+    UserCodeError,
+    call_user,
+    prepare,
+    require_no_arguments,
+    sandboxed,
+)
 from opaudit.engine.mode import skip_dynamo
 
 DEFAULT_STEPS = 3
@@ -92,6 +102,11 @@ class Recorded:
     entry: str | None = None
     sandbox: Sandbox | None = None
     """What the run left behind in the process (threads still running, notes): see :class:`Sandbox`."""
+    then: tuple[int, int] | None = None
+    """The steps ``(first, last)`` the second recording (``then`` of :func:`run_window`) held, after the
+    window; ``None`` if it never began, ``last < first`` if no step ended while it recorded."""
+    then_error: str | None = None
+    """How the user's code failed while the second recording ran (the window's own recording is whole)."""
 
     @property
     def span(self) -> str:
@@ -104,19 +119,26 @@ class Recorded:
                 text = "start of the script" if self.unit == "step" else f"part of {self.unit} 1"
             else:
                 text = "whole script"
-        elif self.last == self.first:
-            text = f"{self.unit} {self.first}"
         else:
-            text = f"{self.unit}s {self.first}-{self.last}"
+            text = _span(self.unit, self.first, self.last)
         return text + (" (stopped by --max-record-seconds)" if self.stopped == "seconds" else "")
 
-    def describe(self) -> str:
-        """One line for the user: what was recorded and how the script ended."""
+    @property
+    def then_steps(self) -> int:
+        """How many steps (or calls) ended while the second recording ran."""
+        return 0 if self.then is None else max(0, self.then[1] - self.then[0] + 1)
+
+    def describe(self, then: str = "") -> str:
+        """One line for the user: what was recorded and how the script ended.
+
+        ``then`` says how the second recording was made (``in deterministic mode``).
+        """
+        after = f", then {_span(self.unit, *self.then)} {then}".rstrip() if self.then and self.then_steps else ""
         if self.unit == "call":
             text = f"recorded {self.span} of {self.entry}"
             if self.first > 1:
                 text += f" ({_plural(self.first - 1, 'call')} before ran unrecorded)"
-            return text
+            return text + after
         if self.last >= self.first:
             text = f"recorded {self.span} of the script"
         elif self.first == 1:
@@ -126,6 +148,7 @@ class Recorded:
             text = f"recorded what ran after step {self.first - 1}, the script's last optimizer step"
         if self.first > 1 and self.last >= self.first:
             text += f" (steps 1-{self.first - 1} ran unrecorded)"
+        text += after
         if self.stopped == "steps":
             return text + "; stopped it there"
         if self.stopped == "seconds":
@@ -148,6 +171,10 @@ def window_for(entry: bool, steps: int | str | None = DEFAULT, start: int = 0,
         raise WindowError("--steps all records a script to its end, and an entry function has none: give a number "
                           "of calls, or --max-record-seconds to call it until then")
     return Window(steps=steps, start=start, max_seconds=max_seconds)  # type: ignore[arg-type]
+
+
+def _span(unit: str, first: int, last: int) -> str:
+    return f"{unit} {first}" if last == first else f"{unit}s {first}-{last}"
 
 
 def _plural(n: int, unit: str) -> str:
@@ -283,6 +310,10 @@ def _stdlib(filename: str) -> bool:
     return filename.startswith(_STDLIB) and "-packages" + os.sep not in filename
 
 
+Recording = Callable[[], contextlib.AbstractContextManager[Any]]
+"""Makes the context a window is recorded inside (entered at its first step, left after its last)."""
+
+
 class _Clock:
     """Counts optimizer steps and opens and closes the recording at the window's edges.
 
@@ -290,19 +321,26 @@ class _Clock:
     steps are counted by a post-step hook on that optimizer alone. PyTorch runs
     an optimizer's own post hooks before the global ones, so opening or closing
     the recording there (which adds or removes the recorder's global hooks)
-    never changes a hook table while PyTorch walks it.
+    never changes a hook table while PyTorch walks it. With ``then``, a second
+    recording takes over for as many steps again when the window closes.
     """
 
-    def __init__(self, window: Window, recording: Callable[[], contextlib.AbstractContextManager[Any]]) -> None:
+    def __init__(self, window: Window, recording: Recording, then: Recording | None = None,
+                 on_last_step: Callable[[], None] | None = None) -> None:
         self.window = window
         self.recording = recording
+        self.then = then
+        self.on_last_step = on_last_step
         self.steps = 0
         self.first_recorded: int | None = None
         self.last_recorded = 0
+        self.then_first: int | None = None
+        self.then_last = 0
         self.stopped: str | None = None
         self._optimizer: Any = None
         self._thread = threading.get_ident()
         self._stack: contextlib.ExitStack | None = None
+        self._in_then = False
         self._deadline: _Deadline | None = None
         self._handles: list[Any] = []
 
@@ -333,11 +371,19 @@ class _Clock:
             self._deadline = stack.enter_context(_Deadline(time.monotonic() + self.window.max_seconds))
         self._stack = stack
 
+    def _open_then(self, then: Recording) -> None:
+        self.then_first = self.steps + 1
+        self.then_last = self.steps
+        stack = contextlib.ExitStack()
+        stack.enter_context(then())
+        self._stack, self._in_then = stack, True
+
     def _close(self) -> None:
         stack, self._stack = self._stack, None
         if stack is not None:
             if self._deadline is not None and self._deadline.expired and self.stopped is None:
                 self.stopped = "seconds"
+            self._deadline = None
             stack.close()
 
     def _before_step(self, optimizer: Any, *_: Any) -> None:
@@ -360,10 +406,21 @@ class _Clock:
             if self.steps == w.start and self.stopped is None:
                 self._open()
             return
+        if self._in_then:
+            self.then_last = self.steps
+            if w.steps is not None and self.steps >= self.last_recorded + w.steps:
+                self.stopped = "steps"
+                self._close()
+            return
         self.last_recorded = self.steps
         if w.steps is not None and self.steps >= w.start + w.steps:
-            self.stopped = "steps"
             self._close()
+            if self.then is not None and self.stopped is None:
+                self._open_then(self.then)
+            else:
+                self.stopped = self.stopped or "steps"
+        elif self.on_last_step is not None and w.steps is not None and self.steps == w.start + w.steps - 1:
+            self.on_last_step()
 
 
 def _forget(e: BaseException) -> None:
@@ -374,74 +431,126 @@ def _forget(e: BaseException) -> None:
     e.__traceback__ = None
 
 
+_OP_LIBRARIES: list[Any] = []
+"""The op libraries of stopped scripts, kept for the process: see :func:`finalize`."""
+
+
 def finalize(namespace: dict[str, Any]) -> None:
     """Drop a stopped script's globals, as the interpreter does at exit.
 
     DataLoader iterators shut their worker processes down when they are freed,
-    and files the script never closed are flushed and closed.
+    and files the script never closed are flushed and closed. The ops the script
+    defined (a ``torch.library.Library`` or ``torch.library.custom_op`` in its
+    globals) stay: the replays call them, and a library let go of unregisters
+    its ops (a replay then called freed memory).
     """
     # Dunder names stay: ``__builtins__``, and what Dynamo installed for compiled code
     # (``__compiled_fn_1``, ``__builtins_dict___0``), which it deletes itself when done.
-    for name in [k for k in namespace if not k.startswith("__")]:
+    names = [k for k in namespace if not k.startswith("__")]
+    _OP_LIBRARIES.extend(v for k in names if _defines_ops(v := namespace[k]))
+    for name in names:
         del namespace[name]
     gc.collect()
 
 
-def run_window(prepared: Prepared, recording: Callable[[], contextlib.AbstractContextManager[Any]],
-               window: Window, entry: str | None = None) -> tuple[Recorded, Any]:
+def _defines_ops(value: Any) -> bool:
+    library = getattr(torch, "library", None)
+    if library is not None and isinstance(value, library.Library):
+        return True
+    return type(value).__name__ == "CustomOpDef"  # ``custom_op``'s result, which holds its own Library
+
+
+def run_window(prepared: Prepared, recording: Recording, window: Window, entry: str | None = None, *,
+               then: Recording | None = None, on_last_step: Callable[[], None] | None = None) -> tuple[Recorded, Any]:
     """Run the user's code, recording inside ``recording()`` only for ``window``'s steps.
 
-    Returns what was recorded and, in entry mode, the last recorded call's
-    return value. Raises :class:`WindowError` if the run ended before the window
-    opened (nothing was recorded), and the loader's errors if the user's code fails.
-    Must be called inside :func:`opaudit.engine.loader.sandboxed`.
+    With ``then``, the run goes on for as many steps (or calls) again after the
+    window, recorded inside ``then()``, before it is stopped (see
+    :attr:`Recorded.then`); if the user's code fails meanwhile, the window's own
+    recording is whole and the failure is :attr:`Recorded.then_error`.
+    ``on_last_step()`` is called as the window's last step begins (if it has
+    more than one). Returns what was recorded and, in entry mode, the last
+    recorded call's return value. Raises :class:`WindowError` if the run ended
+    before the window opened (nothing was recorded), and the loader's errors if
+    the user's code fails. Must be called inside :func:`opaudit.engine.loader.sandboxed`.
     """
     if entry is not None:
-        return _run_entry(prepared, recording, window, entry)
-    clock = _Clock(window, recording)
+        return _run_entry(prepared, recording, window, entry, then, on_last_step)
+    clock = _Clock(window, recording, then, on_last_step)
+    then_error = None
     try:
         with clock:
             call_user(prepared.call)
     except _StopScript as e:
         _forget(e)
+    except (UserCodeError, ScriptExitError) as e:
+        if clock.then_first is None:
+            raise
+        then_error = str(e)
+        _forget(e)
     if clock.first_recorded is None:
         raise WindowError(
             f"the script ended after {_plural(clock.steps, 'optimizer step')}, before --start-step "
             f"{window.start} was reached: nothing was recorded")
-    return Recorded("step", clock.first_recorded, clock.last_recorded, clock.stopped), None
+    after = (clock.then_first, clock.then_last) if clock.then_first is not None else None
+    return Recorded("step", clock.first_recorded, clock.last_recorded, clock.stopped, then=after,
+                    then_error=then_error), None
 
 
-def _run_entry(prepared: Prepared, recording: Callable[[], contextlib.AbstractContextManager[Any]],
-               window: Window, entry: str) -> tuple[Recorded, Any]:
-    if window.steps is None and window.max_seconds is None:
-        raise WindowError(f"an entry function has no end: record a number of calls of {entry}, or until a time limit")
-    for _ in range(window.start):
-        call_user(prepared.call)
-    result = None
-    done = 0
-    stopped = None
+def _calls(prepared: Prepared, recording: contextlib.AbstractContextManager[Any], calls: int | None,
+           max_seconds: float | None, before_last: Callable[[], None] | None = None) -> tuple[int, Any, str | None]:
+    """Call the entry ``calls`` times (``None``: until ``max_seconds``) inside ``recording``.
+
+    ``before_last()`` is called before the last of several calls. Returns the
+    calls that ended, the last one's result, and ``seconds`` if the time limit stopped them.
+    """
+    done, result = 0, None
     try:
         with contextlib.ExitStack() as stack:
-            stack.enter_context(recording())
+            stack.enter_context(recording)
             deadline = None
-            if window.max_seconds is not None:
-                deadline = stack.enter_context(_Deadline(time.monotonic() + window.max_seconds))
-            while window.steps is None or done < window.steps:
+            if max_seconds is not None:
+                deadline = stack.enter_context(_Deadline(time.monotonic() + max_seconds))
+            while calls is None or done < calls:
                 if deadline is not None and time.monotonic() >= deadline.deadline:
                     raise _StopScript  # an entry that runs no torch op never meets the deadline's check
+                if before_last is not None and calls is not None and done == calls - 1 > 0:
+                    before_last()
                 result = call_user(prepared.call)
                 done += 1
     except _StopScript as e:
         _forget(e)
-        stopped = "seconds"
-    return Recorded("call", window.start + 1, window.start + done, stopped, entry), result
+        return done, result, "seconds"
+    return done, result, None
 
 
-def run_target(target: Target, recording: Callable[[], contextlib.AbstractContextManager[Any]],
-               window: Window, seed: int | None = 0, *, keep_module: bool = True) -> Recorded:
+def _run_entry(prepared: Prepared, recording: Recording, window: Window, entry: str,
+               then: Recording | None = None, on_last_step: Callable[[], None] | None = None) -> tuple[Recorded, Any]:
+    if window.steps is None and window.max_seconds is None:
+        raise WindowError(f"an entry function has no end: record a number of calls of {entry}, or until a time limit")
+    for _ in range(window.start):
+        call_user(prepared.call)
+    done, result, stopped = _calls(prepared, recording(), window.steps, window.max_seconds, on_last_step)
+    after = then_error = None
+    if then is not None:
+        first = window.start + done + 1
+        try:
+            more, _, _ = _calls(prepared, then(), window.steps or max(done, 1), window.max_seconds)
+        except (UserCodeError, ScriptExitError) as e:
+            more, then_error = 0, str(e)
+            _forget(e)
+        after = (first, first + more - 1)
+    return Recorded("call", window.start + 1, window.start + done, stopped, entry, then=after,
+                    then_error=then_error), result
+
+
+def run_target(target: Target, recording: Recording, window: Window, seed: int | None = 0, *,
+               keep_module: bool = True, then: Recording | None = None,
+               on_last_step: Callable[[], None] | None = None) -> Recorded:
     """Load ``target`` and record ``window``'s steps of it inside ``recording()``.
 
-    The windowed counterpart of :func:`opaudit.engine.loader.run`: a script stopped
+    ``then`` and ``on_last_step`` are :func:`run_window`'s. The windowed
+    counterpart of :func:`opaudit.engine.loader.run`: a script stopped
     after its window has its globals dropped (:func:`finalize`) before this returns.
     With ``keep_module=False`` the imported module of an entry function is let go
     of as well, so that a run that follows does not hold two copies of the
@@ -450,7 +559,7 @@ def run_target(target: Target, recording: Callable[[], contextlib.AbstractContex
     with sandboxed(target) as box:
         prepared = prepare(target, seed)
         require_no_arguments(target, prepared)
-        recorded, _ = run_window(prepared, recording, window, target.entry)
+        recorded, _ = run_window(prepared, recording, window, target.entry, then=then, on_last_step=on_last_step)
     # The box is filled in as the sandbox closes (threads still running, notes of the script's hooks).
     recorded = dataclasses.replace(recorded, sandbox=box)
     if recorded.stopped is not None and target.entry is None:

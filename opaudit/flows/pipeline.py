@@ -19,6 +19,7 @@ from opaudit.data.observation import Observation
 from opaudit.data.report import Finding, Report, RunCheck, sort_findings
 from opaudit.data.verdict import Verdict
 from opaudit.engine.classify import classify
+from opaudit.engine.detpath import PathRecorder
 from opaudit.engine.environment import environment_warnings, fingerprint
 from opaudit.engine.record import DEFAULT_CAPTURES_PER_SIGNATURE, RecordedSignature, Recorder
 from opaudit.engine.replay import preserved_state, replay, time_fill
@@ -49,26 +50,36 @@ Item = tuple[RecordedSignature, Any, "Snapshot | None", tuple[str, ...]]
 """A signature to classify: the recorded signature, its op, its captured inputs, the recordings that called it."""
 
 
-def merge_recordings(default: Recorder, deterministic: Recorder | None) -> list[Item]:
+def merge_recordings(default: Recorder, deterministic: PathRecorder | None) -> list[Item]:
     """The signatures to classify: the default-mode recording's, then those only deterministic mode called.
 
     PyTorch's Python code (and the user's) takes other paths when
     ``torch.are_deterministic_algorithms_enabled()``: ``nn.functional`` switches
     ``max_pool3d``, ``pad(mode="replicate")`` and bilinear ``interpolate`` to
-    decompositions on CUDA. With a second recording of the same steps made in
-    deterministic mode, each signature says which recordings called it; an op
-    only the default path calls is no crash, and one only the deterministic path
-    calls is audited too. Without it, every signature's paths are left empty.
+    decompositions on CUDA. With a recording made in deterministic mode, a
+    default-mode signature is ``(default, deterministic)`` when deterministic
+    mode called its op from one of its sites too, ``(default,)`` when it did not
+    and could have (:meth:`~opaudit.engine.detpath.PathRecorder.judges`), and
+    ``()`` (not known, so still on the deterministic path) otherwise; the
+    signatures only deterministic mode called follow, ``(deterministic,)``.
+    Without that recording, every signature's paths are left empty.
     """
     items = default.items()
     if deterministic is None:
         return [(sig, func, snap, ()) for sig, func, snap in items]
+    called = deterministic.called()
+    called_ops = {op for op, _ in called}
     det_items = deterministic.items()
     det_ids = {sig.id for sig, _, _ in det_items}
-    out: list[Item] = [
-        (sig, func, snap, (DEFAULT_PATH, DETERMINISTIC_PATH) if sig.id in det_ids else (DEFAULT_PATH,))
-        for sig, func, snap in items
-    ]
+    judged = deterministic.judges(default.since_mark())
+    out: list[Item] = []
+    for sig, func, snap in items:
+        if (sig.id in det_ids or any((sig.op, site) in called for site in sig.sites)
+                or (sig.sites_dropped and sig.op in called_ops)):
+            paths: tuple[str, ...] = (DEFAULT_PATH, DETERMINISTIC_PATH)
+        else:
+            paths = (DEFAULT_PATH,) if judged(sig) else ()
+        out.append((sig, func, snap, paths))
     seen = {sig.id for sig, _, _ in items}
     out += [(sig, func, snap, (DETERMINISTIC_PATH,)) for sig, func, snap in det_items if sig.id not in seen]
     return out
@@ -156,14 +167,13 @@ def build_report(
     on_progress: Callable[[Progress], None] | None = None,
     run_checks: Iterable[RunCheck] = (),
     complete: bool = True,
-    deterministic: Recorder | None = None,
+    deterministic: PathRecorder | None = None,
 ) -> Report:
     """Replay every recorded signature and classify it.
 
     ``complete=False`` marks the report partial from the start (the recording was
-    cut short). ``deterministic`` is a second recording of the same steps made with
-    ``use_deterministic_algorithms(True, warn_only=True)`` (see
-    :func:`merge_recordings`).
+    cut short). ``deterministic`` is what ``use_deterministic_algorithms(True,
+    warn_only=True)`` ran, recorded after or beside ``rec`` (see :func:`merge_recordings`).
 
     A ``KeyboardInterrupt`` during replay returns a report marked
     ``complete=False`` holding every finding classified so far; the interrupt is

@@ -30,6 +30,7 @@ from typing import Any
 from opaudit.data.errors import interruption
 from opaudit.data.report import Report, RunCheck
 from opaudit.engine import loader
+from opaudit.engine.detpath import PathRecorder
 from opaudit.engine.loader import Target
 from opaudit.engine.record import DEFAULT_CAPTURE_BUDGET, DEFAULT_CAPTURES_PER_SIGNATURE, Recorder
 from opaudit.engine.replay import preserved_state, set_deterministic
@@ -147,6 +148,11 @@ class AuditRun:
         return Recorder(capture_budget=o.capture_budget, root=self.root,
                         captures_per_signature=o.captures_per_signature, **kwargs)
 
+    def _path_recorder(self, default: Recorder, *, same_run: bool) -> PathRecorder:
+        o = self.options
+        return PathRecorder(default, same_run=same_run, capture_budget=o.capture_budget, root=self.root,
+                            captures_per_signature=o.captures_per_signature)
+
     # -- the whole-step check ----------------------------------------------------
     def check_runs(self, target: Target, window: Window) -> tuple[RunCheck, ...]:
         """Run the whole-step check (``options.run_check`` runs per mode) before anything is recorded.
@@ -170,51 +176,62 @@ class AuditRun:
     def record_target(self, target: Target, window: Window) -> Recorded | None:
         """Run ``target`` through ``window``, recorded (in deterministic mode too, unless the options say not).
 
-        An interrupt while the user's code runs stops the recording there (see
-        :attr:`cut`); what was recorded until then is still audited. The user's
-        code failing raises the loader's errors. Nothing is replayed yet.
+        The default-mode recording captures the window's inputs. Deterministic
+        mode is recorded over as many steps again of the same run, right after
+        the window (:class:`~opaudit.engine.detpath.PathRecorder`: only what it
+        calls, and where from): the script runs once, its unrecorded prefix too.
+        A script with no step after the window (no optimizer step, ``--steps
+        all``, a time limit, a script that ends there) is run once more, from a
+        fresh load, for that recording. An interrupt while the user's code runs
+        stops the recording there (see :attr:`cut`); what was recorded until then
+        is still audited. The user's code failing raises the loader's errors
+        (after the window: a warning, and no deterministic-mode recording).
+        Nothing is replayed yet.
         """
         o = self.options
-        det_rec = det_recorded = recorded = det_failure = None
+        if self.distributed is not None and self.run_checks:
+            self.distributed.fresh_start()  # the run check's runs are gone on every rank before this one starts
+        rec = self.recorder = self._new_recorder(capture_collectives=self.distributed is not None)
+        recording = self.distributed.recording(rec) if self.distributed is not None else (lambda: rec)
+        det = None
         if o.deterministic_pass and self.distributed is None:
-            # First, so that the recording replayed for most signatures is the last one made: an op the
-            # script registers itself (torch.library) is registered anew by each run.
-            det_rec = self._new_recorder()
-            try:
-                det_recorded = _record(target, det_rec, window, seed=o.seed, deterministic=True)
-            except WindowError:
-                det_rec.release()
-                det_rec = None  # nothing recorded: the default-mode run below says so
-            except (loader.UserCodeError, loader.ScriptExitError) as e:
-                # Said only once the default-mode run succeeded: if it fails too, its error is the one message.
-                det_rec.release()
-                det_rec, det_failure = None, e
-            except KeyboardInterrupt as e:
-                self.cut = e  # the audit goes on with what the deterministic-mode run recorded
-        if self.cut is None:
-            if self.distributed is not None and self.run_checks:
-                self.distributed.fresh_start()  # the run check's runs are gone on every rank before this one starts
-            rec = self.recorder = self._new_recorder(capture_collectives=self.distributed is not None)
-            self.deterministic = det_rec
-            try:
-                recorded = _record(target, rec, window, seed=o.seed,
-                                   recording=self.distributed.recording if self.distributed is not None else None)
-            except KeyboardInterrupt as e:
-                # Ctrl-C (or SIGTERM) while the user's code runs: recording stops there, and
-                # what was recorded is still audited (a second interrupt stops that too).
-                self.cut = e
-            if self.cut is not None and self.distributed is not None:
-                raise self.cut  # a rank's partial audit is not the job's report: torchrun is ending the job
-        else:
-            self.recorder = det_rec
-        if det_failure is not None:
-            self._say(WARNING, f"the run in deterministic mode failed ({det_failure}); the crash list comes from "
+            det = self.deterministic = self._path_recorder(rec, same_run=True)
+        recorded = again = failure = None
+        try:
+            recorded = run_target(target, recording, window, seed=o.seed,
+                                  then=(lambda: _in_deterministic_mode(det)) if det is not None else None,
+                                  on_last_step=rec.mark_step if det is not None else None)
+        except KeyboardInterrupt as e:
+            # Ctrl-C (or SIGTERM) while the user's code runs: recording stops there, and
+            # what was recorded is still audited (a second interrupt stops that too).
+            self.cut = e
+            if self.distributed is not None:
+                raise  # a rank's partial audit is not the job's report: torchrun is ending the job
+        if recorded is not None and det is not None:
+            failure = recorded.then_error
+            if failure is None and not recorded.then_steps and target.entry is None:
+                det.release()
+                det = self.deterministic = self._path_recorder(rec, same_run=False)
+                try:
+                    again = run_target(target, lambda: _in_deterministic_mode(det), window, seed=o.seed,
+                                       keep_module=False)
+                except WindowError:
+                    det = None
+                except (loader.UserCodeError, loader.ScriptExitError) as e:
+                    failure = str(e)
+                except KeyboardInterrupt as e:
+                    self.cut = e
+        if self.deterministic is not None and (failure is not None or self.cut is not None or det is None):
+            self.deterministic.release()
+            self.deterministic = None
+        if failure is not None:
+            self._say(WARNING, f"the run in deterministic mode failed ({failure}); the crash list comes from "
                                "the default-mode recording")
         self.recorded = recorded
         if recorded is not None:
-            self._say(INFO, recorded.describe())
-        # The script ran once per recording: what either run left behind is said once.
-        boxes = [r.sandbox for r in (det_recorded, recorded) if r is not None and r.sandbox is not None]
+            self._say(INFO, recorded.describe(then="in deterministic mode"))
+        # A script run twice: what either run left behind is said once.
+        boxes = [r.sandbox for r in (recorded, again) if r is not None and r.sandbox is not None]
         self.threads_left = tuple(sorted({name for box in boxes for name in box.threads_left}))
         for note in dict.fromkeys(note for box in boxes for note in box.notes):
             self._say(NOTE, note)
@@ -228,23 +245,25 @@ class AuditRun:
     def record_call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Record one call of ``fn(*args, **kwargs)`` (and, with the deterministic pass, one more); its result.
 
-        The deterministic-mode call comes first, recorded on its own, under
-        ``use_deterministic_algorithms(True, warn_only=True)``; the global RNG
-        states are restored after it, so the default-mode call starts from what it found.
+        The deterministic-mode call comes second, under
+        ``use_deterministic_algorithms(True, warn_only=True)``, recorded light
+        (see :class:`~opaudit.engine.detpath.PathRecorder`); the global RNG states
+        are put back after it as the first call left them.
         """
         if self.root is None:
             code = getattr(fn, "__code__", None)
             if code is not None:
                 self.root = os.path.dirname(os.path.abspath(code.co_filename))
         self.settings["entry"] = getattr(fn, "__qualname__", repr(fn))
-        if self.options.deterministic_pass:
-            self.deterministic = self._new_recorder()
-            with _deterministic_mode(), self.deterministic:
-                fn(*args, **kwargs)
-            self.settings["deterministic_pass"] = True
         self.recorder = self._new_recorder()
         with self.recorder:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+        if self.options.deterministic_pass:
+            self.deterministic = self._path_recorder(self.recorder, same_run=True)
+            with _in_deterministic_mode(self.deterministic):
+                fn(*args, **kwargs)
+            self.settings["deterministic_pass"] = True
+        return result
 
     def begin(self, *, mid_run: bool = False) -> None:
         """Start recording in default mode, for a caller that runs the steps itself (a training-loop callback).
@@ -339,16 +358,16 @@ def audit(fn: Callable[..., Any], *args: Any, reps: int = DEFAULT_REPS, seed: in
     ``reps``, ``seed``, ``capture_budget``, ``deterministic_pass`` and
     ``captures_per_signature`` are opaudit's own options; every other keyword goes to ``fn``.
 
-    With ``deterministic_pass=True``, ``fn`` is **called twice**: first under
-    ``torch.use_deterministic_algorithms(True, warn_only=True)``, recorded on its
-    own, then as usual (with the global RNG states the first call found). As the
-    command line does, the report then says which recording called each op
-    (``recorded_in``), and :meth:`Report.crashes` leaves out the ops that only the
-    default-mode path calls. It is off by default because a step usually changes
-    state (an optimizer step, a counter, a data iterator): the second call starts
-    from what the first left, and its own inputs are held (within
-    ``capture_budget``) while the second runs. Use it when ``fn`` can be called
-    twice, or when its code branches on ``torch.are_deterministic_algorithms_enabled()``.
+    With ``deterministic_pass=True``, ``fn`` is **called twice**: as usual, then
+    once more under ``torch.use_deterministic_algorithms(True, warn_only=True)``,
+    where only what it calls, and from where, is recorded (the global RNG states
+    are put back after it as the first call left them). As the command line
+    does, the report then says which recording called each op (``recorded_in``),
+    and :meth:`Report.crashes` leaves out the ops that only the default-mode path
+    calls. It is off by default because a step usually changes state (an
+    optimizer step, a counter, a data iterator): the second call starts from what
+    the first left. Use it when ``fn`` can be called twice, or when its code
+    branches on ``torch.are_deterministic_algorithms_enabled()``.
     """
     options = RunOptions(reps=reps, seed=seed, capture_budget=capture_budget, deterministic_pass=deterministic_pass,
                          captures_per_signature=captures_per_signature, timings=True)
@@ -360,29 +379,11 @@ def audit(fn: Callable[..., Any], *args: Any, reps: int = DEFAULT_REPS, seed: in
 
 
 @contextmanager
-def _deterministic_mode() -> Iterator[None]:
-    """``use_deterministic_algorithms(True, warn_only=True)``, its warnings silenced, then every flag restored."""
+def _in_deterministic_mode(rec: Recorder) -> Iterator[Recorder]:
+    """``rec`` recording under ``use_deterministic_algorithms(True, warn_only=True)``, its warnings
+    silenced; every flag (and the RNG states) put back afterwards."""
     with preserved_state(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         set_deterministic(True, warn_only=True)
-        yield
-
-
-def _record(target: Target, rec: Recorder, window: Window, *, seed: int = 0, deterministic: bool = False,
-            recording: Callable[[Recorder], Callable[[], Any]] | None = None) -> Recorded:
-    """Load ``target`` and record ``window``'s steps of it into ``rec``.
-
-    With ``deterministic``, the run is made under
-    ``torch.use_deterministic_algorithms(True, warn_only=True)`` (restored
-    afterwards, its warnings silenced): the recording shows which ops
-    deterministic mode really runs. ``recording(rec)``, if given, wraps the
-    recorder in the context the run is recorded inside (a distributed rank's).
-    An interrupt while the user's code runs propagates; ``rec`` then holds what
-    was recorded until then.
-    """
-    context = recording(rec) if recording is not None else (lambda: rec)
-    if not deterministic:
-        return run_target(target, context, window, seed=seed)
-    with _deterministic_mode():
-        # The default-mode run comes next: it must not find this run's model still held.
-        return run_target(target, context, window, seed=seed, keep_module=False)
+        with rec:
+            yield rec
