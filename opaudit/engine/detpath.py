@@ -22,7 +22,8 @@ from collections.abc import Callable
 from typing import Any
 
 from opaudit.data.site import Site
-from opaudit.engine.record import _OP_TRAITS, Recorder, _op_traits
+from opaudit.engine.optraits import OP_TRAITS, op_traits
+from opaudit.engine.record import Recorder
 
 
 class PathRecorder(Recorder):
@@ -52,11 +53,11 @@ class PathRecorder(Recorder):
 
     def _on_call(self, func: Any, args: tuple, kwargs: dict | None) -> Callable[..., Any]:
         self.total_calls += 1
-        info = _OP_TRAITS.get(id(func))
+        info = OP_TRAITS.get(id(func))
         if info is None or info.func is not func:
-            info = _op_traits(func)
+            info = op_traits(func)
         if info.writes and self._held:
-            self._before_write(info, args, kwargs)
+            self._captures.before_write(info, args, kwargs)
         if info.view:
             return info.call
         phase, site = self.sites.current()
