@@ -5,7 +5,7 @@
     python scripts/bench.py --quick          # smoke run (well under a minute)
     python scripts/bench.py --device cuda    # the same on a GPU
 
-Six parts (``--only`` picks some):
+Seven parts (``--only`` picks some; ``inputs`` runs only when named):
 
 * **overhead**: one training step (forward + backward) of two models, each wrapped
   in: nothing (plain eager), a bare pass-through ``TorchDispatchMode``, the same
@@ -39,6 +39,12 @@ Six parts (``--only`` picks some):
   tests' driver) the time to open it (navigation start to the load event, the
   page's script included; first contentful paint; the driver's own wait), to sort
   a column and to apply a verdict filter.
+
+* **inputs**: reading opaudit's own files: a ~60 MB report (``--quick``: ~6 MB) parsed
+  by the reader the CLI uses (libyaml's parser under opaudit's own composer) and by
+  PyYAML's pure-Python parser, and ``opaudit diff`` of two 20,000-signature reports
+  (~6.6 MB each, one verdict in ten changed), each in a fresh process (time and
+  peak RSS above the start).
 
 The targets of issue 5 are checked at the end; the exit status is 0 either way
 (this is a measurement, not a test).
@@ -308,6 +314,7 @@ class Results:
     cli: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     html: dict[str, Any] = field(default_factory=dict)
+    inputs: dict[str, Any] = field(default_factory=dict)
     targets: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -552,6 +559,100 @@ def bench_training(args: argparse.Namespace, res: Results) -> None:
     print(f"  opaudit train_loop.py --steps 3 on a 20,000-step script: {lo:.2f} s")
     print(f"  the same on a script that has only 3 steps:              {sh:.2f} s")
     print(f"  ratio: {lo / sh:.2f}x   (both include start-up, recording 3 steps, and the replay)")
+
+
+# -- inputs -----------------------------------------------------------------
+def _inputs_step() -> None:
+    """A few real findings to copy: a lookup table's backward (index_put with accumulate) and a small MLP."""
+    torch.manual_seed(0)
+    table = torch.randn(64, 8, requires_grad=True)
+    mlp = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+    ids = torch.randint(0, 64, (256,))
+    mlp(table[ids]).sum().backward()
+
+
+def _synthetic_report(template: dict[str, Any], findings: int, changed_every: int = 0) -> str:
+    """``template`` (a real report's dict) with ``findings`` distinct signatures, copied from its findings
+    (and no summary); every ``changed_every``-th one ``diverges`` (a second report to diff against the first)."""
+    import yaml
+
+    base = template["findings"]
+    out = []
+    for i in range(findings):
+        f = dict(base[i % len(base)])
+        f["id"] = f"{i:012x}"
+        f["signature"] = f"{f['signature']}, i64[{i}]"
+        if changed_every and i % changed_every == 0:
+            f["verdict"] = "diverges"
+        out.append(f)
+    doc = {k: v for k, v in template.items() if k != "summary"}  # optional; its counts would not add up
+    doc["findings"] = out
+
+    class Dumper(yaml.CSafeDumper if hasattr(yaml, "CSafeDumper") else yaml.SafeDumper):  # type: ignore[misc]
+        def ignore_aliases(self, data: Any) -> bool:
+            return True
+
+    return yaml.dump(doc, Dumper=Dumper, sort_keys=False, width=120, allow_unicode=True, default_flow_style=False,
+                     explicit_end=True)
+
+
+def inputs_worker(job: str, loader: str, paths: list[str]) -> dict[str, Any]:
+    """One measurement in this fresh process: ``parse`` (read_document) or ``diff`` (diff_files)."""
+    import resource
+
+    from opaudit.data import files
+    from opaudit.flows.diff import diff_files
+
+    if loader == "python":
+        files._Loader = files._PythonLoader
+    start = _status_kib("VmRSS")
+    t0 = time.perf_counter()
+    if job == "parse":
+        n = len(files.read_document(paths[0])["findings"])
+    else:
+        n = diff_files(paths[0], paths[1]).summary["changed"]
+    seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"seconds": seconds, "peak_mib": (peak - start) / 1024, "count": n, "loader": files._Loader.__name__}
+
+
+def bench_inputs(args: argparse.Namespace, res: Results) -> None:
+    import tempfile
+
+    import yaml
+
+    from opaudit.cli.formats import Format, Kind, render
+    from opaudit.data import files
+    from opaudit.flows.pipeline import audit
+
+    print("\n## Reading opaudit's files: libyaml's parser vs PyYAML's pure-Python one (fresh process each)\n")
+    if files._LibyamlLoader is None:
+        print("  PyYAML has no libyaml here: nothing to compare")
+        return
+    template = yaml.safe_load(render(audit(_inputs_step, reps=1), Kind.REPORT, Format.YAML))
+    per = len(_synthetic_report(template, 200)) / 200
+    big_mb = 6 if args.quick else 60
+    with tempfile.TemporaryDirectory() as tmp:
+        big, a, b = (os.path.join(tmp, n) for n in ("big.yaml", "a.yaml", "b.yaml"))
+        for path, text in ((big, _synthetic_report(template, int(big_mb * 1e6 / per))),
+                           (a, _synthetic_report(template, 20_000)), (b, _synthetic_report(template, 20_000, 10))):
+            with open(path, "w") as f:
+                f.write(text)
+        sizes = {p: os.path.getsize(p) / 1e6 for p in (big, a, b)}
+        print(f"  report: {sizes[big]:.1f} MB; diffed reports: {sizes[a]:.1f} and {sizes[b]:.1f} MB, 20,000 "
+              "signatures each")
+        for job, paths in (("parse", [big]), ("diff", [a, b])):
+            got = {}
+            for loader in ("libyaml", "python"):
+                out = subprocess.run([sys.executable, __file__, "--_inputs", job, "--_loader", loader, *paths],
+                                     check=True, capture_output=True, text=True).stdout
+                got[loader] = json.loads(out.strip().splitlines()[-1])
+            lib, py = got["libyaml"], got["python"]
+            what = f"parse the {sizes[big]:.0f} MB report" if job == "parse" else "diff the two reports"
+            print(f"  {what:34s} libyaml {lib['seconds']:7.1f} s, {lib['peak_mib']:6.0f} MiB   "
+                  f"pure Python {py['seconds']:7.1f} s, {py['peak_mib']:6.0f} MiB   speed-up {py['seconds'] / lib['seconds']:.1f}x")
+            res.inputs[job] = {"mb": [sizes[p] for p in paths], "libyaml": lib, "python": py,
+                               "speedup": py["seconds"] / lib["seconds"]}
 
 
 # -- memory -----------------------------------------------------------------
@@ -799,6 +900,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", default=None, help="also write the raw numbers to this file")
     p.add_argument("--_memory", choices=["plain", "audit"], help=argparse.SUPPRESS)
     p.add_argument("--_depth", type=int, default=12, help=argparse.SUPPRESS)
+    p.add_argument("--_inputs", choices=["parse", "diff"], help=argparse.SUPPRESS)
+    p.add_argument("--_loader", choices=["libyaml", "python"], default="libyaml", help=argparse.SUPPRESS)
+    p.add_argument("_paths", nargs="*", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     a.rounds = a.rounds or (8 if a.quick else 60)
     a.warmup = 2 if a.quick else 5
@@ -818,6 +922,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args._memory:
         print(json.dumps(memory_worker(args._memory, args._depth, args.device, args.reps)))
+        return 0
+    if args._inputs:
+        print(json.dumps(inputs_worker(args._inputs, args._loader, args._paths)))
         return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device")
@@ -843,6 +950,8 @@ def main(argv: list[str] | None = None) -> int:
         bench_training(args, res)
     if "html" in parts:
         bench_html(args, res)
+    if "inputs" in parts:
+        bench_inputs(args, res)
     check_targets(res)
     with contextlib.suppress(OSError):
         res.env["loadavg_end"] = os.getloadavg()[0]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import re
 import textwrap
 
@@ -158,3 +159,53 @@ def test_every_markdown_table_of_a_plain_report_renders(tmp_path, capsys):
     text = out.read_text()
     assert "## Findings" in text and "## What to do" in text
     check_markdown(text)
+
+
+TERMINAL = "\x1b[2J\x1b]0;pwned\x07\x9b31m\u202etxt.exe\r"
+"""Clear the screen, set the window title (OSC ... BEL), a C1 CSI, a right-to-left override, a carriage return."""
+RAW = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def test_control_characters_from_files_reach_no_output_raw(tmp_path, capsys):
+    from opaudit.data.files import dump_yaml, safe_load
+
+    data = safe_load(open(f"{ROOT}/catalogs/cpu-x86_64-torch2.13.0.yaml").read())
+    raises = next(e for e in data["entries"] if e["verdict"] == "raises")
+    data["entries"] = data["entries"][:10]
+    data["summary"] = {}
+    small = tmp_path / "small.yaml"
+    small.write_text(dump_yaml(data))
+    data["entries"].append({**raises, "op": f"aten.evil{TERMINAL}.default", "source": TERMINAL, "error": TERMINAL})
+    data["environment"]["torch"] = TERMINAL
+    hostile = tmp_path / "hostile.yaml"
+    hostile.write_text(dump_yaml(data))
+    assert "\x1b" not in hostile.read_text()  # PyYAML writes "\e": the file itself is safe to cat
+    for argv in (["catalog", "--from", str(hostile)], ["diff", str(small), str(hostile), "--exit-zero"]):
+        for fmt in ("table", "md", "html", "csv", "json", "yaml"):
+            assert main([*argv, "--format", fmt]) == 0
+            out, err = capsys.readouterr()
+            # YAML keeps the data as it is but for C0/C1/DEL, which PyYAML escapes ("\e", "\x9b").
+            assert set(RAW.findall(out + err)) <= ({"\u202e"} if fmt == "yaml" else set()), (argv, fmt)
+            if fmt in ("table", "html", "csv"):
+                assert "\\x1b[2J\\x1b]0;pwned\\x07\\x9b31m\\u202etxt.exe\\x0d" in out, (argv, fmt)
+            if fmt == "md":  # Markdown escapes the backslash and brackets in turn: it renders as the above
+                assert "\\\\x1b\\[2J\\\\x1b\\]0;pwned\\\\x07" in out, (argv, fmt)
+            if fmt == "json" and argv[0] == "catalog":
+                ops = {e["op"] for e in json.loads(out)["entries"]}
+                assert f"aten.evil{TERMINAL}.default" in ops  # JSON escapes keep the data exact
+
+
+def test_control_characters_in_a_report_are_escaped_in_every_format():
+    from opaudit.cli.formats import Format, Kind, render
+    from opaudit.data.report import Finding, Report, Site
+    from opaudit.data.verdict import Verdict
+
+    f = Finding(id="abc", op=f"aten.evil{TERMINAL}.default", verdict=Verdict.SKIPPED, calls=1, signature=TERMINAL,
+                phases=("forward",), sites=(Site(f"train{TERMINAL}.py", 7, "step", f"Net.{TERMINAL}"),), first_call=1,
+                reason=f"replay failed: RuntimeError: {TERMINAL}")
+    report = Report(environment={"torch": TERMINAL}, settings={"reps": 1}, all_findings=(f,), total_calls=1)
+    for fmt in Format:
+        text = render(report, Kind.REPORT, fmt)
+        assert set(RAW.findall(text)) <= ({"\u202e"} if fmt is Format.YAML else set()), fmt
+        if fmt in (Format.JSON, Format.SARIF):
+            assert "\\u001b[2J\\u001b]0;pwned\\u0007\\u009b31m\\u202etxt.exe\\r" in text, fmt

@@ -260,3 +260,48 @@ def test_a_script_larger_than_any_script_is_refused(tmp_path, capsys):
     with open(script, "wb") as f:
         f.truncate(MAX_SCRIPT_BYTES + 1)  # sparse
     _refused(capsys, [str(script)], "too large", "opaudit reads scripts up to 16 MiB")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seed", "99999999999999999999999"], "argument --seed: must be at most 18,446,744,073,709,551,615, got "
+                                            "99999999999999999999999"),
+    (["--seed", "-9223372036854775809"], "argument --seed: must be at least -9223372036854775808"),
+    (["--reps", "10001"], "argument --reps: must be at most 10,000, got 10001"),
+    (["--reps", "9" * 5000], "argument --reps: must be at most 10,000, got a 5000-digit number"),
+    (["--capture-budget", "99999999999"], "argument --capture-budget: must be at most 16,777,216"),
+    (["--captures-per-signature", "1001"], "argument --captures-per-signature: must be at most 1,000"),
+    (["--run-check", "1001"], "argument --run-check: must be at most 1,000"),
+    (["--steps", "99999999999"], "argument --steps: must be at most 1,000,000,000"),
+    (["--start-step", "99999999999"], "argument --start-step: must be at most 1,000,000,000"),
+    (["--against", ""], "argument --against: expected a file name, got ''"),
+    (["-o", ""], "argument -o/--output: expected a file name, got ''"),
+    (["catalog", "--stress-elements", "9999999999999"], "argument --stress-elements: must be at most 2,147,483,647"),
+    (["catalog", "--threads", "100000"], "argument --threads: must be at most 1,024"),
+    (["catalog", "--reps", "100000"], "argument --reps: must be at most 10,000"),
+    (["catalog", "--max-samples", "99999999999"], "argument --max-samples: must be at most 1,000,000,000"),
+    (["catalog", "--from", ""], "argument --from: expected a file name, got ''"),
+    (["diff", "", "b.yaml"], "argument A: expected a file name, got ''"),
+])
+def test_numeric_options_are_bounded_and_empty_paths_refused(tmp_path, capsys, argv, message):
+    marker = tmp_path / "ran"
+    script = tmp_path / "train.py"
+    script.write_text(f"open({str(marker)!r}, 'w').close()\nraise SystemExit(3)\n")
+    full = argv if argv[0] in ("catalog", "diff") else [str(script), *argv]
+    assert _refused(capsys, full, message).startswith(f"opaudit: error: {message}")
+    assert not marker.exists()
+
+
+def test_threads_past_what_torch_can_start_is_a_usage_error(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text("import torch\nx = torch.randn(256, 256)\n(x @ x).sum()\n")
+    done = _limited(["train.py", "--threads", "100000", "--reps", "1"], tmp_path)  # torch segfaults (exit 139)
+    assert (done.returncode, done.stderr) == (2, "opaudit: error: argument --threads: must be at most 1,024, got "
+                                                 "100000\n")
+
+
+def test_nproc_per_node_is_bounded_before_anything_is_launched():
+    from opaudit.cli.main import _audit_parser
+    from opaudit.cli.options import UsageError
+
+    with pytest.raises(UsageError, match="argument --nproc-per-node: must be at most 1,024, got 100000"):
+        _audit_parser().parse_args(["train.py", "--nproc-per-node", "100000"])

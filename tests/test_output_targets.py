@@ -183,3 +183,82 @@ def test_the_scripts_umask_does_not_change_the_reports_mode(tmp_path):
                           preexec_fn=lambda: os.umask(0o027))
     assert done.returncode == 0, done.stderr
     assert stat.S_IMODE(os.stat(tmp_path / "r.yaml").st_mode) == 0o640
+
+
+def _one_line_refusal(code, err, *needles):
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("opaudit: error: "), err
+    for n in needles:
+        assert n in err, err
+
+
+def test_an_output_that_is_one_of_the_inputs_is_refused_before_anything_runs(tmp_path, report_yaml, capsys,
+                                                                              monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    catalog = tmp_path / "cat.yaml"
+    catalog.write_text(open(os.path.join(ROOT, "catalogs", "cpu-x86_64-torch2.13.0.yaml")).read())
+    report = tmp_path / "r.yaml"
+    report.write_text(open(report_yaml).read())
+    (tmp_path / "link.yaml").symlink_to(report)
+    os.link(catalog, tmp_path / "hard.yaml")
+    script = tmp_path / "train.py"
+    script.write_text("open('ran', 'w').close()\nimport torch\ntorch.ones(3).sum()\n")
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(catalog.read_text())
+    (tmp_path / "sweep.yaml.partial").symlink_to(sweep)  # the partial file a resumed sweep reads is -o itself
+    before = {p.name: p.read_bytes() for p in (catalog, report, script, sweep)}
+
+    def refused(argv, *needles):
+        code = main(argv)
+        _one_line_refusal(code, capsys.readouterr().err, *needles)
+
+    refused(["diff", "r.yaml", "r.yaml", "-o", "r.yaml"], "-o r.yaml is the same file as input A")
+    refused(["diff", "r.yaml", "r.yaml", "-o", "link.yaml", "--format", "md"], "input A (r.yaml)")
+    refused(["catalog", "--from", "cat.yaml", "-o", "hard.yaml", "--format", "md"],
+            "-o hard.yaml is the same file as the --from catalog (cat.yaml)")
+    refused(["train.py", "--against", "cat.yaml", "-o", "cat.yaml"],
+            "-o cat.yaml is the same file as the --against catalog (cat.yaml)")
+    refused(["train.py", "-o", "train.py", "--format", "yaml"], "the script (train.py)")
+    refused(["catalog", "--ops", "abs", "-o", "sweep.yaml", "--resume"],
+            "-o sweep.yaml is the same file as the --resume partial file")
+    with open(report, "a") as appended:  # opaudit diff r.yaml r.yaml >> r.yaml
+        done = subprocess.run([sys.executable, "-m", "opaudit", "diff", "r.yaml", "r.yaml"], cwd=tmp_path,
+                              env=dict(os.environ, PYTHONPATH=ROOT), text=True, stderr=subprocess.PIPE,
+                              stdout=appended, timeout=120)
+    _one_line_refusal(done.returncode, done.stderr, "stdout is the same file as input A")
+    assert {p.name: p.read_bytes() for p in (catalog, report, script, sweep)} == before
+    assert not (tmp_path / "ran").exists()
+
+
+@pytest.mark.parametrize("unbuffered", ["1", ""])
+def test_a_report_cut_short_on_stdout_is_exit_2_not_a_truncated_success(tmp_path, unbuffered):
+    catalog = os.path.join(ROOT, "catalogs", "cpu-x86_64-torch2.13.0.yaml")
+    out = tmp_path / "catalog.json"
+    env = dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED=unbuffered)
+    # ulimit -f 4: the shell's redirection target takes 4 KiB, the JSON catalog is ~600 KiB.
+    done = subprocess.run(["bash", "-c", 'ulimit -f 4 && exec "$@" > "$0"', str(out), sys.executable, "-m", "opaudit",
+                           "catalog", "--from", catalog, "--format", "json", "-q"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == "opaudit: error: cannot write stdout: File too large\n"
+    assert out.stat().st_size == 4096
+
+
+def test_stdout_on_a_full_disk_is_exit_2_with_the_reason(report_yaml):
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-m", "opaudit", "diff", report_yaml, report_yaml, "--format", "yaml"],
+                              env=dict(os.environ, PYTHONPATH=ROOT), stdout=full, stderr=subprocess.PIPE, text=True,
+                              timeout=120)
+    assert done.returncode == 2
+    assert done.stderr == "opaudit: error: cannot write stdout: No space left on device\n"
+
+
+@pytest.mark.parametrize("fd, stream", [(2, "stderr"), (1, "stdout")])
+def test_dev_stderr_or_stdout_when_the_shell_closed_it_is_exit_2(report_yaml, fd, stream):
+    # 2>&- : the closed descriptor must not be handed to the next file opened (opaudit opened its stand-in for
+    # stderr there, and -o /dev/stderr wrote the report into that: exit 0, the report nowhere).
+    done = subprocess.run([sys.executable, "-m", "opaudit", "diff", report_yaml, report_yaml, "-o", f"/dev/{stream}",
+                           "--format", "yaml", "-q"], env=dict(os.environ, PYTHONPATH=ROOT), timeout=120,
+                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL if fd == 2 else None,
+                          stderr=subprocess.DEVNULL if fd == 1 else None, preexec_fn=lambda: os.close(fd))
+    assert done.returncode == 2

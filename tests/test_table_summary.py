@@ -61,3 +61,41 @@ def test_long_tables_say_where_the_rest_is():
     assert "... 5 more (listed in out/r.json; --show-all shows them here)" in written
     every = table.report(report, show_all=True)
     assert every.count("diverges ") == 45 and every.count("random ") == 3 and "more (" not in every
+
+
+_LIB = None
+
+
+def _long_failure_op():
+    """A custom op (Python kernel) that refuses a second run with a ~480-character error: its replay fails."""
+    global _LIB
+    import torch
+
+    if _LIB is None:
+        _LIB = torch.library.Library("opaudit_long_error", "DEF")
+        _LIB.define("refuses(Tensor x) -> Tensor")
+        calls = [0]
+
+        def refuses(x):
+            calls[0] += 1
+            if calls[0] > 1:
+                raise RuntimeError("cannot run twice: " + "the device state was consumed by the first run; " * 9)
+            return x * 2
+
+        _LIB.impl("refuses", refuses, "CPU")
+    return lambda: torch.ops.opaudit_long_error.refuses(torch.ones(3))
+
+
+def test_a_long_skip_reason_is_cut_in_the_verdict_column_and_shown_whole_below():
+    import opaudit
+
+    report = opaudit.audit(_long_failure_op(), reps=1)
+    (f,) = [f for f in report.all_findings if f.op.startswith("opaudit_long_error")]
+    assert f.verdict is Verdict.SKIPPED and len(f.reason) > 400
+    text = table.report(report)
+    findings_table = text.split("\n\n")[0]
+    assert max(map(len, findings_table.splitlines())) < 200, findings_table
+    assert f"skipped ({f.reason[:table.MAX_REASON - 1]}…)" in findings_table
+    below = text[text.index("Reasons cut short above:"):]
+    assert " ".join(f.reason.split()) in " ".join(below.split())  # the whole reason, wrapped
+    assert max(map(len, text.splitlines())) < 200

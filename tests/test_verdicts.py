@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 from fixtures import models as zoo
 
 import opaudit
@@ -152,3 +153,20 @@ def test_summary_counts_add_up():
     s = report.summary
     assert sum(s[v.value] for v in Verdict) == s["signatures"] == len(report.all_findings)
     assert sum(f.calls for f in report.all_findings) + s["view_calls"] == s["total_calls"]
+
+
+def test_max_abs_diff_of_infinities_and_nans_is_inf_not_the_largest_double():
+    import math
+
+    from opaudit.aten.tensors import difference
+
+    one = torch.ones(3)
+    pos, neg = one / torch.zeros(3), one / -torch.zeros(3)  # +inf and -inf, as a kernel would give them
+    nan = torch.zeros(3) / torch.zeros(3)
+    for a, b in ((pos, neg), (pos, one), (neg, one), (one, nan)):
+        assert difference(a, b).max_abs_diff == math.inf, (a, b)
+        assert difference(a.to(torch.complex64), b.to(torch.complex64)).max_abs_diff == math.inf
+    assert difference(pos, pos).max_abs_diff == 0.0
+    assert difference(math.inf, -math.inf).max_abs_diff == math.inf
+    assert difference(math.nan, 1.0).max_abs_diff == math.inf
+    assert difference(2.0, 1.5).max_abs_diff == 0.5

@@ -544,9 +544,9 @@ def difference(a: Any, b: Any) -> Difference:
         same = same_bits(a, b)
         try:
             d = 0.0 if same else abs(float(a) - float(b))
-        except (TypeError, ValueError):
-            d = 0.0 if same else math.inf
-        return Difference(d, 0 if same else 1, 1)
+        except (TypeError, ValueError, OverflowError):
+            d = math.inf
+        return Difference(0.0 if same else (math.inf if math.isnan(d) else d), 0 if same else 1, 1)
     n = a.numel()
     if a.shape != b.shape or a.dtype != b.dtype:
         return Difference(math.inf, max(n, b.numel()), max(n, b.numel()))
@@ -561,7 +561,9 @@ def difference(a: Any, b: Any) -> Difference:
     da = a[mask] if not a.is_complex() else a[mask]
     db = b[mask] if not b.is_complex() else b[mask]
     diff = (da.to(torch.complex128 if a.is_complex() else torch.float64) - db.to(torch.complex128 if b.is_complex() else torch.float64)).abs()
-    diff = torch.nan_to_num(diff, nan=math.inf)
+    # inf vs -inf, or inf vs a number, is infinitely far apart (nan_to_num would make it the largest double),
+    # and so is a NaN against a number.
+    diff = torch.nan_to_num(diff, nan=math.inf, posinf=math.inf)
     return Difference(float(diff.max()), k, n)
 
 

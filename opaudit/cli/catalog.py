@@ -7,9 +7,14 @@ import sys
 
 from opaudit.cli.options import (
     EXIT_OK,
+    MAX_REPS,
+    MAX_STRESS_ELEMENTS,
+    MAX_THREADS,
     Parser,
     UsageError,
+    bounded,
     check_output,
+    file_name,
     interrupted_code,
     interruption,
     positive_float,
@@ -31,17 +36,17 @@ def _catalog_parser() -> Parser:
                    "nn.functional.max_unpool2d), aten names (aten.index_put*) and modules (nn.LSTM); default all")
     p.add_argument("--dtypes", metavar="LIST", default=",".join(c.DEFAULT_DTYPES),
                    help=f"comma-separated dtypes (default {','.join(c.DEFAULT_DTYPES)})")
-    p.add_argument("-o", "--output", metavar="PATH",
+    p.add_argument("-o", "--output", type=file_name, metavar="PATH",
                    help="write the catalog here (format from the extension; a partial file PATH.partial is kept "
                         "while the sweep runs)")
     p.add_argument("--format", metavar="FMT", help="yaml, json, csv, md, html or table (default: from -o, else yaml)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep from -o's partial file")
-    p.add_argument("--from", dest="source", metavar="CATALOG",
+    p.add_argument("--from", dest="source", type=file_name, metavar="CATALOG",
                    help="no sweep: convert an existing catalog file to -o / --format (e.g. the Markdown export)")
     p.add_argument("--no-stress", action="store_true", help="OpInfo's own samples only (no scaled inputs)")
-    p.add_argument("--stress-elements", type=positive_int, default=c.STRESS_ELEMENTS, metavar="N",
+    p.add_argument("--stress-elements", type=bounded(MAX_STRESS_ELEMENTS), default=c.STRESS_ELEMENTS, metavar="N",
                    help=f"size of a stress sample in elements (default {c.STRESS_ELEMENTS:,})")
-    p.add_argument("--reps", type=positive_int, default=c.DEFAULT_REPS, metavar="N",
+    p.add_argument("--reps", type=bounded(MAX_REPS), default=c.DEFAULT_REPS, metavar="N",
                    help=f"replays per mode (default {c.DEFAULT_REPS}; {c.DEFAULT_INDEX_REPS} for stress signatures "
                         "with an index argument)")
     p.add_argument("--max-samples", type=positive_int, default=c.DEFAULT_MAX_SAMPLES, metavar="N",
@@ -49,7 +54,7 @@ def _catalog_parser() -> Parser:
     p.add_argument("--op-timeout", type=positive_float, default=c.DEFAULT_OP_TIMEOUT, metavar="SECONDS",
                    help=f"time limit per op and dtype (default {c.DEFAULT_OP_TIMEOUT:g}); the worker is killed "
                         "at 1.5x that plus 30 s and the op recorded as timeout")
-    p.add_argument("--threads", type=positive_int, metavar="N", help="torch.set_num_threads(N) in the worker")
+    p.add_argument("--threads", type=bounded(MAX_THREADS), metavar="N", help="torch.set_num_threads(N) in the worker")
     p.add_argument("--no-modules", action="store_true", help="skip the torch.nn modules OpInfo does not cover")
     p.add_argument("--dist-timeout", type=positive_float, default=60.0, metavar="SECONDS",
                    help="under torchrun (a sharded sweep), time limit for reaching torchrun's store")
@@ -66,7 +71,7 @@ def _catalog_parser() -> Parser:
 def catalog_main(argv: list[str]) -> int:
     """``opaudit catalog [options]``."""
     args = _catalog_parser().parse_args(argv)
-    output = check_output(args.output)
+    output = check_output(args.output, {"the --from catalog": args.source})
     check_format(args.format, output, "catalog")
     from opaudit.flows.catalog import CatalogRequest, SweepConfig, build_catalog, load_catalog, partial_path
 
@@ -81,6 +86,8 @@ def catalog_main(argv: list[str]) -> int:
     partial = partial_path(output) if output and is_replaced(output) else None
     if args.resume and partial is None:
         raise UsageError(f"--resume needs -o to name a regular file, not {output}")
+    if args.resume:
+        check_output(args.output, {"the --resume partial file": partial})
     world = device = None
     if "TORCHELASTIC_RUN_ID" in os.environ:
         from opaudit.flows.distributed import shard, world_from_env

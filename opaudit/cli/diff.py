@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from opaudit.cli.options import EXIT_FINDINGS, EXIT_OK, Parser, check_output
+from opaudit.cli.options import EXIT_FINDINGS, EXIT_OK, Parser, check_output, file_name
 from opaudit.cli.output import check_format, emit
 
 
@@ -14,9 +14,10 @@ def _diff_parser() -> Parser:
     p = Parser(prog="opaudit diff",
                 description="Show the ops whose verdict differs between two catalogs, or between two reports, "
                             "the ops present on one side only, and the fingerprint fields that differ.")
-    p.add_argument("a", metavar="A", help="first catalog or report (YAML or JSON)")
-    p.add_argument("b", metavar="B", help="second catalog or report, of the same kind")
-    p.add_argument("-o", "--output", metavar="PATH", help="write the diff here (format from the extension)")
+    p.add_argument("a", type=file_name, metavar="A", help="first catalog or report (YAML or JSON)")
+    p.add_argument("b", type=file_name, metavar="B", help="second catalog or report, of the same kind")
+    p.add_argument("-o", "--output", type=file_name, metavar="PATH",
+                   help="write the diff here (format from the extension)")
     p.add_argument("--format", metavar="FMT", help="table, md, html, csv, yaml or json (default: from -o, else table)")
     p.add_argument("--fail-on", default=DIFF_FAIL_ON, metavar="RULES",
                    help=f"transitions FROM->TO (globs; 'missing' for an op on one side only) that make the exit "
@@ -33,7 +34,7 @@ def diff_main(argv: list[str]) -> int:
     from opaudit.flows.diff import diff_files, parse_fail_on
 
     rules = parse_fail_on(args.fail_on)
-    output = check_output(args.output)
+    output = check_output(args.output, {"input A": args.a, "input B": args.b})
     check_format(args.format, output, "diff")
     diff = diff_files(args.a, args.b)
     emit(diff, "diff", args.format, output, args.quiet)

@@ -34,15 +34,20 @@ from opaudit.cli.options import (
     EXIT_ERROR,
     EXIT_FINDINGS,
     EXIT_OK,
+    MAX_BUDGET_MIB,
+    MAX_CAPTURES,
+    MAX_REPS,
+    MAX_THREADS,
     Parser,
     UsageError,
+    bounded,
     check_output,
+    file_name,
     integer,
     interrupted_code,
     interrupts,
     non_negative_int,
     positive_float,
-    positive_int,
     raise_if_signalled,
     run_count,
 )
@@ -101,10 +106,10 @@ def _audit_parser() -> Parser:
                     "torch.use_deterministic_algorithms. Subcommands: 'opaudit catalog', 'opaudit diff'.",
         epilog="Arguments after '--' are passed to the script as sys.argv[1:].",
     )
-    p.add_argument("script", help="Python script to audit (runs as __main__, or its opaudit_step() is called)")
+    p.add_argument("script", type=file_name, help="Python script to audit (runs as __main__, or its opaudit_step() is called)")
     p.add_argument("--entry", metavar="NAME", help="function of the script to record instead of opaudit_step")
     steps.add_arguments(p)
-    p.add_argument("--reps", type=positive_int, default=5, metavar="N", help="replays per mode (default 5)")
+    p.add_argument("--reps", type=bounded(MAX_REPS), default=5, metavar="N", help="replays per mode (default 5)")
     p.add_argument("--seed", type=integer, default=0, metavar="S", help="seed set before the user's code and replays")
     p.add_argument("--run-check", nargs="?", const=2, type=run_count, metavar="K",
                    help="also run the whole step K times (default 2) from identical state, in default and in "
@@ -116,23 +121,24 @@ def _audit_parser() -> Parser:
     p.add_argument("--batch-sizes", type=batch.row_counts, metavar="LIST",
                    help="row counts checked with --batch-invariance (default 1,2,3)")
     p.add_argument("--batch-dim", type=non_negative_int, metavar="N", help="the batch dim for --batch-invariance (default 0)")
-    p.add_argument("-o", "--output", metavar="PATH", help="write the report here (format from the extension)")
+    p.add_argument("-o", "--output", type=file_name, metavar="PATH",
+                   help="write the report here (format from the extension)")
     p.add_argument("--format", metavar="FMT", help="yaml, json, csv, md, html, sarif or table (default: from -o, else table)")
     p.add_argument("--fail-on", type=parse_verdicts, default=parse_verdicts(DEFAULT_FAIL_ON), metavar="LIST",
                    help=f"verdicts that make the exit code 1 (default {DEFAULT_FAIL_ON}; 'none' for never); with "
                         f"--run-check also '{NOT_REPRODUCIBLE}' (either mode) or '{NOT_REPRODUCIBLE_DETERMINISTIC}'")
     p.add_argument("--exit-zero", action="store_true", help="exit 0 even when findings match --fail-on")
-    p.add_argument("--against", metavar="CATALOG",
+    p.add_argument("--against", type=file_name, metavar="CATALOG",
                    help="predict each recorded op's verdict on the hardware CATALOG was built on (ops it lacks "
                         "are 'unknown'); --fail-on then applies to the predicted verdicts")
-    p.add_argument("--capture-budget", type=positive_int, default=2048, metavar="MIB",
+    p.add_argument("--capture-budget", type=bounded(MAX_BUDGET_MIB), default=2048, metavar="MIB",
                    help="memory for captured op inputs, in MiB (default 2048); ops past it are skipped")
-    p.add_argument("--captures-per-signature", type=positive_int, default=4, metavar="M",
+    p.add_argument("--captures-per-signature", type=bounded(MAX_CAPTURES), default=4, metavar="M",
                    help="for ops whose nondeterminism depends on index collisions (index_put_, scatter_add_, "
                         "embedding backward...), replay up to M of each signature's calls, spread over the "
                         "recorded steps, within --capture-budget (default 4; 1: the first call only, like every "
                         "other op)")
-    p.add_argument("--threads", type=positive_int, metavar="N", help="torch.set_num_threads(N) before running")
+    p.add_argument("--threads", type=bounded(MAX_THREADS), metavar="N", help="torch.set_num_threads(N) before running")
     p.add_argument("--isolate", action="store_true",
                    help="replay in a worker process: an op that kills it or its CUDA context is reported "
                         "skipped ('crashed: ...') and a new worker goes on")
@@ -164,6 +170,7 @@ def audit_main(argv: list[str]) -> int:
     own, script_args = _split_script_args(argv)
     args = _audit_parser().parse_args(own)
     rank_audit = None
+    inputs = {"the script": args.script, "the --against catalog": args.against}
     if args.nproc_per_node or args.per_rank_reports or "TORCHELASTIC_RUN_ID" in os.environ:
         from opaudit.cli import torchrun
 
@@ -171,10 +178,10 @@ def audit_main(argv: list[str]) -> int:
         if args.nproc_per_node:
             from opaudit.flows.distributed.launch import launch
 
-            check_output(args.output)
+            check_output(args.output, inputs)
             rest = script_args if "--" in argv else None
             return launch(args.nproc_per_node, torchrun.without_option(own, rest, "--nproc-per-node"))
-    output = check_output(args.output)
+    output = check_output(args.output, inputs)
     check_format(args.format, output, "prediction" if args.against else "report")
 
     if args.batch_invariance:
@@ -339,6 +346,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     saved = sys.stdout, sys.stderr
     # Started with 2>&- or >&-: Python sets the stream to None. Messages are then
     # lost, but the exit code must still tell findings (1) from errors (2).
+    from opaudit.data.fileio import hold_closed_std_fds
+
+    hold_closed_std_fds()  # so that the devnull below, or a report, does not become fd 2
     if sys.stderr is None:
         sys.stderr = open(os.devnull, "w", encoding="utf-8")  # closed in finally
     if sys.stdout is None:

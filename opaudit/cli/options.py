@@ -12,6 +12,7 @@ import math
 import os
 import signal
 import threading
+from collections.abc import Mapping
 from typing import Any
 
 from opaudit.data.errors import EXIT_ERROR as EXIT_ERROR  # re-exported: the exit codes live here
@@ -85,21 +86,64 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def bounded_int(text: str, minimum: int | None, expected: str, too_small: str = "", hint: str = "") -> int:
-    """``text`` as an integer of at least ``minimum``, else an ``ArgumentTypeError`` that says what was
+def bounded_int(text: str, minimum: int | None, expected: str, too_small: str = "", hint: str = "",
+                maximum: int | None = None) -> int:
+    """``text`` as an integer from ``minimum`` to ``maximum``, else an ``ArgumentTypeError`` that says what was
     expected (``too_small`` is formatted with the value ``v``)."""
     try:
         v = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}{hint}") from None
+        digits = text.strip()
+        if digits.lstrip("+-").isdigit():  # past int()'s 4300 digits
+            bound = minimum if digits.startswith("-") else maximum
+            if bound is not None:
+                side = "least" if digits.startswith("-") else "most"
+                raise argparse.ArgumentTypeError(f"must be at {side} {bound:,}, got a {len(digits)}-digit number") \
+                    from None
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text[:40]!r}{hint}") from None
     if minimum is not None and v < minimum:
         raise argparse.ArgumentTypeError(too_small.format(v=v))
+    if maximum is not None and v > maximum:
+        raise argparse.ArgumentTypeError(f"must be at most {maximum:,}, got {_short(v)}")
     return v
+
+
+def _short(v: int) -> str:
+    text = str(v)
+    return text if len(text) <= 24 else f"a {len(text)}-digit number"
+
+
+def bounded(maximum: int, minimum: int = 1) -> Any:
+    """An argparse type: an integer from ``minimum`` (1 or 0) to ``maximum``."""
+    def parse(text: str) -> int:
+        if minimum == 0:
+            return bounded_int(text, 0, "an integer", "must be 0 or more, got {v}", maximum=maximum)
+        return bounded_int(text, minimum, "a positive integer", f"must be at least {minimum}, got {{v}}",
+                           maximum=maximum)
+
+    parse.__name__ = f"integer up to {maximum}"
+    return parse
+
+
+MAX_REPS = 10_000
+"""Most replays per mode: each signature runs twice this many times."""
+MAX_THREADS = 1024
+"""Most intra-op threads (``--threads``): torch.set_num_threads(100000) crashes the process."""
+MAX_COUNT = 1_000_000_000
+"""Most steps, samples or anything else counted."""
+MAX_BUDGET_MIB = 2**24
+"""Largest ``--capture-budget``: 16 TiB."""
+MAX_CAPTURES = 1000
+"""Most captures per signature."""
+MAX_PROCESSES = 1024
+"""Most processes per node (``--nproc-per-node``)."""
+MAX_STRESS_ELEMENTS = 2**31 - 1
+"""Largest catalog stress sample, in elements (8 GiB of float32)."""
 
 
 def positive_int(text: str) -> int:
     """An integer, 1 or more (``--reps``, ``--threads``...)."""
-    return bounded_int(text, 1, "a positive integer", "must be at least 1, got {v}")
+    return bounded_int(text, 1, "a positive integer", "must be at least 1, got {v}", maximum=MAX_COUNT)
 
 
 def positive_float(text: str) -> float:
@@ -114,28 +158,58 @@ def positive_float(text: str) -> float:
     return v
 
 
+SEED_RANGE = (-(2**63), 2**64 - 1)
+"""What ``torch.manual_seed`` accepts."""
+
+
 def integer(text: str) -> int:
-    """Any integer (``--seed``)."""
-    return bounded_int(text, None, "an integer")
+    """A seed (``--seed``): an integer ``torch.manual_seed`` accepts."""
+    v = bounded_int(text, SEED_RANGE[0], "an integer", f"must be at least {SEED_RANGE[0]}, got {{v}}",
+                    maximum=SEED_RANGE[1])
+    return v
+
+
+MAX_RUNS = 1000
+"""Most whole-step runs per mode for ``--run-check``."""
 
 
 def run_count(text: str) -> int:
     """``--run-check K``: 2 runs or more."""
     return bounded_int(text, 2, "a number of runs", "needs at least 2 runs to compare, got {v}",
-                       " (put the script before --run-check, or write --run-check=K)")
+                       " (put the script before --run-check, or write --run-check=K)", maximum=MAX_RUNS)
 
 
 def non_negative_int(text: str) -> int:
     """An integer, 0 or more (``--start-step``, ``--batch-dim``)."""
-    return bounded_int(text, 0, "an integer", "must be 0 or more, got {v}")
+    return bounded_int(text, 0, "an integer", "must be 0 or more, got {v}", maximum=MAX_COUNT)
 
 
-def check_output(path: str | None) -> str | None:
-    """Absolute output path, checked writable before any work is done."""
-    if path is None:
-        return None
-    from opaudit.data.fileio import check_writable
+def file_name(text: str) -> str:
+    """A path given on the command line: an empty one is refused, not taken for "none" or the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected a file name, got {text!r}")
+    return text
 
-    path = os.path.abspath(path)
-    check_writable(path)
-    return path
+
+def check_output(path: str | None, inputs: Mapping[str, str | None] | None = None) -> str | None:
+    """Absolute output path, checked writable before any work is done; refused when it is one of ``inputs``.
+
+    ``inputs`` maps how the command line names each input (``"--against"``) to its
+    path. The output, or the stdout that the document goes to without ``-o``, must
+    not be any of them, by path or through a link: it would be replaced by the
+    document made from it.
+    """
+    from opaudit.data.fileio import check_writable, same_file
+
+    target = os.path.abspath(path) if path is not None else None
+    for name, source in (inputs or {}).items():
+        if source is None:
+            continue
+        if target is None:
+            if os.path.exists("/dev/stdout") and same_file("/dev/stdout", source):
+                raise UsageError(f"stdout is the same file as {name} ({source}): refusing to overwrite an input")
+        elif same_file(target, source):
+            raise UsageError(f"-o {path} is the same file as {name} ({source}): refusing to overwrite an input")
+    if target is not None:
+        check_writable(target)
+    return target

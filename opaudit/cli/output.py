@@ -87,7 +87,7 @@ def emit(document: Any, kind: str, fmt_name: str | None, output: str | None, qui
     """
     from opaudit.cli.formats import Format, Kind, render
     from opaudit.cli.formats import table as table_format
-    from opaudit.data.fileio import write_output
+    from opaudit.data.fileio import write_output, write_stdout
 
     if getattr(document, "complete", True) is not False:
         raise_if_signalled()  # a signal whose interrupt something swallowed: never a complete document after it
@@ -107,7 +107,7 @@ def emit(document: Any, kind: str, fmt_name: str | None, output: str | None, qui
             sys.stderr.write(f"{kind.value} written to {output}\n")
         return
     fmt = Format.parse(fmt_name) if fmt_name else Format.parse(default)
-    sys.stdout.write(text(fmt))
+    write_stdout(text(fmt))
     if kind is Kind.REPORT and fmt is not Format.TABLE and not quiet:
         # The report went to stdout for a program; the person still gets the outcome
         # (CSV has no place for the whole-step checks at all).
@@ -122,8 +122,10 @@ def emit_partial(partial: Any, fmt_name: str | None, output: str | None, why: st
         emit(partial, "report", fmt_name, output, quiet=True)
         sys.stderr.write(f"opaudit: {why}; partial report (complete: false) written to {output}\n")
         return
+    from opaudit.data.fileio import FileError
+
     try:
         emit(partial, "report", fmt_name, None, quiet=True)
-    except OSError:
+    except (OSError, FileError):
         pass  # the reader of our stdout may have been interrupted too
     sys.stderr.write(f"opaudit: {why}; the report above is partial (complete: false)\n")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
-from opaudit.cli.options import bounded_int, non_negative_int, positive_float
+from opaudit.cli.options import MAX_COUNT, bounded_int, non_negative_int, positive_float
 
 if TYPE_CHECKING:
     from opaudit.engine.window import Window
@@ -19,7 +19,8 @@ def steps(text: str) -> int | None:
     """``--steps``: a positive number of steps, or ``all`` (``None``: the whole script)."""
     if text.strip().lower() == "all":
         return None
-    return bounded_int(text, 1, "a number of steps or 'all'", "must be at least 1 (or 'all'), got {v}")
+    return bounded_int(text, 1, "a number of steps or 'all'", "must be at least 1 (or 'all'), got {v}",
+                       maximum=MAX_COUNT)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -12,7 +12,7 @@ import argparse
 import os
 from typing import Any
 
-from opaudit.cli.options import UsageError, positive_float, positive_int
+from opaudit.cli.options import MAX_PROCESSES, UsageError, bounded, positive_float
 
 
 def under_torchrun() -> bool:
@@ -22,7 +22,7 @@ def under_torchrun() -> bool:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The audit parser's distributed options."""
-    p.add_argument("--nproc-per-node", type=positive_int, metavar="N",
+    p.add_argument("--nproc-per-node", type=bounded(MAX_PROCESSES), metavar="N",
                    help="audit a distributed job: launch N ranks through torch.distributed.run (torchrun); each "
                         "rank records and replays its own ops, rank 0 writes one merged report")
     p.add_argument("--per-rank-reports", metavar="DIR",

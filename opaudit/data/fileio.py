@@ -21,6 +21,7 @@ Reading (:func:`read_input`, :func:`read_bytes`) accepts regular files only
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import stat
@@ -94,6 +95,60 @@ def write_output(path: str, text: str) -> None:
         _write_through(path, data)
         return
     _replace(os.path.realpath(path), path, data, st)
+
+
+def write_stdout(text: str) -> None:
+    """Write ``text`` to ``sys.stdout`` in full, or raise :class:`FileError`.
+
+    A process's own stdout is written at the descriptor level, in a loop: through
+    ``sys.stdout``, a write cut short (a full disk, ``ulimit -f``) is lost without
+    an error when Python's stdout is unbuffered (``PYTHONUNBUFFERED``), and is only
+    seen at exit otherwise.
+    """
+    stream = sys.stdout
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both of the last two
+        fd = None
+    try:
+        if fd is None:  # a stream that is not a file (a test's capture)
+            stream.write(text)
+            stream.flush()
+        else:
+            stream.flush()
+            _write_all(fd, text.encode("utf-8"))
+    except OSError as e:
+        if e.errno == errno.EBADF:
+            raise FileError("stdout is closed") from None
+        raise FileError(f"cannot write stdout: {e.strerror or e}") from None
+
+
+def hold_closed_std_fds() -> None:
+    """Put ``/dev/null``, read-only, on each of descriptors 0, 1 and 2 that is closed.
+
+    A process started with ``2>&-`` would otherwise hand descriptor 2 to the next
+    file it opens, and ``-o /dev/stderr`` would write the report into that file;
+    held, a write there fails (``EBADF``) as on a closed descriptor.
+    """
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+            continue
+        except OSError:
+            pass
+        held = os.open(os.devnull, os.O_RDONLY)  # the lowest free number: fd itself, as 0..fd-1 are open
+        if held != fd:
+            os.dup2(held, fd, inheritable=False)
+            os.close(held)
+
+
+def same_file(a: str, b: str) -> bool:
+    """Whether ``a`` and ``b`` are one existing regular file (the same path, a symlink or a hard link)."""
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except (OSError, ValueError):
+        return False
+    return stat.S_ISREG(sa.st_mode) and (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
 def _write_fd(path: str, fd: int, data: bytes) -> None:

@@ -194,10 +194,11 @@ _LibyamlLoader = type("_LibyamlLoader", (_StrictLoading, _CSafeLoader), {}) if _
 _Loader = _LibyamlLoader or _PythonLoader
 
 
-def safe_load(text: str, loader: type = _Loader) -> Any:
+def safe_load(text: str, loader: type | None = None) -> Any:
     """``yaml.safe_load`` semantics (plain data only); aliases, several documents, nesting deeper than
-    :data:`MAX_DEPTH` and duplicate keys refused (``yaml.YAMLError``)."""
-    reader = loader(text)
+    :data:`MAX_DEPTH` and duplicate keys refused (``yaml.YAMLError``). ``loader``: :data:`_Loader` unless
+    a test or the bench picks PyYAML's own parser."""
+    reader = (loader or _Loader)(text)
     try:
         node = reader.compose_strict()
         return None if node is None else reader.construct_document(node)

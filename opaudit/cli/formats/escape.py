@@ -1,7 +1,16 @@
-"""Escaping for exports: text that users or catalog files control never acts as markup or a formula.
+r"""Escaping for exports: text that users or catalog files control never acts as markup, a formula or a
+terminal command.
 
 Module and class names, script file names, op error messages and a catalog's
-``source``/``error`` fields all end up in CSV cells and Markdown tables.
+``source``/``error`` fields all end up in terminal tables, CSV cells and Markdown tables.
+
+* Everywhere (:func:`visible`): control characters (C0 but tab and newline, DEL,
+  C1) and the bidirectional overrides are written as ``\x1b`` or ``\u202e``, so
+  that an ``op`` field holding ``ESC [2J`` or an OSC title sequence in a hostile
+  report cannot clear or retitle the terminal that shows it, or reorder its text.
+  Terminal tables (:func:`text_table`) escape every cell; JSON keeps the data
+  exact with ``\u`` escapes (:func:`json_text`); PyYAML escapes the control
+  characters itself (``\e``), not the overrides, which it counts as printable.
 
 * CSV (:func:`csv_text`): a cell starting with ``=``, ``+``, ``-``, ``@``, a tab or a
   carriage return runs as a formula in a spreadsheet. As OWASP recommends, such a
@@ -19,12 +28,47 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+"""What a terminal may act on: C0 controls but tab and newline, DEL, C1 controls, bidirectional overrides."""
+
+
+def _escaped(m: re.Match[str]) -> str:
+    code = ord(m.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def visible(text: str) -> str:
+    r"""``text`` with every control character written as an escape (``\x1b``); tab and newline kept."""
+    return _CONTROL.sub(_escaped, text)
+
+
+def text_table(rows: Iterable[Sequence[Any]], headers: Sequence[Any], **kwargs: Any) -> str:
+    """A terminal table (tabulate, ``simple``): text cells and headers through :func:`visible`."""
+    from tabulate import tabulate
+
+    def cell(c: Any) -> Any:
+        return visible(c) if isinstance(c, str) else c
+
+    return tabulate([[cell(c) for c in row] for row in rows], headers=[cell(h) for h in headers],
+                    tablefmt="simple", **kwargs)
+
+
+def json_text(text: str) -> str:
+    """JSON from ``json.dumps(..., ensure_ascii=False)`` with the characters of :func:`visible` written
+    as ``\\uXXXX`` (the same data; ``json.dumps`` itself escapes only C0)."""
+    return _CONTROL.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
 def csv_cell(value: Any) -> Any:
-    """``value`` safe for a spreadsheet: text that would start a formula is prefixed with ``'``."""
-    if not isinstance(value, str) or not value.startswith(_FORMULA_START):
+    """``value`` safe for a spreadsheet and a terminal: control characters escaped (:func:`visible`),
+    text that would start a formula prefixed with ``'``."""
+    if not isinstance(value, str):
+        return value
+    value = visible(value)
+    if not value.startswith(_FORMULA_START):
         return value
     try:
         float(value)
@@ -63,7 +107,7 @@ def md_text(text: Any, line_start: bool = True) -> Markdown:
     """
     if isinstance(text, Markdown):
         return text
-    s = " ".join(str(text).splitlines())
+    s = visible(" ".join(str(text).splitlines()))
     s = "".join(_HTML.get(c, c) for c in s)
     s = _MD_SPECIAL.sub(r"\\\1", s)
     m = _BLOCK_START.match(s) if line_start else None
@@ -74,7 +118,7 @@ def md_text(text: Any, line_start: bool = True) -> Markdown:
 
 def md_code(text: Any) -> Markdown:
     """``text`` as an inline code span that no backtick inside it can close; safe in a table cell."""
-    s = " ".join(str(text).splitlines()).replace("|", "\\|")
+    s = visible(" ".join(str(text).splitlines())).replace("|", "\\|")
     longest = max((len(run) for run in re.findall(r"`+", s)), default=0)
     fence = "`" * (longest + 1)
     pad = " " if s.startswith("`") or s.endswith("`") or not s.strip() else ""

@@ -14,6 +14,7 @@ from typing import Any
 
 from opaudit.cli.formats import csv_, html, markdown, sarif, table
 from opaudit.cli.formats.choice import Format, Kind, check_kind
+from opaudit.cli.formats.escape import json_text, visible
 from opaudit.data.files import dump_yaml
 
 
@@ -24,7 +25,7 @@ def as_yaml(document: Any) -> str:
 
 def as_json(document: Any) -> str:
     """Any document's dict form as indented JSON: the same content as the YAML."""
-    return json.dumps(document.to_dict(), indent=2, ensure_ascii=False) + "\n"
+    return json_text(json.dumps(document.to_dict(), indent=2, ensure_ascii=False)) + "\n"
 
 
 Renderer = Callable[[Any], str]
@@ -67,4 +68,10 @@ def render(document: Any, kind: Kind | str, fmt: Format) -> str:
     """
     kind = Kind(kind)
     check_kind(kind, fmt)
-    return RENDERERS[(kind, fmt)](document)
+    text = RENDERERS[(kind, fmt)](document)
+    # Control characters a file or the audited code put in a name or a message are escaped in the whole text
+    # (visible()), so that nothing reaches a terminal that shows the file raw (cat, a pager); SARIF is JSON,
+    # kept exact with \u escapes as as_json does.
+    if fmt is Format.SARIF:
+        return json_text(text)
+    return visible(text) if fmt in (Format.MARKDOWN, Format.HTML, Format.CSV) else text
