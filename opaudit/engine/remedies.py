@@ -166,12 +166,15 @@ class KnowledgeBase:
 
     @classmethod
     def from_text(cls, text: str, where: str = "remedies") -> "KnowledgeBase":
-        """Parse a remedies file with ``yaml.safe_load``: a Python tag or broken YAML is a
+        """Parse a remedies file with ``yaml.safe_load``'s rules (:func:`opaudit.data.files.safe_load`: libyaml's
+        parser where present, duplicate keys and aliases refused): a Python tag or broken YAML is a
         :class:`KnowledgeBaseError`, never executed and never a raw ``yaml`` traceback."""
         import yaml
 
+        from opaudit.data.files import safe_load
+
         try:
-            data = yaml.safe_load(text)
+            data = safe_load(text)
         except yaml.YAMLError as e:
             problem = "unsafe or unknown YAML tag" if isinstance(e, yaml.constructor.ConstructorError) else "invalid YAML"
             raise KnowledgeBaseError(f"{where}: {problem} ({' '.join(str(e).split())[:120]})") from None
