@@ -222,7 +222,9 @@ def test_both_yaml_parsers_read_the_same_and_refuse_the_same(loader):
                         ("a: 1\nb: 2\na: 3\n", "duplicate key 'a' at line 3"),
                         ("a: 1\n...\n---\nb: 2\n", "a second YAML document at line 3"),
                         ("x: " + "[" * 100000 + "]" * 100000 + "\n", "nested more than 32 levels"),
-                        ("x: !!python/object/apply:os.system [echo hi]\n", "could not determine a constructor")):
+                        ("x: !!python/object/apply:os.system [echo hi]\n", "could not determine a constructor"),
+                        ("x: !!set {a, b}\n", "could not determine a constructor for the tag 'tag:yaml.org,2002:set'"),
+                        ("? [a, b]\n: 1\n", "a list or mapping as a mapping key at line 1")):
         with pytest.raises(yaml.YAMLError, match=needle):
             safe_load(bad, loader)
     assert safe_load("", loader) is None

@@ -107,80 +107,89 @@ class _Refused(yaml.YAMLError):
     """What no opaudit file holds (an alias, a second document, deep nesting, a duplicate key): one line."""
 
 
-class _StrictLoading:
-    """``yaml.safe_load``'s rules (plain data only, the safe constructor's tags), stricter.
+_MAP, _SEQ = "tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"
+_NO_KEY = object()
 
-    The composer is this class's own loop over the parser's events, not PyYAML's
-    (whose C version recurses once per nesting level and overflows the C stack on
-    a file of ``[[[[...`` far below the size limit). It refuses, before anything
-    is built: aliases (opaudit never writes them, and a few hundred bytes of nested
-    aliases expand to gigabytes), a second document, and nesting deeper than
-    :data:`MAX_DEPTH`. The constructor refuses a key given twice in one mapping.
+
+class _StrictLoading:
+    """``yaml.safe_load``'s rules (plain data only: the safe constructor's scalar tags, mappings and
+    sequences), stricter, built straight from the parser's events.
+
+    PyYAML's composer builds a graph of every node before any value is made (its
+    C version recursing once per nesting level, which overflows the C stack on a
+    file of ``[[[[...`` far below the size limit), and its constructor keeps a map
+    of them all: several times the memory of the data. This loop makes each value
+    as its event arrives, with the safe constructor's scalar functions (ints,
+    floats, booleans, nulls, timestamps...), and refuses: aliases (opaudit never
+    writes them; a few hundred bytes of nested aliases expand to gigabytes), a
+    second document, nesting deeper than :data:`MAX_DEPTH`, a key given twice in
+    one mapping, and the collection tags opaudit never writes (``!!set``,
+    ``!!omap``, ``!!pairs``).
     """
 
-    def compose_strict(self) -> Any:
-        """The one document's node graph, or ``None`` for an empty stream."""
+    def load_strict(self) -> Any:
+        """The one document's data, or ``None`` for an empty stream."""
         get = self.get_event  # type: ignore[attr-defined]
         resolve = self.resolve  # type: ignore[attr-defined]
+        constructors = self.yaml_constructors  # type: ignore[attr-defined]
+        scalar_kind, mapping_start, sequence_start = yaml.ScalarEvent, yaml.MappingStartEvent, yaml.SequenceStartEvent
         get()  # StreamStartEvent
         event = get()
         if isinstance(event, yaml.StreamEndEvent):
             return None
-        stack: list[list[Any]] = []  # [collection node, the mapping key waiting for its value]
+        # One entry per open collection: [the dict or list, the key waiting for its value, that key's event].
+        stack: list[list[Any]] = []
         while True:
             event = get()
             kind = type(event)
-            if kind is yaml.AliasEvent:
-                raise _Refused(f"found an alias (*{event.anchor}) at line {event.start_mark.line + 1}; "
-                               "opaudit files never use YAML aliases")
-            if kind is not yaml.MappingEndEvent and kind is not yaml.SequenceEndEvent and len(stack) > MAX_DEPTH:
-                raise _Refused(f"nested more than {MAX_DEPTH} levels deep")
-            if kind is yaml.ScalarEvent:
+            if kind is scalar_kind:
+                if len(stack) > MAX_DEPTH:
+                    raise _Refused(f"nested more than {MAX_DEPTH} levels deep")
                 tag = event.tag
                 if tag is None or tag == "!":
                     tag = resolve(yaml.ScalarNode, event.value, event.implicit)
                 node = yaml.ScalarNode(tag, event.value, event.start_mark, event.end_mark, style=event.style)
-            elif kind is yaml.MappingStartEvent or kind is yaml.SequenceStartEvent:
-                node_kind = yaml.MappingNode if kind is yaml.MappingStartEvent else yaml.SequenceNode
+                value = (constructors.get(tag) or constructors[None])(self, node)
+            elif kind is mapping_start or kind is sequence_start:
+                if len(stack) > MAX_DEPTH:
+                    raise _Refused(f"nested more than {MAX_DEPTH} levels deep")
                 tag = event.tag
-                if tag is None or tag == "!":
-                    tag = resolve(node_kind, None, event.implicit)
-                stack.append([node_kind(tag, [], event.start_mark, None, flow_style=event.flow_style), None])
+                default = _MAP if kind is mapping_start else _SEQ
+                if tag is not None and tag != "!" and tag != default:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"could not determine a constructor for the tag {tag!r}", event.start_mark)
+                stack.append([{} if kind is mapping_start else [], _NO_KEY, None])
                 continue
+            elif kind is yaml.AliasEvent:
+                raise _Refused(f"found an alias (*{event.anchor}) at line {event.start_mark.line + 1}; "
+                               "opaudit files never use YAML aliases")
             else:  # the end of the innermost collection
-                node = stack.pop()[0]
-                node.end_mark = event.end_mark
+                value = stack.pop()[0]
             if not stack:
                 break
             top = stack[-1]
-            if type(top[0]) is yaml.SequenceNode:
-                top[0].value.append(node)
-            elif top[1] is None:
-                top[1] = node
+            container = top[0]
+            if type(container) is list:
+                container.append(value)
+            elif top[1] is _NO_KEY:
+                try:
+                    hash(value)
+                except TypeError:
+                    raise _Refused(f"a list or mapping as a mapping key at line {event.start_mark.line + 1}") \
+                        from None
+                top[1], top[2] = value, event
             else:
-                top[0].value.append((top[1], node))
-                top[1] = None
+                key = top[1]
+                if key in container:
+                    raise _Refused(f"duplicate key {key!r} at line {top[2].start_mark.line + 1}")
+                container[key] = value
+                top[1] = _NO_KEY
         get()  # DocumentEndEvent
         event = get()
         if not isinstance(event, yaml.StreamEndEvent):
             raise _Refused(f"a second YAML document at line {event.start_mark.line + 1}; an opaudit file is one "
                            "document")
-        return node
-
-    def construct_mapping(self, node: Any, deep: bool = False) -> Any:  # PyYAML hook
-        if isinstance(node, yaml.MappingNode):
-            seen: set[Any] = set()
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":
-                    continue
-                key = self.construct_object(key_node, deep=deep)  # type: ignore[attr-defined]
-                try:
-                    if key in seen:
-                        raise _Refused(f"duplicate key {key!r} at line {key_node.start_mark.line + 1}")
-                    seen.add(key)
-                except TypeError:
-                    pass  # unhashable: the constructor says so
-        return super().construct_mapping(node, deep=deep)  # type: ignore[misc]
+        return value
 
 
 class _PythonLoader(_StrictLoading, yaml.SafeLoader):
@@ -200,8 +209,7 @@ def safe_load(text: str, loader: type | None = None) -> Any:
     a test or the bench picks PyYAML's own parser."""
     reader = (loader or _Loader)(text)
     try:
-        node = reader.compose_strict()
-        return None if node is None else reader.construct_document(node)
+        return reader.load_strict()
     finally:
         reader.dispose()
 
