@@ -267,7 +267,7 @@ def test_a_script_larger_than_any_script_is_refused(tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--seed", "99999999999999999999999"], "argument --seed: must be at most 18,446,744,073,709,551,615, got "
                                             "99999999999999999999999"),
-    (["--seed", "-9223372036854775809"], "argument --seed: must be at least -9223372036854775808"),
+    (["--seed", "-9223372036854775809"], "argument --seed: must be at least -9,223,372,036,854,775,808"),
     (["--reps", "10001"], "argument --reps: must be at most 10,000, got 10001"),
     (["--reps", "9" * 5000], "argument --reps: must be at most 10,000, got a 5000-digit number"),
     (["--capture-budget", "99999999999"], "argument --capture-budget: must be at most 16,777,216"),

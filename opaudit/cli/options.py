@@ -113,13 +113,10 @@ def _short(v: int) -> str:
     return text if len(text) <= 24 else f"a {len(text)}-digit number"
 
 
-def bounded(maximum: int, minimum: int = 1) -> Any:
-    """An argparse type: an integer from ``minimum`` (1 or 0) to ``maximum``."""
+def bounded(maximum: int) -> Any:
+    """An argparse type: an integer from 1 to ``maximum``."""
     def parse(text: str) -> int:
-        if minimum == 0:
-            return bounded_int(text, 0, "an integer", "must be 0 or more, got {v}", maximum=maximum)
-        return bounded_int(text, minimum, "a positive integer", f"must be at least {minimum}, got {{v}}",
-                           maximum=maximum)
+        return bounded_int(text, 1, "a positive integer", "must be at least 1, got {v}", maximum=maximum)
 
     parse.__name__ = f"integer up to {maximum}"
     return parse
@@ -164,9 +161,8 @@ SEED_RANGE = (-(2**63), 2**64 - 1)
 
 def integer(text: str) -> int:
     """A seed (``--seed``): an integer ``torch.manual_seed`` accepts."""
-    v = bounded_int(text, SEED_RANGE[0], "an integer", f"must be at least {SEED_RANGE[0]}, got {{v}}",
-                    maximum=SEED_RANGE[1])
-    return v
+    return bounded_int(text, SEED_RANGE[0], "an integer", f"must be at least {SEED_RANGE[0]:,}, got {{v}}",
+                       maximum=SEED_RANGE[1])
 
 
 MAX_RUNS = 1000
@@ -194,10 +190,10 @@ def file_name(text: str) -> str:
 def check_output(path: str | None, inputs: Mapping[str, str | None] | None = None) -> str | None:
     """Absolute output path, checked writable before any work is done; refused when it is one of ``inputs``.
 
-    ``inputs`` maps how the command line names each input (``"--against"``) to its
-    path. The output, or the stdout that the document goes to without ``-o``, must
-    not be any of them, by path or through a link: it would be replaced by the
-    document made from it.
+    ``inputs`` maps how an error names each input (``"the --against catalog"``) to
+    its path. The output, or the stdout that the document goes to without ``-o``,
+    must not be any of them, by path, symlink or hard link (the same inode): it
+    would be replaced by the document made from it.
     """
     from opaudit.data.fileio import check_writable, same_file
 
