@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from opaudit.data.catalog import Catalog
     from opaudit.data.diff import Change, Diff
     from opaudit.data.prediction import Prediction
-    from opaudit.data.report import Report
+    from opaudit.data.report import Finding, Report
 
 
 MAX_FINDINGS = 40
@@ -54,7 +54,7 @@ def _terminal(render: _Render) -> _Render:
     return wrapper  # type: ignore[return-value]
 
 
-def _short_reason(f: Any) -> Any:
+def _short_reason(f: "Finding") -> "Finding":
     """``f`` with its reason cut to :data:`MAX_REASON` characters on one line (``uninitialized`` ones are
     already condensed by the verdict text)."""
     line = f.reason.split("\n", 1)[0]
