@@ -623,9 +623,9 @@ def bench_inputs(args: argparse.Namespace, res: Results) -> None:
 
     import yaml
 
+    from opaudit import audit
     from opaudit.cli.formats import Format, Kind, render
     from opaudit.data import files
-    from opaudit.flows.pipeline import audit
 
     print("\n## Reading opaudit's files: libyaml's parser vs PyYAML's pure-Python one (fresh process each)\n")
     if files._LibyamlLoader is None:
