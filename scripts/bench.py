@@ -5,7 +5,7 @@
     python scripts/bench.py --quick          # smoke run (well under a minute)
     python scripts/bench.py --device cuda    # the same on a GPU
 
-Seven parts (``--only`` picks some; ``inputs`` runs only when named):
+Eight parts (``--only`` picks some; ``inputs`` runs only when named):
 
 * **overhead**: one training step (forward + backward) of two models, each wrapped
   in: nothing (plain eager), a bare pass-through ``TorchDispatchMode``, the same
@@ -30,6 +30,12 @@ Seven parts (``--only`` picks some; ``inputs`` runs only when named):
   measurement runs in a fresh process: peak RSS minus the RSS before the model
   was built (so the interpreter and torch's libraries, the same in both, do not
   water the ratio down). On CUDA: ``torch.cuda.max_memory_allocated``.
+* **capsule**: ``opaudit capture`` / ``opaudit replay`` on the 12-layer encoder step, in
+  process: recording the step (the audit's own recording) against recording it and
+  writing its capsule; the audit's replay (``build_report``) against replaying the
+  capsule (from the file, ``reps`` runs per mode, compared with the source's bits);
+  the capsule's bytes against the bytes of its captured inputs and of its outputs.
+  Round-robin, medians of each round's ratio.
 * **training**: unique signatures of a 2-step and a 1,000-step AdamW + ``LambdaLR``
   loop (they must be equal), and the time of ``opaudit train_loop.py --steps 3``
   on a 20,000-step script over the same on a 3-step script (about 1x).
@@ -56,6 +62,7 @@ import argparse
 import contextlib
 import gc
 import json
+import math
 import os
 import platform
 import re
@@ -92,6 +99,9 @@ TARGETS = {
     "--start-step K audit / (plain K+N steps + replay)": 1.3,
     "HTML page of 5,000 findings, MB (worst case)": 5.0,
     "HTML page of 5,000 findings, seconds to open in Chromium (worst case)": 2.0,
+    "capture / recording, once (12 layers)": 1.2,
+    "capsule replay / audit replay (12 layers)": 1.0,
+    "capsule bytes / captured inputs + outputs (12 layers)": 1.5,
 }
 """Targets (issues 5, 8 and 17). The CLI's is for the default command, whose deterministic-mode recording
 runs the step once more (issue 17 item 7); ``--no-deterministic-pass`` is printed beside it."""
@@ -315,6 +325,7 @@ class Results:
     training: dict[str, Any] = field(default_factory=dict)
     html: dict[str, Any] = field(default_factory=dict)
     inputs: dict[str, Any] = field(default_factory=dict)
+    capsule: dict[str, Any] = field(default_factory=dict)
     targets: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -399,6 +410,106 @@ def audit_once(w: Workload, args: argparse.Namespace) -> tuple[float, float, dic
     }
     rec.release()
     return record_s, replay_s, row
+
+
+# -- capsules (issue 18) ----------------------------------------------------
+def bench_capsule(args: argparse.Namespace, res: Results) -> None:
+    import tempfile
+
+    from opaudit.data.capsule import DTYPE_SIZES
+    from opaudit.flows.capsule import replay_capsule, write_recording
+    from opaudit.flows.run import AuditRun, RunOptions
+
+    layers = args.cli_layers
+    print(f"\n## Capsules: capture and replay of the {layers}-layer encoder step (d=256, batch 8, seq 128),"
+          f" reps={args.reps}, in process, seconds\n")
+    tmp = tempfile.mkdtemp(prefix="opaudit-bench-")
+    replayed, written = os.path.join(tmp, "replayed.opcap"), os.path.join(tmp, "written.opcap")
+    w = audit_workload(layers, args.device)
+    for _ in range(args.warmup_audit):
+        w.step()
+
+    def recordings(twice: bool) -> tuple[Recorder, Recorder | None]:
+        """The step recorded by the audit's own run object: once, or (``twice``, the audit's default) then
+        again, light, in deterministic mode. The recorders are handed over (released by the caller)."""
+        run = AuditRun(RunOptions(deterministic_pass=twice))
+        run.record_call(w.step)
+        held = run.recorder, run.deterministic
+        run.recorder = run.deterministic = None  # kept past the run: write_recording reads them
+        run.close()
+        return held
+
+    def release(*recs: Recorder | None) -> None:
+        for r in recs:
+            if r is not None:
+                r.release()
+        gc.collect()
+
+    first, _ = recordings(False)
+    shape = write_recording(first, replayed)
+    release(first)
+    replay_capsule(replayed, reps=1)
+    m = shape.manifest
+    outputs = sum(math.prod(o.shape) * DTYPE_SIZES[o.dtype] for e in m.entries for c in e.captures
+                  if "default" in c.outputs for o in c.outputs["default"].outputs if o.dtype)
+
+    def record(twice: bool) -> float:
+        held: list[Any] = []
+        t = timed(lambda: held.extend(recordings(twice)), args.device)
+        release(*held)
+        return t
+
+    def capture(twice: bool) -> float:
+        held: list[Any] = []
+        t = timed(lambda: held.extend(recordings(twice)) or write_recording(held[0], written, deterministic=held[1]),
+                  args.device)
+        release(*held)
+        return t
+
+    def audit_replay() -> float:
+        rec, _ = recordings(False)
+        t = timed(lambda: build_report(rec, reps=args.reps), args.device)
+        release(rec)
+        return t
+
+    tasks = {"record_s1": lambda: record(False), "capture_s1": lambda: capture(False),
+             "record_s2": lambda: record(True), "capture_s2": lambda: capture(True),
+             "replay_s": audit_replay, "capsule_replay_s": lambda: timed(
+                 lambda: replay_capsule(replayed, reps=args.reps), args.device)}
+    rounds = []
+    for i in range(args.capsule_rounds):
+        # Every other round in the reverse order: load that drifts over a round falls on both sides alike.
+        order = list(tasks) if i % 2 == 0 else list(reversed(tasks))
+        rounds.append({name: tasks[name]() for name in order})
+    med = {k: statistics.median(x[k] for x in rounds) for k in tasks}
+    row = dict(med, size=shape.size, captured_inputs=shape_inputs(replayed), outputs=outputs,
+               signatures=len(m.entries),
+               capture_ratio=statistics.median(x["capture_s1"] / x["record_s1"] for x in rounds),
+               capture_ratio_twice=statistics.median(x["capture_s2"] / x["record_s2"] for x in rounds),
+               replay_ratio=statistics.median(x["capsule_replay_s"] / x["replay_s"] for x in rounds))
+    row["size_ratio"] = row["size"] / (row["captured_inputs"] + outputs)
+    res.capsule = row
+    print(f"  {'':46s} {'audit s':>8s} {'capsule s':>10s} {'ratio':>7s}")
+    print(f"  {'record once / capture (--no-deterministic-pass)':46s} {med['record_s1']:8.2f}"
+          f" {med['capture_s1']:10.2f} {row['capture_ratio']:6.2f}x")
+    print(f"  {'record + deterministic path / capture (default)':46s} {med['record_s2']:8.2f} {med['capture_s2']:10.2f}"
+          f" {row['capture_ratio_twice']:6.2f}x")
+    print(f"  {'replay: build_report / the capsule':46s} {med['replay_s']:8.2f} {med['capsule_replay_s']:10.2f}"
+          f" {row['replay_ratio']:6.2f}x")
+    print(f"  capsule: {row['size'] / 2**20:.1f} MiB for {row['signatures']} signatures; captured inputs"
+          f" {row['captured_inputs'] / 2**20:.1f} MiB + outputs {outputs / 2**20:.1f} MiB:"
+          f" {row['size_ratio']:.2f}x")
+    print(f"  ({len(rounds)} rounds, every other one in reverse order; ratios are medians of each round's ratio."
+          " Capture = the recording(s) plus one run of each captured call per mode, digests and the file;"
+          " the default also records the step's next call in deterministic mode, light, as the audit does)")
+
+
+def shape_inputs(path: str) -> int:
+    """Bytes of the captured inputs a capsule's calls read, each call's own (as the recorder counts them)."""
+    from opaudit.data.capsule_file import CapsuleFile
+
+    with CapsuleFile.open(path, 2**40) as cap:
+        return sum(b.blob.nbytes for e in cap.manifest.entries for c in e.captures for b in c.buffers)
 
 
 # -- the whole command line -------------------------------------------------
@@ -834,7 +945,7 @@ def bench_html(args: argparse.Namespace, res: Results) -> None:
 
 # -- targets ----------------------------------------------------------------
 def check_targets(res: Results) -> None:
-    print("\n## Targets (issues 5, 8 and 20)\n")
+    print("\n## Targets (issues 5, 8, 18 and 20)\n")
     found: dict[str, float] = {}
     small = next((v for k, v in res.overhead.items() if k.startswith("encoder-4 d=64")), None)
     if small:
@@ -851,6 +962,10 @@ def check_targets(res: Results) -> None:
             res.cli["ratio"]
         if "prefix" in res.cli:
             found["--start-step K audit / (plain K+N steps + replay)"] = res.cli["prefix"]["ratio_minus_import"]
+    if res.capsule:
+        found["capture / recording, once (12 layers)"] = res.capsule["capture_ratio"]
+        found["capsule replay / audit replay (12 layers)"] = res.capsule["replay_ratio"]
+        found["capsule bytes / captured inputs + outputs (12 layers)"] = res.capsule["size_ratio"]
     if res.memory:
         found["peak memory audit / plain step"] = max(r["ratio"] for r in res.memory)
     worst = res.html.get("worst", {})
@@ -894,7 +1009,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--quick", action="store_true", help="a fast smoke run: fewer steps, depths 2 and 12 only")
-    p.add_argument("--only", default="overhead,audit,cli,memory,training,html", help="comma-separated parts to run")
+    p.add_argument("--only", default="overhead,audit,cli,memory,training,html,capsule",
+                   help="comma-separated parts to run")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds per tool (overhead)")
     p.add_argument("--reps", type=int, default=5, help="replays per mode (audit)")
@@ -916,6 +1032,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     a.memory_depths = [12] if a.quick else [12, 24]
     a.cli_layers = 12
     a.cli_rounds = a.cli_rounds or (2 if a.quick else 5)
+    a.capsule_rounds = 2 if a.quick else 6
     return a
 
 
@@ -955,6 +1072,8 @@ def main(argv: list[str] | None = None) -> int:
         bench_html(args, res)
     if "inputs" in parts:
         bench_inputs(args, res)
+    if "capsule" in parts:
+        bench_capsule(args, res)
     check_targets(res)
     with contextlib.suppress(OSError):
         res.env["loadavg_end"] = os.getloadavg()[0]

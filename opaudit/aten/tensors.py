@@ -567,6 +567,54 @@ def difference(a: Any, b: Any) -> Difference:
     return Difference(float(diff.max()), k, n)
 
 
+def ulp_distance(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> int | None:
+    """The largest distance between ``a`` and ``b`` in units in the last place, over ``mask`` (default: the
+    elements whose bits differ).
+
+    Floating elements are mapped to integers that count representable values in
+    order, so neighbours are 1 apart across zero too (``-0.0`` and ``0.0`` are 0
+    apart). Integer tensors give their largest difference, bool 1. ``None`` when a
+    NaN faces a number (no distance) or for a dtype it cannot order. ``a`` and ``b``
+    have the same shape and dtype.
+    """
+    if mask is None:
+        mask = differing_mask(a, b)
+    if a.layout != torch.strided:
+        a, b = a.to_dense(), b.to_dense()
+    if a.is_complex():
+        a, b = torch.view_as_real(a), torch.view_as_real(b)
+        mask = mask.unsqueeze(-1).expand(a.shape)
+    if not bool(mask.any()):
+        return 0
+    a, b = a[mask], b[mask]
+    if a.dtype == torch.bool:
+        return 1
+    if not a.is_floating_point():
+        if a.dtype == torch.uint64:
+            return None
+        return int((a.to(torch.int64) - b.to(torch.int64)).abs().max())
+    if bool((torch.isnan(a) != torch.isnan(b)).any()):
+        return None
+    width = a.element_size() * 8
+    if width not in (8, 16, 32, 64):
+        return None
+    ordered = []
+    for t in (a, b):
+        i = bits(t).to(torch.int64)
+        if width == 8:
+            i = torch.where(i >= 128, i - 256, i)  # bits() gives uint8 for one-byte floats
+        ordered.append(torch.where(i < 0, -(1 << (width - 1)) - i, i))
+    oa, ob = ordered
+    same_side = (oa >= 0) == (ob >= 0)
+    near = (oa - ob).abs()[same_side]
+    best = int(near.max()) if near.numel() else 0
+    far = ~same_side
+    if bool(far.any()):
+        # Opposite signs: the distance is the sum of both magnitudes, which can pass int64 for float64.
+        best = max(best, int((oa[far].abs().double() + ob[far].abs().double()).max()))
+    return best
+
+
 _DIGEST_PRIME = 1_000_003
 
 

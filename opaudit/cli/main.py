@@ -1,4 +1,4 @@
-"""Command line: ``opaudit SCRIPT``, ``opaudit catalog``, ``opaudit diff``.
+"""Command line: ``opaudit SCRIPT``, ``opaudit catalog``, ``opaudit diff``, ``opaudit capture``, ``opaudit replay``.
 
 The only place where errors become exit codes:
 
@@ -12,8 +12,9 @@ The only place where errors become exit codes:
 Reports go to ``-o FILE`` (written atomically, only once the analysis is done)
 or to stdout; progress and the summary go to stderr.
 
-This module is the audit command and the dispatcher; ``opaudit catalog`` and
-``opaudit diff`` live in :mod:`~opaudit.cli.catalog` and :mod:`~opaudit.cli.diff`,
+This module is the audit command and the dispatcher; ``opaudit catalog``,
+``opaudit diff`` and ``opaudit capture``/``replay`` live in :mod:`~opaudit.cli.catalog`,
+:mod:`~opaudit.cli.diff` and :mod:`~opaudit.cli.capsule`,
 what they all share in :mod:`~opaudit.cli.options` and :mod:`~opaudit.cli.output`.
 """
 
@@ -27,7 +28,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from opaudit.cli import batch, steps
+from opaudit.cli import batch, capsule, steps
 from opaudit.cli.catalog import catalog_main
 from opaudit.cli.diff import diff_main
 from opaudit.cli.options import (
@@ -103,7 +104,8 @@ def _audit_parser() -> Parser:
     p = Parser(
         prog="opaudit",
         description="Audit a PyTorch script for ops that raise, warn or give different bits under "
-                    "torch.use_deterministic_algorithms. Subcommands: 'opaudit catalog', 'opaudit diff'.",
+                    "torch.use_deterministic_algorithms. Subcommands: 'opaudit catalog', 'opaudit diff', "
+                    "'opaudit capture', 'opaudit replay'.",
         epilog="Arguments after '--' are passed to the script as sys.argv[1:].",
     )
     p.add_argument("script", type=file_name, help="Python script to audit (runs as __main__, or its opaudit_step() is called)")
@@ -292,7 +294,12 @@ def _batch_invariance_main(args: argparse.Namespace, script_args: list[str], out
     return EXIT_FINDINGS if not report.batch_invariance.invariant and not args.exit_zero else EXIT_OK
 
 
-SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {"catalog": catalog_main, "diff": diff_main}
+SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "catalog": catalog_main,
+    "diff": diff_main,
+    "capture": capsule.capture_main,
+    "replay": capsule.replay_main,
+}
 """Subcommand name → handler taking the remaining argv."""
 
 

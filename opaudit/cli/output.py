@@ -96,6 +96,10 @@ def emit(document: Any, kind: str, fmt_name: str | None, output: str | None, qui
     def text(fmt: Format, written_to: str | None = None) -> str:
         if kind is Kind.REPORT and fmt is Format.TABLE:
             return table_format.report(document, show_all=show_all, written_to=written_to)
+        if kind is Kind.REPLAY and fmt is Format.TABLE:
+            from opaudit.cli.formats import replay
+
+            return replay.table(document, show_all=show_all)
         return render(document, kind, fmt)
 
     if output:
@@ -116,16 +120,16 @@ def emit(document: Any, kind: str, fmt_name: str | None, output: str | None, qui
         sys.stderr.write(outcome(document))
 
 
-def emit_partial(partial: Any, fmt_name: str | None, output: str | None, why: str) -> None:
-    """Write a partial report (``complete: false``) and say where it went."""
+def emit_partial(partial: Any, fmt_name: str | None, output: str | None, why: str, kind: str = "report") -> None:
+    """Write a partial document (``complete: false``) of ``kind`` and say where it went."""
     if output:
-        emit(partial, "report", fmt_name, output, quiet=True)
-        sys.stderr.write(f"opaudit: {why}; partial report (complete: false) written to {output}\n")
+        emit(partial, kind, fmt_name, output, quiet=True)
+        sys.stderr.write(f"opaudit: {why}; partial {kind} (complete: false) written to {output}\n")
         return
     from opaudit.data.fileio import FileError
 
     try:
-        emit(partial, "report", fmt_name, None, quiet=True)
+        emit(partial, kind, fmt_name, None, quiet=True)
     except (OSError, FileError):
         pass  # the reader of our stdout may have been interrupted too
-    sys.stderr.write(f"opaudit: {why}; the report above is partial (complete: false)\n")
+    sys.stderr.write(f"opaudit: {why}; the {kind} above is partial (complete: false)\n")

@@ -27,6 +27,8 @@ import re
 import stat
 import sys
 import tempfile
+from collections.abc import Callable
+from typing import BinaryIO
 
 from opaudit.data.errors import OpauditError
 
@@ -79,9 +81,19 @@ def _fail(path: str, e: OSError) -> FileError:
 def write_output(path: str, text: str) -> None:
     """Write ``text`` to ``path`` as the module docstring says; :class:`FileError` names the file on failure."""
     data = text.encode("utf-8")
+    write_with(path, lambda fd: _write_all(fd, data))
+
+
+def write_with(path: str, fill: Callable[[int], None]) -> None:
+    """Write to ``path`` as :func:`write_output` does, the bytes written by ``fill(fd)``.
+
+    For output that is streamed rather than held in memory (a capsule's tensors):
+    ``fill`` writes everything to the descriptor it is given; when it raises, a
+    regular file is left untouched.
+    """
     fd = _own_fd(path)
     if fd is not None:
-        _write_fd(path, fd, data)
+        _write_fd(path, fd, fill)
         return
     try:
         st = os.stat(path)
@@ -92,9 +104,9 @@ def write_output(path: str, text: str) -> None:
     if st is not None and not stat.S_ISREG(st.st_mode):
         if stat.S_ISDIR(st.st_mode):
             raise FileError(f"cannot write {path}: it is a directory")
-        _write_through(path, data)
+        _write_through(path, fill)
         return
-    _replace(os.path.realpath(path), path, data, st)
+    _replace(os.path.realpath(path), path, fill, st)
 
 
 def write_stdout(text: str) -> None:
@@ -151,7 +163,7 @@ def same_file(a: str, b: str) -> bool:
     return stat.S_ISREG(sa.st_mode) and (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
-def _write_fd(path: str, fd: int, data: bytes) -> None:
+def _write_fd(path: str, fd: int, fill: Callable[[int], None]) -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
             if stream is not None and stream.fileno() == fd:
@@ -159,18 +171,18 @@ def _write_fd(path: str, fd: int, data: bytes) -> None:
         except (OSError, ValueError, AttributeError):
             pass
     try:
-        _write_all(fd, data)
+        fill(fd)
     except OSError as e:
         raise _fail(path, e) from None
 
 
-def _write_through(path: str, data: bytes) -> None:
+def _write_through(path: str, fill: Callable[[int], None]) -> None:
     try:
         fd = os.open(path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
         raise _fail(path, e) from None
     try:
-        _write_all(fd, data)
+        fill(fd)
     except OSError as e:
         raise _fail(path, e) from None
     finally:
@@ -183,7 +195,7 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-def _replace(real: str, shown: str, data: bytes, st: os.stat_result | None) -> None:
+def _replace(real: str, shown: str, fill: Callable[[int], None], st: os.stat_result | None) -> None:
     """Temp file beside ``real``, mode and owner set, fsync, rename: ``real`` is whole or untouched."""
     try:
         fd, tmp = tempfile.mkstemp(prefix=".opaudit-", suffix=".tmp", dir=os.path.dirname(real))
@@ -199,7 +211,7 @@ def _replace(real: str, shown: str, data: bytes, st: os.stat_result | None) -> N
                     os.fchown(fd, st.st_uid, st.st_gid)
                 except OSError:
                     pass  # not ours to give away: the mode is still kept
-        _write_all(fd, data)
+        fill(fd)
         os.fsync(fd)
         os.close(fd)
         fd = -1
@@ -251,9 +263,9 @@ def read_input(path: str, limit: int = MAX_INPUT_BYTES) -> str:
         raise FileError(f"{path}: not UTF-8 text") from None
 
 
-def read_bytes(path: str, limit: int = MAX_INPUT_BYTES, what: str = "input files") -> bytes:
-    """The bytes of the regular file ``path``, at most ``limit``; :class:`FileError` otherwise (a directory,
-    a device, a FIFO, a larger file: ``what`` names what opaudit reads up to ``limit``)."""
+def open_regular(path: str, limit: int, what: str = "input files") -> BinaryIO:
+    """The regular file ``path`` open for reading, checked to be at most ``limit`` bytes; :class:`FileError`
+    otherwise (a directory, a device, a FIFO, a larger file: ``what`` names what opaudit reads up to ``limit``)."""
     try:
         # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer.
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
@@ -273,7 +285,12 @@ def read_bytes(path: str, limit: int = MAX_INPUT_BYTES, what: str = "input files
     except BaseException:
         os.close(fd)
         raise
-    with os.fdopen(fd, "rb") as f:
+    return os.fdopen(fd, "rb")
+
+
+def read_bytes(path: str, limit: int = MAX_INPUT_BYTES, what: str = "input files") -> bytes:
+    """The bytes of the regular file ``path``, at most ``limit`` (see :func:`open_regular`)."""
+    with open_regular(path, limit, what) as f:
         try:
             raw = f.read(limit + 1)
         except OSError as e:

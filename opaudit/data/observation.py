@@ -63,6 +63,24 @@ class Unwritten:
 
 
 @dataclass(frozen=True)
+class Crossing:
+    """One mode's first run here against the outputs a capsule's source computed in that mode."""
+
+    differs: bool
+    max_abs_diff: float | None = None
+    """Largest |here - source| over the elements that differ; ``None`` when only digests were compared."""
+    max_ulp: int | None = None
+    """Largest distance in units in the last place among floating elements that differ (for integer
+    outputs, the largest difference); ``None`` when not measurable (digests only, NaN against a number)."""
+    frac_differing: float | None = None
+    """Fraction of all output elements whose bits differ."""
+    outputs: tuple[str, ...] = ()
+    """The outputs that differ (``output 1``, ``input self``)."""
+    error: str | None = None
+    """Why there was nothing to compare (the source could not run the op in this mode)."""
+
+
+@dataclass(frozen=True)
 class Observation:
     """Everything one replay saw, before any verdict."""
 
@@ -82,6 +100,9 @@ class Observation:
     unwritten: tuple[Unwritten, ...] = ()
     """Output regions the kernel never writes. When set, every element that differed
     between default runs lay in them, and ``default`` compares only the rest."""
+    across: tuple[tuple[str, Crossing], ...] = ()
+    """Mode (``default``, ``deterministic``) → its first run against a capsule's source outputs,
+    when the replay was given them (:func:`opaudit.engine.replay.replay`'s ``reference``)."""
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,19 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _cpu_capability() -> str | None:
+    """The vector instruction set ATen's CPU kernels dispatch to (``AVX2``, ``AVX512``, ``DEFAULT``...).
+
+    Set by the CPU and by ``ATEN_CPU_CAPABILITY``; two machines that differ here run
+    other kernels for the same op, and reductions and transcendental functions then
+    give other bits.
+    """
+    try:
+        return str(torch.backends.cpu.get_cpu_capability())
+    except Exception:  # older torch
+        return None
+
+
 def fingerprint(device: str | None = None) -> dict[str, Any]:
     """Versions, hardware and global flags that decide how ops behave.
 
@@ -39,6 +52,7 @@ def fingerprint(device: str | None = None) -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": f"{platform.system()}-{platform.machine()}",
         "cpu": _cpu_model(),
+        "cpu_capability": _cpu_capability(),
         "threads": torch.get_num_threads(),
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
@@ -88,11 +102,41 @@ def _driver_version() -> str | None:
 
 
 def _cublas_version() -> str | None:
+    """The cuBLAS library this process loaded (``12.4.5``), asked through ``cublasGetProperty``; else the CUDA
+    version torch was compiled with, as before (cuBLAS is loaded on the first matmul)."""
+    loaded = _loaded_library("libcublas.so")
+    if loaded is not None:
+        try:
+            import ctypes
+
+            lib = ctypes.CDLL(loaded)
+            parts = []
+            for prop in range(3):  # MAJOR_VERSION, MINOR_VERSION, PATCH_LEVEL
+                v = ctypes.c_int()
+                if lib.cublasGetProperty(prop, ctypes.byref(v)) != 0:
+                    raise OSError("cublasGetProperty failed")
+                parts.append(str(v.value))
+            return ".".join(parts)
+        except (OSError, AttributeError):
+            pass
     try:
         v = torch._C._cuda_getCompiledVersion()  # type: ignore[attr-defined]
         return str(v)
     except Exception:
         return None
+
+
+def _loaded_library(stem: str) -> str | None:
+    """The path of an already loaded shared library whose file name starts with ``stem`` (Linux)."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as f:
+            for line in f:
+                path = line.rstrip().rsplit(" ", 1)[-1]
+                if os.path.basename(path).startswith(stem + "."):
+                    return path
+    except OSError:
+        pass
+    return None
 
 
 def environment_warnings(devices: set[str], uninitialized_calls: int = 0,

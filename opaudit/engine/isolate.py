@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from opaudit.aten import precision
+from opaudit.aten.portable import Reference
 from opaudit.aten.tensors import Snapshot
 from opaudit.data.errors import OpauditError
 from opaudit.data.observation import CRASHED, TIMEOUT, NotReplayed, Observation, error_text
@@ -255,7 +256,7 @@ def _loop(conn: "Connection", table: list[tuple[Any, Snapshot]] | None) -> None:
         if request is None:
             return
         conn.send(("started", None))
-        target, reps, cudnn = request
+        target, reps, cudnn, reference = request
         try:
             if table is not None:
                 func, snap = table[target]
@@ -266,7 +267,7 @@ def _loop(conn: "Connection", table: list[tuple[Any, Snapshot]] | None) -> None:
             conn.send(("unavailable", f"not available in the worker process: {error_text(e)}"))
             continue
         try:
-            obs = replay(func, snap, reps, cudnn_variants=cudnn)
+            obs = replay(func, snap, reps, cudnn_variants=cudnn, reference=reference)
         except Exception as e:  # not an op failure: this process is suspect now
             conn.send(("crashed", error_text(e)))
             return
@@ -284,7 +285,7 @@ class Isolator:
     ...     report = build_report(rec, replay_fn=iso)
 
     ``rec`` registers the recorder's snapshots up front, so that a forked worker
-    inherits all of them; snapshots not registered are added on first use (a
+    inherits all of them (``snapshots``, ``(op, snapshot)`` pairs, adds others: a capsule's); snapshots not registered are added on first use (a
     fork-mode worker is then forked again). ``timeout`` is the wall-clock limit,
     in seconds, on replaying one signature, all runs together; ``None`` waits for
     as long as the op runs. ``start_method`` is ``fork`` or ``spawn``; by default
@@ -293,7 +294,7 @@ class Isolator:
     """
 
     def __init__(self, rec: "Recorder | None" = None, *, timeout: float | None = None,
-                 start_method: str | None = None) -> None:
+                 start_method: str | None = None, snapshots: Iterable[tuple[Any, Snapshot]] = ()) -> None:
         if timeout is not None and not 0 < timeout < float("inf"):
             raise ValueError("timeout must be a positive, finite number of seconds")
         self.timeout = timeout
@@ -306,6 +307,8 @@ class Isolator:
                     self._register(func, snap)
                     for _, more in further.get(sig.id, ()):
                         self._register(func, more)
+        for func, snap in snapshots:
+            self._register(func, snap)
         if start_method is None:
             start_method = default_start_method([s for _, s in self._table])
         if start_method not in ("fork", "spawn"):
@@ -336,26 +339,30 @@ class Isolator:
             w.stop(lambda: w.conn.send_bytes(_dumps(None)))
 
     # -- replay ---------------------------------------------------------------
-    def __call__(self, func: Any, snap: Snapshot, reps: int, cudnn: bool) -> Observation:
-        """Replay ``func`` on ``snap`` in the worker; never raises for what the op does."""
+    def __call__(self, func: Any, snap: Snapshot, reps: int, cudnn: bool,
+                 reference: Reference | None = None) -> Observation:
+        """Replay ``func`` on ``snap`` in the worker; never raises for what the op does.
+
+        ``reference``: a capsule's source outputs, compared there (see :func:`~opaudit.engine.replay.replay`).
+        """
         try:
-            return self._replay(func, snap, reps, cudnn)
+            return self._replay(func, snap, reps, cudnn, reference)
         except BaseException:
             # Ctrl-C (or anything unexpected) while the worker runs: do not leave it behind.
             self._discard()
             raise
 
-    def _replay(self, func: Any, snap: Snapshot, reps: int, cudnn: bool) -> Observation:
+    def _replay(self, func: Any, snap: Snapshot, reps: int, cudnn: bool, reference: Reference | None) -> Observation:
         # A worker that dies before it takes the request was killed by something
         # earlier (a late crash, the OOM killer): not this op's fault, so one retry.
         for attempt in range(2):
             if self.start_method == "fork":
                 i = self._register(func, snap)
                 worker = self._ensure_worker(need=i + 1)
-                request: Any = (i, reps, cudnn)
+                request: Any = (i, reps, cudnn, reference)
             else:
                 worker = self._ensure_worker()
-                request = ((_op_ref(func), snap), reps, cudnn)
+                request = ((_op_ref(func), snap), reps, cudnn, reference)
             try:
                 message = _dumps(request)
             except Exception as e:  # an argument that does not pickle

@@ -34,12 +34,14 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from opaudit.aten import precision
 from opaudit.aten.ops import ALERT_TEXT, CUBLAS_TEXT
+from opaudit.aten.portable import Reference, compare_expected
 from opaudit.aten.tensors import Snapshot, difference, differing_mask, fill_mask, flat_tensors, same_bits
 from opaudit.data.errors import OpauditError
 from opaudit.data.observation import (
     CUBLAS_WORKSPACE,
     NO_DETERMINISTIC_IMPL,
     OTHER_ERROR,
+    Crossing,
     Observation,
     RunStats,
     Unwritten,
@@ -386,8 +388,13 @@ def _filled_run(func: Any, snap: Snapshot, rng: _Rng) -> list[Any] | None:
         return None
 
 
-def replay(func: Any, snap: Snapshot, reps: int = 5, *, cudnn_variants: bool = False) -> Observation:
-    """Replay ``func`` on fresh copies of ``snap`` under every mode. Never raises for op failures."""
+def replay(func: Any, snap: Snapshot, reps: int = 5, *, cudnn_variants: bool = False,
+           reference: Reference | None = None) -> Observation:
+    """Replay ``func`` on fresh copies of ``snap`` under every mode. Never raises for op failures.
+
+    With ``reference`` (what a capsule's source computed for this call), the first run of
+    each mode is also compared with the source's outputs of that mode (``Observation.across``).
+    """
     if reps < 1:
         raise ReplayError("reps must be at least 1")
     devices = snap.devices
@@ -421,6 +428,7 @@ def replay(func: Any, snap: Snapshot, reps: int = 5, *, cudnn_variants: bool = F
                     sink.append(msg)
             set_deterministic(False)
             default = _runs(func, snap, reps, rng, timer)
+            across = _across(reference, {"deterministic": det, "default": default})
             variants: list[tuple[str, RunStats]] = []
             if cudnn_variants:
                 for d in (False, True):
@@ -441,7 +449,56 @@ def replay(func: Any, snap: Snapshot, reps: int = 5, *, cudnn_variants: bool = F
         except _OP_FAILURES as e:
             return Observation(strict_kind, strict_error, tuple(sink), None, None, False, error=_failure_text(e))
         return Observation(strict_kind, strict_error, tuple(sink), default_stats, det.stats,
-                           default.rng_used or det.rng_used, variants=tuple(variants), unwritten=unwritten)
+                           default.rng_used or det.rng_used, variants=tuple(variants), unwritten=unwritten,
+                           across=across)
+
+
+def _across(reference: Reference | None, runs: dict[str, _Runs]) -> tuple[tuple[str, Crossing], ...]:
+    """Each mode's first run against the source's outputs of that mode (modes the reference lacks left out)."""
+    if reference is None:
+        return ()
+    out = []
+    for mode in ("default", "deterministic"):
+        expected = reference.modes.get(mode)
+        if expected is not None:
+            out.append((mode, compare_expected(expected, runs[mode].first, runs[mode].names)))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class ModeRun:
+    """One run of an op in one mode, as :func:`replay` runs it: its outputs and their names, or its error."""
+
+    outputs: list[Any]
+    names: list[str]
+    error: str = ""
+
+
+def run_in_modes(func: Any, snap: Snapshot) -> tuple[dict[str, ModeRun], bool]:
+    """One run of ``func`` on a fresh copy of ``snap`` in deterministic mode (``warn_only``) and one in
+    default mode, under the conditions :func:`replay` runs its runs in; and whether it drew from an RNG.
+
+    What a capsule stores as the source's outputs: a replay elsewhere compares its own
+    first run of each mode with these. The global RNG state each run starts from is the
+    one in force when this is called.
+    """
+    runs: dict[str, ModeRun] = {}
+    rng_used = False
+    with preserved_state(), _disable_current_modes(), torch.no_grad():
+        rng = _Rng(snap.devices)
+        timer = _Timer(snap.devices)
+        for mode in ("deterministic", "default"):
+            set_deterministic(mode == "deterministic", warn_only=True)
+            try:
+                with _stderr_captured([]), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    r = _runs(func, snap, 1, rng, timer)
+            except Exception as e:  # an op's own failure is what the capsule says
+                runs[mode] = ModeRun([], [], error_text(e))
+                continue
+            rng_used = rng_used or r.rng_used
+            runs[mode] = ModeRun(r.first, r.names)
+    return runs, rng_used
 
 
 def time_fill(func: Any, snap: Snapshot, reps: int = 5) -> tuple[float, float] | None:

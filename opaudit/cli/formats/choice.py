@@ -15,6 +15,7 @@ class Kind(str, enum.Enum):
     CATALOG = "catalog"
     DIFF = "diff"
     PREDICTION = "prediction"
+    REPLAY = "replay"
 
 
 class FormatError(OpauditError, ValueError):

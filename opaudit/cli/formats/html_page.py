@@ -71,9 +71,10 @@ COLOURS = {
     "random": "#2563eb", "uninitialized": "#0e7490", "skipped": "#6b7280", "stable": "#15803d",
     "batch_variant": "#ea580c", "batch_invariant": "#15803d", "not_comparable": "#6b7280",
     "unknown": "#64748b", "missing": "#cbd5e1",
+    "same": "#15803d", "differs": "#7e22ce", "differs_default": "#ea580c", "unsupported": "#b91c1c",
 }
 """The colour of every verdict a page shows (determinism, batch invariance, predicted ``unknown``, a diff's
-``missing``); each also has a CSS class ``v-<name>``. Text always says the verdict too."""
+``missing``, a capsule replay's ``across``); each also has a CSS class ``v-<name>``. Text always says the verdict too."""
 
 PHASE_COLOURS = {"setup": "#e5e7eb", "data": "#dbeafe", "forward": "#fef3c7", "backward": "#fce7f3",
                  "optimizer": "#dcfce7"}

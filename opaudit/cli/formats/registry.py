@@ -12,7 +12,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from opaudit.cli.formats import csv_, html, markdown, sarif, table
+from opaudit.cli.formats import csv_, html, markdown, replay, sarif, table
 from opaudit.cli.formats.choice import Format, Kind, check_kind
 from opaudit.cli.formats.escape import json_text, visible
 from opaudit.data.files import dump_yaml
@@ -56,13 +56,19 @@ RENDERERS: dict[tuple[Kind, Format], Renderer] = {
     (Kind.PREDICTION, Format.MARKDOWN): markdown.prediction,
     (Kind.PREDICTION, Format.TABLE): table.prediction,
     (Kind.PREDICTION, Format.HTML): html.prediction,
+    (Kind.REPLAY, Format.YAML): as_yaml,
+    (Kind.REPLAY, Format.JSON): as_json,
+    (Kind.REPLAY, Format.CSV): replay.csv,
+    (Kind.REPLAY, Format.MARKDOWN): replay.markdown,
+    (Kind.REPLAY, Format.TABLE): replay.table,
+    (Kind.REPLAY, Format.HTML): replay.html,
 }
 """Every (kind, format) pair: each document kind is written in every format but the
 :data:`~opaudit.cli.formats.choice.REPORT_ONLY` ones (SARIF), which only a report is."""
 
 
 def render(document: Any, kind: Kind | str, fmt: Format) -> str:
-    """``document`` (a report, catalog, diff or prediction) as text in ``fmt``.
+    """``document`` (a report, catalog, diff, prediction or capsule replay) as text in ``fmt``.
 
     :class:`~opaudit.cli.formats.choice.FormatError` for a format its kind is not written in.
     """

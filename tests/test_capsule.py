@@ -1,0 +1,435 @@
+"""Capsules: ``opaudit capture`` on one setting, ``opaudit replay`` on another, and hostile capsule files.
+
+The cross-machine tests are real processes on this CPU's two stand-ins for two
+machines: ATen's AVX2 kernels and its scalar (``default``) ones, picked with
+``ATEN_CPU_CAPABILITY``; and 2 threads against 1. Nothing here mocks torch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import faulthandler
+import json
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+import zipfile
+
+import pytest
+import torch
+import yaml
+from conftest import ROOT
+
+from opaudit.cli.main import main
+from opaudit.data import across as across_doc
+
+FIXTURES = os.path.join(ROOT, "tests", "fixtures", "scripts")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+needs_avx2 = pytest.mark.skipif("avx2" not in _cpu_flags(),
+                                reason="this CPU lacks AVX2: ATEN_CPU_CAPABILITY=avx2 cannot select AVX2 kernels, "
+                                       "so avx2 and default are not two settings here")
+
+
+def _cli(args, capability=None, timeout=240):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop("ATEN_CPU_CAPABILITY", None)
+    if capability:
+        env["ATEN_CPU_CAPABILITY"] = capability
+    return subprocess.run([sys.executable, "-m", "opaudit", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout, cwd=ROOT)
+
+
+def _run(argv, capsys):
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _by_op(doc):
+    """op -> set of across values (an op can have several signatures)."""
+    out: dict[str, set[str]] = {}
+    for row in doc["ops"]:
+        out.setdefault(row["op"], set()).add(row["across"])
+    return out
+
+
+# -- two settings of one CPU, in real processes -------------------------------------------------
+@pytest.fixture(scope="module")
+def transformer_capsule(tmp_path_factory):
+    """The tiny transformer's training step captured under AVX2 kernels."""
+    if "avx2" not in _cpu_flags():
+        pytest.skip("this CPU lacks AVX2: ATEN_CPU_CAPABILITY=avx2 cannot select AVX2 kernels")
+    path = str(tmp_path_factory.mktemp("capsule") / "step.opcap")
+    r = _cli(["capture", os.path.join(FIXTURES, "tiny_transformer.py"), "-o", path], capability="avx2")
+    assert r.returncode == 0, r.stderr
+    assert f"capsule written to {path}: " in r.stderr
+    assert "left out by the byte budget: nothing" in r.stderr
+    return path
+
+
+@needs_avx2
+def test_replay_under_the_default_kernels_names_softmax_and_layer_norm(transformer_capsule, tmp_path):
+    out = tmp_path / "replay.json"
+    r = _cli(["replay", transformer_capsule, "--reps", "1", "-o", str(out), "-q"], capability="default")
+    assert r.returncode == 1, r.stderr  # differs is in the default --fail-on
+    doc = json.loads(out.read_text())
+    assert {"field": "cpu_capability", "source": "AVX2", "here": "DEFAULT"} in doc["environment_difference"]
+    ops = _by_op(doc)
+    for op in ("aten._softmax.default", "aten._softmax_backward_data.default", "aten.native_layer_norm.default",
+               "aten.native_layer_norm_backward.default"):
+        assert ops[op] == {"differs"}, (op, ops[op])
+    for op in ("aten.add.Tensor", "aten.mul.Tensor", "aten.relu.default", "aten.cat.default",
+               "aten.embedding.default"):
+        assert ops[op] == {"same"}, (op, ops[op])
+    # The seeded noise draws other numbers with the other kernels: a random op whose bits move.
+    noise = next(row for row in doc["ops"] if row["op"] == "aten.randn_like.default")
+    assert (noise["across"], noise["verdict"]) == ("differs", "random")
+    softmax = next(row for row in doc["ops"] if row["op"] == "aten._softmax.default")
+    assert softmax["verdict"] == "stable"  # deterministic here: the bits moved between machines, not runs
+    assert softmax["max_ulp_across"] >= 1 and 0 < softmax["frac_differing_across"] <= 1
+    assert softmax["modes_across"] == ["default", "deterministic"]
+    assert doc["summary"]["across"]["differs"] == sum(1 for row in doc["ops"] if row["across"] == "differs")
+
+
+@needs_avx2
+def test_replay_under_the_same_kernels_is_all_same(transformer_capsule):
+    r = _cli(["replay", transformer_capsule, "--reps", "1", "--format", "json", "-q"], capability="avx2")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["environment_difference"] == []
+    assert {row["across"] for row in doc["ops"]} == {"same"}
+    assert doc["summary"]["across"]["same"] == doc["summary"]["signatures"] > 100
+
+
+def test_thread_count_changes_a_full_sum_and_not_an_elementwise_op(tmp_path, capsys):
+    path = str(tmp_path / "sum.opcap")
+    script = os.path.join(FIXTURES, "thread_sum.py")
+    assert _run(["capture", script, "-o", path, "--threads", "2", "-q"], capsys)[0] == 0
+    code, out, _ = _run(["replay", path, "--threads", "1", "--reps", "1", "--format", "json", "-q"], capsys)
+    doc = json.loads(out)
+    assert code == 1
+    assert {"field": "threads", "source": 2, "here": 1} in doc["environment_difference"]
+    assert _by_op(doc) == {"aten.sum.default": {"differs"}, "aten.mul.Tensor": {"same"}}
+    code, out, _ = _run(["replay", path, "--threads", "2", "--reps", "1", "--format", "json", "-q"], capsys)
+    assert code == 0 and _by_op(json.loads(out)) == {"aten.sum.default": {"same"}, "aten.mul.Tensor": {"same"}}
+
+
+def test_digests_only_says_whether_not_how_far(tmp_path, capsys):
+    path = str(tmp_path / "sum.opcap")
+    script = os.path.join(FIXTURES, "thread_sum.py")
+    assert _run(["capture", script, "-o", path, "--threads", "2", "--digests-only", "-q"], capsys)[0] == 0
+    with zipfile.ZipFile(path) as z:
+        manifest = json.loads(z.read("manifest.json"))
+        outputs = [o for e in manifest["signatures"] for c in e["captures"] for m in c["outputs"].values()
+                   for o in m["outputs"]]
+        assert outputs and all("blob" not in o and len(o["digest"]) == 32 for o in outputs)
+    code, out, _ = _run(["replay", path, "--threads", "1", "--reps", "1", "--format", "json", "-q"], capsys)
+    doc = json.loads(out)
+    row = next(r for r in doc["ops"] if r["op"] == "aten.sum.default")
+    assert row["across"] == "differs" and "max_abs_diff_across" not in row and "digests only" in row["reason_across"]
+
+
+# -- a small capsule made in this process -------------------------------------------------------
+SMALL = """
+    import torch
+
+    x = torch.randn(64, 33, generator=torch.Generator().manual_seed(0))
+    w = torch.randn(33, 8, generator=torch.Generator().manual_seed(1))
+
+
+    def opaudit_step():
+        y = torch.softmax(x @ w, dim=-1)
+        return torch.cat([y, y.relu()]).sum()
+"""
+
+
+@pytest.fixture(scope="module")
+def small_capsule(tmp_path_factory):
+    d = tmp_path_factory.mktemp("small")
+    script = d / "small.py"
+    script.write_text(textwrap.dedent(SMALL))
+    path = str(d / "small.opcap")
+    assert main(["capture", str(script), "-o", path, "-q"]) == 0
+    return path
+
+
+def test_self_check_and_every_format(small_capsule, tmp_path, capsys):
+    code, out, err = _run(["replay", small_capsule, "--reps", "2"], capsys)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith(f"Capsule {small_capsule}: captured on ")
+    assert lines[1] == "Environment difference: none (same fingerprint: expect every op to be 'same')"
+    assert lines[-1].startswith("Across: ") and "same" in lines[-1]
+    written = {}
+    for ext in ("yaml", "json", "csv", "md", "html"):
+        out_path = tmp_path / f"replay.{ext}"
+        code, _, err = _run(["replay", small_capsule, "--reps", "1", "--no-timing", "-o", str(out_path)], capsys)
+        assert code == 0 and f"replay written to {out_path}" in err
+        written[ext] = out_path.read_text()
+    doc = across_doc.from_dict(yaml.safe_load(written["yaml"]))
+    assert doc.rows and all(r.across is across_doc.Across.SAME for r in doc.rows)
+    assert json.loads(written["json"])["summary"] == doc.summary
+    assert written["csv"].splitlines()[0].startswith("across,verdict,op,")
+    assert written["md"].startswith("# opaudit replay")
+    assert written["html"].startswith("<!DOCTYPE html>") and f"opaudit replay: {small_capsule}" in written["html"]
+    # Byte-stable: the same capsule replayed again writes the same file.
+    again = tmp_path / "again.yaml"
+    assert _run(["replay", small_capsule, "--reps", "1", "--no-timing", "-o", str(again)], capsys)[0] == 0
+    assert again.read_text() == written["yaml"]
+
+
+def test_capture_budget_left_out_is_listed_in_the_file_and_the_output(tmp_path, capsys):
+    script = tmp_path / "big.py"
+    script.write_text(textwrap.dedent("""
+        import torch
+
+        big = torch.randn(400_000, generator=torch.Generator().manual_seed(0))
+        small = torch.randn(16, generator=torch.Generator().manual_seed(1))
+
+
+        def opaudit_step():
+            return big.exp(), small.tanh()
+    """))
+    path = str(tmp_path / "big.opcap")
+    code, _, err = _run(["capture", str(script), "-o", path, "--capture-budget", "1"], capsys)
+    assert code == 0
+    assert "left out by the byte budget (--capture-budget 1 MiB): 1" in err
+    assert "aten.exp.default" in err and "inputs: not replayable" in err
+    with zipfile.ZipFile(path) as z:
+        manifest = json.loads(z.read("manifest.json"))
+    assert [(x["op"], x["what"]) for x in manifest["left_out"]] == [("aten.exp.default", "inputs")]
+    code, out, _ = _run(["replay", path, "--reps", "1"], capsys)
+    assert "Left out of the capsule by its byte budget:" in out
+    assert "aten.exp.default" in out.split("Left out of the capsule by its byte budget:")[1]
+    code, out, _ = _run(["replay", path, "--reps", "1", "--format", "json", "-q"], capsys)
+    doc = json.loads(out)
+    rows = {r["op"]: r for r in doc["ops"]}
+    assert (rows["aten.exp.default"]["across"], rows["aten.exp.default"]["reason_across"]) == \
+        ("skipped", "capture budget")
+    assert rows["aten.tanh.default"]["across"] == "same"
+    assert [(x["op"], x["what"]) for x in doc["left_out"]] == [("aten.exp.default", "inputs")]
+
+
+# -- ops that do not run here ------------------------------------------------------------------
+_REPLAY = {"armed": False}
+
+
+@torch.library.custom_op("opaudit_capsule::crashes_when_armed", mutates_args=())
+def crashes_when_armed(x: torch.Tensor) -> torch.Tensor:
+    if _REPLAY["armed"]:
+        faulthandler.disable()
+        ctypes.string_at(0)  # a real invalid read: the worker dies with SIGSEGV, as an illegal instruction would
+    return x * 2
+
+
+def test_an_op_that_kills_the_replay_is_unsupported_under_isolate(tmp_path, capsys):
+    script = tmp_path / "custom.py"
+    script.write_text(textwrap.dedent("""
+        import torch
+
+        x = torch.arange(6.0)
+
+
+        def opaudit_step():
+            return torch.ops.opaudit_capsule.crashes_when_armed(x).exp() + torch.randn_like(x)
+    """))
+    path = str(tmp_path / "custom.opcap")
+    assert _run(["capture", str(script), "-o", path, "-q"], capsys)[0] == 0
+    _REPLAY["armed"] = True
+    try:
+        code, out, _ = _run(["replay", path, "--reps", "1", "--isolate", "--format", "json", "-q"], capsys)
+    finally:
+        _REPLAY["armed"] = False
+    rows = {r["op"]: r for r in json.loads(out)["ops"]}
+    crashed = rows["opaudit_capsule.crashes_when_armed.default"]
+    assert (crashed["across"], crashed["reason_across"]) == ("unsupported", "crashed: SIGSEGV")
+    assert rows["aten.exp.default"]["across"] == "same"  # a fresh worker went on
+    # The worker draws from the source's generator state, as an in-process replay does.
+    assert (rows["aten.randn_like.default"]["across"], rows["aten.randn_like.default"]["verdict"]) == ("same", "random")
+    assert code == 1
+
+
+def _rewrite(src, dst, edit=None, add=(), drop=()):
+    """Copy a capsule, changing its manifest (``edit(dict)``), adding members and leaving some out."""
+    with zipfile.ZipFile(src) as z:
+        members = {i.filename: z.read(i) for i in z.infolist()}
+    manifest = json.loads(members.pop("manifest.json"))
+    if edit is not None:
+        edit(manifest)
+    with zipfile.ZipFile(dst, "w") as z:
+        z.writestr("manifest.json", json.dumps(manifest))
+        for name, data in members.items():
+            if name not in drop:
+                z.writestr(name, data)
+        for name, data in add:
+            z.writestr(name, data)
+    return str(dst)
+
+
+def test_an_op_missing_here_or_touching_files_is_unsupported(small_capsule, tmp_path, capsys):
+    names = {"aten.relu.default": "aten.no_such_op.default", "aten.sum.default": "aten.save.default",
+             "aten.cat.default": "os.system.default"}
+
+    def rename(m):
+        for e in m["signatures"]:
+            e["op"] = names.get(e["op"], e["op"])
+
+    path = _rewrite(small_capsule, tmp_path / "renamed.opcap", rename)
+    code, out, _ = _run(["replay", path, "--reps", "1", "--format", "json", "-q"], capsys)
+    rows = {r["op"]: r for r in json.loads(out)["ops"]}
+    assert code == 1
+    assert rows["aten.no_such_op.default"]["across"] == "unsupported"
+    assert "does not exist in this torch" in rows["aten.no_such_op.default"]["reason_across"]
+    assert rows["aten.no_such_op.default"]["verdict"] == "skipped"
+    assert rows["aten.save.default"]["across"] == "unsupported"
+    assert "touches files: never run from a capsule" in rows["aten.save.default"]["reason_across"]
+    assert rows["os.system.default"]["across"] == "unsupported"
+    assert rows["aten._softmax.default"]["across"] == "same"
+
+
+def test_device_not_here_is_a_usage_error(small_capsule, capsys):
+    code, _, err = _run(["replay", small_capsule, "--device", "cuda:7"], capsys)
+    assert code == 2 and err.strip() == "opaudit: error: --device cuda:7: this machine has no such device"
+
+
+# -- hostile capsule files: exit 2, one line, nothing run ---------------------------------------
+class _Payload:
+    """Unpickling this creates ``path``: proof that something ran."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _refused(path, capsys, *extra):
+    code, out, err = _run(["replay", str(path), *extra], capsys)
+    assert code == 2, err
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("opaudit: error: "), err
+    return lines[0]
+
+
+def test_empty_truncated_and_corrupt_capsules_are_refused(small_capsule, tmp_path, capsys):
+    empty = tmp_path / "empty.opcap"
+    empty.write_bytes(b"")
+    assert "empty file" in _refused(empty, capsys)
+    data = open(small_capsule, "rb").read()
+    cut = tmp_path / "cut.opcap"
+    cut.write_bytes(data[: len(data) // 2])
+    assert "truncated" in _refused(cut, capsys)
+    # A flipped byte inside a stored blob: the zip's CRC-32 catches it.
+    with zipfile.ZipFile(small_capsule) as z:
+        info = max((i for i in z.infolist() if i.filename.startswith("b/") and i.compress_type == zipfile.ZIP_STORED),
+                   key=lambda i: i.file_size)
+        start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    flipped = bytearray(data)
+    flipped[start + info.file_size // 2] ^= 0xFF
+    corrupt = tmp_path / "corrupt.opcap"
+    corrupt.write_bytes(bytes(flipped))
+    assert "corrupt capsule" in _refused(corrupt, capsys) and "CRC" in _refused(corrupt, capsys)
+    not_zip = tmp_path / "text.opcap"
+    not_zip.write_text("hello")
+    assert "not an opaudit capsule" in _refused(not_zip, capsys)
+
+
+def test_future_version_and_lying_sizes_are_refused(small_capsule, tmp_path, capsys):
+    future = _rewrite(small_capsule, tmp_path / "future.opcap", lambda m: m.update(version=2))
+    assert "version 2 is not supported (this opaudit reads version 1)" in _refused(future, capsys)
+
+    def grow(m):
+        t = next(t for e in m["signatures"] for c in e["captures"] for t in c["tensors"] if "buffer" in t)
+        t["shape"] = [2**40]
+        t["stride"] = [1]
+
+    huge = _rewrite(small_capsule, tmp_path / "huge.opcap", grow)
+    assert "reaches past its buffer" in _refused(huge, capsys)
+
+    def shape_only(m):
+        c = m["signatures"][0]["captures"][0]
+        # Two elements, but a stride that makes rebuilding them allocate 4 TiB.
+        c["tensors"].append({"dtype": "float32", "shape": [2], "stride": [2**40], "device": "cpu"})
+
+    unbacked = _rewrite(small_capsule, tmp_path / "unbacked.opcap", shape_only)
+    assert "of tensor data, more than the limit here" in _refused(unbacked, capsys)
+
+    def lie(m):
+        b = m["signatures"][0]["captures"][0]["buffers"][0]
+        b["nbytes"] += 4
+
+    lying = _rewrite(small_capsule, tmp_path / "lying.opcap", lie)
+    assert "the manifest says" in _refused(lying, capsys)
+    sparse = tmp_path / "sparse.opcap"
+    with open(sparse, "wb") as f:
+        f.truncate(2**40)  # a 1 TiB file that takes no disk
+    assert "too large" in _refused(sparse, capsys)
+
+
+def test_a_small_memory_limit_refuses_before_allocating(tmp_path, capsys):
+    script = tmp_path / "two_mib.py"
+    script.write_text("import torch\nx = torch.ones(600_000)\n\n\ndef opaudit_step():\n    return x.exp()\n")
+    path = str(tmp_path / "two.opcap")
+    assert _run(["capture", str(script), "-o", path, "-q"], capsys)[0] == 0
+    assert "more than the limit here (1.0 MiB: --max-memory)" in _refused(path, capsys, "--max-memory", "1")
+
+
+def test_pickles_in_a_capsule_never_run(small_capsule, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps(_Payload(str(marker)))
+    # A torch.save file (a zip holding data.pkl) named like a capsule.
+    saved = tmp_path / "saved.opcap"
+    torch.save({"x": torch.ones(3)}, saved)
+    with zipfile.ZipFile(saved, "a") as z:
+        z.writestr("saved/evil.pkl", payload)
+    assert "not an opaudit capsule (no manifest.json" in _refused(saved, capsys)
+    # A capsule with a pickle beside its blobs, and one whose blob is a pickle.
+    extra = _rewrite(small_capsule, tmp_path / "extra.opcap", add=[("data.pkl", payload)])
+    assert "unexpected member 'data.pkl'" in _refused(extra, capsys)
+    with zipfile.ZipFile(small_capsule) as z:
+        blob = next(i.filename for i in z.infolist() if i.filename.startswith("b/") and i.file_size != len(payload))
+    swapped = _rewrite(small_capsule, tmp_path / "swapped.opcap", drop=[blob], add=[(blob, payload)])
+    assert "the manifest says" in _refused(swapped, capsys)
+    # The manifest itself a pickle.
+    with zipfile.ZipFile(tmp_path / "pickled.opcap", "w") as z:
+        z.writestr("manifest.json", payload)
+    assert "manifest.json" in _refused(tmp_path / "pickled.opcap", capsys)
+    assert not marker.exists()
+
+
+def test_a_mode_whose_runs_vary_here_is_not_compared_across():
+    from opaudit.data.across import Across
+    from opaudit.data.observation import Crossing, Observation, RunStats
+    from opaudit.data.report import Finding
+    from opaudit.data.verdict import Verdict
+    from opaudit.flows.capsule.replay import cross_verdict
+
+    racing, steady = RunStats(5, 3, 1e-3, 0.5, None), RunStats(5, 0, 0.0, 0.0, None)
+    moved, kept = Crossing(True, 1e-3, 4, 0.5, ("output",)), Crossing(False)
+    f = Finding(id="x", op="aten.index_put_.default", verdict=Verdict.DIVERGES, calls=1, signature="")
+
+    def verdict(default, det, across):
+        return cross_verdict(Observation(None, None, (), default, det, False, across=across), f)
+
+    # Default-mode runs race here: the first of them against the source's one run says nothing.
+    across, detail = verdict(racing, steady, (("default", moved), ("deterministic", kept)))
+    assert across is Across.SAME and "default-mode bits vary run to run here" in detail["reason"]
+    across, detail = verdict(racing, racing, (("default", moved), ("deterministic", moved)))
+    assert across is Across.SKIPPED
+    across, detail = verdict(steady, steady, (("default", moved), ("deterministic", kept)))
+    assert across is Across.DIFFERS_DEFAULT and detail["modes"] == ("default",) and detail["max_ulp"] == 4
