@@ -22,7 +22,8 @@ Eight parts (``--only`` picks some; ``inputs`` runs only when named):
   user runs it: a subprocess of the real CLI, a subprocess of the plain script
   (build the model, one step), and a subprocess that only imports torch, run
   round-robin. The figure is (CLI - import) / (plain script - import), wall
-  clock, median over rounds; CPU seconds (user + sys) are printed beside it.
+  clock, median over rounds; CPU seconds (user + sys) are printed beside it,
+  and the CPU seconds of each phase (build, step; record, replay) in one process.
   Then ``opaudit train.py --start-step K --steps N`` on a training loop against
   the plain script's K + N steps plus the audit's own replay (timed inside the
   same CLI process): the unrecorded prefix must run once.
@@ -146,6 +147,34 @@ for step in range(int(sys.argv[1])):
     opt.step()
 if x.is_cuda:
     torch.cuda.synchronize()
+"""
+
+# CPU seconds per phase of the ``cli`` part's audit, in one process: ``python -c PHASES {plain,one,default}``.
+PHASES = """\
+import json, sys, time
+import torch
+mode = sys.argv[1]
+t0 = time.process_time()
+if mode == "plain":
+    ns = {"__name__": "model"}
+    exec(compile(open("model.py").read(), "model.py", "exec"), ns)
+    t1 = time.process_time()
+    ns["opaudit_step"]()
+    t2 = time.process_time()
+    ns["opaudit_step"]()
+    print(json.dumps({"build": t1 - t0, "step": t2 - t1, "warm step": time.process_time() - t2}))
+    sys.exit()
+from opaudit.engine import loader
+from opaudit.engine.window import window_for
+from opaudit.flows.run import AuditRun, RunOptions
+target = loader.load_target("model.py")
+t1 = time.process_time()
+with AuditRun(RunOptions(reps=int(sys.argv[2]), deterministic_pass=mode == "default"), root=target.root) as run:
+    run.record_target(target, window_for(True))
+    t2 = time.process_time()
+    run.report()
+    t3 = time.process_time()
+print(json.dumps({"opaudit import": t1 - t0, "load + record": t2 - t1, "replay": t3 - t2}))
 """
 
 # The CLI, with the replay (``AuditRun.report``) timed: the seconds go to the file named by BENCH_TIMES.
@@ -570,6 +599,16 @@ def bench_cli(args: argparse.Namespace, res: Results) -> None:
               " (the model build is charged to the CLI here)")
     res.cli = {"layers": args.cli_layers, "rounds": args.cli_rounds, "wall_s": walls, "cpu_s": cpus,
                "ratio": ratio, "one_recording_ratio": one_ratio, "per_round": per_round, "cpu_ratio": cpu_ratio}
+    phases: dict[str, list[dict[str, float]]] = {"plain": [], "one": [], "default": []}
+    for _ in range(max(1, args.cli_rounds // 2)):
+        for mode in phases:
+            out = subprocess.run([sys.executable, "-c", PHASES, mode, str(args.reps)], capture_output=True, text=True,
+                                 env=env, cwd=tmp, check=True)
+            phases[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    print(f"  CPU seconds by phase, after import torch, in one process (median of {len(phases['plain'])}):")
+    for mode, runs in phases.items():
+        print(f"    {mode:8s} " + ", ".join(f"{k} {statistics.median(r[k] for r in runs):.2f}" for k in runs[0]))
+    res.cli["phases_cpu_s"] = phases
     bench_prefix(args, res, tmp, env)
 
 

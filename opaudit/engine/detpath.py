@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from opaudit.data.site import Site
-from opaudit.engine.optraits import OP_TRAITS, op_traits
+from opaudit.engine.optraits import OpTraits
 from opaudit.engine.record import Recorder
 
 
@@ -51,23 +51,15 @@ class PathRecorder(Recorder):
         super().__enter__()
         return self
 
-    def _on_call(self, func: Any, args: tuple, kwargs: dict | None) -> Callable[..., Any]:
-        self.total_calls += 1
-        info = OP_TRAITS.get(id(func))
-        if info is None or info.func is not func:
-            info = op_traits(func)
-        if info.writes and self._held:
-            self._captures.before_write(info, args, kwargs)
-        if info.view:
-            return info.call
-        phase, site = self.sites.current()
+    def _account(self, info: OpTraits, args: tuple, kwargs: dict | None, phase: int, site: int) -> Callable[..., Any]:
+        """A call the default recording also made from this site is only noted; any other is recorded in full."""
         key = (info, site)
         known = self._seen.get(key)
         if known is None:
             known = self._seen[key] = self._made_by_default(info.name, site)
         if known:
             return info.call
-        return self._account(info, args, kwargs, phase, site)
+        return super()._account(info, args, kwargs, phase, site)
 
     def _made_by_default(self, op: str, site_id: int) -> bool:
         known = self._known or set()
