@@ -48,8 +48,9 @@ Eight parts (``--only`` picks some; ``inputs`` runs only when named):
   a column and to apply a verdict filter.
 
 * **inputs**: reading opaudit's own files: a ~60 MB report (``--quick``: ~6 MB) parsed
-  by the reader the CLI uses (libyaml's parser under opaudit's own composer) and by
-  PyYAML's pure-Python parser, and ``opaudit diff`` of two 20,000-signature reports
+  by the reader the CLI uses (libyaml's parser under opaudit's own loop), by the same
+  loop on PyYAML's pure-Python parser, and by ``yaml.safe_load`` (the reader before
+  issue 22), and ``opaudit diff`` of two 20,000-signature reports
   (one verdict in ten changed), each in a fresh process: wall and CPU time, and
   peak RSS above the RSS before reading. The figure is the ratio of CPU times.
 
@@ -753,6 +754,10 @@ def inputs_worker(job: str, loader: str, paths: list[str]) -> dict[str, Any]:
 
     if loader == "python":
         files._Loader = files._PythonLoader
+    elif loader == "safe_load":  # the reader before issue 22: PyYAML's pure-Python SafeLoader, node graph and all
+        import yaml
+
+        files.safe_load = lambda text, loader=None: yaml.load(text, Loader=yaml.SafeLoader)
     start = _status_kib("VmRSS")
     # Reset the peak: ru_maxrss would count the parent's RSS when it started this process (Linux keeps it
     # across fork and exec), and the parent holds the generated files.
@@ -765,7 +770,7 @@ def inputs_worker(job: str, loader: str, paths: list[str]) -> dict[str, Any]:
         n = diff_files(paths[0], paths[1]).summary["changed"]
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {"seconds": seconds, "cpu_s": cpu, "peak_mib": (_status_kib("VmHWM") - start) / 1024, "count": n,
-            "loader": files._Loader.__name__}
+            "loader": "yaml.safe_load" if loader == "safe_load" else files._Loader.__name__}
 
 
 def bench_inputs(args: argparse.Namespace, res: Results) -> None:
@@ -793,19 +798,23 @@ def bench_inputs(args: argparse.Namespace, res: Results) -> None:
         sizes = {p: os.path.getsize(p) / 1e6 for p in (big, a, b)}
         print(f"  report: {sizes[big]:.1f} MB; diffed reports: {sizes[a]:.1f} and {sizes[b]:.1f} MB, 20,000 "
               "signatures each")
+        print("  (each: wall s, CPU s, peak MiB above the start; the ratio is of CPU times, libyaml = 1)")
         for job, paths in (("parse", [big]), ("diff", [a, b])):
             got = {}
-            for loader in ("libyaml", "python"):
+            for loader in ("libyaml", "python", "safe_load"):
                 out = subprocess.run([sys.executable, __file__, "--_inputs", job, "--_loader", loader, *paths],
                                      check=True, capture_output=True, text=True).stdout
                 got[loader] = json.loads(out.strip().splitlines()[-1])
-            lib, py = got["libyaml"], got["python"]
             what = f"parse the {sizes[big]:.0f} MB report" if job == "parse" else "diff the two reports"
-            print(f"  {what:30s} libyaml {lib['seconds']:6.1f} s ({lib['cpu_s']:5.1f} CPU s), "
-                  f"{lib['peak_mib']:5.0f} MiB   pure Python {py['seconds']:6.1f} s ({py['cpu_s']:5.1f} CPU s), "
-                  f"{py['peak_mib']:5.0f} MiB   {py['cpu_s'] / lib['cpu_s']:.1f}x less CPU time")
-            res.inputs[job] = {"mb": [sizes[p] for p in paths], "libyaml": lib, "python": py,
-                               "cpu_ratio": py["cpu_s"] / lib["cpu_s"]}
+            base = got["libyaml"]["cpu_s"]
+            cells = [f"{name} {r['seconds']:5.0f} s, {r['cpu_s']:5.1f} CPU s, {r['peak_mib']:5.0f} MiB "
+                     f"({r['cpu_s'] / base:.1f}x)"
+                     for name, r in (("libyaml", got["libyaml"]), ("pure Python", got["python"]),
+                                     ("before (yaml.safe_load)", got["safe_load"]))]
+            print(f"  {what}:\n    " + "\n    ".join(cells))
+            res.inputs[job] = {"mb": [sizes[p] for p in paths], **got,
+                               "cpu_ratio_python": got["python"]["cpu_s"] / base,
+                               "cpu_ratio_before": got["safe_load"]["cpu_s"] / base}
 
 
 # -- memory -----------------------------------------------------------------
@@ -1059,7 +1068,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--_memory", choices=["plain", "audit"], help=argparse.SUPPRESS)
     p.add_argument("--_depth", type=int, default=12, help=argparse.SUPPRESS)
     p.add_argument("--_inputs", choices=["parse", "diff"], help=argparse.SUPPRESS)
-    p.add_argument("--_loader", choices=["libyaml", "python"], default="libyaml", help=argparse.SUPPRESS)
+    p.add_argument("--_loader", choices=["libyaml", "python", "safe_load"], default="libyaml", help=argparse.SUPPRESS)
     p.add_argument("_paths", nargs="*", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     a.rounds = a.rounds or (8 if a.quick else 60)
