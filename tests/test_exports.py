@@ -193,6 +193,12 @@ def test_control_characters_from_files_reach_no_output_raw(tmp_path, capsys):
             if fmt == "json" and argv[0] == "catalog":
                 ops = {e["op"] for e in json.loads(out)["entries"]}
                 assert f"aten.evil{TERMINAL}.default" in ops  # JSON escapes keep the data exact
+    # An error message that quotes the file (a settings key here) is escaped too.
+    data["settings"][f"k{TERMINAL}"] = float("inf")
+    hostile.write_text(dump_yaml(data))
+    assert main(["catalog", "--from", str(hostile)]) == 2
+    err = capsys.readouterr().err
+    assert not RAW.search(err) and "settings.k\\x1b[2J" in err and len(err.splitlines()) == 1, err
 
 
 def test_control_characters_in_a_report_are_escaped_in_every_format():

@@ -31,6 +31,7 @@ from typing import Any
 from opaudit.cli import batch, capsule, steps
 from opaudit.cli.catalog import catalog_main
 from opaudit.cli.diff import diff_main
+from opaudit.cli.formats.escape import visible
 from opaudit.cli.options import (
     EXIT_ERROR,
     EXIT_FINDINGS,
@@ -389,15 +390,15 @@ def _main(argv: list[str], debug: bool) -> int:
         if debug:
             raise
         _say(e.detail)
-        _say(f"{name}: error: {e}\n")
+        _say(f"{name}: error: {visible(str(e))}\n")  # a message may quote a hostile file's field
         return e.exit_code
     except Exception as e:  # every error becomes exit 2 here
         if debug:
             raise
         if isinstance(e, OSError):
-            _say(f"{name}: error: {e.strerror or e}: {e.filename or ''}\n".replace(": \n", "\n"))
+            _say(visible(f"{name}: error: {e.strerror or e}: {e.filename or ''}\n".replace(": \n", "\n")))
         else:
-            _say(f"{name}: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)\n")
+            _say(visible(f"{name}: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)\n"))
         return EXIT_ERROR
 
 
