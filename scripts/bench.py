@@ -807,8 +807,8 @@ def bench_inputs(args: argparse.Namespace, res: Results) -> None:
                 got[loader] = json.loads(out.strip().splitlines()[-1])
             what = f"parse the {sizes[big]:.0f} MB report" if job == "parse" else "diff the two reports"
             base = got["libyaml"]["cpu_s"]
-            cells = [f"{name} {r['seconds']:5.0f} s, {r['cpu_s']:5.1f} CPU s, {r['peak_mib']:5.0f} MiB "
-                     f"({r['cpu_s'] / base:.1f}x)"
+            cells = [f"{name:24s} {r['seconds']:6.0f} s  {r['cpu_s']:6.1f} CPU s  {r['peak_mib']:6.0f} MiB  "
+                     f"{r['cpu_s'] / base:5.1f}x"
                      for name, r in (("libyaml", got["libyaml"]), ("pure Python", got["python"]),
                                      ("before (yaml.safe_load)", got["safe_load"]))]
             print(f"  {what}:\n    " + "\n    ".join(cells))
