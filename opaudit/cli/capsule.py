@@ -18,13 +18,18 @@ from opaudit.cli import steps
 from opaudit.cli.options import (
     EXIT_FINDINGS,
     EXIT_OK,
+    MAX_BUDGET_MIB,
+    MAX_CAPTURES,
+    MAX_REPS,
+    MAX_THREADS,
     Parser,
+    bounded,
     check_output,
+    file_name,
     integer,
     interrupted_code,
     interruption,
     positive_float,
-    positive_int,
 )
 from opaudit.cli.output import check_format, emit, emit_partial, plain_progress, progress
 
@@ -44,21 +49,21 @@ def _capture_parser() -> Parser:
                            "inputs and the bits this machine computed from them (default and deterministic mode), "
                            "for 'opaudit replay' on another machine.",
                epilog="Arguments after '--' are passed to the script as sys.argv[1:].")
-    p.add_argument("script", help="Python script to record (runs as __main__, or its opaudit_step() is called)")
-    p.add_argument("-o", "--output", metavar="PATH", required=True, help="the capsule file to write (step.opcap)")
+    p.add_argument("script", type=file_name, help="Python script to record (runs as __main__, or its opaudit_step() is called)")
+    p.add_argument("-o", "--output", type=file_name, metavar="PATH", required=True, help="the capsule file to write (step.opcap)")
     p.add_argument("--entry", metavar="NAME", help="function of the script to record instead of opaudit_step")
     steps.add_arguments(p)
     p.add_argument("--seed", type=integer, default=0, metavar="S",
                    help="seed set before the user's code, and the generator state random ops start from")
-    p.add_argument("--capture-budget", type=positive_int, default=2048, metavar="MIB",
+    p.add_argument("--capture-budget", type=bounded(MAX_BUDGET_MIB), default=2048, metavar="MIB",
                    help="memory for captured inputs and bytes of tensor data in the capsule, in MiB (default "
                         "2048); inputs past it are not captured, outputs past it are kept as digests only")
-    p.add_argument("--captures-per-signature", type=positive_int, default=4, metavar="M",
+    p.add_argument("--captures-per-signature", type=bounded(MAX_CAPTURES), default=4, metavar="M",
                    help="calls captured per signature of an index-collision op (default 4), as for the audit")
     p.add_argument("--digests-only", action="store_true",
                    help="keep only digests of the outputs (a small capsule: a replay then says whether an op's "
                         "bits differ, not how far)")
-    p.add_argument("--threads", type=positive_int, metavar="N", help="torch.set_num_threads(N) before running")
+    p.add_argument("--threads", type=bounded(MAX_THREADS), metavar="N", help="torch.set_num_threads(N) before running")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress and no summary on stderr")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     return p
@@ -68,7 +73,7 @@ def capture_main(argv: list[str]) -> int:
     """``opaudit capture SCRIPT -o step.opcap [options] [-- args]``."""
     own, script_args = _split(argv)
     args = _capture_parser().parse_args(own)
-    output = check_output(args.output)
+    output = check_output(args.output, {"the script": args.script})
     import torch
 
     from opaudit.engine import loader
@@ -171,13 +176,14 @@ def _replay_parser() -> Parser:
                description="Replay a capsule written by 'opaudit capture' here, with no script, and name every op "
                            "whose bits differ from the machine that captured it ('across'), beside the audit's "
                            "verdict measured here.")
-    p.add_argument("capsule", help="the capsule file (step.opcap)")
+    p.add_argument("capsule", type=file_name, help="the capsule file (step.opcap)")
     p.add_argument("--device", metavar="DEV",
                    help="replay on DEV (cpu, cuda, cuda:1); default: where each op was captured if this machine "
                         "has it, else cpu")
-    p.add_argument("--reps", type=positive_int, default=5, metavar="N", help="replays per mode (default 5)")
-    p.add_argument("--threads", type=positive_int, metavar="N", help="torch.set_num_threads(N) before replaying")
-    p.add_argument("-o", "--output", metavar="PATH", help="write the document here (format from the extension)")
+    p.add_argument("--reps", type=bounded(MAX_REPS), default=5, metavar="N", help="replays per mode (default 5)")
+    p.add_argument("--threads", type=bounded(MAX_THREADS), metavar="N",
+                   help="torch.set_num_threads(N) before replaying")
+    p.add_argument("-o", "--output", type=file_name, metavar="PATH", help="write the document here (format from the extension)")
     p.add_argument("--format", metavar="FMT", help="yaml, json, csv, md or table (default: from -o, else table)")
     p.add_argument("--fail-on", type=parse_fail_on, default=parse_fail_on(DEFAULT_FAIL_ON), metavar="LIST",
                    help=f"across values and local verdicts that make the exit code 1 (default {DEFAULT_FAIL_ON}; "
@@ -188,7 +194,7 @@ def _replay_parser() -> Parser:
                         "worker goes on")
     p.add_argument("--op-timeout", type=positive_float, metavar="SECONDS",
                    help="skip an op whose replay takes longer (implies --isolate)")
-    p.add_argument("--max-memory", type=positive_int, metavar="MIB",
+    p.add_argument("--max-memory", type=bounded(MAX_BUDGET_MIB), metavar="MIB",
                    help="refuse a capsule that declares more tensor data than this (default: this machine's memory)")
     p.add_argument("--no-timing", action="store_true", help="leave timings out (byte-stable output)")
     p.add_argument("--show-all", action="store_true", help="list every op in the terminal table, 'same' ones too")
@@ -200,7 +206,7 @@ def _replay_parser() -> Parser:
 def replay_main(argv: list[str]) -> int:
     """``opaudit replay step.opcap [options]``."""
     args = _replay_parser().parse_args(argv)
-    output = check_output(args.output)
+    output = check_output(args.output, {"the capsule": args.capsule})
     check_format(args.format, output)
     import torch
 
