@@ -210,6 +210,12 @@ def safe_load(text: str, loader: type | None = None) -> Any:
     reader = (loader or _Loader)(text)
     try:
         return reader.load_strict()
+    except yaml.YAMLError as e:
+        # Some libyaml builds (0.2.5 with its depth limit) stop at their own maximum
+        # nesting before our check sees the 33rd level: the same refusal, in our words.
+        if "exceeded maximum nesting depth" in str(e):
+            raise _Refused(f"nested more than {MAX_DEPTH} levels deep") from None
+        raise
     finally:
         reader.dispose()
 
