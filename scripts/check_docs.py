@@ -1,7 +1,14 @@
 #!/usr/bin/env python
-"""Compare a catalog with the list in ``torch.use_deterministic_algorithms.__doc__``.
+"""Check the docs: the commands they show, and a catalog against PyTorch's own list.
 
+    python scripts/check_docs.py                                              # commands and links
     python scripts/check_docs.py catalogs/cpu-x86_64-torch2.13.0.yaml [--markdown]
+
+Without a catalog, every command shown in README.md and docs/*.md is parsed by
+opaudit's own parser and every file it reads must exist, and every relative link
+must resolve (:mod:`doc_commands` beside this file says how; exit 1 on a problem).
+
+With a catalog, it is compared with the list in ``torch.use_deterministic_algorithms.__doc__``.
 
 The docstring lists, per torch version, the ops that deterministic mode makes
 deterministic and those it makes raise, each with the device it concerns. This
@@ -27,6 +34,7 @@ otherwise, 2 on a bad catalog file. The torch version must match the catalog's.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -216,9 +224,14 @@ def differences(rows: list[Row]) -> list[Row]:
 def main(argv: list[str] | None = None) -> int:
     """Print the check; exit 0 when nothing differs, 1 otherwise, 2 on a bad file."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("catalog")
+    p.add_argument("catalog", nargs="?", help="a catalog to compare; without it, check the docs' commands and links")
     p.add_argument("--markdown", action="store_true", help="print a Markdown table")
     args = p.parse_args(argv)
+    if args.catalog is None:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import doc_commands
+
+        return doc_commands.main()
     import torch
     from tabulate import tabulate
 
