@@ -433,3 +433,54 @@ def test_a_mode_whose_runs_vary_here_is_not_compared_across():
     assert across is Across.SKIPPED
     across, detail = verdict(steady, steady, (("default", moved), ("deterministic", kept)))
     assert across is Across.DIFFERS_DEFAULT and detail["modes"] == ("default",) and detail["max_ulp"] == 4
+
+
+def _claim(src, dst, name, nbytes, compressed):
+    """Copy a capsule whose zip directory (and manifest) claim ``nbytes`` for member ``name``, which holds what
+    it held: the stored bytes a liar's file keeps small. ``compressed`` deflates that member and claims only its
+    size once inflated; otherwise its stored size is claimed too."""
+    with zipfile.ZipFile(src) as z:
+        members = {i.filename: z.read(i) for i in z.infolist()}
+    manifest = json.loads(members.pop("manifest.json"))
+    for b in (b for e in manifest["signatures"] for c in e["captures"] for b in c["buffers"]):
+        if b["blob"] == name:
+            b["nbytes"] = nbytes
+    with zipfile.ZipFile(dst, "w") as z:
+        z.writestr("manifest.json", json.dumps(manifest))
+        for member, data in members.items():
+            z.writestr(member, data, compress_type=zipfile.ZIP_DEFLATED if compressed and member == name else None)
+    with zipfile.ZipFile(dst) as z:
+        at = z.start_dir  # the central directory
+    data = bytearray(open(dst, "rb").read())
+    while at >= 0:
+        length = int.from_bytes(data[at + 28:at + 30], "little")
+        if data[at + 46:at + 46 + length].decode() == name:
+            if not compressed:
+                data[at + 20:at + 24] = nbytes.to_bytes(4, "little")
+            data[at + 24:at + 28] = nbytes.to_bytes(4, "little")
+        at = data.find(b"PK\x01\x02", at + 4)
+    open(dst, "wb").write(bytes(data))
+    return str(dst)
+
+
+def test_sizes_are_checked_against_the_file_before_allocating(small_capsule, tmp_path, capsys):
+    with zipfile.ZipFile(small_capsule) as z:
+        manifest = json.loads(z.read("manifest.json"))
+    name = manifest["signatures"][0]["captures"][0]["buffers"][0]["blob"]
+    # A directory that claims 2 GiB for a member of a few KiB: refused from the file's size, before a buffer of
+    # the size it claims is allocated (the reading would fail later, but only after that allocation).
+    stored = _claim(small_capsule, tmp_path / "stored.opcap", name, 2**31, compressed=False)
+    assert f"{name} reaches past the end of its data (2.0 GiB declared" in _refused(stored, capsys)
+    inflated = _claim(small_capsule, tmp_path / "inflated.opcap", name, 2**31, compressed=True)
+    assert f"{name} declares 2.0 GiB stored in" in _refused(inflated, capsys)
+    assert "more than those bytes can hold" in _refused(inflated, capsys)
+
+    def expand(m):
+        # Four stored bytes seen as 2**20 elements (stride 0): cheap to rebuild, but the op's output is dense.
+        c = m["signatures"][0]["captures"][0]
+        t = next(t for t in c["tensors"] if "buffer" in t)
+        t["shape"], t["stride"] = [2**20], [0]
+
+    expanded = _rewrite(small_capsule, tmp_path / "expanded.opcap", expand)
+    line = _refused(expanded, capsys, "--max-memory", "2")
+    assert "float32[1048576] argument takes 4.0 MiB, more than the limit here (2.0 MiB: --max-memory)" in line

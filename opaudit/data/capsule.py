@@ -223,6 +223,23 @@ class Manifest:
                 total += sum(t.span_bytes for t in c.tensors if isinstance(t, TensorArg) and t.buffer is None)
         return total
 
+    def largest_tensor(self) -> tuple[int, str]:
+        """The bytes of the largest tensor a replay handles, argument or output, as if dense, and what it is.
+
+        An argument expanded from a few stored bytes (stride 0) is cheap to rebuild, but
+        the op computes a dense output of its size: that is what bounds a replay.
+        """
+        best, what = 0, ""
+        for e in self.entries:
+            for c in e.captures:
+                sized = [(t.dtype, t.shape, "argument") for t in c.tensors if isinstance(t, TensorArg)]
+                sized += [(o.dtype, o.shape, o.name) for m in c.outputs.values() for o in m.outputs if o.dtype]
+                for dtype, shape, name in sized:
+                    n = math.prod(shape) * DTYPE_SIZES[dtype]
+                    if n > best:
+                        best, what = n, f"{e.op}: a {dtype}{list(shape)} {name}"
+        return best, what
+
     def to_dict(self) -> dict[str, Any]:
         """The JSON form (``manifest.json``)."""
         return {

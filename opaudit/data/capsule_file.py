@@ -29,6 +29,10 @@ MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 256 * 2**20
 """Largest ``manifest.json`` read (a capsule of thousands of signatures has a few MB)."""
 
+_LOCAL_HEADER = 30
+"""Bytes of a zip local file header before its name."""
+_MAX_DEFLATE = 1032
+"""Deflate's largest expansion: one 258-byte match per two bits at best."""
 _EPOCH = (1980, 1, 1, 0, 0, 0)
 """Every member's timestamp: two captures of the same step write the same bytes."""
 _SAMPLE = 1 << 12
@@ -198,10 +202,29 @@ def _check_members(zf: zipfile.ZipFile, manifest: Manifest, path: str, limit: in
             raise CapsuleError(f"{path}: {name} is encrypted")
         if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
             raise CapsuleError(f"{path}: {name} uses an unsupported compression")
+        _check_in_file(zf, info, path)
     total = sum(declared.values()) + manifest.unbacked_bytes()
     if total > limit:
         raise CapsuleError(f"{path}: declares {_size(total)} of tensor data, more than the limit here "
                            f"({_size(limit)}: --max-memory)")
+    largest, what = manifest.largest_tensor()
+    if largest > limit:
+        raise CapsuleError(f"{path}: {what} takes {_size(largest)}, more than the limit here "
+                           f"({_size(limit)}: --max-memory)")
+
+
+def _check_in_file(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: str) -> None:
+    """The member's bytes lie inside the file, and its size is one they can hold: a zip directory that claims
+    gigabytes for a small file is refused here, not after a buffer of that size was allocated for it."""
+    end = info.header_offset + _LOCAL_HEADER + len(info.orig_filename.encode("utf-8")) + info.compress_size
+    if end > zf.start_dir:
+        raise CapsuleError(f"{path}: {info.filename} reaches past the end of its data ({_size(info.compress_size)} "
+                           f"declared at byte {info.header_offset} of a file whose data ends at byte {zf.start_dir}: "
+                           "truncated or hand-edited?)")
+    most = info.compress_size if info.compress_type == zipfile.ZIP_STORED else _MAX_DEFLATE * info.compress_size + 1024
+    if info.file_size > most:
+        raise CapsuleError(f"{path}: {info.filename} declares {_size(info.file_size)} stored in "
+                           f"{_size(info.compress_size)}, more than those bytes can hold")
 
 
 def _first(e: BaseException) -> str:
