@@ -36,7 +36,8 @@ Eight parts (``--only`` picks some; ``inputs`` runs only when named):
   writing its capsule; the audit's replay (``build_report``) against replaying the
   capsule (from the file, ``reps`` runs per mode, compared with the source's bits);
   the capsule's bytes against the bytes of its captured inputs and of its outputs.
-  Round-robin, medians of each round's ratio.
+  Round-robin, medians of each round's ratio of CPU seconds (run it with
+  ``--threads 1``), the wall-clock ratio beside.
 * **training**: unique signatures of a 2-step and a 1,000-step AdamW + ``LambdaLR``
   loop (they must be equal), and the time of ``opaudit train_loop.py --steps 3``
   on a 20,000-step script over the same on a 3-step script (about 1x).
@@ -101,6 +102,7 @@ TARGETS = {
     "--start-step K audit / (plain K+N steps + replay)": 1.3,
     "HTML page of 5,000 findings, MB (worst case)": 5.0,
     "HTML page of 5,000 findings, seconds to open in Chromium (worst case)": 2.0,
+    "capture / the audit's recording, deterministic pass included (12 layers)": 1.2,
     "capture / recording, once (12 layers)": 1.2,
     "capsule replay / audit replay (12 layers)": 1.0,
     "capsule bytes / captured inputs + outputs (12 layers)": 1.5,
@@ -483,55 +485,66 @@ def bench_capsule(args: argparse.Namespace, res: Results) -> None:
     outputs = sum(math.prod(o.shape) * DTYPE_SIZES[o.dtype] for e in m.entries for c in e.captures
                   if "default" in c.outputs for o in c.outputs["default"].outputs if o.dtype)
 
-    def record(twice: bool) -> float:
+    def clocked(fn: Callable[[], Any]) -> tuple[float, float]:
+        """(wall, CPU) seconds of ``fn``: the CPU seconds are the figure (wall is noise on a loaded machine)."""
+        c0 = time.process_time()
+        wall = timed(fn, args.device)
+        return wall, time.process_time() - c0
+
+    def record(twice: bool) -> tuple[float, float]:
         held: list[Any] = []
-        t = timed(lambda: held.extend(recordings(twice)), args.device)
+        t = clocked(lambda: held.extend(recordings(twice)))
         release(*held)
         return t
 
-    def capture(twice: bool) -> float:
+    def capture(twice: bool) -> tuple[float, float]:
         held: list[Any] = []
-        t = timed(lambda: held.extend(recordings(twice)) or write_recording(held[0], written, deterministic=held[1]),
-                  args.device)
+        t = clocked(lambda: held.extend(recordings(twice)) or write_recording(held[0], written, deterministic=held[1]))
         release(*held)
         return t
 
-    def audit_replay() -> float:
+    def audit_replay() -> tuple[float, float]:
         rec, _ = recordings(False)
-        t = timed(lambda: build_report(rec, reps=args.reps), args.device)
+        t = clocked(lambda: build_report(rec, reps=args.reps))
         release(rec)
         return t
 
     tasks = {"record_s1": lambda: record(False), "capture_s1": lambda: capture(False),
              "record_s2": lambda: record(True), "capture_s2": lambda: capture(True),
-             "replay_s": audit_replay, "capsule_replay_s": lambda: timed(
-                 lambda: replay_capsule(replayed, reps=args.reps), args.device)}
+             "replay_s": audit_replay,
+             "capsule_replay_s": lambda: clocked(lambda: replay_capsule(replayed, reps=args.reps))}
     rounds = []
     for i in range(args.capsule_rounds):
         # Every other round in the reverse order: load that drifts over a round falls on both sides alike.
         order = list(tasks) if i % 2 == 0 else list(reversed(tasks))
         rounds.append({name: tasks[name]() for name in order})
-    med = {k: statistics.median(x[k] for x in rounds) for k in tasks}
-    row = dict(med, size=shape.size, captured_inputs=shape_inputs(replayed), outputs=outputs,
-               signatures=len(m.entries),
-               capture_ratio=statistics.median(x["capture_s1"] / x["record_s1"] for x in rounds),
-               capture_ratio_twice=statistics.median(x["capture_s2"] / x["record_s2"] for x in rounds),
-               replay_ratio=statistics.median(x["capsule_replay_s"] / x["replay_s"] for x in rounds))
+
+    def ratio(a: str, b: str, clock: int) -> float:
+        return statistics.median(x[a][clock] / x[b][clock] for x in rounds)
+
+    cpu = {k: statistics.median(x[k][1] for x in rounds) for k in tasks}
+    wall = {k: statistics.median(x[k][0] for x in rounds) for k in tasks}
+    pairs = {"capture_ratio": ("capture_s1", "record_s1"), "capture_ratio_twice": ("capture_s2", "record_s2"),
+             "replay_ratio": ("capsule_replay_s", "replay_s")}
+    row = dict(cpu, wall={k: wall[k] for k in tasks}, size=shape.size, captured_inputs=shape_inputs(replayed),
+               outputs=outputs, signatures=len(m.entries),
+               **{k: ratio(a, b, 1) for k, (a, b) in pairs.items()},
+               wall_ratios={k: ratio(a, b, 0) for k, (a, b) in pairs.items()})
     row["size_ratio"] = row["size"] / (row["captured_inputs"] + outputs)
     res.capsule = row
-    print(f"  {'':46s} {'audit s':>8s} {'capsule s':>10s} {'ratio':>7s}")
-    print(f"  {'record once / capture (--no-deterministic-pass)':46s} {med['record_s1']:8.2f}"
-          f" {med['capture_s1']:10.2f} {row['capture_ratio']:6.2f}x")
-    print(f"  {'record + deterministic path / capture (default)':46s} {med['record_s2']:8.2f} {med['capture_s2']:10.2f}"
-          f" {row['capture_ratio_twice']:6.2f}x")
-    print(f"  {'replay: build_report / the capsule':46s} {med['replay_s']:8.2f} {med['capsule_replay_s']:10.2f}"
-          f" {row['replay_ratio']:6.2f}x")
+    print(f"  {'CPU seconds (wall ratio beside)':48s} {'audit':>7s} {'capsule':>8s} {'ratio':>7s} {'wall':>7s}")
+    for label, key, (a, b) in (("record once / capture (--no-deterministic-pass)", "capture_ratio", pairs["capture_ratio"]),
+                               ("record + deterministic path / capture (default)", "capture_ratio_twice",
+                                pairs["capture_ratio_twice"]),
+                               ("replay: build_report / the capsule", "replay_ratio", pairs["replay_ratio"])):
+        print(f"  {label:48s} {cpu[b]:7.2f} {cpu[a]:8.2f} {row[key]:6.2f}x {row['wall_ratios'][key]:6.2f}x")
     print(f"  capsule: {row['size'] / 2**20:.1f} MiB for {row['signatures']} signatures; captured inputs"
           f" {row['captured_inputs'] / 2**20:.1f} MiB + outputs {outputs / 2**20:.1f} MiB:"
           f" {row['size_ratio']:.2f}x")
-    print(f"  ({len(rounds)} rounds, every other one in reverse order; ratios are medians of each round's ratio."
-          " Capture = the recording(s) plus one run of each captured call per mode, digests and the file;"
-          " the default also records the step's next call in deterministic mode, light, as the audit does)")
+    print(f"  ({len(rounds)} rounds, every other one in reverse order; ratios are medians of each round's ratio,"
+          " of CPU seconds (process time: run with --threads 1), wall beside. Capture = the recording(s) plus one"
+          " run of each captured call per mode, digests and the file; the default also records the step's next"
+          " call in deterministic mode, light, as the audit does)")
 
 
 def shape_inputs(path: str) -> int:
@@ -1011,6 +1024,8 @@ def check_targets(res: Results) -> None:
         if "prefix" in res.cli:
             found["--start-step K audit / (plain K+N steps + replay)"] = res.cli["prefix"]["ratio_minus_import"]
     if res.capsule:
+        found["capture / the audit's recording, deterministic pass included (12 layers)"] = \
+            res.capsule["capture_ratio_twice"]
         found["capture / recording, once (12 layers)"] = res.capsule["capture_ratio"]
         found["capsule replay / audit replay (12 layers)"] = res.capsule["replay_ratio"]
         found["capsule bytes / captured inputs + outputs (12 layers)"] = res.capsule["size_ratio"]

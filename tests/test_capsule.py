@@ -17,6 +17,7 @@ import sys
 import textwrap
 import zipfile
 
+import jsonschema
 import pytest
 import torch
 import yaml
@@ -124,6 +125,16 @@ def test_thread_count_changes_a_full_sum_and_not_an_elementwise_op(tmp_path, cap
     assert code == 1
     assert {"field": "threads", "source": 2, "here": 1} in doc["environment_difference"]
     assert _by_op(doc) == {"aten.sum.default": {"differs"}, "aten.mul.Tensor": {"same"}}
+    # SARIF, as the audit writes it: the sum's move at its line, an error; nothing for the elementwise op.
+    sarif = tmp_path / "sum.sarif"
+    assert _run(["replay", path, "--threads", "1", "--reps", "1", "-q", "-o", str(sarif)], capsys)[0] == 1
+    log = json.loads(sarif.read_text())
+    schema = json.load(open(os.path.join(ROOT, "tests", "fixtures", "sarif-schema-2.1.0.json")))
+    jsonschema.Draft4Validator(schema, format_checker=jsonschema.Draft4Validator.FORMAT_CHECKER).validate(log)
+    (result,) = log["runs"][0]["results"]
+    assert (result["ruleId"], result["level"]) == ("across/differs/aten.sum.default", "error")
+    assert result["locations"][0]["physicalLocation"]["region"]["startLine"] == 10
+    assert result["properties"]["max_ulp_across"] >= 1 and "max ULP" in result["message"]["text"]
     code, out, _ = _run(["replay", path, "--threads", "2", "--reps", "1", "--format", "json", "-q"], capsys)
     assert code == 0 and _by_op(json.loads(out)) == {"aten.sum.default": {"same"}, "aten.mul.Tensor": {"same"}}
 
@@ -484,3 +495,28 @@ def test_sizes_are_checked_against_the_file_before_allocating(small_capsule, tmp
     expanded = _rewrite(small_capsule, tmp_path / "expanded.opcap", expand)
     line = _refused(expanded, capsys, "--max-memory", "2")
     assert "float32[1048576] argument takes 4.0 MiB, more than the limit here (2.0 MiB: --max-memory)" in line
+
+
+def test_views_keep_their_strides_offsets_and_shared_memory(tmp_path, capsys):
+    script = tmp_path / "views.py"
+    script.write_text(textwrap.dedent("""\
+        import torch
+        x = torch.randn(6, 8, generator=torch.Generator().manual_seed(0))
+
+
+        def opaudit_step():
+            y = x.clone()
+            return torch.mm(y[:, 1:5], y[2:6, :4].t())
+        """))
+    path = str(tmp_path / "views.opcap")
+    assert _run(["capture", str(script), "-o", path, "-q"], capsys)[0] == 0
+    with zipfile.ZipFile(path) as z:
+        manifest = json.loads(z.read("manifest.json"))
+    mm = next(e for e in manifest["signatures"] if e["op"] == "aten.mm.default")["captures"][0]
+    # Both arguments are views of one storage: one buffer, each its own offset and strides.
+    assert len(mm["buffers"]) == 1
+    assert [(t["shape"], t["stride"], t["offset"], t["buffer"]) for t in mm["tensors"]] == [
+        ([6, 4], [8, 1], 1, 0), ([4, 4], [1, 8], 16, 0)]
+    code, out, err = _run(["replay", path, "--reps", "1", "--format", "json", "-q"], capsys)
+    assert code == 0, err
+    assert {r["op"]: r["across"] for r in json.loads(out)["ops"]}["aten.mm.default"] == "same"

@@ -7,14 +7,15 @@ import json
 import yaml
 
 from opaudit.cli.formats import RENDERERS, REPORT_ONLY, Format, Kind, render
+from opaudit.cli.formats.choice import SITE_KINDS
 from opaudit.data.report import Finding, Report, Site
 from opaudit.data.verdict import Verdict
 
 
 def test_registry_is_exhaustive():
-    """Every kind in every format, but SARIF (results at source lines) for reports only."""
-    assert REPORT_ONLY == {Format.SARIF}
-    assert set(RENDERERS) == {(k, f) for k in Kind for f in Format if f not in REPORT_ONLY or k is Kind.REPORT}
+    """Every kind in every format, but SARIF (results at source lines) for reports and capsule replays only."""
+    assert REPORT_ONLY == {Format.SARIF} and SITE_KINDS == {Kind.REPORT, Kind.REPLAY}
+    assert set(RENDERERS) == {(k, f) for k in Kind for f in Format if f not in REPORT_ONLY or k in SITE_KINDS}
 
 
 def _report() -> Report:

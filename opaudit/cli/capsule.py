@@ -184,7 +184,7 @@ def _replay_parser() -> Parser:
     p.add_argument("--threads", type=bounded(MAX_THREADS), metavar="N",
                    help="torch.set_num_threads(N) before replaying")
     p.add_argument("-o", "--output", type=file_name, metavar="PATH", help="write the document here (format from the extension)")
-    p.add_argument("--format", metavar="FMT", help="yaml, json, csv, md or table (default: from -o, else table)")
+    p.add_argument("--format", metavar="FMT", help="yaml, json, csv, md, html, sarif or table (default: from -o, else table)")
     p.add_argument("--fail-on", type=parse_fail_on, default=parse_fail_on(DEFAULT_FAIL_ON), metavar="LIST",
                    help=f"across values and local verdicts that make the exit code 1 (default {DEFAULT_FAIL_ON}; "
                         "'none' for never)")

@@ -56,12 +56,16 @@ class Format(str, enum.Enum):
 _ALIASES = {"yml": "yaml", "markdown": "md", "txt": "table", "htm": "html"}
 
 REPORT_ONLY = frozenset({Format.SARIF})
-"""Formats written for the audit report only: SARIF's results sit at source lines, and only a report's
-findings have them (a catalog's entries, a diff's changes and a prediction's rows do not)."""
+"""Formats written only for the documents whose rows sit at source lines (:data:`SITE_KINDS`): SARIF's
+results sit at lines, and a catalog's entries, a diff's changes and a prediction's rows have none."""
+
+SITE_KINDS = frozenset({Kind.REPORT, Kind.REPLAY})
+"""The documents whose rows have the user's source lines: an audit report, and a capsule replay (its ops
+carry the sites where they were captured)."""
 
 
 def check_kind(kind: Kind, fmt: Format) -> None:
-    """Refuse a format the document kind is not written in (``sarif`` for anything but a report)."""
-    if fmt in REPORT_ONLY and kind is not Kind.REPORT:
-        raise FormatError(f"{fmt.value} is written for audit reports only, not for a {kind.value}; "
-                          "use html, md, csv, yaml or json")
+    """Refuse a format the document kind is not written in (``sarif`` for a catalog, diff or prediction)."""
+    if fmt in REPORT_ONLY and kind not in SITE_KINDS:
+        raise FormatError(f"{fmt.value} is written for audit reports and capsule replays only, not for a "
+                          f"{kind.value}; use html, md, csv, yaml or json")

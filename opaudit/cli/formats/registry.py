@@ -62,9 +62,11 @@ RENDERERS: dict[tuple[Kind, Format], Renderer] = {
     (Kind.REPLAY, Format.MARKDOWN): replay.markdown,
     (Kind.REPLAY, Format.TABLE): replay.table,
     (Kind.REPLAY, Format.HTML): replay.html,
+    (Kind.REPLAY, Format.SARIF): sarif.replay,
 }
 """Every (kind, format) pair: each document kind is written in every format but the
-:data:`~opaudit.cli.formats.choice.REPORT_ONLY` ones (SARIF), which only a report is."""
+:data:`~opaudit.cli.formats.choice.REPORT_ONLY` ones (SARIF), which only the kinds with source lines
+(:data:`~opaudit.cli.formats.choice.SITE_KINDS`: a report, a capsule replay) are."""
 
 
 def render(document: Any, kind: Kind | str, fmt: Format) -> str:

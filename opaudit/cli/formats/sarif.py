@@ -1,4 +1,5 @@
-"""SARIF 2.1.0 for the audit report: what GitHub code scanning (and other SARIF viewers) show on the lines.
+"""SARIF 2.1.0 for the audit report and a capsule replay: what GitHub code scanning (and other SARIF viewers)
+show on the lines.
 
 One result per finding that is not ``stable``, at the user's source line as the
 report records it (an op of the autograd engine at the forward line that made its
@@ -11,6 +12,11 @@ Levels, from the verdict:
 * ``warns``: ``warning``;
 * ``random``, ``uninitialized``, ``skipped``: ``note``;
 * ``stable``: no result (it is not a finding in any other format either).
+
+A capsule replay (:func:`replay`) gives, at each op's lines, one result for its
+``across`` value (``differs`` and ``unsupported``: ``error``; ``differs_default``:
+``warning``; ``skipped``: ``note``; ``same``: none) and one for its local verdict,
+as above.
 
 File URIs are the report's site paths, relative to the directory the audit ran in
 (``uriBaseId: %SRCROOT%``), so that a SARIF upload from the repository root places
@@ -28,6 +34,7 @@ from opaudit.data.verdict import Verdict
 from opaudit.data.version import __version__
 
 if TYPE_CHECKING:
+    from opaudit.data.across import CapsuleReplay, Crossed
     from opaudit.data.findings import Finding
     from opaudit.data.report import Report
     from opaudit.data.site import Site
@@ -167,6 +174,93 @@ def report(report: "Report") -> str:
         "properties": {"summary": report.summary,
                        "script": str(report.settings.get("script", "")),
                        "complete": bool(report.complete)},
+    }
+    log = {"$schema": SCHEMA, "version": "2.1.0", "runs": [run]}
+    return json.dumps(log, indent=2, ensure_ascii=False) + "\n"
+
+
+ACROSS_LEVELS: dict[str, str | None] = {
+    "unsupported": "error",
+    "differs": "error",
+    "differs_default": "warning",
+    "skipped": "note",
+    "same": None,
+}
+"""SARIF level of each ``across`` value of a capsule replay; ``None``: no result."""
+
+
+def _across_message(r: "Crossed") -> str:
+    """What the reviewer reads on the line: how the op's bits compare with the capsule's source, and how far."""
+    f = r.finding
+    parts = [f"{f.op}: {r.across.value} on this machine ({r.across.meaning})."]
+    facts = []
+    if r.modes:
+        facts.append(f"in {' and '.join(r.modes)} mode")
+    if r.outputs:
+        facts.append(f"outputs {', '.join(r.outputs)}")
+    if r.max_abs_diff is not None:
+        facts.append(f"max |diff| {r.max_abs_diff:.3g}")
+    if r.max_ulp is not None:
+        facts.append(f"max ULP {r.max_ulp}")
+    if r.frac_differing is not None:
+        facts.append(f"{r.frac_differing:.1%} of the elements differ")
+    facts.append(f"{f.calls} call{'s' if f.calls != 1 else ''}")
+    facts.append(f"verdict here: {f.verdict.value}")
+    text = "; ".join(facts)
+    parts.append(text[:1].upper() + text[1:] + ".")
+    if r.reason:
+        parts.append(r.reason.strip())
+    return " ".join(parts)
+
+
+def replay(doc: "CapsuleReplay") -> str:
+    """A capsule replay as a SARIF 2.1.0 log: at each op's lines, one result for its ``across`` value (unless
+    ``same``: rule ``across/<value>/<op>``) and one for its local verdict as an audit report gives it (unless
+    ``stable``: rule ``<verdict>/<op>``)."""
+    rules: list[dict[str, Any]] = []
+    index: dict[str, int] = {}
+    results = []
+
+    def add(rid: str, rule: dict[str, Any], result: dict[str, Any]) -> None:
+        if rid not in index:
+            index[rid] = len(rules)
+            rules.append(rule)
+        results.append({**result, "ruleIndex": index[rid]})
+
+    for r in doc.rows:
+        f = r.finding
+        level = ACROSS_LEVELS[r.across.value]
+        if level is not None:
+            rid = f"across/{r.across.value}/{f.op}"
+            rule = {"id": rid, "shortDescription": {"text": f"{f.op}: {r.across.value} across machines"},
+                    "fullDescription": {"text": f"{f.op}: {r.across.meaning}."},
+                    "defaultConfiguration": {"level": level},
+                    "properties": {"tags": ["portability", r.across.value]}}
+            result = _result(f, 0, level)
+            result.update(ruleId=rid, message={"text": _across_message(r)})
+            props = dict(result["properties"], across=r.across.value)
+            for key in ("max_abs_diff", "max_ulp", "frac_differing"):
+                if getattr(r, key) is not None:
+                    props[f"{key}_across"] = getattr(r, key)
+            for key in ("outputs", "modes"):
+                if getattr(r, key):
+                    props[f"{key}_across"] = list(getattr(r, key))
+            if r.reason:
+                props["reason_across"] = r.reason
+            result["properties"] = props
+            add(rid, rule, result)
+        level = LEVELS[f.verdict]
+        if level is not None:
+            add(rule_id(f), _rule(f, level), _result(f, 0, level))
+    run: dict[str, Any] = {
+        "tool": {"driver": {"name": "opaudit", "version": __version__, "semanticVersion": __version__,
+                            "rules": rules}},
+        "originalUriBaseIds": {SRCROOT: {"description": {"text": "The directory the capture ran in."}}},
+        "invocations": [{"executionSuccessful": bool(doc.complete)}],
+        "results": results,
+        "properties": {"summary": doc.summary, "capsule": doc.capsule, "complete": bool(doc.complete),
+                       "environment_difference": [{"field": k, "source": a, "here": b}
+                                                  for k, a, b in doc.environment_difference]},
     }
     log = {"$schema": SCHEMA, "version": "2.1.0", "runs": [run]}
     return json.dumps(log, indent=2, ensure_ascii=False) + "\n"
