@@ -303,3 +303,59 @@ def test_the_scripts_global_torch_settings_end_with_it(tmp_path, capsys):
     after = (torch.are_deterministic_algorithms_enabled(), torch.get_num_threads(), torch.is_grad_enabled(),
              torch.backends.cudnn.benchmark)
     assert after == before
+
+
+def test_a_child_forked_first_runs_parallel_ops_in_every_run_of_the_script(tmp_path):
+    # The script runs twice in one process (it has no step after its window: the default recording, then
+    # the deterministic-mode one): the first run's parallel ops start GNU OpenMP's pool, which a forked child cannot use (it waits
+    # for ever on threads it does not have). The plain script never meets that state.
+    log = tmp_path / "log.txt"
+    script = _script(tmp_path, f"""
+        import os, time, torch
+        pid = os.fork()
+        if pid == 0:
+            x = torch.randn(1_000_000)
+            (x * 2 + 1).sum()  # a parallel region
+            with open({str(log)!r}, "a") as f:
+                f.write("child done\\n")
+            os._exit(0)
+        deadline = time.monotonic() + 120
+        while os.waitpid(pid, os.WNOHANG) == (0, 0):
+            if time.monotonic() > deadline:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                raise SystemExit("the child hung in its first parallel op")
+            time.sleep(0.05)
+        with open({str(log)!r}, "a") as f:
+            f.write("parent done\\n")
+        x = torch.randn(1_000_000)
+        (x * 2 + 1).sum()
+    """)
+    done = _opaudit([script, "--reps", "1", "--no-timing"], timeout=600)
+    assert done.returncode == 0, done.stderr
+    lines = log.read_text().splitlines()
+    assert lines.count("parent done") == 2, lines
+    assert lines.count("child done") == 2, lines
+
+
+def test_a_child_still_running_when_the_audit_ends_does_not_hold_its_output_open(tmp_path):
+    pids = tmp_path / "pids.txt"
+    script = _script(tmp_path, f"""
+        import os, time, torch
+        if os.fork() == 0:
+            with open({str(pids)!r}, "a") as f:
+                f.write(f"{{os.getpid()}}\\n")
+            time.sleep(900)  # as good as hung
+            os._exit(0)
+        torch.arange(5.0).cumsum(0)
+    """)
+    try:
+        # capture_output reads until every holder of the pipes is gone: a child left running too.
+        done = _opaudit([script, "--reps", "1", "--no-deterministic-pass"], timeout=200)
+        assert done.returncode == 0, done.stderr
+    finally:
+        for pid in pids.read_text().split() if pids.exists() else ():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -33,6 +33,7 @@ from typing import Any
 
 from opaudit.data.errors import OpauditError
 from opaudit.data.fileio import MAX_SCRIPT_BYTES, FileError, read_bytes
+from opaudit.engine import forks
 
 DEFAULT_ENTRY = "opaudit_step"
 
@@ -219,8 +220,16 @@ _TIMERS = tuple(getattr(signal, n) for n in ("ITIMER_REAL", "ITIMER_VIRTUAL", "I
 def sandboxed(target: Target) -> Iterator[Sandbox]:
     """Set argv/path for the script and undo what it changes in the process (see :class:`Sandbox`).
 
-    Every load and run of the user's code happens inside this.
+    Every load and run of the user's code happens inside this; so do the forks it
+    makes (:mod:`opaudit.engine.forks`: a child never meets an intra-op pool an
+    earlier run started, nor outlives the audit).
     """
+    with forks.watching(), _sandboxed(target) as box:
+        yield box
+
+
+@contextlib.contextmanager
+def _sandboxed(target: Target) -> Iterator[Sandbox]:
     box = Sandbox()
     saved_argv = sys.argv
     saved_path = list(sys.path)
