@@ -196,12 +196,57 @@ def test_ops_in_dataloader_workers_are_recorded_and_replayed(tmp_path, capsys, m
     assert not any("child process" in w for w in report["env_warnings"])
 
 
-def test_workers_that_outlive_the_recording_are_reported(tmp_path, capsys, monkeypatch):
+def test_workers_that_outlive_the_recording_ship_when_it_ends(tmp_path, capsys, monkeypatch):
+    # persistent_workers=True: the workers still run when the script (and its recording) ends.
     monkeypatch.setenv("ITEM_SIZE", "1000")
     monkeypatch.setenv("PERSISTENT", "1")
     _, report = _report(tmp_path, capsys, _script("worker_pipeline.py"), "--reps", "1")
+    assert report["settings"]["child_processes"] == {"forked": 2, "recorded": 2}
+    (f,) = _by_op(report, "aten.index_put_.default")
+    assert f["calls"] == 2 and f["phases"] == ["data"]
+    assert not any("child process" in w for w in report["env_warnings"])
+
+
+def test_workers_ship_what_they_ran_when_the_window_ends_mid_epoch(tmp_path, capsys):
+    # The default window (3 steps) ends after 3 of 100 batches: by then the loader had sent its
+    # 2 workers 2 * prefetch_factor tasks up front and one more per batch taken, 7 of 4 items;
+    # each item runs one mul. The workers finish the tasks they were sent before they ship.
+    _, report = _report(tmp_path, capsys, _script("long_loader.py"), "--reps", "1")
+    assert report["settings"]["recorded"] == "steps 1-3"
+    assert report["settings"]["child_processes"] == {"forked": 2, "recorded": 2}
+    (mul,) = _by_op(report, "aten.mul.Tensor")
+    assert mul["phases"] == ["data"] and mul["calls"] == 7 * 4
+    assert not any("child process" in w for w in report["env_warnings"])
+
+
+CHILDREN_THAT_DO_NOT_SHIP = """
+import multiprocessing, os, torch
+
+def work():
+    torch.arange(6.0).cumsum(0)
+    os._exit(0)  # skips multiprocessing's finalizers, which ship
+
+p = multiprocessing.get_context("fork").Process(target=work)
+p.start()
+p.join()
+pid = os.fork()
+if pid == 0:
+    torch.arange(7.0).cumsum(0)
+    os._exit(0)
+os.waitpid(pid, 0)
+torch.arange(5.0).cumsum(0)
+"""
+
+
+def test_children_whose_ops_are_missing_are_reported_with_the_reason(tmp_path, capsys):
+    script = tmp_path / "children.py"
+    script.write_text(CHILDREN_THAT_DO_NOT_SHIP)
+    _, report = _report(tmp_path, capsys, str(script), "--reps", "1", "--no-deterministic-pass")
     assert report["settings"]["child_processes"] == {"forked": 2, "recorded": 0}
-    assert any(w.startswith("2 of 2 child process(es) forked while recording") for w in report["env_warnings"])
+    (warning,) = [w for w in report["env_warnings"] if "child process" in w]
+    assert warning.startswith("2 of 2 child process(es) forked while recording ran ops that were not recorded: ")
+    assert "ended before shipping (killed, or os._exit): 1" in warning
+    assert "forked with os.fork, not multiprocessing" in warning and "persistent_workers" not in warning
 
 
 # -- 12: remedies that fit how the op was called ------------------------------------------

@@ -116,6 +116,12 @@ class Interception:
         """The compiled modules and functions called while intercepting, over every entry."""
         self._mode: RecordingMode | None = None
 
+    def set_on_call(self, on_call: Callable[[Any, tuple, dict | None], Callable[..., Any]]) -> None:
+        """Hand the calls to ``on_call`` from now on, in the mode already entered too."""
+        self.on_call = on_call
+        if self._mode is not None:
+            self._mode.on_call = on_call
+
     def __enter__(self) -> "Interception":
         self.sites.start()
         self.compiled.__enter__()

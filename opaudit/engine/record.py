@@ -14,6 +14,8 @@ through :mod:`opaudit.engine.children` and :meth:`Recorder.merge`.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -135,6 +137,8 @@ class Recorder:
         """Calls per signature when :meth:`mark_step` was last called (``None``: never)."""
         self._interception = Interception(self._on_call, self.sites, self._on_alert)
         self._active = False
+        self._ship_lock: threading.Lock | None = None
+        """In a forked child: held while a call is accounted for, and while another thread ships."""
         self.children = ChildProcesses(self)
         """Child processes (DataLoader workers) forked while recording, and what came back from them."""
 
@@ -230,13 +234,29 @@ class Recorder:
 
     # -- child processes (see opaudit.engine.children) --------------------------------
     def forget_for_child(self) -> None:
-        """In a forked child: drop what the parent recorded, keep recording the child's own ops."""
+        """In a forked child: drop what the parent recorded, keep recording the child's own ops.
+
+        The child may ship from another thread while its own goes on (see
+        :meth:`shipping`): from now on each call is accounted for under a lock.
+        """
         self._entries.clear()
         self._captures.forget()
         self._view_calls = {}
         self.total_calls = 0
         self.strict_refusals = {}
         self._mark = None
+        lock = self._ship_lock = threading.Lock()
+        on_call = self._on_call
+
+        def locked(func: Any, args: tuple, kwargs: dict | None) -> Callable[..., Any]:
+            with lock:
+                return on_call(func, args, kwargs)
+
+        self._interception.set_on_call(locked)
+
+    def shipping(self) -> contextlib.AbstractContextManager[Any]:
+        """Holds the tables still while :meth:`shipment` reads them from another thread (in a child)."""
+        return self._ship_lock if self._ship_lock is not None else contextlib.nullcontext()
 
     def shipment(self) -> dict[str, Any]:
         """What this (child) recorder recorded, as plain values and snapshots, for :meth:`merge`."""

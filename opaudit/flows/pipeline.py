@@ -247,10 +247,8 @@ def assemble(rec: Recorder, findings: list[Finding], *, reps: int, seed: int, se
                         "each such call ran its nondeterministic kernel, as warn_only=True would, so that the "
                         "run could go on (see the raises findings); without opaudit the first of them ends the run")
     children = rec.children
-    if children.unrecorded:
-        warnings.append(f"{children.unrecorded} of {children.forked} child process(es) forked while recording "
-                        "(DataLoader workers) ran ops that were not recorded: they did not exit normally before "
-                        "recording ended (persistent_workers=True, killed, os._exit); their ops are missing here")
+    if children.warning():
+        warnings.append(children.warning())
     all_settings = {"reps": reps, "seed": seed, "capture_budget_mib": rec.capture_budget // 2**20}
     if rec.captures_per_signature != DEFAULT_CAPTURES_PER_SIGNATURE:
         all_settings["captures_per_signature"] = rec.captures_per_signature
