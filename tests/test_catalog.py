@@ -190,6 +190,36 @@ def test_every_format_renders(documented, tmp_path):
     assert len(csv_lines) == 1 + len(documented.entries)
 
 
+def test_every_export_of_a_subset_catalog_names_its_selection(documented):
+    """A catalog of a few ``--ops`` must not read as a sweep of the whole OpInfo database."""
+    named = f"only the ops --ops {','.join(DOCUMENTED)} selects, in float32"
+    assert documented.selection == named
+    for fmt in set(Format) - REPORT_ONLY:
+        text = render(documented, Kind.CATALOG, fmt)
+        if fmt in (Format.YAML, Format.JSON):  # the settings themselves: ops and dtypes
+            data = yaml.safe_load(text)
+            assert data["settings"]["ops"] == DOCUMENTED and data["settings"]["dtypes"] == ["float32"]
+            continue
+        assert named in text.replace("\n", " ").replace("Only the ops", "only the ops"), fmt
+        assert "Every op in PyTorch" not in text and "every op in PyTorch" not in text, fmt
+    full = dataclasses.replace(documented, settings={**documented.settings, "ops": ["*"], "modules": True})
+    assert full.selection == ("every op in PyTorch's OpInfo test database (plus the torch.nn modules it does not "
+                              "cover), in float32")
+    assert "stress" in render(documented, Kind.CATALOG, Format.MARKDOWN)
+    no_stress = dataclasses.replace(documented, settings={**documented.settings, "stress": False})
+    assert "(no stress inputs)" in render(no_stress, Kind.CATALOG, Format.MARKDOWN)
+
+
+def test_dtypes_all_sweeps_every_dtype_each_op_supports():
+    from torch.testing._internal.common_methods_invocations import op_db
+
+    (info,) = [o for o in op_db if o.name == "sum" and not o.variant_test_name]
+    supported = {str(d).replace("torch.", "") for d in info.supported_dtypes("cpu")}
+    tasks = select_tasks("cpu", ["sum"], ("all",))
+    assert {t.dtype for t in tasks if t.source == "sum" and not t.form} == supported
+    assert {"int64", "float32", "bool"} <= supported
+
+
 def test_markdown_is_grouped_by_verdict_with_counts(documented):
     md = render(documented, Kind.CATALOG, Format.MARKDOWN)
     raises = len(documented.entries_with(Verdict.RAISES))

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import textwrap
 
 import pytest
 import torch
+from conftest import ROOT
 
 from opaudit.cli.formats import REPORT_ONLY, Format, Kind, render
 from opaudit.cli.main import main
 from opaudit.data.verdict import Verdict
-from opaudit.flows.catalog import CatalogRequest, SweepConfig, build_catalog
+from opaudit.flows.catalog import CatalogRequest, SweepConfig, build_catalog, load_catalog
 from opaudit.flows.predict import EXACT, OTHER_VARIANT, TWIN, UNKNOWN, predict
 from opaudit.flows.run import audit
 
@@ -70,7 +72,7 @@ def test_prediction_uses_the_catalog(report, catalogs):
     assert acc.match == EXACT
     assert acc.predicted == catalogs[0].get("aten.index_put.default", "float32", "accumulate=True").verdict.value
     mm = _row(p, "aten.mm.default")
-    assert mm.predicted == UNKNOWN and mm.note == "op not in the catalog"
+    assert mm.predicted == UNKNOWN and mm.note == "op not in the catalog, which swept only --ops put,index_put"
     assert p.summary[UNKNOWN] >= 1 and p.summary["signatures"] == len(report.all_findings)
     # Worst first, unknown right after the verdicts that fail.
     ranks = [r.predicted for r in p.rows]
@@ -149,3 +151,35 @@ def test_cli_bad_catalog_fails_before_running_the_model(tmp_path, capsys, catalo
     out, err = capsys.readouterr()
     assert code == 2 and message in err and err.count("\n") == 1
     assert not marker.exists()
+
+
+SHIPPED = os.path.join(ROOT, "catalogs", "cpu-x86_64-torch2.13.0.yaml")
+
+
+def _integers():
+    ids = torch.randint(0, 10, (64,))
+    return ids.sum()
+
+
+@pytest.fixture(scope="module")
+def integers():
+    return audit(_integers, reps=2)
+
+
+def test_randint_is_found_in_a_catalog_of_this_machine(integers):
+    """A factory called without dtype= is filed under the dtype it ran with, by the sweep and the lookup."""
+    here = build_catalog(CatalogRequest(SWEEP, ("randint",), "float32", **OPTS))
+    assert {e.dtype for e in here.entries if e.op == "aten.randint.low"} == {"int64"}
+    row = _row(predict(integers, here), "aten.randint.low")
+    assert row.dtype == "int64" and row.predicted == "random" and row.match != "none"
+    # The shipped catalog filed it under "none", as every catalog made before did: still found.
+    shipped = load_catalog(SHIPPED)
+    assert {e.dtype for e in shipped.entries if e.op == "aten.randint.low"} == {"none"}
+    assert _row(predict(integers, shipped), "aten.randint.low").predicted == "random"
+
+
+def test_a_dtype_the_catalog_did_not_sweep_says_which_it_did_and_how_to_measure_it(integers):
+    row = _row(predict(integers, load_catalog(SHIPPED)), "aten.sum.default")
+    assert row.dtype == "int64" and row.predicted == UNKNOWN
+    assert "it swept float32 only" in row.note and "int64 was left out" in row.note
+    assert "opaudit catalog --ops aten.sum --dtypes int64" in row.note

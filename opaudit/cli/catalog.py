@@ -35,7 +35,8 @@ def _catalog_parser() -> Parser:
     p.add_argument("--ops", metavar="GLOBS", help="comma-separated globs over OpInfo names (index_put, "
                    "nn.functional.max_unpool2d), aten names (aten.index_put*) and modules (nn.LSTM); default all")
     p.add_argument("--dtypes", metavar="LIST", default=",".join(c.DEFAULT_DTYPES),
-                   help=f"comma-separated dtypes (default {','.join(c.DEFAULT_DTYPES)})")
+                   help=f"comma-separated dtypes, or all: every dtype each op supports on the device (default "
+                        f"{','.join(c.DEFAULT_DTYPES)})")
     p.add_argument("-o", "--output", type=file_name, metavar="PATH",
                    help="write the catalog here (format from the extension; a partial file PATH.partial is kept "
                         "while the sweep runs)")

@@ -163,6 +163,11 @@ class Catalog:
         counts["not_swept"] = sum(1 for s in self.swept if s.status in (FAILED, TIMEOUT, CRASHED))
         return counts
 
+    @property
+    def selection(self) -> str:
+        """What the sweep ran, in words, for every export: see :func:`selection`."""
+        return selection(self.settings)
+
     @functools.cached_property
     def _index(self) -> dict[tuple[str, str, str], CatalogEntry]:
         return {e.key: e for e in self.entries}
@@ -193,6 +198,30 @@ class Catalog:
             "entries": [entry_dict(e) for e in self.entries],
         } | ({"batch_invariance": [batch_entry_dict(e) for e in self.batch_invariance]}
              if self.batch_invariance else {})
+
+
+ALL_DTYPES = "all"
+"""``--dtypes all``: every dtype each op supports on the device (OpInfo's ``supported_dtypes``)."""
+
+
+def selection(settings: Mapping[str, Any]) -> str:
+    """Which ops and dtypes a sweep with these ``settings`` ran, in words.
+
+    ``every op in PyTorch's OpInfo test database (plus the torch.nn modules it
+    does not cover), in float32``, or, for a subset, ``only the ops --ops
+    index_put,put selects, in float32``: an export must not claim more than was swept.
+    """
+    ops = [str(o) for o in settings.get("ops") or ["*"]]
+    if ops == ["*"]:
+        what = "every op in PyTorch's OpInfo test database"
+        if settings.get("modules"):
+            what += " (plus the torch.nn modules it does not cover)"
+    else:
+        what = f"only the ops --ops {','.join(ops)} selects"
+    dtypes = [str(d) for d in settings.get("dtypes") or []]
+    if dtypes == [ALL_DTYPES]:
+        return f"{what}, in every dtype each op supports on the device"
+    return f"{what}, in {', '.join(dtypes) or 'no dtype'}"
 
 
 def entry_dict(e: CatalogEntry) -> dict[str, Any]:

@@ -16,8 +16,9 @@ if TYPE_CHECKING:
     from opaudit.data.report import Report
 
 CATALOG_FIELDS = ("op", "dtype", "variant", "verdict", "input_kind", "phase", "source", "opinfo", "stress",
-                  "seen_in", "alert", "error", "warning", "signature")
-"""Column order of a catalog."""
+                  "seen_in", "alert", "error", "warning", "signature", "selection")
+"""Column order of a catalog; ``selection`` (what the sweep ran, the same on every row) keeps a subset
+catalog's rows from reading as the whole database's."""
 
 DIFF_FIELDS = ("change", "op", "detail", "before", "after", "where")
 """Column order of a diff; ``change`` is ``changed``, ``only_a`` or ``only_b``."""
@@ -43,12 +44,13 @@ def report(r: "Report") -> str:
 
 def catalog(c: "Catalog") -> str:
     """One row per entry, columns :data:`CATALOG_FIELDS`, sorted like the catalog."""
+    selection = c.selection
     return csv_text(CATALOG_FIELDS, ({
         "op": e.op, "dtype": e.dtype, "variant": e.variant, "verdict": e.verdict.value,
         "input_kind": e.input_kind, "phase": e.phase, "source": e.source,
         "opinfo": e.opinfo.value if e.opinfo else "", "stress": e.stress.value if e.stress else "",
         "seen_in": e.seen_in, "alert": e.alert or "", "error": e.error, "warning": e.warning,
-        "signature": e.signature,
+        "signature": e.signature, "selection": selection,
     } for e in c.entries))
 
 

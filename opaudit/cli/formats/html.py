@@ -494,9 +494,9 @@ def catalog(catalog: "Catalog") -> str:
     notes = []
     if not catalog.complete:
         notes.append('<span class="bad">Incomplete</span>: this sweep was interrupted; resume it with --resume.')
+    notes.append(esc(f"Swept: {catalog.selection}, on {st.get('device')}."))
     notes.append(esc(f"{counts['entries']} entries ({counts['ops']} distinct ops; an entry is one op, dtype and "
-                     f"argument variant) from {counts['swept']} swept OpInfo entries and modules, on "
-                     f"{st.get('device')} for {', '.join(map(str, st.get('dtypes', [])))}; each replayed "
+                     f"argument variant) from {counts['swept']} swept OpInfo entries and modules; each replayed "
                      f"{st.get('reps')} times with and without use_deterministic_algorithms(True)."))
     worst_first = sorted(catalog.entries, key=lambda e: -e.verdict.severity)  # stable: by op within a verdict
     table = Table("entries", CATALOG_COLUMNS, [catalog_row(e) for e in worst_first], filterable=True,

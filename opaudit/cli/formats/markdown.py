@@ -145,15 +145,16 @@ def catalog(catalog: "Catalog") -> str:
            f"torch {md_text(env.get('torch'), line_start=False)}", ""]
     if not catalog.complete:
         out += ["> **Incomplete**: this sweep was interrupted; resume it with `--resume`.", ""]
+    selected = catalog.selection
+    inputs = ("PyTorch's own test inputs and on **stress** inputs (about "
+              f"{int(st.get('stress_elements') or 0):,} elements, indices with many repeats)"
+              if st.get("stress") else "PyTorch's own test inputs (no stress inputs)")
     out += [
-        f"Every op in PyTorch's OpInfo test database (plus the `torch.nn` modules it does not cover) was run on "
-        f"{md_code(st.get('device'))} for {md_text(', '.join(map(str, st.get('dtypes', []))), line_start=False)}, "
-        "forward and backward, on PyTorch's own "
-        f"test inputs and on **stress** inputs (about {int(st.get('stress_elements') or 0):,} elements, indices "
-        f"with many repeats). Each op was then re-run {st.get('reps')} times with and without "
-        "`torch.use_deterministic_algorithms(True)`"
+        f"**Swept**: {md_text(selected[0].upper() + selected[1:], line_start=False)}, on "
+        f"{md_code(st.get('device'))}, forward and backward, on {inputs}. Each op was then re-run "
+        f"{st.get('reps')} times with and without `torch.use_deterministic_algorithms(True)`"
         + (f" ({st.get('index_reps')} times for stress inputs that take an index)" if st.get("index_reps") else "")
-        + " and its outputs compared bit for bit.",
+        + " and its outputs compared bit for bit. An op or dtype outside that selection is not in this catalog.",
         "",
         f"**{counts['entries']} entries** ({counts['ops']} distinct ops; an entry is one op, dtype and "
         f"argument variant) from {counts['swept']} swept OpInfo entries and modules.",

@@ -146,6 +146,7 @@ def catalog(catalog: "Catalog") -> str:
         out += [batch_invariance.catalog_table(catalog.batch_invariance), ""]
     parts = ", ".join(f"{counts[v.value]} {v.value}" for v in Verdict if counts[v.value])
     state = "" if catalog.complete else " (INCOMPLETE)"
+    out.append(f"swept: {catalog.selection}")
     out.append(f"catalog of {device}, torch {env.get('torch')}{state}: {counts['entries']} entries "
                f"({counts['ops']} ops) from {counts['swept']} swept entries, {counts['not_swept']} not swept: "
                f"{parts or 'nothing'}")

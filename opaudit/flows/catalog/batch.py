@@ -28,6 +28,9 @@ BATCH = 256
 ROWS = (1, 2, 3, 4, 7, 8, 16, 64, 128)
 """Row counts compared with the full input's leading rows."""
 
+BATCH_DTYPES = ("float32", "float64", "bfloat16", "float16")
+"""The dtypes probed for a sweep of ``--dtypes all`` (the probes build floating inputs)."""
+
 
 @dataclass(frozen=True)
 class Probe:

@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from opaudit.data.catalog import CRASHED, Catalog, CatalogEntry, SweptOp, load_catalog, swept_order
+from opaudit.data.catalog import ALL_DTYPES, CRASHED, Catalog, CatalogEntry, SweptOp, load_catalog, swept_order
 from opaudit.data.fileio import write_output
 from opaudit.data.files import dump_yaml
 from opaudit.flows.catalog.config import (
@@ -172,9 +172,11 @@ def build_catalog(request: CatalogRequest, on_progress: Callable[[SweepProgress]
         runner.stop()
     catalog = acc.catalog(env, settings, complete=True)
     if request.batch_invariance:
-        from opaudit.flows.catalog.batch import BATCH, ROWS, probe_batch_invariance
+        from opaudit.flows.catalog.batch import BATCH, BATCH_DTYPES, ROWS, probe_batch_invariance
 
-        entries = probe_batch_invariance(device, dtype_names, patterns, request.threads)
+        # ``--dtypes all``: the probes' own floating dtypes (their inputs are floating).
+        probed = BATCH_DTYPES if dtype_names == (ALL_DTYPES,) else dtype_names
+        entries = probe_batch_invariance(device, probed, patterns, request.threads)
         settings["batch_invariance"] = {"batch": BATCH, "rows": list(ROWS)}
         catalog = dataclasses.replace(catalog, settings=settings, batch_invariance=entries)
     return catalog

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from opaudit.aten.signature import dtype_abbreviations
+from opaudit.data.catalog import ALL_DTYPES
 from opaudit.flows.catalog.config import DEFAULT_DTYPES
 from opaudit.flows.catalog.entries import CatalogError
 
@@ -145,11 +146,14 @@ def _forms(op: Any) -> tuple[str, ...]:
 
 
 def parse_dtypes(text: str | Iterable[str] | None) -> tuple[str, ...]:
-    """Validated dtype names (``float32,bfloat16``); :class:`CatalogError` names the bad one."""
+    """Validated dtype names (``float32,bfloat16``), or ``("all",)`` for every dtype each op supports
+    (:data:`~opaudit.data.catalog.ALL_DTYPES`); :class:`CatalogError` names the bad one."""
     import torch
 
     names = DEFAULT_DTYPES if text is None else (
         [t.strip() for t in text.split(",")] if isinstance(text, str) else list(text))
+    if [n for n in names if n] == [ALL_DTYPES]:
+        return (ALL_DTYPES,)
     out = []
     for n in names:
         if not n:
@@ -192,6 +196,7 @@ def select_tasks(device: str, patterns: Iterable[str] | None, dtypes: Iterable[s
     name takes its variants and forms. Without patterns: every OpInfo entry in each of
     its forms, plus the modules that no OpInfo entry covers when ``modules`` is true.
     An OpInfo entry on integers only is swept in ``int64`` when none of ``dtypes`` applies.
+    ``dtypes`` ``("all",)`` sweeps each entry in every dtype it supports on the device.
     """
     import torch
 
@@ -223,7 +228,8 @@ def select_tasks(device: str, patterns: Iterable[str] | None, dtypes: Iterable[s
         chosen = {(n, form): OPINFO_TASK for n, o in opinfos.items() for form in _forms(o)}
         if modules:
             chosen.update({(n, FUNCTION): MODULE_TASK for n in module_infos if not _module_covered(n, opinfos)})
-    wanted = [getattr(torch, d) for d in dtypes]
+    every = list(dtypes) == [ALL_DTYPES]
+    wanted = [] if every else [getattr(torch, d) for d in dtypes]
     index_dtype = getattr(torch, INDEX_DTYPE)
     tasks = []
     for name, form in sorted(chosen):
@@ -232,8 +238,8 @@ def select_tasks(device: str, patterns: Iterable[str] | None, dtypes: Iterable[s
         try:
             supported = info.supported_dtypes(device_type)
         except Exception:  # a broken entry is swept and reported, not fatal
-            supported = set(wanted)
-        picked = [dt for dt in wanted if dt in supported]
+            supported = set(wanted) if wanted else {getattr(torch, DEFAULT_DTYPES[0])}
+        picked = sorted(supported, key=str) if every else [dt for dt in wanted if dt in supported]
         if not picked and kind == OPINFO_TASK and supported and not any(
                 dt.is_floating_point or dt.is_complex for dt in supported) and index_dtype in supported:
             # An op on integers only (bincount, histogram counts): swept in int64 rather than left out.
