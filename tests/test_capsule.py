@@ -546,3 +546,42 @@ def test_a_generator_argument_travels_as_its_state(tmp_path, capsys):
     rows = {r["op"]: (r["across"], r["verdict"]) for r in json.loads(out)["ops"]}
     # Drawn again from the captured state: the source's bits, and random (not diverges) here.
     assert rows["aten.normal_.default"] == rows["aten.rand.generator"] == ("same", "random")
+
+
+def test_a_zip_directory_longer_than_a_capsules_is_refused_before_it_is_parsed(tmp_path, capsys):
+    import struct
+    import zlib
+
+    from opaudit.data.capsule_file import MAX_DIRECTORY_BYTES
+
+    # A real zip whose directory is longer than any capsule's: 1,000 members with big extra fields here; a
+    # directory of that length in 47-byte entries would list half a million (a Python object each, once parsed).
+    local, central = [], []
+    offset, crc, extra = 0, zlib.crc32(b""), b"\x99\x99" + struct.pack("<H", 30_000) + bytes(30_000)
+    for i in range(1000):
+        name = f"b/{i}".encode()
+        local.append(struct.pack("<4s5H3L2H", b"PK\x03\x04", 20, 0, 0, 0, 33, crc, 0, 0, len(name), 0) + name)
+        central.append(struct.pack("<4s6H3L5H2L", b"PK\x01\x02", 20, 20, 0, 0, 0, 33, crc, 0, 0, len(name),
+                                   len(extra), 0, 0, 0, 0, offset) + name + extra)
+        offset += len(local[-1])
+    directory = b"".join(central)
+    assert len(directory) > MAX_DIRECTORY_BYTES
+    end = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, 1000, 1000, len(directory), offset, 0)
+    long = tmp_path / "long.opcap"
+    long.write_bytes(b"".join(local) + directory + end)
+    with zipfile.ZipFile(long) as z:  # a zip that zipfile reads whole
+        assert len(z.infolist()) == 1000
+    assert "its zip directory takes 28.7 MiB, more than a capsule's (24.0 MiB at most" in _refused(long, capsys)
+
+
+def test_capture_refuses_to_write_more_members_than_a_capsule_holds(tmp_path, capsys, monkeypatch):
+    from opaudit.data import capsule_file
+
+    script = tmp_path / "small.py"
+    script.write_text(textwrap.dedent(SMALL))
+    path = tmp_path / "small.opcap"
+    monkeypatch.setattr(capsule_file, "MAX_MEMBERS", 3)  # the manifest and two arrays
+    code, _, err = _run(["capture", str(script), "-o", str(path), "-q"], capsys)
+    assert code == 2 and err.strip().endswith(": more than 2 arrays, more than a capsule holds (a smaller "
+                                              "--capture-budget, or --digests-only, stores fewer)")
+    assert not path.exists()

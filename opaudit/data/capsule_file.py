@@ -7,8 +7,8 @@ read it. Members are deflated when a sample of them shows that it pays (masks,
 indices, zeros); float noise, which deflate barely shrinks, is stored as it is.
 
 Reading refuses, with one line each: a file that is not a regular file, is empty,
-is not a zip archive, is truncated or corrupt (the zip's CRCs), holds members the
-manifest does not name or lacks ones it names, declares members of another size
+is not a zip archive, has a zip directory longer than :data:`MAX_DIRECTORY_BYTES`
+(before it is parsed), is truncated or corrupt (the zip's CRCs), holds members the manifest does not name or lacks ones it names, declares members of another size
 than the manifest, is of another format version, or declares more bytes than the
 caller's limit.
 """
@@ -28,7 +28,13 @@ from opaudit.data.fileio import open_regular, write_with
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 256 * 2**20
 """Largest ``manifest.json`` read (a capsule of thousands of signatures has a few MB)."""
-
+MAX_MEMBERS = 1 << 18
+"""Most members a capsule holds (the manifest and its arrays; a capture of thousands of signatures writes
+tens of thousands): capture refuses to write more."""
+MAX_DIRECTORY_BYTES = 24 * 2**20
+"""Largest zip directory read: :data:`MAX_MEMBERS` entries of a capsule's names take less. Checked before
+the directory is parsed (zipfile makes a Python object of every entry, and a small file can list millions:
+the directory's size, not its entry count, which zipfile does not trust either, is what bounds them)."""
 _LOCAL_HEADER = 30
 """Bytes of a zip local file header before its name."""
 _MAX_DEFLATE = 1032
@@ -62,7 +68,10 @@ def write_capsule(path: str, manifest: Manifest, blobs: Iterable[tuple[str, memo
         with os.fdopen(os.dup(fd), "wb") as f:
             with zipfile.ZipFile(f, "w", allowZip64=True) as zf:
                 _member(zf, MANIFEST, memoryview(text.encode("utf-8")), True)
-                for name, data in blobs:
+                for count, (name, data) in enumerate(blobs, 2):
+                    if count > MAX_MEMBERS:
+                        raise CapsuleError(f"{path}: more than {MAX_MEMBERS - 1} arrays, more than a capsule holds "
+                                           "(a smaller --capture-budget, or --digests-only, stores fewer)")
                     _member(zf, name, data, _worth_compressing(data))
             written[0] = f.tell()
 
@@ -145,6 +154,13 @@ class CapsuleFile:
 
 def _zip(f: BinaryIO, path: str) -> zipfile.ZipFile:
     try:
+        # The end record says how many entries the directory lists: read before zipfile parses them all.
+        # The end record says how long the directory is: read before zipfile parses every entry of it.
+        end = zipfile._EndRecData(f)  # type: ignore[attr-defined]
+        directory = end[zipfile._ECD_SIZE] if end is not None else 0  # type: ignore[attr-defined]
+        if directory > MAX_DIRECTORY_BYTES:
+            raise CapsuleError(f"{path}: its zip directory takes {_size(directory)}, more than a capsule's "
+                               f"({_size(MAX_DIRECTORY_BYTES)} at most: {MAX_MEMBERS} members)")
         return zipfile.ZipFile(f)
     except zipfile.BadZipFile as e:
         raise CapsuleError(f"{path}: not an opaudit capsule, or truncated ({_first(e)})") from None
