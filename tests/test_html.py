@@ -13,10 +13,12 @@ import subprocess
 import sys
 
 import pytest
-from fixtures.review import HOSTILE_OP, HOSTILE_TEXT, MODULE_NAME, SCRIPT_NAME, documents
+import yaml
+from fixtures.review import HOSTILE_OP, HOSTILE_TEXT, MODULE_NAME, SCRIPT_NAME, documents, has_avx2
 
 from opaudit.cli.formats import Format, Kind, render
 from opaudit.cli.formats.html_page import esc, json_script
+from opaudit.data import across
 from opaudit.data.report import Finding, Report, load
 from opaudit.data.site import Site
 from opaudit.data.verdict import Verdict
@@ -105,6 +107,8 @@ def test_hostile_names_are_text_in_every_page(docs):
         "hostile catalog": ([shown_op, shown_text], "entries", [HOSTILE_OP + "0", HOSTILE_TEXT]),
         "diff": ([shown_op], "changes", [HOSTILE_OP + "0"]),
         "prediction": ([shown_text], "predictions", []),
+        "replay": ([SCRIPT_NAME, MODULE_NAME], "ops", [SCRIPT_NAME]),
+        "hostile replay": ([shown_op, shown_text], "ops", [HOSTILE_OP + "0", HOSTILE_TEXT]),
     }
     for name, (needles, table, data_needles) in expect.items():
         source = open(docs.pages[name], encoding="utf-8").read()
@@ -120,7 +124,7 @@ def test_hostile_names_are_text_in_every_page(docs):
             assert any(needle in x for x in strings), (name, needle)
         meta = json.loads(re.search(r'<script type="application/json" id="opaudit-meta">(.*?)</script>', source,
                                     re.S).group(1))
-        assert meta["kind"] in ("report", "catalog", "diff", "prediction")
+        assert meta["kind"] in ("report", "catalog", "diff", "prediction", "replay")
 
 
 def test_the_report_page_holds_every_finding_its_detail_and_the_run_check(docs):
@@ -145,6 +149,36 @@ def test_the_report_page_holds_every_finding_its_detail_and_the_run_check(docs):
     assert f"1 raises: #{put.first_call} aten.put_.default at {SCRIPT_NAME}:{put.sites[0].line}" in text
     assert f"op #{default.root_cause['index']} {default.root_cause['op']}" in text
     assert default.mismatches[0].split(" (")[0] in text
+
+
+@pytest.mark.skipif(not has_avx2(), reason="this CPU lacks AVX2: the capture and the replay ran the same kernels")
+def test_the_replay_page_leads_with_the_environment_difference_and_holds_every_op(docs):
+    """A real capture (AVX2 kernels) replayed under the scalar ones: the fingerprint field that differs comes
+    before the table; the table holds every captured signature, worst across first, with how far its bits moved;
+    the chips count each across value; the pictures draw the op whose bits moved on a log scale."""
+    doc = across.from_dict(yaml.safe_load(open(docs.replay_yaml)))
+    source = open(docs.replay_html, encoding="utf-8").read()
+    assert ("cpu_capability", "AVX2", "DEFAULT") in doc.environment_difference
+    lead = source.index('id="environment"')
+    assert lead < source.index('<table class="data t-ops') < source.index('id="magnitude"')
+    text = "".join(Parsed(source[lead:source.index("</details>", lead)]).text)
+    assert "cpu_capability" in text and "AVX2" in text and "DEFAULT" in text
+    data = _data(source, "ops")
+    strings = data["s"]
+    assert [(strings[i], strings[v]) for i, v in zip(data["i"], data["v"])] == [
+        (r.finding.id, r.across.value) for r in doc.rows]
+    page = Parsed(source)
+    chips = {a["data-verdict"]: a for a in page.tags("button") if "chip" in (a.get("class") or "")}
+    assert list(chips) == ["unsupported", "differs", "differs_default", "skipped", "same"]
+    moved = next(r for r in doc.rows if r.across is across.Across.DIFFERS)
+    assert moved.finding.op == "aten.randn.default" and moved.max_ulp
+    row = data["c"][doc.rows.index(moved)]
+    assert [strings[i] for i in row[0]] == ["differs", "", ""] and strings[row[6]] == str(moved.max_ulp)
+    detail = {strings[t]: v for t, _, v in data["d"][doc.rows.index(moved)]}
+    assert f"{moved.max_ulp} ULP" in strings[detail["bits that moved"]]
+    bars = _bars(source, "How far each op")
+    assert list(bars) == [f"{moved.max_abs_diff:.3g}"]
+    assert f"aten.randn.default {SCRIPT_NAME[:20]}" in "".join(page.text)  # the bar's label: op and file (cut)
 
 
 def _timed_report() -> Report:

@@ -17,8 +17,9 @@ import os
 import pytest
 import yaml
 from fixtures import browser
-from fixtures.review import HOSTILE_TEXT, MODULE_NAME, SCRIPT_NAME, documents
+from fixtures.review import HOSTILE_TEXT, MODULE_NAME, SCRIPT_NAME, documents, has_avx2
 
+from opaudit.data import across
 from opaudit.data.report import load
 
 
@@ -76,7 +77,8 @@ def test_the_checks_catch_a_request_and_a_console_error(chrome, tmp_path):
     assert "http://127.0.0.1:9/x.png" in browser.requests(chrome, url)
 
 
-@pytest.mark.parametrize("name", ["report", "hostile report", "catalog", "hostile catalog", "diff", "prediction"])
+@pytest.mark.parametrize("name", ["report", "hostile report", "catalog", "hostile catalog", "diff", "prediction",
+                                  "replay", "hostile replay"])
 def test_a_page_opens_offline_without_errors_and_injected_names_stay_text(chrome, docs, name):
     url = _open(chrome, docs.pages[name])
     assert chrome.title
@@ -93,11 +95,13 @@ def test_a_page_opens_offline_without_errors_and_injected_names_stay_text(chrome
     if name == "report":
         assert SCRIPT_NAME in text and MODULE_NAME in chrome.execute_script(
             "return document.querySelector('table.data.main').textContent")
+    if name == "replay":
+        assert SCRIPT_NAME in text
     if name.startswith("hostile") or name == "prediction":
         assert HOSTILE_TEXT.replace("\x07", "\\x07") in chrome.execute_script("return document.title") + text
 
 
-SORTS = {"report": "first", "catalog": "op", "diff": "op", "prediction": "op"}
+SORTS = {"report": "first", "catalog": "op", "diff": "op", "prediction": "op", "replay": "op"}
 """A column per page kind whose order differs from the page's own (worst first)."""
 
 
@@ -122,7 +126,7 @@ def test_sorting_a_column_reorders_the_rows(chrome, docs, name):
     assert f"sort={key}" in chrome.execute_script("return location.hash")
 
 
-@pytest.mark.parametrize("name", ["report", "catalog", "diff", "prediction"])
+@pytest.mark.parametrize("name", ["report", "catalog", "diff", "prediction", "replay"])
 def test_a_verdict_chip_shows_only_its_rows_and_the_link_keeps_the_view(chrome, docs, name):
     url = _open(chrome, docs.pages[name])
     every = _verdicts(chrome)
@@ -202,4 +206,31 @@ def test_a_finding_opens_to_its_detail(chrome, docs):
     other = chrome.find_elements("css selector", "table.data.main > tbody")[-1]
     other.find_element("css selector", "tr").send_keys(Keys.ENTER)
     assert other.find_elements("css selector", "tr")[1].is_displayed()
+    assert browser.console_errors(chrome) == []
+
+
+@pytest.mark.skipif(not has_avx2(), reason="this CPU lacks AVX2: the capture and the replay ran the same kernels")
+def test_the_replay_page_shows_the_environment_difference_above_its_rows_and_a_row_opens(chrome, docs):
+    """A real capture under AVX2 kernels replayed under the scalar ones: what differs between the two machines is
+    on screen above the table; the op whose bits moved is first and opens to how far they moved."""
+    doc = across.from_dict(yaml.safe_load(open(docs.replay_yaml)))
+    moved = next(r for r in doc.rows if r.across is across.Across.DIFFERS)
+    _open(chrome, docs.replay_html)
+    env = chrome.find_element("id", "environment")
+    table = chrome.find_element("css selector", "table.data.main")
+    assert env.is_displayed() and env.location["y"] < table.location["y"]
+    rows = [r.text for r in env.find_elements("css selector", "tbody tr")]
+    assert "cpu_capability AVX2 DEFAULT" in rows
+    assert _verdicts(chrome)[0] == "differs"
+    body = chrome.find_element("css selector", f"tbody[data-id='{moved.finding.id}']")
+    body.find_element("css selector", "tr").click()
+    text = body.find_elements("css selector", "tr")[1].text
+    assert f"{moved.max_ulp} ULP" in text and moved.across.meaning in text and moved.finding.signature in text
+    assert chrome.find_element("id", "magnitude").find_elements("css selector", "svg rect")
+    # The linear layer's row: its module's hostile name (from the capsule) is text in the detail.
+    linear = next(r for r in doc.rows if r.finding.op == "aten.addmm.default")
+    body = chrome.find_element("css selector", f"tbody[data-id='{linear.finding.id}']")
+    body.find_element("css selector", "tr").click()
+    assert MODULE_NAME in body.find_elements("css selector", "tr")[1].text
+    assert chrome.execute_script("return [document.images.length, typeof window.pwned]") == [0, "undefined"]
     assert browser.console_errors(chrome) == []

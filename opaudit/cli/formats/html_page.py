@@ -340,7 +340,8 @@ def section(title: str, body: str, id: str = "", open_: bool = True) -> str:
 
 @dataclass
 class Page:
-    """A whole page: its title, a subtitle, the main table's filters and table, then its sections."""
+    """A whole page: its title, a subtitle, its notes and lead sections, the main table's filters and table, then
+    its sections."""
 
     kind: str
     title: str
@@ -354,6 +355,8 @@ class Page:
     """Machine-readable facts about the document (kind, title, counts), embedded as inline JSON."""
     file_label: str = "file"
     """What the main table's file filter is called (a catalog's rows have an OpInfo entry instead)."""
+    lead: list[str] = field(default_factory=list)
+    """Sections shown above the main table (a replay's environment difference: what explains its rows)."""
 
     def html(self) -> str:
         """The page as one self-contained HTML document."""
@@ -362,6 +365,7 @@ class Page:
             body.append(f'<p class="sub">{esc(self.subtitle)}</p>')
         body.append("</header><main>")
         body += [f'<p class="note">{n}</p>' for n in self.notes]
+        body += self.lead
         if self.main is not None:
             body.append(filters(self.main.rows, self.chips, file_label=self.file_label))
             body.append(self.main.html())

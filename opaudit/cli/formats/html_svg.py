@@ -94,13 +94,14 @@ def log_bars(bars: Sequence[Bar], label: str, ref: float | None = None) -> str:
 
 
 def call_strip(marks: Sequence[tuple[int, str, str]], total: int, phases: Sequence[tuple[int, str]],
-               label: str, severity: Mapping[str, int]) -> str:
+               label: str, severity: Mapping[str, int], quiet: str = "stable") -> str:
     """The step's op calls in order, left to right: ``marks`` ``(call number, verdict, tooltip)`` coloured by
     verdict over bands of the ``phases`` ``(call number, phase)`` of the calls around them.
 
     Drawn per pixel column, so that the picture stays small however many calls the step made: a column holds
-    one mark per verdict (its tooltip counts them and names the first few), ``stable`` ones light and low, the
-    worst verdict drawn last; a band is a run of columns whose calls are mostly of one phase.
+    one mark per verdict (its tooltip counts them and names the first few), the ``quiet`` verdict's (``stable``;
+    a replay's ``same``) light and low, the worst verdict drawn last; a band is a run of columns whose calls are
+    mostly of one phase.
     """
     if total < 1:
         return ""
@@ -141,7 +142,7 @@ def call_strip(marks: Sequence[tuple[int, str, str]], total: int, phases: Sequen
     for call, verdict, tip in marks:
         cells.setdefault((column(call), verdict), []).append(tip)
     for (col, verdict), tips in sorted(cells.items(), key=lambda kv: (severity.get(kv[0][1], 0), kv[0][0])):
-        low = verdict == "stable"
+        low = verdict == quiet
         text = f"{len(tips)} {verdict}: " + "; ".join(tips[:3]) + (" …" if len(tips) > 3 else "")
         parts.append(f'<rect x="{left + col:.0f}" y="{tick_y + (tick_h / 2 if low else 0):.0f}" width="{max(w, 2.0):.1f}" '
                      f'height="{tick_h / 2 if low else tick_h:.0f}" fill="{colour(verdict)}"'

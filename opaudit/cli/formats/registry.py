@@ -12,7 +12,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from opaudit.cli.formats import csv_, html, markdown, replay, sarif, table
+from opaudit.cli.formats import csv_, html, html_replay, markdown, replay, sarif, table
 from opaudit.cli.formats.choice import Format, Kind, check_kind
 from opaudit.cli.formats.escape import json_text, visible
 from opaudit.data.files import dump_yaml
@@ -61,7 +61,7 @@ RENDERERS: dict[tuple[Kind, Format], Renderer] = {
     (Kind.REPLAY, Format.CSV): replay.csv,
     (Kind.REPLAY, Format.MARKDOWN): replay.markdown,
     (Kind.REPLAY, Format.TABLE): replay.table,
-    (Kind.REPLAY, Format.HTML): replay.html,
+    (Kind.REPLAY, Format.HTML): html_replay.page,
     (Kind.REPLAY, Format.SARIF): sarif.replay,
 }
 """Every (kind, format) pair: each document kind is written in every format but the

@@ -1,4 +1,5 @@
-"""A capsule replay (``opaudit replay``) as a terminal table, Markdown, CSV and HTML (YAML and JSON: its dict form).
+"""A capsule replay (``opaudit replay``) as a terminal table, Markdown and CSV (YAML and JSON: its dict form; HTML:
+:mod:`~opaudit.cli.formats.html_replay`).
 
 Each opens with what differs between the two machines, then lists the ops whose
 bits here are not the source's (every op with ``show_all``), then the summary per
@@ -20,7 +21,8 @@ HEADERS = ("across", "verdict here", "op", "calls", "phase", "where", "module", 
 MAX_ROWS = 40
 
 
-def _machine(env: Any) -> str:
+def machine(env: Any) -> str:
+    """A fingerprint in a few words: ``AMD EPYC, torch 2.13.0, ATen CPU capability AVX2, 2 threads``."""
     device = env.get("gpu") or env.get("cpu") or "?"
     parts = [str(device), f"torch {env.get('torch')}"]
     if not env.get("gpu") and env.get("cpu_capability"):
@@ -39,7 +41,8 @@ def difference_lines(doc: "CapsuleReplay") -> list[str]:
     return [f"{k}: {_value(a)} -> {_value(b)}" for k, a, b in doc.environment_difference]
 
 
-def _frac(x: float | None) -> str:
+def frac_text(x: float | None) -> str:
+    """A fraction of elements: ``38.8%``, ``2.1e-05`` below 0.1%, ``-`` when missing."""
     if x is None:
         return "-"
     return f"{x:.1%}" if x >= 0.001 else f"{x:.2g}"
@@ -58,7 +61,7 @@ def row(r: "Crossed") -> list[Any]:
     f = r.finding
     return [_across_text(r), verdict_text(f), f.op, f.calls, "/".join(f.phases), where(f.locations, 2, f.sites_dropped),
             ", ".join(f.modules[:2]) or "-", fmt_num(r.max_abs_diff),
-            "-" if r.max_ulp is None else str(r.max_ulp), _frac(r.frac_differing)]
+            "-" if r.max_ulp is None else str(r.max_ulp), frac_text(r.frac_differing)]
 
 
 def _listed(doc: "CapsuleReplay", show_all: bool) -> list["Crossed"]:
@@ -73,7 +76,8 @@ def summary_line(doc: "CapsuleReplay") -> str:
     return f"Across: {across} ({s['signatures']} signatures); verdict here: {local}"
 
 
-def _left_out(doc: "CapsuleReplay") -> list[str]:
+def left_out_lines(doc: "CapsuleReplay") -> list[str]:
+    """A line per tensor the capture's byte budget kept out of the capsule."""
     lines = []
     for x in doc.left_out:
         mib = -(-int(x.get("nbytes", 0)) // 2**20)
@@ -91,7 +95,7 @@ def table(doc: "CapsuleReplay", show_all: bool = False) -> str:
     """Plain-text tables (tabulate) for a terminal."""
     from tabulate import tabulate
 
-    out = [f"Capsule {doc.capsule}: captured on {_machine(doc.source)}; replayed on {_machine(doc.here)}"]
+    out = [f"Capsule {doc.capsule}: captured on {machine(doc.source)}; replayed on {machine(doc.here)}"]
     if not doc.complete:
         out.append("INCOMPLETE: the replay was interrupted; the ops below are those replayed so far.")
     diff = difference_lines(doc)
@@ -112,7 +116,7 @@ def table(doc: "CapsuleReplay", show_all: bool = False) -> str:
     if meanings:
         out.append("")
         out += meanings
-    left = _left_out(doc)
+    left = left_out_lines(doc)
     if left:
         out.append("\nLeft out of the capsule by its byte budget:")
         out += [f"  {line}" for line in left]
@@ -123,7 +127,7 @@ def table(doc: "CapsuleReplay", show_all: bool = False) -> str:
 def markdown(doc: "CapsuleReplay") -> str:
     """GitHub-flavoured Markdown."""
     out = ["# opaudit replay", "",
-           md_text(f"Capsule {doc.capsule}, captured on {_machine(doc.source)}; replayed on {_machine(doc.here)}."), ""]
+           md_text(f"Capsule {doc.capsule}, captured on {machine(doc.source)}; replayed on {machine(doc.here)}."), ""]
     if not doc.complete:
         out += ["> **Incomplete**: the replay was interrupted; this lists what was replayed so far.", ""]
     out += ["## Environment difference", ""]
@@ -138,7 +142,7 @@ def markdown(doc: "CapsuleReplay") -> str:
     out += ["## Ops whose bits are not the source's", ""]
     rows = [[*r[:2], Markdown(md_code(r[2])), *r[3:]] for r in (row(x) for x in listed)]
     out += [md_table(HEADERS, rows) if rows else "None: every replayed op gave the source's bits.", ""]
-    left = _left_out(doc)
+    left = left_out_lines(doc)
     if left:
         out += ["## Left out of the capsule by its byte budget", ""] + [f"- {md_text(line)}" for line in left] + [""]
     return "\n".join(out)
@@ -156,53 +160,3 @@ def csv(doc: "CapsuleReplay") -> str:
     from opaudit.data.across import ROW_FIELDS, flat_row
 
     return csv_text((*ROW_FIELDS, "complete"), ({**flat_row(r), "complete": doc.complete} for r in doc.rows))
-
-
-def html(doc: "CapsuleReplay") -> str:
-    """One self-contained HTML page: every op, ``across`` and the local verdict side by side, each row opening
-    to the cross-machine measurements and the local finding."""
-    from opaudit.cli.formats.html import finding_detail
-    from opaudit.cli.formats.html_page import Column, Page, Row, Table, esc, kv_table, plain_table, section
-    from opaudit.data.across import Across
-
-    columns = (Column("across", "across", True, "this machine's bits against the source's", style="badge"),
-               Column("verdict here", "verdict", True, "the audit's verdict, measured on this machine", style="badge"),
-               Column("op", "op", style="code"), Column("calls", "calls", True), Column("phase", "phase"),
-               Column("where", "where", wrap=True), Column("module", "module", wrap=True),
-               Column("max |diff|", "diff", True), Column("max ULP", "ulp", True),
-               Column("differing", "frac", True, "share of output elements whose bits changed"))
-    rows = []
-    for r in doc.rows:
-        f = r.finding
-        cells = [(r.across.value, _across_text(r)[len(r.across.value):].strip(" ()"), ""),
-                 (f.verdict.value, "", ""), f.op, f.calls, "/".join(f.phases), where(f.locations, 2, f.sites_dropped),
-                 ", ".join(f.modules[:2]) or "-", fmt_num(r.max_abs_diff), "-" if r.max_ulp is None else r.max_ulp,
-                 _frac(r.frac_differing)]
-        keys = [r.across.severity, f.verdict.severity, None, None, None, None, None, r.max_abs_diff, r.max_ulp,
-                r.frac_differing]
-        detail = [("across", "text", r.across.meaning), ("why", "text", r.reason),
-                  ("modes that differed", "text", ", ".join(r.modes)),
-                  ("outputs that differed here", "text", ", ".join(r.outputs)), *finding_detail(f)]
-        files = list(dict.fromkeys(s.caller.file if s.caller is not None else s.file for s in f.sites))
-        rows.append(Row(cells, keys, r.across.value, f.phases, files, detail, f.id))
-    s = doc.summary
-    notes = [esc(f"Captured on {_machine(doc.source)}; replayed on {_machine(doc.here)}."), esc(summary_line(doc))]
-    if not doc.complete:
-        notes.insert(0, '<span class="bad">Incomplete</span>: the replay was interrupted.')
-    diff = doc.environment_difference
-    sections = [section("Environment difference", plain_table(
-        ("field", "where captured", "here"), [[esc(k), esc(_value(a)), esc(_value(b))] for k, a, b in diff])
-        if diff else "<p>None: same fingerprint; every op should be <code>same</code>.</p>", "environment")]
-    left = _left_out(doc)
-    if left:
-        sections.append(section("Left out of the capsule by its byte budget",
-                                "<ul>" + "".join(f"<li>{esc(line)}</li>" for line in left) + "</ul>", "left-out"))
-    sections.append(section("Where captured and here", "<h3>Where captured</h3>"
-                            + kv_table(sorted((str(k), v) for k, v in doc.source.items()))
-                            + "<h3>Here</h3>" + kv_table(sorted((str(k), v) for k, v in doc.here.items())),
-                            open_=False))
-    chips = [(a.value, a.value, s["across"][a.value]) for a in sorted(Across, key=lambda a: -a.severity)]
-    page = Page("replay", f"opaudit replay: {doc.capsule}", "", notes, chips,
-                Table("ops", columns, rows, filterable=True, empty="The capsule holds no op."), sections,
-                {"summary": s, "capsule": doc.capsule, "complete": doc.complete})
-    return page.html()
