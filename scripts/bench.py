@@ -556,6 +556,22 @@ def shape_inputs(path: str) -> int:
 
 
 # -- the whole command line -------------------------------------------------
+def compiled_first(env: dict[str, str]) -> None:
+    """Compile opaudit's bytecode before any timed process, as installing it does.
+
+    ``pip install`` writes every module's bytecode, and an editable install writes
+    it on first import, unless ``PYTHONDONTWRITEBYTECODE`` is set. Where it is (a
+    sandbox, some CI images), every fresh process would compile opaudit's ~70
+    modules from source (0.1-0.2 CPU s here, half a plain step), which no installed
+    user pays; torch's own bytecode was written when it was installed.
+    """
+    flag = env.get("PYTHONDONTWRITEBYTECODE")
+    subprocess.run([sys.executable, "-m", "compileall", "-q", os.path.join(ROOT, "opaudit")], env=env,
+                   check=True, stdout=subprocess.DEVNULL)
+    print(f"  opaudit's bytecode compiled first (python -m compileall opaudit; PYTHONDONTWRITEBYTECODE="
+          f"{flag or 'unset'} here)\n")
+
+
 def bench_cli(args: argparse.Namespace, res: Results) -> None:
     import resource
     import tempfile
@@ -576,6 +592,7 @@ def bench_cli(args: argparse.Namespace, res: Results) -> None:
         "... one recording": [sys.executable, "-m", "opaudit", script, "--reps", str(args.reps),
                               "--no-deterministic-pass"],
     }
+    compiled_first(env)
     walls: dict[str, list[float]] = {k: [] for k in commands}
     cpus: dict[str, list[float]] = {k: [] for k in commands}
     for _ in range(args.cli_rounds):

@@ -217,3 +217,61 @@ def test_a_compiled_function_run_while_recording_is_recorded_op_by_op():
         f(torch.randn(4))
     assert [s.op for s in rec.signatures()] == ["aten.randn.default", "aten.sin.default", "aten.add.Tensor",
                                                  "aten.cos.default"]
+
+
+# -- comparing outputs: memcmp where the tensors allow it, the same answers as torch.equal --
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64, torch.bool, torch.complex64])
+def test_same_bits_compares_contiguous_cpu_memory_and_finds_one_changed_element(dtype):
+    from opaudit.aten.memory import same_memory
+    from opaudit.aten.tensors import same_bits
+
+    a = (torch.arange(4096) % 7).to(dtype)
+    assert same_memory(a, a.clone())  # the memcmp path is the one taken
+    assert same_bits(a, a.clone())
+    b = a.clone()
+    b[-1] = b[-1] + 1 if dtype is not torch.bool else ~b[-1]  # the last element only: memcmp must reach it
+    assert not same_memory(a, b) and not same_bits(a, b)
+    assert not same_bits(a, a.clone().reshape(64, 64))  # another shape never compares equal
+
+
+def test_same_bits_outside_memcmp_falls_back_to_the_exact_comparison():
+    from opaudit.aten.memory import same_memory
+    from opaudit.aten.tensors import same_bits
+
+    t = torch.arange(16.0).reshape(4, 4).t()  # not contiguous
+    assert not same_memory(t, t.clone()) and same_bits(t, t.clone())
+    assert not same_bits(t, t.clone().add_(torch.eye(4)))
+    # NaNs with other payloads in the same place: different bytes, still the same output.
+    nan = torch.tensor([1.0, float("nan")])
+    other = nan.clone()
+    other.view(torch.int32)[1] ^= 1
+    assert not same_memory(nan, other) and same_bits(nan, other)
+    assert not same_bits(torch.tensor([0.0]), torch.tensor([-0.0]))
+
+
+_lib = torch.library.Library("opaudit_perf", "DEF")
+_lib.define("half_written(Tensor x) -> Tensor")
+
+
+def _half_written_cpu(x: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(x.shape, dtype=x.dtype)  # the second half is never written
+    out[: x.numel() // 2] = x[: x.numel() // 2] * 2
+    return out
+
+
+_lib.impl("half_written", _half_written_cpu, "CPU")
+
+
+def test_an_output_partly_never_written_is_still_found_when_default_runs_agree():
+    """The filled run is compared with the default run's output before any NaN is looked for:
+    equal bits mean no new fill value. An output whose default runs agreed (the garbage
+    repeated) but whose filled run holds NaN where the default run did not is uninitialized."""
+    # 32 MiB: above glibc's largest mmap threshold, so every run's output is fresh zeroed pages and the
+    # unwritten half repeats (zeros) from run to run; a smaller one can reuse the last run's memory.
+    x = torch.arange(1.0, 1 + 2**23)
+    with Recorder() as rec:
+        torch.ops.opaudit_perf.half_written(x)
+    report = build_report(rec, reps=3, remedies=False)
+    (f,) = [f for f in report.all_findings if f.op == "opaudit_perf.half_written.default"]
+    assert f.verdict.value == "uninitialized", (f.verdict, f.default_diverged)
+    assert f.reason == f"output: {2**22} of {2**23} elements never written by the kernel", f.reason

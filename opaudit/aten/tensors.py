@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten
 
+from opaudit.aten.memory import same_memory
 from opaudit.data.errors import OpauditError
 
 _BITS_DTYPE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -491,6 +492,8 @@ def same_bits(a: Any, b: Any) -> bool:
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
         if a.shape != b.shape or a.dtype != b.dtype:
             return False
+        if same_memory(a, b):
+            return True
         if a.layout != torch.strided:
             a, b = a.to_dense(), b.to_dense()
         if torch.equal(bits(a), bits(b)):

@@ -361,6 +361,8 @@ def _never_written(filled_outs: list[Any], default: _Runs, floating_only: bool) 
             continue
         if mask is None and (not floating_only or not (out.is_floating_point() or out.is_complex())):
             continue
+        if mask is None and same_bits(out, ref):
+            continue  # the same bits hold the fill value in the same places: none is new
         filled = fill_mask(out)
         if mask is not None and bool((mask & ~filled).any()):
             return ()
