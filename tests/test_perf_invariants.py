@@ -275,3 +275,16 @@ def test_an_output_partly_never_written_is_still_found_when_default_runs_agree()
     (f,) = [f for f in report.all_findings if f.op == "opaudit_perf.half_written.default"]
     assert f.verdict.value == "uninitialized", (f.verdict, f.default_diverged)
     assert f.reason == f"output: {2**22} of {2**23} elements never written by the kernel", f.reason
+
+
+def test_the_command_line_runs_the_script_with_torch_and_opaudit_frozen_and_the_collector_on(tmp_path):
+    """``python -m opaudit`` loads opaudit with the garbage collector paused and freezes what is loaded
+    (no collection walks torch's objects while the audit runs); the script still runs with it on."""
+    seen = tmp_path / "seen.txt"
+    script = tmp_path / "step.py"
+    script.write_text("import gc, torch\n"
+                      f"open({str(seen)!r}, 'w').write(f'{{gc.isenabled()}} {{gc.get_freeze_count() > 100_000}}')\n"
+                      "torch.nn.Linear(4, 2)(torch.ones(3, 4)).sum().backward()\n")
+    subprocess.run([sys.executable, "-m", "opaudit", str(script), "--reps", "1", "-q", "--no-deterministic-pass",
+                    "--exit-zero", "-o", str(tmp_path / "r.yaml")], check=True, capture_output=True)
+    assert seen.read_text() == "True True"
