@@ -618,14 +618,80 @@ def ulp_distance(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = N
     return best
 
 
-_DIGEST_PRIME = 1_000_003
+_CHUNK = 1 << 22
+"""Elements digested per weighted sum: the weights of one chunk are computed once per device and kept."""
+_MASK32 = 0xFFFFFFFF
+_WEIGHTS: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finaliser on int64 values below 2**32 (products wrap; the low 32 bits are exact)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & _MASK32
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & _MASK32
+    return x ^ (x >> 16)
+
+
+def _weights(device: torch.device, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two pseudo-random odd int32 weights per position ``0..n-1`` (``n <= _CHUNK``), on ``device``.
+
+    A function of the position alone, so every process and machine gets the same
+    ones; built on the CPU once per device and length class, then kept.
+    """
+    have = _WEIGHTS.get(device)
+    if have is not None and have[0].numel() >= n:
+        return have[0][:n], have[1][:n]
+    size = min(_CHUNK, 1 << max(10, (n - 1).bit_length()))
+    pos = torch.arange(size, dtype=torch.int64)
+    pair = []
+    for salt in (0x7F4A7C15, 0x165667B1):
+        w = _mix32((pos * 0x9E3779B1 + salt) & _MASK32) | 1
+        pair.append(torch.where(w >= 1 << 31, w - (1 << 32), w).to(torch.int32).to(device))
+    _WEIGHTS[device] = (pair[0], pair[1])
+    return pair[0][:n], pair[1][:n]
+
+
+def _dense_order(t: torch.Tensor) -> torch.Tensor | None:
+    """``t`` with its dims reordered so that it is contiguous, when its elements fill a block of memory
+    with no gaps and no overlap (a transpose, a permute); else ``None``."""
+    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
+    p = t.permute(order)
+    return p if p.is_contiguous() else None
+
+
+def _words(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...] | None]:
+    """``t``'s bits as a flat int32 tensor on its device (a view for 4- and 8-byte elements, widened for 1-
+    and 2-byte ones: each element one word), and its strides when they are taken in memory order.
+
+    A transposed or permuted tensor is read in memory order, with no copy (weights
+    reach ``mm`` transposed, attention heads permuted): its strides are then part of the
+    digest. Anything else that is not contiguous (expanded, sliced) is copied in logical order.
+    """
+    b = bits(t)
+    strides = None
+    if not b.is_contiguous():
+        dense = _dense_order(b)
+        if dense is not None:
+            b, strides = dense, tuple(t.stride())
+    b = b.reshape(-1)
+    if b.element_size() == 4:
+        return (b.view(torch.int32) if b.dtype != torch.int32 else b), strides
+    if b.element_size() == 8:
+        return b.view(torch.int32), strides  # each element two words: both halves weighed by position
+    return b.to(torch.int32), strides
 
 
 def digest(t: torch.Tensor) -> tuple:
     """A position-aware fingerprint of a tensor's bits, computed on its own device.
 
-    Two weighted sums of the bit patterns with different position weights: swapping
-    two elements changes them, unlike an XOR-sum or a norm.
+    Two sums of the bits (as 32-bit words) weighted by pseudo-random odd weights of
+    their position, modulo 2**32: changing any one element always changes both, and
+    swapping two elements changes them, unlike an XOR-sum or a norm. Integer
+    arithmetic that wraps, so it is the same whatever the order of the sums (threads,
+    CPU capability, device); only two numbers per tensor leave its device.
+    ``(dtype, shape, h1, h2)``, and the strides of a transposed or permuted tensor
+    (see :func:`_words`).
     """
     if not isinstance(t, torch.Tensor):
         return ("v", repr(t))
@@ -633,11 +699,21 @@ def digest(t: torch.Tensor) -> tuple:
         t = t.to_dense()
     if t.numel() == 0:
         return (str(t.dtype), tuple(t.shape), 0, 0)
-    v = bits(t).reshape(-1).to(torch.int64)
-    pos = torch.arange(1, v.numel() + 1, device=v.device, dtype=torch.int64)
-    h1 = int((v * (pos * _DIGEST_PRIME + 7)).sum())
-    h2 = int(((v ^ (pos * 0x9E3779B1)) * (pos | 1)).sum())
-    return (str(t.dtype), tuple(t.shape), h1, h2)
+    v, strides = _words(t)
+    n = v.numel()
+    h1 = h2 = 0
+    for k, lo in enumerate(range(0, n, _CHUNK)):
+        part = v[lo:lo + _CHUNK]
+        w1, w2 = _weights(v.device, part.numel())
+        if part.device.type == "cpu":
+            s1, s2 = int(torch.dot(part, w1)), int(torch.dot(part, w2))  # int32 dot: wraps, vectorised
+        else:
+            s1, s2 = torch.stack(((part * w1).sum(), (part * w2).sum())).tolist()
+        # Chunks are weighed apart too, or two chunks' elements at the same offset could swap unseen.
+        m = int(_mix32(torch.tensor(k + 1, dtype=torch.int64))) | 1 if k else 1
+        h1, h2 = (h1 + (s1 & _MASK32) * m) & _MASK32, (h2 + (s2 & _MASK32) * m) & _MASK32
+    out = (str(t.dtype), tuple(t.shape), h1, h2)
+    return out if strides is None else (*out, strides)
 
 
 def nested_leaves(x: Any, out: list) -> list:

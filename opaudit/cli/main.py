@@ -1,4 +1,5 @@
-"""Command line: ``opaudit SCRIPT``, ``opaudit catalog``, ``opaudit diff``, ``opaudit capture``, ``opaudit replay``.
+"""Command line: ``opaudit SCRIPT``, ``opaudit catalog``, ``opaudit diff``, ``opaudit capture``, ``opaudit replay``,
+``opaudit trace``, ``opaudit compare``.
 
 The only place where errors become exit codes:
 
@@ -13,8 +14,8 @@ Reports go to ``-o FILE`` (written atomically, only once the analysis is done)
 or to stdout; progress and the summary go to stderr.
 
 This module is the audit command and the dispatcher; ``opaudit catalog``,
-``opaudit diff`` and ``opaudit capture``/``replay`` live in :mod:`~opaudit.cli.catalog`,
-:mod:`~opaudit.cli.diff` and :mod:`~opaudit.cli.capsule`,
+``opaudit diff``, ``opaudit capture``/``replay`` and ``opaudit trace``/``compare`` live in
+:mod:`~opaudit.cli.catalog`, :mod:`~opaudit.cli.diff`, :mod:`~opaudit.cli.capsule` and :mod:`~opaudit.cli.trace`,
 what they all share in :mod:`~opaudit.cli.options` and :mod:`~opaudit.cli.output`.
 """
 
@@ -55,6 +56,7 @@ from opaudit.cli.options import (
     run_count,
 )
 from opaudit.cli.output import check_format, emit, emit_partial, plain_progress, progress, run_check_progress
+from opaudit.cli.trace import compare_main, trace_main
 from opaudit.data.errors import OpauditError, interruption
 from opaudit.data.version import __version__
 
@@ -107,7 +109,7 @@ def _audit_parser() -> Parser:
         prog="opaudit",
         description="Audit a PyTorch script for ops that raise, warn or give different bits under "
                     "torch.use_deterministic_algorithms. Subcommands: 'opaudit catalog', 'opaudit diff', "
-                    "'opaudit capture', 'opaudit replay'.",
+                    "'opaudit capture', 'opaudit replay', 'opaudit trace', 'opaudit compare'.",
         epilog="Arguments after '--' are passed to the script as sys.argv[1:].",
     )
     p.add_argument("script", type=file_name, help="Python script to audit (runs as __main__, or its opaudit_step() is called)")
@@ -335,6 +337,8 @@ SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {
     "diff": diff_main,
     "capture": capsule.capture_main,
     "replay": capsule.replay_main,
+    "trace": trace_main,
+    "compare": compare_main,
 }
 """Subcommand name → handler taking the remaining argv."""
 

@@ -81,6 +81,19 @@ def fingerprint(device: str | None = None) -> dict[str, Any]:
     return dict(sorted(fp.items()))
 
 
+NUMERIC_VARIABLES = (
+    "ATEN_CPU_CAPABILITY", "CUBLAS_WORKSPACE_CONFIG", "CUBLASLT_WORKSPACE_SIZE", "CUDA_LAUNCH_BLOCKING",
+    "CUDA_VISIBLE_DEVICES", "DNNL_MAX_CPU_ISA", "MKL_CBWR", "MKL_NUM_THREADS", "NVIDIA_TF32_OVERRIDE",
+    "OMP_NUM_THREADS", "ONEDNN_MAX_CPU_ISA", "PYTHONHASHSEED", "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE",
+)
+"""Environment variables that change which kernels run, on how many threads, or Python's hashing."""
+
+
+def variables() -> dict[str, str | None]:
+    """The :data:`NUMERIC_VARIABLES` as this process sees them (``None``: unset), sorted."""
+    return {k: os.environ.get(k) for k in NUMERIC_VARIABLES}
+
+
 def _driver_version() -> str | None:
     try:
         import pynvml  # type: ignore[import-not-found]

@@ -225,6 +225,14 @@ def relative_path(filename: str, root: str | None, cwd: str | None = None) -> st
     return os.path.basename(filename)
 
 
+def phase_names(bits: int, forward_seen: bool) -> tuple[str, ...]:
+    """The phases in ``bits``, in step order, for a run that did (``forward_seen``) or did not reach a forward
+    (see :meth:`SiteTracker.phase_names`)."""
+    if bits & BEFORE_FORWARD_BIT:
+        bits = (bits & ~BEFORE_FORWARD_BIT) | (SETUP_BIT if forward_seen else FORWARD_BIT)
+    return tuple(name for name, bit in PHASE_BITS if bits & bit)
+
+
 class SiteTracker:
     """Resolves the user's source site and module of a call.
 
@@ -586,9 +594,7 @@ class SiteTracker:
         The ops before the first forward are ``setup`` once a forward has run, and
         ``forward`` in a run that had none.
         """
-        if bits & BEFORE_FORWARD_BIT:
-            bits = (bits & ~BEFORE_FORWARD_BIT) | (SETUP_BIT if self.forward_seen else FORWARD_BIT)
-        return tuple(name for name, bit in PHASE_BITS if bits & bit)
+        return phase_names(bits, self.forward_seen)
 
 
 _CONSTRUCTION = frozenset({"__init__", "reset_parameters", "_reset_parameters"})

@@ -16,6 +16,7 @@ class Kind(str, enum.Enum):
     DIFF = "diff"
     PREDICTION = "prediction"
     REPLAY = "replay"
+    COMPARISON = "comparison"
 
 
 class FormatError(OpauditError, ValueError):

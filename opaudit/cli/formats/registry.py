@@ -12,7 +12,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from opaudit.cli.formats import csv_, html, html_replay, markdown, replay, sarif, table
+from opaudit.cli.formats import comparison, csv_, html, html_replay, markdown, replay, sarif, table
 from opaudit.cli.formats.choice import Format, Kind, check_kind
 from opaudit.cli.formats.escape import json_text, visible
 from opaudit.data.files import dump_yaml
@@ -63,6 +63,12 @@ RENDERERS: dict[tuple[Kind, Format], Renderer] = {
     (Kind.REPLAY, Format.TABLE): replay.table,
     (Kind.REPLAY, Format.HTML): html_replay.page,
     (Kind.REPLAY, Format.SARIF): sarif.replay,
+    (Kind.COMPARISON, Format.YAML): as_yaml,
+    (Kind.COMPARISON, Format.JSON): as_json,
+    (Kind.COMPARISON, Format.CSV): comparison.csv_form,
+    (Kind.COMPARISON, Format.MARKDOWN): comparison.markdown,
+    (Kind.COMPARISON, Format.TABLE): comparison.table,
+    (Kind.COMPARISON, Format.HTML): comparison.html,
 }
 """Every (kind, format) pair: each document kind is written in every format but the
 :data:`~opaudit.cli.formats.choice.REPORT_ONLY` ones (SARIF), which only the kinds with source lines
@@ -70,7 +76,7 @@ RENDERERS: dict[tuple[Kind, Format], Renderer] = {
 
 
 def render(document: Any, kind: Kind | str, fmt: Format) -> str:
-    """``document`` (a report, catalog, diff, prediction or capsule replay) as text in ``fmt``.
+    """``document`` (a report, catalog, diff, prediction, capsule replay or trace comparison) as text in ``fmt``.
 
     :class:`~opaudit.cli.formats.choice.FormatError` for a format its kind is not written in.
     """

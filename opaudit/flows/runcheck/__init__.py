@@ -29,7 +29,7 @@ so once the first traced run shows compiled code, every run is made without it
 (:class:`Untraced`) and only the final tensors are compared; in deterministic
 mode ``torch._inductor.config.deterministic`` is on as well.
 
-The package: :mod:`~opaudit.flows.runcheck.trace` (the tracer), :mod:`~opaudit.flows.runcheck.state`
+The package: the tracer (:mod:`opaudit.engine.tracer`, shared with ``opaudit trace``), :mod:`~opaudit.flows.runcheck.state`
 (what a run leaves and how two states differ), :mod:`~opaudit.flows.runcheck.check` (runs, comparison,
 summary), and what collectives (:mod:`~opaudit.flows.runcheck.collectives`) and compiled steps
 (:mod:`~opaudit.flows.runcheck.compiled`) add.

@@ -16,12 +16,12 @@ from opaudit.engine import loader
 from opaudit.engine.compiled import compiles_so_far
 from opaudit.engine.replay import preserved_state, set_deterministic
 from opaudit.engine.sites import SiteTracker
+from opaudit.engine.tracer import Step, Tracer
 from opaudit.engine.window import DEFAULT as WINDOW_DEFAULT
 from opaudit.engine.window import Window, finalize, run_window, window_for
 from opaudit.flows.runcheck.collectives import aligned_calls, summary
 from opaudit.flows.runcheck.compiled import InductorDeterministic, Untraced, compiled_names
 from opaudit.flows.runcheck.state import final_state, state_mismatches
-from opaudit.flows.runcheck.trace import Step, Tracer
 
 DEFAULT, DETERMINISTIC = "default", "deterministic"
 MODES = (DEFAULT, DETERMINISTIC)

@@ -6,8 +6,8 @@ difference spread (:mod:`opaudit.flows.distributed.runchecks`), each rank keeps,
 for every collective call its runs made, whether its inputs and its outputs
 differed run to run, and how many collective calls came before its root cause.
 
-Collectives finish in the background: :func:`settle` waits for one before its
-outputs are digested, or the digest would be a race, not the run's bits.
+The tracer waits for each collective to finish before digesting its outputs
+(:func:`opaudit.engine.tracer.settle`).
 """
 
 from __future__ import annotations
@@ -15,42 +15,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch
-from torch.utils._python_dispatch import _disable_current_modes
-
 from opaudit.aten.ops import is_collective
-from opaudit.aten.tensors import nested_leaves
 
 MAX_LISTED = 20
 """Differing collective calls listed per check: the first ones tell how a difference spread."""
 
 Call = tuple[int, bool, bool]
 """``(position in run 1, inputs differ, outputs differ)`` of one collective call."""
-
-
-def settle(func: Any, result: Any) -> None:
-    """Wait for collective ``func`` (already called, giving ``result``) to finish.
-
-    c10d collectives return a ``Work`` and write their outputs from another thread;
-    a functional collective's tensor is complete only after ``wait_tensor``.
-    Waiting early changes no result: the caller waits for the same work later.
-    """
-    import torch.distributed as dist
-
-    with _disable_current_modes():
-        if func.namespace == "_c10d_functional":
-            if func._schema.name != "_c10d_functional::wait_tensor":
-                for t in nested_leaves(result, []):
-                    if isinstance(t, torch.Tensor):
-                        torch.ops._c10d_functional.wait_tensor(t)
-            return
-        for x in result if isinstance(result, (tuple, list)) else (result,):
-            if isinstance(x, torch.ScriptObject):
-                try:
-                    work = dist.Work.unbox(x)
-                except Exception:  # not a Work (a process group, an options object)
-                    continue
-                work.wait()
 
 
 def aligned_calls(first: Sequence[tuple[int, Any]], other: Sequence[Any]) -> tuple[Call, ...]:

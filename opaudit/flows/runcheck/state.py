@@ -3,27 +3,30 @@ two runs' states differ."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
 from opaudit.aten.tensors import difference, flat_tensors, same_bits
+from opaudit.engine.tracer import Tracer, storage_ptr
 from opaudit.flows.runcheck.compiled import Untraced
-from opaudit.flows.runcheck.trace import Tracer, storage_ptr
 
 _MAX_DEPTH = 3
 """How deep containers and user objects in the module's globals are searched for models."""
 
 
-def final_state(result: Any, namespace: dict[str, Any], tracer: Tracer | Untraced | None = None) -> dict[str, Any]:
+def final_state(result: Any, namespace: dict[str, Any], tracer: Tracer | Untraced | None = None,
+                keep: Callable[[Any], Any] | None = None) -> dict[str, Any]:
     """Copies of the return value and of every parameter, gradient, buffer and optimizer state reachable.
 
     Reachable from the module's globals, and (with ``tracer``) used by the traced
     step itself: the modules it called, the parameters its ops read, the
     optimizers that stepped. A model built inside ``main()`` is gone from the
-    globals by the end, but the tracer saw it.
+    globals by the end, but the tracer saw it. ``keep`` turns each value (a tensor,
+    ``None`` or a scalar) into what is kept instead of a copy (a digest).
     """
+    _copy = keep or _clone
     state: dict[str, Any] = {}
     leaves = flat_tensors(result)
     for i, x in enumerate(leaves):
@@ -45,7 +48,7 @@ def final_state(result: Any, namespace: dict[str, Any], tracer: Tracer | Untrace
     return state
 
 
-def _copy(x: Any) -> Any:
+def _clone(x: Any) -> Any:
     return x.detach().clone() if isinstance(x, torch.Tensor) else x
 
 
@@ -66,7 +69,7 @@ def _tensors(namespace: dict[str, Any], tracer: Tracer | Untraced | None = None
     module_name = namespace.get("__name__")
 
     def take(path: str, t: Any, is_param: bool) -> Iterator[tuple[str, torch.Tensor, bool]]:
-        if not isinstance(t, torch.Tensor):
+        if not isinstance(t, torch.Tensor) or t.is_meta:  # a meta tensor (a model built on "meta") holds no bits
             return
         # By what it holds, not by Python object: autograd can hand an op another
         # Python tensor over a parameter's own memory.

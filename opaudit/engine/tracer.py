@@ -1,7 +1,13 @@
-"""The run check's tracer: the digest of every op's inputs and outputs, in execution order.
+"""The tracer: the digest of every op's inputs and outputs, in execution order.
 
-Runs inside the recorder's dispatch mode (:class:`~opaudit.engine.mode.Interception`);
-:mod:`opaudit.flows.runcheck.check` compares two runs' traces op by op.
+Runs inside the recorder's dispatch mode (:class:`~opaudit.engine.mode.Interception`).
+Two users: the whole-step run check (:mod:`opaudit.flows.runcheck`) keeps the steps of
+each run in memory and compares them op by op; ``opaudit trace``
+(:mod:`opaudit.flows.trace`) hands each step to a sink that streams it to a trace file,
+so that memory does not grow with the run.
+
+Collectives finish in the background: :func:`settle` waits for one before its
+outputs are digested, or the digest would be a race, not the run's bits.
 """
 
 from __future__ import annotations
@@ -19,7 +25,6 @@ from opaudit.aten.ops import OpKind, is_collective, op_kind, written_args
 from opaudit.aten.tensors import digest, nested_leaves
 from opaudit.engine.mode import Interception
 from opaudit.engine.sites import SiteTracker
-from opaudit.flows.runcheck.collectives import settle
 
 _UNINITIALIZED = ("uninitialized",)
 """Input digest of a tensor straight out of ``empty``: its garbage bits say nothing about the run."""
@@ -37,9 +42,33 @@ class Step(NamedTuple):
     """``SiteTracker.current()``: phase bit and site id; ``None`` for view ops."""
     ins: tuple | None
     outs: tuple | None
+    written: int = 0
+    """How many of ``outs``, at its end, are inputs the op wrote and did not return (``out=``, foreach lists)."""
 
 
+def settle(func: Any, result: Any) -> None:
+    """Wait for collective ``func`` (already called, giving ``result``) to finish.
 
+    c10d collectives return a ``Work`` and write their outputs from another thread;
+    a functional collective's tensor is complete only after ``wait_tensor``.
+    Waiting early changes no result: the caller waits for the same work later.
+    """
+    import torch.distributed as dist
+
+    with _disable_current_modes():
+        if func.namespace == "_c10d_functional":
+            if func._schema.name != "_c10d_functional::wait_tensor":
+                for t in nested_leaves(result, []):
+                    if isinstance(t, torch.Tensor):
+                        torch.ops._c10d_functional.wait_tensor(t)
+            return
+        for x in result if isinstance(result, (tuple, list)) else (result,):
+            if isinstance(x, torch.ScriptObject):
+                try:
+                    work = dist.Work.unbox(x)
+                except Exception:  # not a Work (a process group, an options object)
+                    continue
+                work.wait()
 
 _PLAIN = (bool, int, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format)
 
@@ -80,13 +109,18 @@ class Tracer:
 
     The dispatch mode is the recorder's: it only intercepts, and this tracer's
     ``_on_call`` hands back the callable that runs the op and digests its outputs.
+    Each :class:`Step` goes to ``steps``, or to ``sink`` when one is given (called
+    inside the dispatch, right after the op ran).
     """
 
-    def __init__(self, root: str | None) -> None:
+    def __init__(self, root: str | None, sink: Callable[[Step], None] | None = None) -> None:
         self.sites = SiteTracker(root)
         self.steps: list[Step] = []
-        # Tensors straight out of ``empty``: their garbage bits differ run to run and
-        # say nothing, until an op writes them.
+        """Every step, in order; empty when a ``sink`` takes them instead."""
+        self._record = self.steps.append if sink is None else sink
+        # Storages straight out of ``empty``: their garbage bits differ run to run and
+        # say nothing, until an op writes them. Kept by storage, not by tensor: a
+        # parameter made from ``torch.empty`` is another tensor over the same memory.
         self._uninitialized: WeakIdKeyDictionary = WeakIdKeyDictionary()
         # Most inputs are an earlier op's outputs: their digest is reused while the
         # tensor's version counter and its storage's write count are unchanged. The
@@ -133,11 +167,11 @@ class Tracer:
         if kind is OpKind.VIEW:
             # No arithmetic, nothing to digest; kept so that the op sequence and its
             # numbering match the audit's.
-            self.steps.append(Step(func, None, None, None))
+            self._record(Step(func, None, None, None))
             if func in _SET_DATA and args and isinstance(args[0], torch.Tensor):
                 # ``empty`` then ``set_`` onto real data: how a DataLoader batch
                 # arrives from a worker's shared memory. Its bits mean something now.
-                self._uninitialized.pop(args[0], None)
+                self._initialized(args[0])
             return func
         where = self.sites.current()
         roles = _roles(func)
@@ -161,23 +195,27 @@ class Tracer:
             if kind is OpKind.UNINITIALIZED:
                 for t in nested_leaves(result, []):
                     if isinstance(t, torch.Tensor):
-                        self._uninitialized[t] = True
-                outs = None
+                        st = _storage(t)
+                        if st is not None:
+                            self._uninitialized[st] = True
+                self._record(Step(func, where, ins, None))
             else:
                 writes = self._writes
                 for t in written:
-                    self._uninitialized.pop(t, None)
-                    if t._base is not None:
-                        # Written through a view (DDP fills its gradient buckets so): the base's bits mean
-                        # something now too.
-                        self._uninitialized.pop(t._base, None)
+                    # Written, through this tensor or a view of it (DDP fills its gradient buckets so):
+                    # the storage's bits mean something now.
+                    self._initialized(t)
                     ptr = storage_ptr(t)
                     if ptr is not None:
                         writes[ptr] = writes.get(ptr, 0) + 1
                 leaves = nested_leaves(result, [])
+                if len(self._uninitialized):
+                    for t in leaves:
+                        if isinstance(t, torch.Tensor):
+                            self._initialized(t)
                 seen = {id(x) for x in leaves}
-                outs = self._digests(leaves + [t for t in written if id(t) not in seen])
-        self.steps.append(Step(func, where, ins, outs))
+                extra = [t for t in written if id(t) not in seen]
+                self._record(Step(func, where, ins, self._digests(leaves + extra), len(extra)))
         return result
 
     def _digests(self, leaves: list) -> tuple:
@@ -194,17 +232,25 @@ class Tracer:
             out.append(d)
         return tuple(out)
 
+    def _initialized(self, t: torch.Tensor) -> None:
+        if len(self._uninitialized):
+            st = _storage(t)
+            if st is not None:
+                self._uninitialized.pop(st, None)
+
     def _digest(self, t: torch.Tensor) -> tuple:
-        if len(self._uninitialized) and t in self._uninitialized:
-            return _UNINITIALIZED
+        if len(self._uninitialized):
+            st = _storage(t)
+            if st is not None and st in self._uninitialized:
+                return _UNINITIALIZED
         ptr = storage_ptr(t)
         if ptr is None or t.is_inference():
-            return _safe_digest(t)  # no storage or no version counter: nothing to key a reuse on
+            return safe_digest(t)  # no storage or no version counter: nothing to key a reuse on
         stamp = (t._version, ptr, self._writes.get(ptr, 0))
         known = self._known.get(t)
         if known is not None and known[0] == stamp:
             return known[1]
-        d = _safe_digest(t)
+        d = safe_digest(t)
         self._known[t] = (stamp, d)
         return d
 
@@ -221,6 +267,14 @@ def _written(roles: _ArgRoles, args: tuple, kwargs: dict) -> list[torch.Tensor]:
     return [t for t in found if isinstance(t, torch.Tensor)]
 
 
+def _storage(t: torch.Tensor) -> Any:
+    """``t``'s storage object (one Python object per storage, weakly referable), or ``None``."""
+    try:
+        return t.untyped_storage()
+    except Exception:  # sparse, nested, functional or fake tensors have none
+        return None
+
+
 def storage_ptr(t: torch.Tensor) -> int | None:
     try:
         return t.untyped_storage().data_ptr()
@@ -228,7 +282,8 @@ def storage_ptr(t: torch.Tensor) -> int | None:
         return None
 
 
-def _safe_digest(t: torch.Tensor) -> tuple:
+def safe_digest(t: torch.Tensor) -> tuple:
+    """:func:`~opaudit.aten.tensors.digest`, or what can be said of a tensor it cannot digest (meta, fake)."""
     try:
         return digest(t)
     except Exception as e:  # meta, fake or exotic tensors: compare what can be compared
