@@ -274,3 +274,36 @@ def test_torchrun_ranks_each_trace_and_the_rank_that_diverged_first_is_named(tmp
     # One rank's trace alone is a single-process trace: not comparable with the job.
     assert main(["compare", a, os.path.join(b, "rank0.optrace")]) == 2
     assert "a 2-rank job" in capsys.readouterr().err
+
+
+# -- --run-check --fresh-processes ---------------------------------------------------
+def test_fresh_processes_see_what_one_process_chooses_once(tmp_path, capsys):
+    """The op order follows a set of strings: the same in every run of one process (its hash seed), not across
+    processes (each draws its own)."""
+    from opaudit.data.report import load
+    from opaudit.engine import loader
+    from opaudit.flows.runcheck import run_check
+
+    script = os.path.join(FIXTURES, "hash_order.py")
+    assert run_check(loader.load_target(script)).reproducible  # in one process: the same order every run
+    out = tmp_path / "report.yaml"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONHASHSEED"}
+    proc = subprocess.run([sys.executable, "-m", "opaudit", script, "--run-check", "--fresh-processes", "2",
+                           "--no-deterministic-pass", "--reps", "1", "--no-timing", "-o", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=280, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = load(str(out))
+    assert report.settings["fresh_processes"] is True and report.settings["run_check"] == 2
+    assert [(c.mode, c.runs, c.fresh_processes) for c in report.run_checks] == [
+        ("default", 2, True), ("deterministic", 2, True)]
+    for c in report.run_checks:
+        assert not c.reproducible and c.path_split is not None and c.path_split["runs"] == [1, 2]
+    assert "2 runs, each in a fresh process: NOT reproducible" in proc.stderr
+    assert "runs took different paths" in proc.stderr
+
+
+def test_fresh_processes_options(capsys):
+    assert main([os.path.join(FIXTURES, "hash_order.py"), "--fresh-processes", "2"]) == 2
+    assert "--fresh-processes needs --run-check" in capsys.readouterr().err
+    assert main([os.path.join(FIXTURES, "hash_order.py"), "--run-check", "--fresh-processes", "1"]) == 2
+    assert "at least 2 runs" in capsys.readouterr().err

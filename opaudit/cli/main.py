@@ -120,6 +120,10 @@ def _audit_parser() -> Parser:
     p.add_argument("--run-check", nargs="?", const=2, type=run_count, metavar="K",
                    help="also run the whole step K times (default 2) from identical state, in default and in "
                         "deterministic mode, and report whether its bits reproduce and which op is the root cause")
+    p.add_argument("--fresh-processes", type=run_count, metavar="K",
+                   help="with --run-check: run the step K times per mode, each in a new process (opaudit trace), "
+                        "and compare their traces: covers what a process chooses once (cuDNN's benchmarked "
+                        "algorithm, hash seeds, addresses)")
     p.add_argument("--batch-invariance", action="store_true",
                    help="instead of an audit, check that opaudit_forward(batch)'s first b rows do not depend on the "
                         "rest of the batch: the script defines opaudit_batch() and opaudit_forward(batch); exit 1 "
@@ -230,6 +234,12 @@ def _audit(argv: list[str]) -> int:
         if value is not None:
             raise UsageError(f"{flag} needs --batch-invariance")
     keywords = [k for k in args.fail_on if k in RUN_CHECK_FAILURES]
+    if args.fresh_processes:
+        if not args.run_check:
+            raise UsageError("--fresh-processes needs --run-check")
+        if rank_audit is not None:
+            raise UsageError("--fresh-processes: not under torchrun (each rank would start its own processes)")
+        args.run_check = args.fresh_processes
     if keywords and not args.run_check:
         raise UsageError(f"--fail-on {keywords[0]} needs --run-check")
     against = _load_against(args.against) if args.against else None
@@ -246,6 +256,7 @@ def _audit(argv: list[str]) -> int:
     options = RunOptions(reps=args.reps, seed=args.seed, capture_budget=args.capture_budget * 2**20,
                          captures_per_signature=args.captures_per_signature,
                          deterministic_pass=not args.no_deterministic_pass, run_check=args.run_check,
+                         fresh_processes=bool(args.fresh_processes),
                          isolate=args.isolate, op_timeout=args.op_timeout, timings=not args.no_timing)
     hooks = _Hooks(args.quiet)
     try:

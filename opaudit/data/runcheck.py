@@ -73,6 +73,9 @@ class RunCheck:
     script compiles anew; Inductor's caches make the later compiles cheaper)."""
     inductor_deterministic: bool | None = None
     """For a compiled step: whether ``torch._inductor.config.deterministic`` was on."""
+    fresh_processes: bool | None = None
+    """``True`` when each run was a process of its own (``--fresh-processes``), compared through traces:
+    op digests and final-tensor digests (no max |diff|)."""
 
 
 def compiled_dict(c: CompiledCode) -> dict[str, Any]:
@@ -110,4 +113,5 @@ def parse_run_check(r: Any, where: str) -> RunCheck:
         error=opt(r, "error", str, where), compared=opt(r, "compared", int, where),
         collectives=opt(r, "collectives", dict, where), rank=opt(r, "rank", int, where),
         compiled=fields.strings(r, "compiled", where), compiles=opt(r, "compiles", int, where),
-        inductor_deterministic=opt(r, "inductor_deterministic", bool, where))
+        inductor_deterministic=opt(r, "inductor_deterministic", bool, where),
+        fresh_processes=opt(r, "fresh_processes", bool, where))

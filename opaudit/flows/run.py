@@ -78,6 +78,9 @@ class RunOptions:
     :func:`~opaudit.flows.pipeline.merge_recordings`). Never under torchrun: collectives would run twice."""
     run_check: int | None = None
     """Runs per mode of the whole-step check (:mod:`opaudit.flows.runcheck`); ``None``: no check."""
+    fresh_processes: bool = False
+    """Make each run of the whole-step check a process of its own, compared through traces
+    (:mod:`opaudit.flows.trace.fresh`)."""
     isolate: bool = False
     """Replay in a worker process (:class:`~opaudit.engine.isolate.Isolator`)."""
     op_timeout: float | None = None
@@ -166,10 +169,17 @@ class AuditRun:
         if self.distributed is not None:
             on_run = self.distributed.before_run(on_run)
         try:
-            self.run_checks = run_checks(target, runs, seed=self.options.seed, window=window, on_run=on_run)
+            if self.options.fresh_processes:
+                from opaudit.flows.trace.fresh import fresh_run_checks
+
+                self.run_checks = fresh_run_checks(target, runs, seed=self.options.seed, window=window, on_run=on_run)
+            else:
+                self.run_checks = run_checks(target, runs, seed=self.options.seed, window=window, on_run=on_run)
         finally:
             self.hooks.run_check_done()
         self.settings["run_check"] = runs
+        if self.options.fresh_processes:
+            self.settings["fresh_processes"] = True
         return self.run_checks
 
     # -- recording ------------------------------------------------------------------

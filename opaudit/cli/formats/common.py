@@ -160,7 +160,8 @@ def compiled_text(c: "CompiledCode") -> str:
 def run_check_lines(r: "RunCheck") -> list[str]:
     """Human summary of one whole-step check."""
     on = f" on rank {r.rank}" if r.rank is not None else ""
-    head = (f"{r.mode} mode{on}, {r.runs} runs: "
+    fresh = ", each in a fresh process" if r.fresh_processes else ""
+    head = (f"{r.mode} mode{on}, {r.runs} runs{fresh}: "
             + ("bitwise reproducible" if r.reproducible else "NOT reproducible"))
     lines = [head]
     if r.compiled:

@@ -3,7 +3,9 @@
 :mod:`~opaudit.flows.trace.record` runs a script once under the tracer
 (:mod:`opaudit.engine.tracer`) and streams every call to a trace file
 (:mod:`opaudit.engine.tracefile`); :mod:`~opaudit.flows.trace.compare` reads two traces
-side by side and builds the comparison record (:mod:`opaudit.data.comparison`).
+side by side and builds the comparison record (:mod:`opaudit.data.comparison`);
+:mod:`~opaudit.flows.trace.fresh` runs the whole-step check over separate processes
+through traces (``--run-check --fresh-processes K``).
 """
 
 from opaudit.flows.trace.compare import NotComparable, compare_traces
