@@ -5,7 +5,7 @@
     python scripts/bench.py --quick          # smoke run (well under a minute)
     python scripts/bench.py --device cuda    # the same on a GPU
 
-Eight parts (``--only`` picks some; ``inputs`` runs only when named):
+Nine parts (``--only`` picks some; ``inputs`` runs only when named):
 
 * **overhead**: one training step (forward + backward) of two models, each wrapped
   in: nothing (plain eager), a bare pass-through ``TorchDispatchMode``, the same
@@ -47,6 +47,11 @@ Eight parts (``--only`` picks some; ``inputs`` runs only when named):
   tests' driver) the time to open it (navigation start to the load event, the
   page's script included; first contentful paint; the driver's own wait), to sort
   a column and to apply a verdict filter.
+* **trace**: ``opaudit trace``'s cost on the 12-layer encoder step (the step under
+  the tracer, each call streamed to a trace file, against the plain step,
+  round-robin, median), and ``opaudit compare`` on two synthesized traces of
+  100,000 and 1,000,000 calls (one extra call and one differing call near the
+  end): time, and peak RSS of the comparing process (a fresh one per size).
 
 * **inputs**: reading opaudit's own files: a ~60 MB report (``--quick``: ~6 MB) parsed
   by the reader the CLI uses (libyaml's parser under opaudit's own loop), by the same
@@ -106,6 +111,8 @@ TARGETS = {
     "capture / recording, once (12 layers)": 1.2,
     "capsule replay / audit replay (12 layers)": 1.0,
     "capsule bytes / captured inputs + outputs (12 layers)": 1.5,
+    "traced step / plain step (12 layers)": 1.5,
+    "compare two traces of 1,000,000 calls, seconds": 30.0,
 }
 """Targets (issues 5, 8 and 17). The CLI's is for the default command, whose deterministic-mode recording
 runs the step once more (issue 17 item 7); ``--no-deterministic-pass`` is printed beside it."""
@@ -358,6 +365,7 @@ class Results:
     html: dict[str, Any] = field(default_factory=dict)
     inputs: dict[str, Any] = field(default_factory=dict)
     capsule: dict[str, Any] = field(default_factory=dict)
+    trace: dict[str, Any] = field(default_factory=dict)
     targets: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -1021,9 +1029,110 @@ def bench_html(args: argparse.Namespace, res: Results) -> None:
           "column; filter: a click on the raises chip; list all: drawing every row)")
 
 
+# -- trace -------------------------------------------------------------------
+def synth_trace(path: str, calls: int, *, extra_at: int | None = None, differ_at: int | None = None) -> None:
+    """A trace of ``calls`` calls shaped like training steps: a cycle of 1,500 (op, line) keys, two inputs and one
+    output each; ``extra_at`` adds one call there, ``differ_at`` changes one call's output."""
+    from opaudit.data.site import Site
+    from opaudit.engine.tracefile import TraceWriter
+
+    header = {"target": {"script": "synth.py", "sha256": "0" * 64, "entry": None, "argv": []},
+              "window": {"steps": None, "start": 0, "max_seconds": None}, "settings": {}, "environment": {},
+              "variables": {}, "rank": None}
+    ops = [f"aten.op{k}.default" for k in range(40)]
+    with TraceWriter(path, header) as w:
+        sites = [w.site_id(k, Site("synth.py", 10 + k, "forward", f"Net.layer{k % 12}")) for k in range(300)]
+        for i in range(calls):
+            if i == extra_at:
+                w.call("aten.clone.default", sites[0], 1, 0, 1, (("torch.float32", (8, 64), 1, 2),),
+                       (("torch.float32", (8, 64), 1, 2),))
+            k = i % 1500
+            x = ("torch.float32", (8, 128, 256), k, i & 0xFFFF)
+            y = ("torch.float32", (8, 128, 256), k + 1, (i + (1 if i == differ_at else 0)) & 0xFFFF)
+            w.call(ops[k % 40], sites[k % 300], 1 << (k % 3), 0, 1 + i // 1500, (x, ("torch.float32", (256,), k, 0)),
+                   (y,))
+        w.close({"final": {}})
+
+
+def compare_worker(a: str, b: str) -> dict[str, Any]:
+    """Compare two traces in this (fresh) process: seconds, and how far its peak RSS rose above its RSS before."""
+    from opaudit.flows.trace.compare import compare_traces
+
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak (VmHWM) to the RSS now: the imports' own peak is not the comparison's
+    before = _status_kib("VmRSS")
+    t0 = time.perf_counter()
+    c = compare_traces(a, b)
+    seconds = time.perf_counter() - t0
+    (r,) = c.ranks
+    return {"seconds": seconds, "rss_before_kib": before, "peak_rise_kib": _status_kib("VmHWM") - before,
+            "compared": r.compared, "only_b": r.only_b, "root_cause": r.root_cause.index_a if r.root_cause else None}
+
+
+def bench_trace(args: argparse.Namespace, res: Results) -> None:
+    import tempfile
+
+    from opaudit.engine.tracefile import TraceWriter
+    from opaudit.engine.tracer import Tracer
+    from opaudit.flows.trace.record import _Sink, _Steps
+
+    print("\n## opaudit trace: the 12-layer encoder step traced (streamed to a file) vs plain, median seconds\n")
+    w = audit_workload(12, args.device)
+    tmp = tempfile.mkdtemp(prefix="opaudit-bench-trace-")
+    path = os.path.join(tmp, "step.optrace")
+    calls = [0]
+
+    class Traced:
+        """What ``opaudit trace`` does per call: the tracer, its sink (site lookup, step number, flags), the
+        writer (encoded, compressed, written as it goes)."""
+
+        def __enter__(self) -> Any:
+            self.writer = TraceWriter(path, {"target": {}, "window": {}, "settings": {}, "environment": {},
+                                             "variables": {}})
+            sink = _Sink(self.writer, _Steps(0, entry=True))
+            self.tracer = sink.tracer = Tracer(os.path.dirname(os.path.abspath(__file__)), sink=sink)
+            self.tracer.__enter__()
+            return self
+
+        def __exit__(self, *exc: Any) -> None:
+            self.tracer.__exit__(*exc)
+            self.writer.close({"final": {}})
+            calls[0] = self.writer.calls
+
+    rounds = 3 if args.quick else 8
+    times, _ = round_robin(w.step, {"plain": contextlib.nullcontext, "traced": Traced}, rounds, 1, args.device)
+    ratio = times["traced"] / times["plain"]
+    size = os.path.getsize(path)
+    res.trace.update(plain_s=times["plain"], traced_s=times["traced"], ratio=ratio, calls=calls[0], bytes=size)
+    print(f"  plain {times['plain']:.3f} s, traced {times['traced']:.3f} s: {ratio:.2f}x "
+          f"({calls[0]} calls, trace file {size / 1e6:.2f} MB)")
+    print("\n## opaudit compare: two synthesized traces (one extra call, one differing call), each size in a fresh "
+          "process\n")
+    res.trace["compare"] = {}
+    for n in (100_000, 1_000_000):
+        a, b = os.path.join(tmp, f"a{n}.optrace"), os.path.join(tmp, f"b{n}.optrace")
+        t0 = time.perf_counter()
+        synth_trace(a, n)
+        synth_trace(b, n, extra_at=n // 2, differ_at=n - 1000)
+        written = time.perf_counter() - t0
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--_compare", a, b], capture_output=True,
+                             text=True, check=True).stdout
+        r = json.loads(out)
+        r["file_bytes"] = os.path.getsize(a)
+        res.trace["compare"][n] = r
+        print(f"  {n:>9,} calls: {r['seconds']:.1f} s, peak RSS {r['peak_rise_kib'] / 1024:.1f} MiB above the "
+              f"process's {r['rss_before_kib'] / 1024:.0f} MiB before comparing "
+              f"(trace {r['file_bytes'] / 1e6:.1f} MB each, written in {written / 2:.1f} s; compared "
+              f"{r['compared']:,}, {r['only_b']} extra, root cause at call {r['root_cause']})")
+        os.unlink(a)
+        os.unlink(b)
+    os.unlink(path)
+    os.rmdir(tmp)
+
+
 # -- targets ----------------------------------------------------------------
 def check_targets(res: Results) -> None:
-    print("\n## Targets (issues 5, 8, 18 and 20)\n")
+    print("\n## Targets (issues 5, 8, 18, 19 and 20)\n")
     found: dict[str, float] = {}
     small = next((v for k, v in res.overhead.items() if k.startswith("encoder-4 d=64")), None)
     if small:
@@ -1053,12 +1162,16 @@ def check_targets(res: Results) -> None:
         found["HTML page of 5,000 findings, MB (worst case)"] = worst["bytes"] / 1e6
     if "open_s" in worst:
         found["HTML page of 5,000 findings, seconds to open in Chromium (worst case)"] = worst["open_s"]
+    if "ratio" in res.trace:
+        found["traced step / plain step (12 layers)"] = res.trace["ratio"]
+    if 1_000_000 in res.trace.get("compare", {}):
+        found["compare two traces of 1,000,000 calls, seconds"] = res.trace["compare"][1_000_000]["seconds"]
     for name, target in TARGETS.items():
         if name not in found:
             print(f"  {name:56s} not measured in this run")
             continue
         value = found[name]
-        unit = "" if "HTML" in name else "x"
+        unit = "" if "HTML" in name or "seconds" in name else "x"
         shown = f"{value * 100:+.1f}%" if "growth" in name else f"{value:.2f}{unit}"
         limit = f"{target * 100:.0f}%" if "growth" in name else f"{target:.2f}{unit}"
         ok = value <= target
@@ -1089,7 +1202,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--quick", action="store_true", help="a fast smoke run: fewer steps, depths 2 and 12 only")
-    p.add_argument("--only", default="overhead,audit,cli,memory,training,html,capsule",
+    p.add_argument("--only", default="overhead,audit,cli,memory,training,html,capsule,trace",
                    help="comma-separated parts to run")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds per tool (overhead)")
@@ -1102,6 +1215,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--_inputs", choices=["parse", "diff"], help=argparse.SUPPRESS)
     p.add_argument("--_loader", choices=["libyaml", "python", "safe_load"], default="libyaml", help=argparse.SUPPRESS)
     p.add_argument("_paths", nargs="*", help=argparse.SUPPRESS)
+    p.add_argument("--_compare", nargs=2, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     a.rounds = a.rounds or (8 if a.quick else 60)
     a.warmup = 2 if a.quick else 5
@@ -1125,6 +1239,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args._inputs:
         print(json.dumps(inputs_worker(args._inputs, args._loader, args._paths)))
+        return 0
+    if args._compare:
+        print(json.dumps(compare_worker(*args._compare)))
         return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device")
@@ -1154,6 +1271,8 @@ def main(argv: list[str] | None = None) -> int:
         bench_inputs(args, res)
     if "capsule" in parts:
         bench_capsule(args, res)
+    if "trace" in parts:
+        bench_trace(args, res)
     check_targets(res)
     with contextlib.suppress(OSError):
         res.env["loadavg_end"] = os.getloadavg()[0]
