@@ -13,8 +13,8 @@ from opaudit.data.verdict import Verdict
 
 
 def test_registry_is_exhaustive():
-    """Every kind in every format, but SARIF (results at source lines) for reports and capsule replays only."""
-    assert REPORT_ONLY == {Format.SARIF} and SITE_KINDS == {Kind.REPORT, Kind.REPLAY}
+    """Every kind in every format, but SARIF (results at source lines) for reports, capsule replays and trace comparisons only."""
+    assert REPORT_ONLY == {Format.SARIF} and SITE_KINDS == {Kind.REPORT, Kind.REPLAY, Kind.COMPARISON}
     assert set(RENDERERS) == {(k, f) for k in Kind for f in Format if f not in REPORT_ONLY or k in SITE_KINDS}
 
 

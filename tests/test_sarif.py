@@ -106,12 +106,13 @@ def test_sarif_is_for_reports_only(docs):
     """A catalog, diff or prediction has no results at source lines: refused at once, one line, exit 2."""
     from opaudit.data.catalog import load_catalog
 
-    with pytest.raises(FormatError, match="audit reports and capsule replays only"):
+    with pytest.raises(FormatError, match="audit reports, capsule replays and trace comparisons only"):
         render(load_catalog(docs.catalog_yaml), Kind.CATALOG, Format.SARIF)
     proc = subprocess.run([sys.executable, "-m", "opaudit", "catalog", "--from", docs.catalog_yaml, "-o",
                            os.path.join(docs.folder, "c.sarif")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "opaudit: error: sarif is written for audit reports and capsule replays only, not for a catalog; use html, "
+        "opaudit: error: sarif is written for audit reports, capsule replays and trace comparisons only, not for a "
+        "catalog; use html, "
         "md, csv, yaml or json"]
     assert not os.path.exists(os.path.join(docs.folder, "c.sarif"))

@@ -247,6 +247,30 @@ def test_traces_that_never_meet_again_have_parted(tmp_path):
     assert (r.compared, r.only_a, r.only_b) == (100, 200, 200)
 
 
+def test_a_comparison_in_sarif_puts_its_root_cause_on_the_line(tmp_path, capsys):
+    """Valid SARIF 2.1.0 (the OASIS schema): an error at the root cause's line, nothing for identical traces."""
+    import json
+
+    import jsonschema
+
+    body = [(f"aten.op{i % 7}", 10 + i % 13) for i in range(100)]
+    a = _synth(str(tmp_path / "a.optrace"), body)
+    b = _synth(str(tmp_path / "b.optrace"), body, bits={40: 1})
+    out = tmp_path / "c.sarif"
+    assert main(["compare", a, b, "-o", str(out), "-q"]) == 1
+    log = json.loads(out.read_text())
+    schema = json.load(open(os.path.join(ROOT, "tests", "fixtures", "sarif-schema-2.1.0.json")))
+    jsonschema.Draft4Validator(schema, format_checker=jsonschema.Draft4Validator.FORMAT_CHECKER).validate(log)
+    (run,) = log["runs"]
+    (result,) = run["results"]
+    assert (result["ruleId"], result["level"]) == ("trace/root_cause/aten.op5", "error")
+    location = result["locations"][0]["physicalLocation"]
+    assert location["artifactLocation"]["uri"] == "s.py" and location["region"]["startLine"] == 10 + 40 % 13
+    assert result["properties"]["index_a"] == 41 and run["properties"]["verdict"] == "diverged"
+    assert main(["compare", a, a, "--format", "sarif"]) == 0
+    assert json.loads(capsys.readouterr().out)["runs"][0]["results"] == []
+
+
 # -- torchrun ------------------------------------------------------------------------
 def test_torchrun_ranks_each_trace_and_the_rank_that_diverged_first_is_named(tmp_path, capsys):
     """A 2-rank gloo job traced twice, rank 1 on 2 threads the second time: rank 1 diverges at its own sum,

@@ -91,7 +91,7 @@ def _compare_parser() -> Parser:
     p.add_argument("a", metavar="A", help="first trace (.optrace), or a folder of rank traces from torchrun")
     p.add_argument("b", metavar="B", help="second trace, of the same script and window")
     p.add_argument("-o", "--output", metavar="PATH", help="write the comparison here (format from the extension)")
-    p.add_argument("--format", metavar="FMT", help="table, md, html, csv, yaml or json (default: from -o, else table)")
+    p.add_argument("--format", metavar="FMT", help="table, md, html, csv, yaml, json or sarif (default: from -o, else table)")
     p.add_argument("-q", "--quiet", action="store_true", help="no summary on stderr")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     return p

@@ -60,13 +60,13 @@ REPORT_ONLY = frozenset({Format.SARIF})
 """Formats written only for the documents whose rows sit at source lines (:data:`SITE_KINDS`): SARIF's
 results sit at lines, and a catalog's entries, a diff's changes and a prediction's rows have none."""
 
-SITE_KINDS = frozenset({Kind.REPORT, Kind.REPLAY})
-"""The documents whose rows have the user's source lines: an audit report, and a capsule replay (its ops
-carry the sites where they were captured)."""
+SITE_KINDS = frozenset({Kind.REPORT, Kind.REPLAY, Kind.COMPARISON})
+"""The documents whose rows have the user's source lines: an audit report, a capsule replay (its ops
+carry the sites where they were captured) and a trace comparison (its root cause's line)."""
 
 
 def check_kind(kind: Kind, fmt: Format) -> None:
     """Refuse a format the document kind is not written in (``sarif`` for a catalog, diff or prediction)."""
     if fmt in REPORT_ONLY and kind not in SITE_KINDS:
-        raise FormatError(f"{fmt.value} is written for audit reports and capsule replays only, not for a "
+        raise FormatError(f"{fmt.value} is written for audit reports, capsule replays and trace comparisons only, not for a "
                           f"{kind.value}; use html, md, csv, yaml or json")

@@ -69,10 +69,11 @@ RENDERERS: dict[tuple[Kind, Format], Renderer] = {
     (Kind.COMPARISON, Format.MARKDOWN): comparison.markdown,
     (Kind.COMPARISON, Format.TABLE): comparison.table,
     (Kind.COMPARISON, Format.HTML): comparison.html,
+    (Kind.COMPARISON, Format.SARIF): sarif.comparison,
 }
 """Every (kind, format) pair: each document kind is written in every format but the
 :data:`~opaudit.cli.formats.choice.REPORT_ONLY` ones (SARIF), which only the kinds with source lines
-(:data:`~opaudit.cli.formats.choice.SITE_KINDS`: a report, a capsule replay) are."""
+(:data:`~opaudit.cli.formats.choice.SITE_KINDS`: a report, a capsule replay, a trace comparison) are."""
 
 
 def render(document: Any, kind: Kind | str, fmt: Format) -> str:

@@ -1,5 +1,5 @@
-"""SARIF 2.1.0 for the audit report and a capsule replay: what GitHub code scanning (and other SARIF viewers)
-show on the lines.
+"""SARIF 2.1.0 for the audit report, a capsule replay and a trace comparison: what GitHub code scanning (and
+other SARIF viewers) show on the lines.
 
 One result per finding that is not ``stable``, at the user's source line as the
 report records it (an op of the autograd engine at the forward line that made its
@@ -18,6 +18,10 @@ A capsule replay (:func:`replay`) gives, at each op's lines, one result for its
 ``warning``; ``skipped``: ``note``; ``same``: none) and one for its local verdict,
 as above.
 
+A trace comparison (:func:`comparison`) gives, per process, an ``error`` at the
+line of its root cause and a ``warning`` at a first difference that came from
+outside the ops or where the traces parted.
+
 File URIs are the report's site paths, relative to the directory the audit ran in
 (``uriBaseId: %SRCROOT%``), so that a SARIF upload from the repository root places
 them. The document is byte-stable: no timestamps, no absolute paths.
@@ -35,6 +39,7 @@ from opaudit.data.version import __version__
 
 if TYPE_CHECKING:
     from opaudit.data.across import CapsuleReplay, Crossed
+    from opaudit.data.comparison import TraceComparison
     from opaudit.data.findings import Finding
     from opaudit.data.report import Report
     from opaudit.data.site import Site
@@ -261,6 +266,82 @@ def replay(doc: "CapsuleReplay") -> str:
         "properties": {"summary": doc.summary, "capsule": doc.capsule, "complete": bool(doc.complete),
                        "environment_difference": [{"field": k, "source": a, "here": b}
                                                   for k, a, b in doc.environment_difference]},
+    }
+    log = {"$schema": SCHEMA, "version": "2.1.0", "runs": [run]}
+    return json.dumps(log, indent=2, ensure_ascii=False) + "\n"
+
+
+def _call_location(where: str) -> dict[str, Any] | None:
+    """A SARIF physicalLocation from a traced call's ``file:line``, or ``None`` (no user line, generated code)."""
+    file, _, line = where.rpartition(":")
+    if not file or file.startswith("<") or not line.isdigit() or int(line) < 1:
+        return None
+    return {"artifactLocation": {"uri": urllib.parse.quote(file, safe="/"), "uriBaseId": SRCROOT},
+            "region": {"startLine": int(line)}}
+
+
+COMPARISON_EVENTS: tuple[tuple[str, str, str], ...] = (
+    ("root_cause", "error", "its inputs were bitwise equal in both traces and its outputs were not: the difference "
+                            "starts here"),
+    ("first_difference", "warning", "its outputs differed, and so did its inputs, with no call before it to blame: "
+                                    "the difference came from outside the ops (files, Python or NumPy values, "
+                                    "other threads)"),
+    ("parted", "warning", "from this call on the two traces take other paths and could not be realigned"),
+)
+"""The calls of a comparison that get a result: (event, level, what it means)."""
+
+
+def comparison(doc: "TraceComparison") -> str:
+    """Two traces compared (``opaudit compare``) as a SARIF 2.1.0 log: one result per process at the line of its
+    root cause (``error``, rule ``trace/root_cause/<op>``), of a first difference that came from outside the ops
+    and of the call where the traces parted (``warning``); an identical comparison has no result. The run's
+    properties hold the verdict and the environment difference."""
+    rules: list[dict[str, Any]] = []
+    index: dict[str, int] = {}
+    results = []
+    fields = [*doc.environment, *doc.settings]
+    between = "; ".join(f"{f.name}: {f.before} vs {f.after}" for f in fields[:4]) + ("; ..." if len(fields) > 4 else "")
+    for r in doc.ranks:
+        on = f" on rank {r.rank}" if r.rank is not None else ""
+        first = " (the rank that diverged first)" if doc.first_rank is not None and r.rank == doc.first_rank else ""
+        for event, level, meaning in COMPARISON_EVENTS:
+            call = getattr(r, event)
+            if call is None:
+                continue
+            rid = f"trace/{event}/{call.op}" if event != "parted" else "trace/parted"
+            if rid not in index:
+                index[rid] = len(rules)
+                rules.append({"id": rid, "shortDescription": {"text": f"{call.op}: {event.replace('_', ' ')}"},
+                              "fullDescription": {"text": f"A traced call where {meaning}."},
+                              "defaultConfiguration": {"level": level},
+                              "properties": {"tags": ["reproducibility", event]}})
+            facts = [f"{call.phase} phase" if call.phase else "", f"step {call.step}" if call.step else "the import",
+                     f"call #{call.index_a} in A, #{call.index_b} in B"]
+            text = f"{call.op}{on}{first}: {meaning}. " + "; ".join(f for f in facts if f) + "."
+            if call.differs:
+                text += " Differs: " + ", ".join(call.differs) + "."
+            if event == "root_cause":
+                text += f" {r.downstream} later call(s) differed."
+            text += f" Traces {doc.a} and {doc.b}" + (f", which differ in {between}." if between else ".")
+            result: dict[str, Any] = {"ruleId": rid, "ruleIndex": index[rid], "level": level,
+                                      "message": {"text": text}}
+            location = _call_location(call.where)
+            if location is not None:
+                result["locations"] = [{"physicalLocation": location}]
+            props: dict[str, Any] = {"event": event, **call.to_dict()}
+            if r.rank is not None:
+                props["rank"] = r.rank
+            result["properties"] = props
+            results.append(result)
+    run: dict[str, Any] = {
+        "tool": {"driver": {"name": "opaudit", "version": __version__, "semanticVersion": __version__,
+                            "rules": rules}},
+        "originalUriBaseIds": {SRCROOT: {"description": {"text": "The directory the traces ran in."}}},
+        "invocations": [{"executionSuccessful": True}],
+        "results": results,
+        "properties": {"verdict": doc.verdict, "a": doc.a, "b": doc.b, "script": doc.script,
+                       "environment_difference": [{"field": f.name, "a": f.before, "b": f.after}
+                                                  for f in (*doc.environment, *doc.settings)]},
     }
     log = {"$schema": SCHEMA, "version": "2.1.0", "runs": [run]}
     return json.dumps(log, indent=2, ensure_ascii=False) + "\n"
