@@ -5,7 +5,7 @@
     python scripts/bench.py --quick          # smoke run (well under a minute)
     python scripts/bench.py --device cuda    # the same on a GPU
 
-Nine parts (``--only`` picks some; ``inputs`` runs only when named):
+Ten parts (``--only`` picks some; ``inputs`` and ``races`` run only when named):
 
 * **overhead**: one training step (forward + backward) of two models, each wrapped
   in: nothing (plain eager), a bare pass-through ``TorchDispatchMode``, the same
@@ -52,13 +52,20 @@ Nine parts (``--only`` picks some; ``inputs`` runs only when named):
   round-robin, median), and ``opaudit compare`` on two synthesized traces of
   100,000 and 1,000,000 calls (one extra call and one differing call near the
   end): time, and peak RSS of the comparing process (a fresh one per size).
-
 * **inputs**: reading opaudit's own files: a ~60 MB report (``--quick``: ~6 MB) parsed
   by the reader the CLI uses (libyaml's parser under opaudit's own loop), by the same
   loop on PyYAML's pure-Python parser, and by ``yaml.safe_load`` (the reader before
   issue 22), and ``opaudit diff`` of two 20,000-signature reports
   (one verdict in ten changed), each in a fresh process: wall and CPU time, and
   peak RSS above the RSS before reading. The figure is the ratio of CPU times.
+* **races** (it starts two busy processes and takes minutes): the README's quick
+  start, ``opaudit opaudit/examples/recommender.py``, audited ``--race-audits``
+  times (default 10) with ``--busy`` processes running ``while True: pass`` beside it (default 2, as many as this machine has cores
+  here), each time as it ships (race-prone ops replayed further, issue 21 item 8)
+  and with ``--race-seconds 0`` (``--reps`` runs only, as before), alternating:
+  in how many audits both ``index_put`` divergences (the two embedding lookups'
+  backward) were found, how many runs it took, the wall time, and whether the
+  contended-CPU warning was given.
 
 The targets of issue 5 are checked at the end; the exit status is 0 either way
 (this is a measurement, not a test).
@@ -366,6 +373,7 @@ class Results:
     inputs: dict[str, Any] = field(default_factory=dict)
     capsule: dict[str, Any] = field(default_factory=dict)
     trace: dict[str, Any] = field(default_factory=dict)
+    races: dict[str, Any] = field(default_factory=dict)
     targets: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -1128,6 +1136,62 @@ def bench_trace(args: argparse.Namespace, res: Results) -> None:
         os.unlink(b)
     os.unlink(path)
     os.rmdir(tmp)
+# -- races ------------------------------------------------------------------
+RECOMMENDER = os.path.join(ROOT, "opaudit", "examples", "recommender.py")
+
+RACES_TARGET = 0.9
+"""Issue 21 item 8: with two busy processes beside it, at least 9 audits in 10 of the quick start find both
+``index_put`` divergences."""
+
+
+def _race_audit(extra: list[str], out: str) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "opaudit", RECOMMENDER, "-q", "--exit-zero", "-o", out, *extra],
+                          cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"opaudit failed with exit code {proc.returncode}:\n{proc.stderr.decode()}")
+    import yaml
+
+    with open(out) as f:
+        report = yaml.safe_load(f)
+    puts = [f for f in report["findings"] if f["op"] == "aten.index_put.default"]
+    return {"wall_s": wall, "found": sum(f["verdict"] == "diverges" for f in puts), "of": len(puts),
+            "runs": [f["default_diverged"] for f in puts],
+            "contended": any("contended" in w for w in report.get("env_warnings", []))}
+
+
+def bench_races(args: argparse.Namespace, res: Results) -> None:
+    n = 3 if args.quick else args.race_audits
+    print(f"\n## Races under load: {n} audits of the quick start (opaudit/examples/recommender.py), each as it ships"
+          f" and with --race-seconds 0, alternating, beside {args.busy} busy process(es)\n")
+    tmp = tempfile.mkdtemp(prefix="opaudit-bench-")
+    variants = {"as shipped": [], "--race-seconds 0": ["--race-seconds", "0"]}
+    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in variants}
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
+    try:
+        for i in range(n):
+            for name, extra in variants.items():
+                r = _race_audit(extra, os.path.join(tmp, "r.yaml"))
+                runs[name].append(r)
+                print(f"  audit {i + 1:2d} {name:17s} both found: {'yes' if r['found'] == 2 else 'no ':3s}"
+                      f"  index_put default runs {', '.join(r['runs']):14s} {r['wall_s']:6.1f} s"
+                      f"{'  (contended-CPU warning)' if r['contended'] else ''}", flush=True)
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+    for name, rs in runs.items():
+        both = sum(r["found"] == 2 for r in rs)
+        print(f"  {name:17s} both divergences found in {both} of {n} audits; median {statistics.median(r['wall_s'] for r in rs):.1f} s"
+              f" an audit; contended-CPU warning in {sum(r['contended'] for r in rs)} of {n}")
+    shipped = sum(r["found"] == 2 for r in runs["as shipped"]) / n
+    res.races = {"audits": n, "busy": args.busy, "runs": runs, "found_fraction": shipped}
+    met = shipped >= RACES_TARGET
+    res.targets.append({"figure": "quick start audits finding both index_put divergences, 2 busy processes beside",
+                        "value": shipped, "target": RACES_TARGET, "met": met})
+    print(f"  target: both found in at least {RACES_TARGET:.0%} of audits: {shipped:.0%} {'met' if met else 'MISSED'}")
 
 
 # -- targets ----------------------------------------------------------------
@@ -1209,6 +1273,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=5, help="replays per mode (audit)")
     p.add_argument("--depths", default=None, help="encoder depths for the audit part (default 2,6,12,24)")
     p.add_argument("--cli-rounds", type=int, default=None, help="rounds of the three processes (cli; default 5)")
+    p.add_argument("--race-audits", type=int, default=10, help="audits per variant (races; default 10)")
+    p.add_argument("--busy", type=int, default=2, help="busy processes beside the audits (races; default 2)")
     p.add_argument("--json", default=None, help="also write the raw numbers to this file")
     p.add_argument("--_memory", choices=["plain", "audit"], help=argparse.SUPPRESS)
     p.add_argument("--_depth", type=int, default=12, help=argparse.SUPPRESS)
@@ -1273,6 +1339,8 @@ def main(argv: list[str] | None = None) -> int:
         bench_capsule(args, res)
     if "trace" in parts:
         bench_trace(args, res)
+    if "races" in parts:
+        bench_races(args, res)
     check_targets(res)
     with contextlib.suppress(OSError):
         res.env["loadavg_end"] = os.getloadavg()[0]

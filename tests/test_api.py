@@ -73,4 +73,6 @@ def test_traced_model_gives_the_same_findings_as_its_eager_twin():
     for r in (eager, jit):
         (f,) = [f for f in r.all_findings if f.op == "aten.index_put.default"]
         assert f.phases == ("backward",)
-        assert f.deterministic_diverged == "0/4"
+        # 4 runs per mode, or more until the race showed (a value-dependent op is replayed further).
+        runs = f.default_diverged.split("/")[1]
+        assert int(runs) >= 4 and f.deterministic_diverged == f"0/{runs}"

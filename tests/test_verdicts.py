@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-
 import pytest
 import torch
 from fixtures import models as zoo
@@ -34,8 +32,8 @@ def test_accumulate_with_collisions_diverges_and_deterministic_mode_fixes_it(ste
     (f,) = _only(report, op)
     assert f.verdict is Verdict.DIVERGES
     k, n = map(int, f.default_diverged.split("/"))
-    assert n == 6 and k >= 1
-    assert f.deterministic_diverged == "0/6"
+    assert n >= 6 and k >= 1  # 6 runs per mode, or more until the race showed
+    assert f.deterministic_diverged == f"0/{n}"
     assert f.max_abs_diff and f.max_abs_diff > 0
     assert 0 < f.frac_differing <= 1
     assert f.time_default_us > 0 and f.time_deterministic_us > 0
@@ -77,8 +75,10 @@ def test_duplicate_index_copy_is_deterministic_in_deterministic_mode_without_an_
     report = opaudit.audit(zoo.index_copy_duplicates, reps=4)
     for op in ("aten.index_copy_.default", "aten.index_put_.default"):
         (f,) = _only(report, op)
-        assert re.fullmatch(r"[0-4]/4", f.default_diverged), f.default_diverged
-        assert f.deterministic_diverged == "0/4"
+        # 4 runs per mode, or more (up to the first that differs) for these value-dependent ops.
+        k, n = map(int, f.default_diverged.split("/"))
+        assert n >= 4 and k <= n and (n == 4 or k <= 1), f.default_diverged
+        assert f.deterministic_diverged == f"0/{n}"
         assert f.strict_error is None and not f.warnings
 
 

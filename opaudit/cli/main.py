@@ -50,6 +50,7 @@ from opaudit.cli.options import (
     integer,
     interrupted_code,
     interrupts,
+    non_negative_float,
     non_negative_int,
     positive_float,
     raise_if_signalled,
@@ -156,6 +157,11 @@ def _audit_parser() -> Parser:
                    help="skip (reason 'timeout') a signature whose replay takes longer; implies --isolate, "
                         "since a running C++ op cannot be stopped inside its own process")
     p.add_argument("--no-timing", action="store_true", help="leave timings out of the report (byte-stable output)")
+    p.add_argument("--race-seconds", type=non_negative_float, metavar="SECONDS",
+                   help="ops whose nondeterminism is a race (index_put_, scatter_add_, embedding backward, and the "
+                        "ops a catalog of this machine marks diverges) are replayed beyond --reps, up to 60 runs "
+                        "per mode or the first that differs, for at most this long per captured call (default 2; "
+                        "0: --reps only; with --no-timing the inputs' size fixes the count instead)")
     from opaudit.cli import torchrun
 
     torchrun.add_arguments(p)
@@ -257,7 +263,9 @@ def _audit(argv: list[str]) -> int:
                          captures_per_signature=args.captures_per_signature,
                          deterministic_pass=not args.no_deterministic_pass, run_check=args.run_check,
                          fresh_processes=bool(args.fresh_processes),
-                         isolate=args.isolate, op_timeout=args.op_timeout, timings=not args.no_timing)
+                         isolate=args.isolate, op_timeout=args.op_timeout, timings=not args.no_timing,
+                         race_catalog=against,
+                         **({"race_seconds": args.race_seconds} if args.race_seconds is not None else {}))
     hooks = _Hooks(args.quiet)
     try:
         outcome = run_audit(target, steps.window(args, target), options, distributed=rank_audit, hooks=hooks)

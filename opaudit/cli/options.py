@@ -144,12 +144,22 @@ def positive_int(text: str) -> int:
 
 
 def positive_float(text: str) -> float:
+    """A number of seconds above 0 (``--op-timeout``...)."""
+    return _seconds(text, zero=False)
+
+
+def non_negative_float(text: str) -> float:
+    """A number of seconds, 0 or more (``--race-seconds``: 0 turns it off)."""
+    return _seconds(text, zero=True)
+
+
+def _seconds(text: str, zero: bool) -> float:
     try:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    if not (v >= 0 if zero else v > 0):
+        raise argparse.ArgumentTypeError(f"must be {'0 or more' if zero else 'positive'}, got {text}")
     if not math.isfinite(v) or v > MAX_SECONDS:
         raise argparse.ArgumentTypeError(f"must be a number of seconds up to {MAX_SECONDS:g}, got {text}")
     return v

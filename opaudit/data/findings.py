@@ -110,6 +110,19 @@ class Finding:
         return locations_of(self.sites)
 
     @property
+    def runs_per_mode(self) -> int:
+        """Runs the replay made in each mode (the fewer of the two; 0 if it was not replayed)."""
+        runs = [_n(r) for r in (self.default_diverged, self.deterministic_diverged) if r]
+        return min(runs) if runs else 0
+
+    @property
+    def rate_caught_95(self) -> float | None:
+        """For a ``stable`` verdict: how strong it is (see :func:`rate_caught`); ``None`` for any other."""
+        if self.verdict is not Verdict.STABLE or not self.runs_per_mode:
+            return None
+        return rate_caught(self.runs_per_mode)
+
+    @property
     def det_cost(self) -> float | None:
         """Deterministic time over default time (``None`` when either is missing)."""
         if not self.time_default_us or self.time_deterministic_us is None:
@@ -125,6 +138,32 @@ class Finding:
     def diverges_deterministic(self) -> bool:
         """Deterministic-mode runs differed."""
         return _k(self.deterministic_diverged) > 0
+
+
+CONFIDENCE = 0.95
+"""How sure the evidence of a ``stable`` verdict is stated (:func:`rate_caught`)."""
+
+
+def rate_caught(runs: int, confidence: float = CONFIDENCE) -> float:
+    """The smallest per-run divergence probability that ``runs`` runs would have caught with ``confidence``.
+
+    Each run after the first is compared with the first: if each differs with
+    probability ``p``, all ``runs - 1`` agree with probability ``(1 - p) ** (runs - 1)``,
+    which is at most ``1 - confidence`` once ``p`` reaches the value returned. So a
+    ``stable`` verdict from 5 runs rules out (at 95 %) an op that differs in 53 % of
+    its runs or more, one from 60 runs an op that differs in 5 % or more; a rarer
+    race can still hide. 1.0 for a single run (nothing was compared).
+    """
+    if runs < 2:
+        return 1.0
+    return 1.0 - (1.0 - confidence) ** (1.0 / (runs - 1))
+
+
+def _n(ratio: str) -> int:
+    try:
+        return int(ratio.split("/", 1)[1])
+    except (ValueError, IndexError, AttributeError):
+        return 0
 
 
 def _k(ratio: str) -> int:
@@ -145,7 +184,7 @@ ROW_FIELDS = (
     "alert_kind", "strict_error", "warnings", "default_diverged", "deterministic_diverged",
     "max_abs_diff", "frac_differing", "outputs", "time_default_us", "time_deterministic_us", "det_cost",
     "rng", "cudnn", "remedy", "first_call", "ranks", "cross_rank", "recorded_in",
-    "calls_checked", "calls_diverged", "diverging_calls", "calls_not_checked",
+    "calls_checked", "calls_diverged", "diverging_calls", "calls_not_checked", "runs_per_mode", "rate_caught_95",
 )
 """Column order of CSV and DataFrame rows."""
 
@@ -180,6 +219,8 @@ def flat_row(f: Finding) -> dict[str, Any]:
         "calls_diverged": len(f.diverging_calls) if f.checked_calls else "",
         "diverging_calls": ";".join(str(c) for c in f.diverging_calls),
         "calls_not_checked": f.calls_not_checked or "",
+        "runs_per_mode": f.runs_per_mode if f.rate_caught_95 is not None else "",
+        "rate_caught_95": _num(f.rate_caught_95, 3) if f.rate_caught_95 is not None else "",
     }
 
 
@@ -230,6 +271,8 @@ def finding_dict(f: Finding) -> dict[str, Any]:
         d["diverging_calls"] = list(f.diverging_calls)
     if f.calls_not_checked:
         d["calls_not_checked"] = f.calls_not_checked
+    if f.rate_caught_95 is not None:
+        d["evidence"] = {"runs_per_mode": f.runs_per_mode, "rate_caught_95": _num(f.rate_caught_95, 3)}
     return d
 
 
@@ -283,7 +326,21 @@ def parse_finding(d: Any, where: str) -> Finding:
         calls_not_checked=opt(d, "calls_not_checked", int, where, 0),
     )
     _check_calls(d, f, where)
+    _check_evidence(d, f, where)
     return f
+
+
+def _check_evidence(d: Mapping, f: Finding, where: str) -> None:
+    """A ``stable`` finding's evidence, when written, must be what its ``k/N`` ratios say."""
+    if "evidence" not in d:
+        return
+    e = fields.mapping(d["evidence"], f"{where}.evidence", "the evidence")
+    runs = need(e, "runs_per_mode", int, f"{where}.evidence")
+    fields.number(e, "rate_caught_95", f"{where}.evidence")
+    if f.rate_caught_95 is None:
+        raise ReportError(f"{where}: evidence belongs to a stable verdict with k/N ratios, not to {f.verdict.value}")
+    if runs != f.runs_per_mode:
+        raise ReportError(f"{where}: evidence says {runs} runs per mode but its ratios say {f.runs_per_mode}")
 
 
 def _check_calls(d: Mapping, f: Finding, where: str) -> None:

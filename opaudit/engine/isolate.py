@@ -51,7 +51,7 @@ from opaudit.aten.portable import Reference
 from opaudit.aten.tensors import Snapshot
 from opaudit.data.errors import OpauditError
 from opaudit.data.observation import CRASHED, TIMEOUT, NotReplayed, Observation, error_text
-from opaudit.engine.replay import replay, set_deterministic
+from opaudit.engine.replay import MoreRuns, replay, set_deterministic
 from opaudit.engine.worker import TIMED_OUT, Worker, WorkerStartError, exit_reason
 
 if TYPE_CHECKING:
@@ -256,7 +256,7 @@ def _loop(conn: "Connection", table: list[tuple[Any, Snapshot]] | None) -> None:
         if request is None:
             return
         conn.send(("started", None))
-        target, reps, cudnn, reference = request
+        target, reps, cudnn, reference, more = request
         try:
             if table is not None:
                 func, snap = table[target]
@@ -267,7 +267,7 @@ def _loop(conn: "Connection", table: list[tuple[Any, Snapshot]] | None) -> None:
             conn.send(("unavailable", f"not available in the worker process: {error_text(e)}"))
             continue
         try:
-            obs = replay(func, snap, reps, cudnn_variants=cudnn, reference=reference)
+            obs = replay(func, snap, reps, cudnn_variants=cudnn, reference=reference, more=more)
         except Exception as e:  # not an op failure: this process is suspect now
             conn.send(("crashed", error_text(e)))
             return
@@ -340,29 +340,31 @@ class Isolator:
 
     # -- replay ---------------------------------------------------------------
     def __call__(self, func: Any, snap: Snapshot, reps: int, cudnn: bool,
-                 reference: Reference | None = None) -> Observation:
+                 reference: Reference | None = None, more: MoreRuns | None = None) -> Observation:
         """Replay ``func`` on ``snap`` in the worker; never raises for what the op does.
 
-        ``reference``: a capsule's source outputs, compared there (see :func:`~opaudit.engine.replay.replay`).
+        ``reference``: a capsule's source outputs, compared there; ``more``: further runs of a
+        race-prone op (see :func:`~opaudit.engine.replay.replay`).
         """
         try:
-            return self._replay(func, snap, reps, cudnn, reference)
+            return self._replay(func, snap, reps, cudnn, reference, more)
         except BaseException:
             # Ctrl-C (or anything unexpected) while the worker runs: do not leave it behind.
             self._discard()
             raise
 
-    def _replay(self, func: Any, snap: Snapshot, reps: int, cudnn: bool, reference: Reference | None) -> Observation:
+    def _replay(self, func: Any, snap: Snapshot, reps: int, cudnn: bool, reference: Reference | None,
+                more: MoreRuns | None) -> Observation:
         # A worker that dies before it takes the request was killed by something
         # earlier (a late crash, the OOM killer): not this op's fault, so one retry.
         for attempt in range(2):
             if self.start_method == "fork":
                 i = self._register(func, snap)
                 worker = self._ensure_worker(need=i + 1)
-                request: Any = (i, reps, cudnn, reference)
+                request: Any = (i, reps, cudnn, reference, more)
             else:
                 worker = self._ensure_worker()
-                request = ((_op_ref(func), snap), reps, cudnn, reference)
+                request = ((_op_ref(func), snap), reps, cudnn, reference, more)
             try:
                 message = _dumps(request)
             except Exception as e:  # an argument that does not pickle

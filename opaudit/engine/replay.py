@@ -268,49 +268,68 @@ def _generator_states(args: tuple, kwargs: dict) -> list[tuple[torch.Generator, 
     return [(g, g.get_state()) for g in gens]
 
 
-@dataclass
-class _Runs:
-    """What :func:`_runs` saw, before it becomes :class:`RunStats`."""
+@dataclass(frozen=True)
+class MoreRuns:
+    """More runs for an op whose nondeterminism is a race, after the first ``reps`` per mode found none.
 
-    stats: RunStats
-    rng_used: bool
-    masks: dict[int, torch.Tensor | None]
-    """Output index → elements that differed from the first run in any run (``None``: not
-    comparable element by element, e.g. another shape)."""
-    names: list[str]
-    first: list[Any]
-    """The first run's outputs."""
+    A race shows only when threads (or atomics) really overlap: on a busy machine a
+    handful of runs can all agree. The replay then goes on, one run per mode at a
+    time, until a run differs, each mode has had ``runs``, or ``seconds`` have passed
+    (``None``: the count alone decides, for byte-stable reports).
+    """
+
+    runs: int
+    """Runs per mode to reach, the first ``reps`` included."""
+    seconds: float | None = None
+    """Time the further runs of one replay may take, both modes together."""
 
 
-def _runs(func: Any, snap: Snapshot, reps: int, rng: _Rng, timer: _Timer) -> _Runs:
-    """``reps`` runs compared bitwise with the first, output by output."""
-    first: list[Any] | None = None
-    names: list[str] = []
-    differing, max_diff, max_frac = 0, 0.0, 0.0
-    times: list[float] = []
-    rng_used = False
-    masks: dict[int, torch.Tensor | None] = {}
-    for _ in range(reps):
-        args, kwargs, written = snap.materialize()
+class _Series:
+    """Runs of one op in one mode, each compared bitwise with the first, output by output."""
+
+    def __init__(self, func: Any, snap: Snapshot, rng: _Rng, timer: _Timer) -> None:
+        self.func, self.snap, self.rng, self.timer = func, snap, rng, timer
+        self.runs = 0
+        self.differing = 0
+        self.max_diff = 0.0
+        self.max_frac = 0.0
+        self.times: list[float] = []
+        self.rng_used = False
+        self.masks: dict[int, torch.Tensor | None] = {}
+        """Output index → elements that differed from the first run in any run (``None``: not
+        comparable element by element, e.g. another shape)."""
+        self.names: list[str] = []
+        self.first: list[Any] = []
+        """The first run's outputs."""
+
+    @property
+    def diverges(self) -> bool:
+        return self.differing > 0
+
+    def run(self) -> bool:
+        """One more run; whether its bits differ from the first run's."""
+        func = self.func
+        args, kwargs, written = self.snap.materialize()
         generators = _generator_states(args, kwargs)
-        rng.restore()
-        timer.sync()
+        self.rng.restore()
+        self.timer.sync()
         t0 = time.perf_counter()
         result = func(*args, **kwargs)
-        timer.sync()
-        t1 = time.perf_counter()
-        times.append(t1 - t0)
-        if not rng_used and (rng.advanced() or any(not torch.equal(g.get_state(), s) for g, s in generators)):
-            rng_used = True
+        self.timer.sync()
+        self.times.append(time.perf_counter() - t0)
+        if not self.rng_used and (self.rng.advanced() or any(not torch.equal(g.get_state(), s) for g, s in generators)):
+            self.rng_used = True
         outs = _outputs(result, written)
-        if first is None:
-            first, names = outs, output_names(func, result, written)
-            continue
+        self.runs += 1
+        if self.runs == 1:
+            self.first, self.names = outs, output_names(func, result, written)
+            return False
+        first, masks = self.first, self.masks
         if len(outs) != len(first):
-            differing += 1
-            max_diff, max_frac = float("inf"), 1.0
+            self.differing += 1
+            self.max_diff, self.max_frac = float("inf"), 1.0
             masks.update(dict.fromkeys(range(len(first))))
-            continue
+            return True
         run_differs, changed, total = False, 0, 0
         for i, (a, b) in enumerate(zip(first, outs)):
             n = a.numel() if isinstance(a, torch.Tensor) else 1
@@ -320,7 +339,7 @@ def _runs(func: Any, snap: Snapshot, reps: int, rng: _Rng, timer: _Timer) -> _Ru
             run_differs = True
             d = difference(a, b)
             changed += d.elements_differing
-            max_diff = max(max_diff, d.max_abs_diff)
+            self.max_diff = max(self.max_diff, d.max_abs_diff)
             comparable = (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
                           and a.shape == b.shape and a.dtype == b.dtype)
             if comparable and masks.get(i, 0) is not None:
@@ -329,14 +348,44 @@ def _runs(func: Any, snap: Snapshot, reps: int, rng: _Rng, timer: _Timer) -> _Ru
             else:
                 masks[i] = None
         if run_differs:
-            differing += 1
-            max_frac = max(max_frac, changed / total if total else 1.0)
-    median = statistics.median(times) if times else None
-    outputs = tuple(names[i] for i in sorted(masks) if i < len(names))
-    return _Runs(RunStats(reps, differing, max_diff, max_frac, median, outputs), rng_used, masks, names, first or [])
+            self.differing += 1
+            self.max_frac = max(self.max_frac, changed / total if total else 1.0)
+        return run_differs
+
+    @property
+    def stats(self) -> RunStats:
+        median = statistics.median(self.times) if self.times else None
+        outputs = tuple(self.names[i] for i in sorted(self.masks) if i < len(self.names))
+        return RunStats(self.runs, self.differing, self.max_diff, self.max_frac, median, outputs)
 
 
-def _never_written(filled_outs: list[Any], default: _Runs, floating_only: bool) -> tuple[Unwritten, ...]:
+def _runs(func: Any, snap: Snapshot, reps: int, rng: _Rng, timer: _Timer) -> _Series:
+    """``reps`` runs compared bitwise with the first, output by output."""
+    series = _Series(func, snap, rng, timer)
+    for _ in range(reps):
+        series.run()
+    return series
+
+
+def _more_runs(det: _Series, default: _Series, more: MoreRuns, sink: list[str]) -> None:
+    """Pairs of runs (deterministic mode, then default mode) until one differs or ``more`` says stop."""
+    start = time.perf_counter()
+    with _stderr_captured(sink), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            while default.runs < more.runs:
+                if more.seconds is not None and time.perf_counter() - start >= more.seconds:
+                    break
+                set_deterministic(True, warn_only=True)
+                det_differs = det.run()
+                set_deterministic(False)
+                if default.run() or det_differs:
+                    break
+        finally:
+            set_deterministic(False)
+
+
+def _never_written(filled_outs: list[Any], default: _Series, floating_only: bool) -> tuple[Unwritten, ...]:
     """The outputs' never-written regions, if they hold every element that differed between default runs.
 
     ``filled_outs`` are the outputs of a deterministic-mode run with
@@ -391,11 +440,13 @@ def _filled_run(func: Any, snap: Snapshot, rng: _Rng) -> list[Any] | None:
 
 
 def replay(func: Any, snap: Snapshot, reps: int = 5, *, cudnn_variants: bool = False,
-           reference: Reference | None = None) -> Observation:
+           reference: Reference | None = None, more: MoreRuns | None = None) -> Observation:
     """Replay ``func`` on fresh copies of ``snap`` under every mode. Never raises for op failures.
 
     With ``reference`` (what a capsule's source computed for this call), the first run of
     each mode is also compared with the source's outputs of that mode (``Observation.across``).
+    With ``more``, an op whose ``reps`` runs per mode all agreed (and that raised,
+    warned and drew nothing) is run further, as :class:`MoreRuns` says.
     """
     if reps < 1:
         raise ReplayError("reps must be at least 1")
@@ -431,6 +482,9 @@ def replay(func: Any, snap: Snapshot, reps: int = 5, *, cudnn_variants: bool = F
             set_deterministic(False)
             default = _runs(func, snap, reps, rng, timer)
             across = _across(reference, {"deterministic": det, "default": default})
+            if (more is not None and strict_kind is None and not sink and not det.diverges and not default.diverges
+                    and not det.rng_used and not default.rng_used):
+                _more_runs(det, default, more, sink)
             variants: list[tuple[str, RunStats]] = []
             if cudnn_variants:
                 for d in (False, True):
@@ -447,7 +501,7 @@ def replay(func: Any, snap: Snapshot, reps: int = 5, *, cudnn_variants: bool = F
                     unwritten = _never_written(filled, default, floating_only=fill_on)
                 if unwritten and default_stats.diverges:
                     # Everything that differed is memory the kernel never wrote: the rest is identical.
-                    default_stats = RunStats(reps, 0, 0.0, 0.0, default_stats.median_s)
+                    default_stats = RunStats(default_stats.runs, 0, 0.0, 0.0, default_stats.median_s)
         except _OP_FAILURES as e:
             return Observation(strict_kind, strict_error, tuple(sink), None, None, False, error=_failure_text(e))
         return Observation(strict_kind, strict_error, tuple(sink), default_stats, det.stats,
@@ -455,7 +509,7 @@ def replay(func: Any, snap: Snapshot, reps: int = 5, *, cudnn_variants: bool = F
                            across=across)
 
 
-def _across(reference: Reference | None, runs: dict[str, _Runs]) -> tuple[tuple[str, Crossing], ...]:
+def _across(reference: Reference | None, runs: dict[str, _Series]) -> tuple[tuple[str, Crossing], ...]:
     """Each mode's first run against the source's outputs of that mode (modes the reference lacks left out)."""
     if reference is None:
         return ()

@@ -22,7 +22,8 @@ from opaudit.engine.classify import classify
 from opaudit.engine.detpath import PathRecorder
 from opaudit.engine.environment import environment_warnings, fingerprint
 from opaudit.engine.record import DEFAULT_CAPTURES_PER_SIGNATURE, RecordedSignature, Recorder
-from opaudit.engine.replay import preserved_state, replay, time_fill
+from opaudit.engine.replay import MoreRuns, preserved_state, replay, time_fill
+from opaudit.flows.races import RaceReplay
 
 DEFAULT_REPS = 5
 
@@ -40,8 +41,16 @@ ReplayFn = Callable[[Any, Snapshot, int, bool], Observation]
 """How one signature is replayed: in-process by default, in a worker with ``--isolate``."""
 
 
-def _in_process(func: Any, snap: Snapshot, reps: int, cudnn: bool) -> Observation:
-    return replay(func, snap, reps, cudnn_variants=cudnn)
+def _in_process(func: Any, snap: Snapshot, reps: int, cudnn: bool, more: MoreRuns | None = None) -> Observation:
+    return replay(func, snap, reps, cudnn_variants=cudnn, more=more)
+
+
+def _replayed(replay_fn: ReplayFn, func: Any, snap: Snapshot, reps: int, cudnn: bool,
+              more: MoreRuns | None) -> Observation:
+    """``replay_fn``'s observation; ``more`` is passed only when set (a caller's own ``replay_fn`` may not take it)."""
+    if more is None:
+        return replay_fn(func, snap, reps, cudnn)
+    return replay_fn(func, snap, reps, cudnn, more=more)  # type: ignore[call-arg]
 
 
 DEFAULT_PATH, DETERMINISTIC_PATH = "default", "deterministic"
@@ -168,12 +177,15 @@ def build_report(
     run_checks: Iterable[RunCheck] = (),
     complete: bool = True,
     deterministic: PathRecorder | None = None,
+    races: RaceReplay | None = None,
 ) -> Report:
     """Replay every recorded signature and classify it.
 
     ``complete=False`` marks the report partial from the start (the recording was
     cut short). ``deterministic`` is what ``use_deterministic_algorithms(True,
     warn_only=True)`` ran, recorded after or beside ``rec`` (see :func:`merge_recordings`).
+    ``races`` replays the signatures whose nondeterminism is a race further (see
+    :mod:`opaudit.flows.races`).
 
     A ``KeyboardInterrupt`` during replay returns a report marked
     ``complete=False`` holding every finding classified so far; the interrupt is
@@ -201,13 +213,17 @@ def build_report(
                 obs = None
                 if sig.kind in (OpKind.COMPUTE, OpKind.RANDOM) and snap is not None and not sig.skip_reason:
                     cudnn = sig.device.startswith("cuda") and is_cudnn_op(func)
-                    obs = replay_fn(func, snap, reps, cudnn)
+                    more = races.more_runs(sig, func, snap, reps) if races is not None else None
+                    obs = _replayed(replay_fn, func, snap, reps, cudnn, more)
                 f = make_finding(sig, obs, recorded_in=paths)
                 if sig.checked_calls and obs is not None and f.verdict is not Verdict.SKIPPED:
                     # Value-dependent op: its other captured calls, each replayed like the first.
                     extra = (det_further if paths == (DETERMINISTIC_PATH,) else further).get(sig.id, ())
-                    f = over_calls(sig, f, [(call, make_finding(sig, replay_fn(func, s, reps, cudnn), recorded_in=paths))
-                                            for call, s in extra])
+                    f = over_calls(sig, f, [
+                        (call, make_finding(sig, _replayed(replay_fn, func, s, reps, cudnn,
+                                                           races.more_runs(sig, func, s, reps) if races else None),
+                                            recorded_in=paths))
+                        for call, s in extra])
                 if sig.kind is OpKind.UNINITIALIZED and snap is not None:
                     f = _with_fill_timing(f, func, snap, reps)
                 if not timings:

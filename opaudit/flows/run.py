@@ -20,6 +20,7 @@ check first. Recording without replaying (to keep the captures) is
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from collections.abc import Callable, Iterator
@@ -27,15 +28,22 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
+from opaudit.data.catalog import Catalog
 from opaudit.data.errors import interruption
 from opaudit.data.report import Report, RunCheck
 from opaudit.engine import loader
+from opaudit.engine.contention import CpuWatch
 from opaudit.engine.detpath import PathRecorder
+from opaudit.engine.environment import fingerprint
 from opaudit.engine.loader import Target
 from opaudit.engine.record import DEFAULT_CAPTURE_BUDGET, DEFAULT_CAPTURES_PER_SIGNATURE, Recorder
 from opaudit.engine.replay import preserved_state, set_deterministic
 from opaudit.engine.window import Recorded, Window, WindowError, run_target
 from opaudit.flows.pipeline import DEFAULT_REPS, Progress, build_report
+from opaudit.flows.races import DEFAULT_SECONDS as DEFAULT_RACE_SECONDS
+from opaudit.flows.races import RaceReplay, catalog_race_ops, shipped_race_ops
 
 INFO, NOTE, WARNING = "info", "note", "warning"
 """The kinds of :meth:`Hooks.say`: ``info`` is what was recorded (a quiet caller drops
@@ -89,6 +97,11 @@ class RunOptions:
     """Keep the replays' timings in the report (off: byte-stable reports)."""
     remedies: bool = True
     """Attach the knowledge base's remedies to findings."""
+    race_seconds: float = DEFAULT_RACE_SECONDS
+    """Seconds the further runs of a race-prone op may take per captured call (see :mod:`opaudit.flows.races`);
+    0: none. Without ``timings`` a count the inputs' size fixes takes its place (byte-stable reports)."""
+    race_catalog: Catalog | None = None
+    """A catalog (``--against``) whose ``diverges`` ops, if it was made on this kind of machine, race here too."""
 
 
 class AuditRun:
@@ -320,16 +333,37 @@ class AuditRun:
                       + ("replaying in a spawned worker, which they cannot touch" if self._isolator is not None else
                          "if they run torch ops or change torch settings, replays can be disturbed: use --isolate"))
         all_settings.update(settings or {})
+        watch = CpuWatch()
         try:
-            report = build_report(rec, reps=o.reps, seed=o.seed, settings=all_settings, timings=o.timings,
-                                  remedies=o.remedies, on_progress=self.hooks.replayed, replay_fn=self._isolator,
-                                  run_checks=self.run_checks, complete=self.cut is None,
-                                  deterministic=self.deterministic)
+            with watch:
+                report = build_report(rec, reps=o.reps, seed=o.seed, settings=all_settings, timings=o.timings,
+                                      remedies=o.remedies, on_progress=self.hooks.replayed, replay_fn=self._isolator,
+                                      run_checks=self.run_checks, complete=self.cut is None,
+                                      deterministic=self.deterministic, races=self._races(rec))
         finally:
             self.hooks.replay_done()
+        contended = watch.contended(torch.get_num_threads())
+        if contended is not None:
+            if o.timings:
+                report = dataclasses.replace(report, env_warnings=(*report.env_warnings, contended))
+            else:  # measured, so never in a byte-stable report
+                self._say(WARNING, contended)
         if self.distributed is not None:
             return self.distributed.finish(report, rec, reps=o.reps)
         return report
+
+
+    def _races(self, rec: Recorder) -> RaceReplay | None:
+        """How this run replays race-prone signatures further (``None``: it does not)."""
+        o = self.options
+        if o.race_seconds <= 0:
+            return None
+        here = fingerprint()
+        device = "cuda" if any(s.device.startswith("cuda") for s in rec.signatures()) else "cpu"
+        ops = shipped_race_ops(here, device)
+        if o.race_catalog is not None:
+            ops |= catalog_race_ops(o.race_catalog, here, device)
+        return RaceReplay(seconds=o.race_seconds if o.timings else None, ops=ops)
 
 
 @dataclass(frozen=True)
