@@ -5,7 +5,8 @@ shows only when the replay's intra-op threads really run side by side; with
 the cores busy with other processes they take turns, and every replay can agree.
 :class:`CpuWatch` measures, over the time it is entered, how much of the cores
 this process may run on (``os.sched_getaffinity``) other processes used: from
-Linux's per-core counters (``/proc/stat``) less this process's own CPU time, else
+Linux's per-core counters (``/proc/stat``) less the CPU time of this process and
+its children (an ``--isolate`` worker replays for it), else
 from the load average less this process's threads. When fewer cores were free
 than the replay uses threads (``torch.get_num_threads()``), a ``stable`` verdict
 is weak evidence, and the audit says so.
@@ -44,14 +45,36 @@ def _busy_ticks(cpus: list[int]) -> int | None:
     return total if found == len(want) else None
 
 
-def _own_ticks() -> int | None:
-    """Clock ticks this process (all its threads) spent on a CPU."""
+def _stat(pid: int | str) -> list[str] | None:
     try:
-        with open("/proc/self/stat", encoding="ascii") as f:
-            fields = f.read().rpartition(")")[2].split()
-        return int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rpartition(")")[2].split()
+    except OSError:
+        return None
+
+
+def _own_ticks() -> int | None:
+    """Clock ticks this process and its children (an ``--isolate`` worker) spent on a CPU.
+
+    Its own threads' time, its reaped children's, and the time of the children
+    still running (found by their parent id): a worker that replays is this
+    process's work, not another's.
+    """
+    me = _stat("self")
+    if me is None:
+        return None
+    try:
+        # utime, stime, cutime, cstime: fields 14 to 17 of /proc/PID/stat (the 12th to 15th after the name).
+        total = sum(int(v) for v in me[11:15])
+        pid = str(os.getpid())
+        for entry in os.listdir("/proc"):
+            if entry.isdigit() and entry != pid:
+                child = _stat(entry)
+                if child is not None and child[1] == pid:
+                    total += sum(int(v) for v in child[11:15])
     except (OSError, ValueError, IndexError):
         return None
+    return total
 
 
 class CpuWatch:
