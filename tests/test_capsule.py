@@ -585,3 +585,38 @@ def test_capture_refuses_to_write_more_members_than_a_capsule_holds(tmp_path, ca
     assert code == 2 and err.strip().endswith(": more than 2 arrays, more than a capsule holds (a smaller "
                                               "--capture-budget, or --digests-only, stores fewer)")
     assert not path.exists()
+
+
+def test_an_index_op_keeps_its_further_captures(tmp_path, capsys):
+    """An op whose result depends on its index values keeps up to --captures-per-signature calls, as the audit
+    replays them: each is stored and replayed, and the row says which calls were checked."""
+    script = tmp_path / "index.py"
+    script.write_text(textwrap.dedent("""\
+        import torch
+        g = torch.Generator().manual_seed(0)
+        src = torch.randn(256, 8, generator=g)
+        indices = [torch.randint(0, 8, (256,), generator=g) for _ in range(3)]
+
+
+        def opaudit_step():
+            out = torch.zeros(8, 8)
+            for i in indices:
+                out.index_add_(0, i, src)
+            return out
+        """))
+    path = str(tmp_path / "index.opcap")
+    code, _, err = _run(["capture", str(script), "-o", path], capsys)
+    assert code == 0 and "(2 signatures, 4 calls;" in err
+    with zipfile.ZipFile(path) as z:
+        manifest = json.loads(z.read("manifest.json"))
+    entry = next(e for e in manifest["signatures"] if e["op"] == "aten.index_add_.default")
+    assert [c["call"] for c in entry["captures"]] == [1, 2, 3]
+    code, out, err = _run(["replay", path, "--reps", "1", "--format", "json", "-q"], capsys)
+    assert code == 0, err
+    row = next(r for r in json.loads(out)["ops"] if r["op"] == "aten.index_add_.default")
+    assert (row["across"], row["checked_calls"]) == ("same", [1, 2, 3])
+    one = str(tmp_path / "one.opcap")
+    assert _run(["capture", str(script), "-o", one, "--captures-per-signature", "1", "-q"], capsys)[0] == 0
+    with zipfile.ZipFile(one) as z:
+        manifest = json.loads(z.read("manifest.json"))
+    assert [len(e["captures"]) for e in manifest["signatures"] if e["op"] == "aten.index_add_.default"] == [1]

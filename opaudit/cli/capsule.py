@@ -195,7 +195,8 @@ def _replay_parser() -> Parser:
     p.add_argument("--op-timeout", type=positive_float, metavar="SECONDS",
                    help="skip an op whose replay takes longer (implies --isolate)")
     p.add_argument("--max-memory", type=bounded(MAX_BUDGET_MIB), metavar="MIB",
-                   help="refuse a capsule that declares more tensor data than this (default: this machine's memory)")
+                   help="refuse a capsule that declares more tensor data than this, or one tensor (as if dense) "
+                        "larger (default: this machine's memory)")
     p.add_argument("--no-timing", action="store_true", help="leave timings out (byte-stable output)")
     p.add_argument("--show-all", action="store_true", help="list every op in the terminal table, 'same' ones too")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress and no summary on stderr")
