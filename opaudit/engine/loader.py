@@ -19,7 +19,6 @@ import ast
 import atexit
 import builtins
 import contextlib
-import io
 import os
 import signal
 import sys
@@ -34,6 +33,8 @@ from typing import Any
 from opaudit.data.errors import OpauditError
 from opaudit.data.fileio import MAX_SCRIPT_BYTES, FileError, read_bytes
 from opaudit.engine import forks
+from opaudit.engine.exits import REAL_EXIT, ProcessExit, capturing_atexit, exit_for, leave_child, run_hooks
+from opaudit.engine.scriptio import restore_stdout, script_streams, stdout_to_stderr
 
 DEFAULT_ENTRY = "opaudit_step"
 
@@ -165,14 +166,6 @@ class Sandbox:
         """One line per thing undone that the user may want to know (an atexit hook that failed...)."""
 
 
-class _ProcessExit(BaseException):
-    """``os._exit`` called by the user's code in the process running the audit."""
-
-    def __init__(self, status: int) -> None:
-        super().__init__(status)
-        self.status = status
-
-
 _MISSING = object()
 
 
@@ -212,7 +205,6 @@ class _Builtins:
 _BUILTINS: list[_Builtins] = []
 """The builtins of each sandbox open, innermost last."""
 
-_real_exit = os._exit
 _TIMERS = tuple(getattr(signal, n) for n in ("ITIMER_REAL", "ITIMER_VIRTUAL", "ITIMER_PROF") if hasattr(signal, n))
 
 
@@ -245,12 +237,12 @@ def _sandboxed(target: Target) -> Iterator[Sandbox]:
     threads_before = set(threading.enumerate())
     hooks: list[tuple[Callable[..., Any], tuple, dict]] = []
     saved_atexit = (atexit.register, atexit.unregister)
-    saved_fd = _stdout_to_stderr()
-    sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__ = _script_streams()  # type: ignore[misc]
+    saved_fd = stdout_to_stderr()
+    sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__ = script_streams()  # type: ignore[misc]
     script_builtins = _Builtins()
     _BUILTINS.append(script_builtins)
-    os._exit = _exit_for(box.pid)  # type: ignore[assignment]
-    atexit.register, atexit.unregister = _capturing_atexit(hooks)  # type: ignore[assignment]
+    os._exit = exit_for(box.pid)  # type: ignore[assignment]
+    atexit.register, atexit.unregister = capturing_atexit(hooks)  # type: ignore[assignment]
     sys.argv = [target.path, *target.argv]
     sys.path.insert(0, target.root)
     try:
@@ -259,7 +251,7 @@ def _sandboxed(target: Target) -> Iterator[Sandbox]:
         _BUILTINS.remove(script_builtins)
         script_builtins.leave()
         if os.getpid() != box.pid:
-            _leave_child(None)
+            leave_child(None)
         # The interpreter waits for non-daemon threads at exit, then runs the
         # atexit hooks; so do we, before replay flips global flags under them.
         for t in threading.enumerate():
@@ -269,19 +261,19 @@ def _sandboxed(target: Target) -> Iterator[Sandbox]:
         try:
             script_builtins.enter()
             try:
-                _run_hooks(hooks, box)
+                run_hooks(hooks, box.pid, box.notes)
             finally:
                 script_builtins.leave()
         finally:
             atexit.register, atexit.unregister = saved_atexit  # type: ignore[assignment]
-            os._exit = _real_exit  # type: ignore[assignment]
+            os._exit = REAL_EXIT  # type: ignore[assignment]
             for timer, (deadline, interval) in saved_timers.items():
                 delay = 0.0 if deadline is None else max(deadline - time.monotonic(), 1e-6)
                 signal.setitimer(timer, delay, interval)
             for signum, handler in saved_handlers.items():
                 if signal.getsignal(signum) is not handler:
                     signal.signal(signum, handler)
-            _restore_stdout(saved_fd)
+            restore_stdout(saved_fd)
             sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__ = saved_streams  # type: ignore[misc]
             sys.argv = saved_argv
             sys.path[:] = saved_path
@@ -330,206 +322,6 @@ def _signal_handlers() -> dict[int, Any]:
     return handlers
 
 
-def _stdout_to_stderr() -> tuple[int | None, int | None]:
-    """Point the script's stdout (``sys.stdout`` and descriptor 1) at stderr; the saved descriptors 1 and 2
-    (2 too: a script that closes or redirects it must not take opaudit's messages with it)."""
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    try:
-        saved_err: int | None = os.dup(2)
-    except OSError:
-        saved_err = None  # stderr closed
-    try:
-        saved = os.dup(1)
-    except OSError:
-        saved = None  # stdout closed: nothing of the report's stream to protect
-    else:
-        try:
-            os.dup2(2, 1)
-        except OSError:  # stderr closed: the script's output is dropped rather than mixed in
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, 1)
-            os.close(devnull)
-    sys.stdout = sys.stderr
-    return saved, saved_err
-
-
-class _ScriptStream(io.TextIOBase):
-    """The script's ``sys.stdout`` or ``sys.stderr``: it writes to opaudit's stream, but closing it
-    (``sys.stdout.close()``) closes only this stand-in, never the stream opaudit writes to."""
-
-    def __init__(self, target: Any) -> None:
-        super().__init__()
-        self._target = target
-
-    def write(self, text: str) -> int:
-        if self.closed:
-            raise ValueError("I/O operation on closed file.")
-        return self._target.write(text)
-
-    def flush(self) -> None:
-        if not self.closed:
-            self._target.flush()
-
-    def writable(self) -> bool:
-        return True
-
-    def fileno(self) -> int:
-        return self._target.fileno()
-
-    def isatty(self) -> bool:
-        return not self.closed and self._target.isatty()
-
-    @property
-    def encoding(self) -> str:  # type: ignore[override]
-        return getattr(self._target, "encoding", None) or "utf-8"
-
-    @property
-    def errors(self) -> str | None:  # type: ignore[override]
-        return getattr(self._target, "errors", None)
-
-    @property
-    def buffer(self) -> Any:
-        """Bytes written here go to the target's buffer; closing it closes this stand-in only too."""
-        return _ScriptBuffer(self._target.buffer, self)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._target, name)
-
-
-class _ScriptBuffer(io.BufferedIOBase):
-    """``sys.stdout.buffer`` of a :class:`_ScriptStream`."""
-
-    def __init__(self, target: Any, text: _ScriptStream) -> None:
-        super().__init__()
-        self._target = target
-        self._text = text
-
-    def write(self, data: Any) -> int:
-        if self.closed or self._text.closed:
-            raise ValueError("write to closed file")
-        return self._target.write(data)
-
-    def flush(self) -> None:
-        if not self.closed:
-            self._target.flush()
-
-    def close(self) -> None:
-        super().close()
-        self._text.close()
-
-    def writable(self) -> bool:
-        return True
-
-    def fileno(self) -> int:
-        return self._target.fileno()
-
-    def isatty(self) -> bool:
-        return self._target.isatty()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._target, name)
-
-
-def _script_streams() -> tuple[Any, ...]:
-    """Stand-ins for ``sys.stdout``/``sys.stderr`` and ``sys.__stdout__``/``sys.__stderr__``, all writing to
-    the stream the script's output goes to (see :func:`_stdout_to_stderr`)."""
-    return tuple(None if s is None else _ScriptStream(s)
-                 for s in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__))
-
-
-def _restore_stdout(saved: tuple[int | None, int | None]) -> None:
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    with contextlib.suppress(Exception):
-        # C and C++ code buffers in libc's stdio; flush it while it still goes to stderr.
-        import ctypes
-
-        ctypes.CDLL(None).fflush(None)
-    for fd, saved_fd in zip((1, 2), saved, strict=True):
-        if saved_fd is not None:
-            os.dup2(saved_fd, fd)
-            os.close(saved_fd)
-
-
-def _exit_for(owner: int) -> Callable[[int], Any]:
-    def _exit(status: int) -> None:
-        if os.getpid() != owner:
-            _real_exit(status)  # a child the script forked: exactly what it asked for
-        raise _ProcessExit(status)
-
-    _exit.__doc__ = _real_exit.__doc__
-    _exit.__qualname__ = "os._exit"  # what a note about an atexit hook calls it
-    return _exit
-
-
-def _capturing_atexit(hooks: list) -> tuple[Callable[..., Any], Callable[..., Any]]:
-    """``atexit.register``/``unregister`` that keep the user's hooks for the end of the script.
-
-    Hooks registered by torch, opaudit or the standard library (``multiprocessing``
-    importing itself, say) are the process's, not the script's: they go to the real
-    ``atexit``.
-    """
-    real_register, real_unregister = atexit.register, atexit.unregister
-    from opaudit.engine.sites import is_internal
-
-    def register(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Callable[..., Any]:
-        if is_internal(sys._getframe(1).f_code.co_filename):
-            return real_register(func, *args, **kwargs)
-        hooks.append((func, args, kwargs))
-        return func
-
-    def unregister(func: Callable[..., Any]) -> None:
-        hooks[:] = [h for h in hooks if h[0] != func]
-        real_unregister(func)
-
-    return register, unregister
-
-
-def _run_hooks(hooks: list, box: Sandbox) -> None:
-    """Run the script's atexit hooks, last registered first; what they raise is reported, not fatal."""
-    while hooks:
-        func, args, kwargs = hooks.pop()
-        name = getattr(func, "__qualname__", repr(func))
-        try:
-            func(*args, **kwargs)
-        except _ProcessExit as e:
-            if os.getpid() != box.pid:
-                _real_exit(e.status)
-            box.notes.append(f"the script's atexit hook {name} called os._exit({e.status}); its remaining "
-                             "atexit hooks were not run")
-            hooks.clear()
-        except BaseException as e:  # the interpreter ignores these too
-            if os.getpid() != box.pid:
-                _leave_child(e)
-            if isinstance(e, KeyboardInterrupt):
-                raise
-            if not isinstance(e, SystemExit):
-                box.notes.append(f"the script's atexit hook {name} raised {type(e).__name__}: {e} (ignored)")
-
-
-def _leave_child(exc: BaseException | None) -> None:
-    """End a process the user's code forked that returned into opaudit: it must not audit or write."""
-    status = 0
-    if isinstance(exc, SystemExit):
-        status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        if exc.code is not None and not isinstance(exc.code, int):
-            with contextlib.suppress(Exception):
-                sys.stderr.write(f"{exc.code}\n")
-    elif isinstance(exc, _ProcessExit):
-        status = exc.status
-    elif exc is not None:
-        status = 1
-        with contextlib.suppress(Exception):
-            traceback.print_exception(exc)
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    _real_exit(status)
-
-
 def _compile(target: Target) -> types.CodeType:
     return compile(target.source, target.path, "exec", dont_inherit=True)
 
@@ -563,11 +355,11 @@ def call_user(fn: Callable[[], Any]) -> Any:
         result = fn()
     except BaseException as e:
         if os.getpid() != owner:
-            _leave_child(e)
+            leave_child(e)
         return _failure(e)
     else:
         if os.getpid() != owner:
-            _leave_child(None)
+            leave_child(None)
         return result
     finally:
         if os.getpid() == owner:
@@ -584,7 +376,7 @@ def _failure(e: BaseException) -> None:
         if e.code is None or e.code == 0:
             return None
         raise ScriptExitError(e.code) from None
-    if isinstance(e, _ProcessExit):
+    if isinstance(e, ProcessExit):
         raise ScriptExitError(e.status, "os._exit") from None
     if isinstance(e, KeyboardInterrupt) or not isinstance(e, Exception):
         raise e
