@@ -11,7 +11,8 @@ happen: the diff of the two), the shipped CPU catalog converted with ``opaudit c
 --from``, the recommender predicted against it with ``--against``, and the decoder
 example's ``--batch-invariance`` check, and the tiny transformer of the capsule tests
 captured under ATen's AVX2 kernels and replayed under its scalar ones (the two
-settings of one CPU that ``docs/migrate.md`` shows). Headless Chromium (Debian's ``chromium`` and
+settings of one CPU that ``docs/migrate.md`` shows), and the two traces of the tiny language
+model under those two settings compared (``docs/compare.md``). Headless Chromium (Debian's ``chromium`` and
 ``chromium-driver``) draws them at 1280 pixels wide.
 """
 
@@ -46,9 +47,10 @@ def opaudit(*args: str, cwd: str = ROOT, capability: str = "") -> None:
         raise SystemExit(f"opaudit {' '.join(args)} exited {proc.returncode}")
 
 
-SECTIONS = {"report": ("step", "cost", "divergence", "run-check"), "catalog": ("grid",), "replay": ("magnitude",)}
+SECTIONS = {"report": ("step", "cost", "divergence", "run-check"), "catalog": ("grid",), "replay": ("magnitude",),
+            "compare": ("cause",)}
 """The parts of a page shot on their own (the pictures), by the page's section ids."""
-KINDS = ("report", "catalog", "diff", "prediction", "batch", "replay")
+KINDS = ("report", "catalog", "diff", "prediction", "batch", "replay", "compare")
 TRANSFORMER = os.path.join("tests", "fixtures", "scripts", "tiny_transformer.py")
 
 
@@ -72,6 +74,11 @@ def make_pages(folder: str, only: Sequence[str] = KINDS) -> dict[str, str]:
         opaudit("capture", TRANSFORMER, "-q", "-o", capsule, capability="avx2")
         # From the capsule's folder, so that the page names it as the user's own replay would: step.opcap.
         opaudit("replay", "step.opcap", "-q", "-o", p["replay"], cwd=folder, capability="default")
+    if "compare" in only:
+        lm = os.path.join("tests", "fixtures", "trace", "tiny_lm.py")
+        opaudit("trace", lm, "-q", "-o", os.path.join(folder, "avx2.optrace"), capability="avx2")
+        opaudit("trace", lm, "-q", "-o", os.path.join(folder, "default.optrace"), capability="default")
+        opaudit("compare", "avx2.optrace", "default.optrace", "-q", "-o", p["compare"], cwd=folder)
     return p
 
 
@@ -95,7 +102,7 @@ def shoot(pages: dict[str, str], out: str) -> list[str]:
             if errors:
                 raise SystemExit(f"{page}: console errors: {errors}")
             rows = driver.find_elements("css selector", "table.data.main > tbody > tr:first-child")
-            if name in ("report", "prediction", "catalog", "replay") and rows:
+            if name in ("report", "prediction", "catalog", "replay", "compare") and rows:
                 rows[0].click()  # a row opened to its detail
             save(driver, name)
             for section in SECTIONS.get(name, ()):

@@ -109,6 +109,8 @@ def test_hostile_names_are_text_in_every_page(docs):
         "prediction": ([shown_text], "predictions", []),
         "replay": ([SCRIPT_NAME, MODULE_NAME], "ops", [SCRIPT_NAME]),
         "hostile replay": ([shown_op, shown_text], "ops", [HOSTILE_OP + "0", HOSTILE_TEXT]),
+        "compare": ([SCRIPT_NAME, MODULE_NAME], "events", [SCRIPT_NAME, MODULE_NAME]),
+        "hostile compare": ([shown_op[:-1], shown_text], "events", [HOSTILE_OP, HOSTILE_TEXT]),
     }
     for name, (needles, table, data_needles) in expect.items():
         source = open(docs.pages[name], encoding="utf-8").read()
@@ -124,7 +126,7 @@ def test_hostile_names_are_text_in_every_page(docs):
             assert any(needle in x for x in strings), (name, needle)
         meta = json.loads(re.search(r'<script type="application/json" id="opaudit-meta">(.*?)</script>', source,
                                     re.S).group(1))
-        assert meta["kind"] in ("report", "catalog", "diff", "prediction", "replay")
+        assert meta["kind"] in ("report", "catalog", "diff", "prediction", "replay", "comparison")
 
 
 def test_the_report_page_holds_every_finding_its_detail_and_the_run_check(docs):
@@ -179,6 +181,37 @@ def test_the_replay_page_leads_with_the_environment_difference_and_holds_every_o
     bars = _bars(source, "How far each op")
     assert list(bars) == [f"{moved.max_abs_diff:.3g}"]
     assert f"aten.randn.default {SCRIPT_NAME[:20]}" in "".join(page.text)  # the bar's label: op and file (cut)
+
+
+@pytest.mark.skipif(not has_avx2(), reason="this CPU lacks AVX2: both traces ran the same kernels")
+def test_the_compare_page_leads_with_what_differs_and_names_the_root_cause(docs):
+    """Two real traces of the review step (AVX2 and scalar kernels) compared by the CLI: what differs comes before
+    the table; the root cause is the first event, with its op, line, phase, step and call numbers, in the table,
+    its detail and the spread picture; the chips count the events."""
+    from opaudit.flows.trace.compare import compare_traces
+
+    (r,) = compare_traces(*docs.traces).ranks
+    cause = r.root_cause
+    assert cause is not None and cause.where.startswith(SCRIPT_NAME) and cause.phase == "setup"
+    source = open(docs.compare_html, encoding="utf-8").read()
+    lead = source.index('id="differences"')
+    assert lead < source.index('<table class="data t-events') < source.index('id="cause"')
+    text = "".join(Parsed(source[lead:source.index("</details>", lead)]).text)
+    assert "cpu_capability" in text and "AVX2" in text and "DEFAULT" in text
+    data = _data(source, "events")
+    strings = data["s"]
+    first = [strings[i] if isinstance(i, int) else [strings[j] for j in i] for i in data["c"][0]]
+    assert first[:8] == [["root_cause", "", ""], str(cause.index_a), str(cause.index_b), cause.op, cause.where,
+                         cause.module or "-", "setup", str(cause.step)]
+    detail = {strings[t]: v for t, _, v in data["d"][0]}
+    assert strings[detail["call"]] == f"call #{cause.index_a}" and strings[detail["phase"]] == "setup"
+    page = Parsed(source)
+    chips = {a["data-verdict"]: a for a in page.tags("button") if "chip" in (a.get("class") or "")}
+    assert list(chips) == ["root_cause", "first_difference", "parted", "structural", "first_loss", "first_update",
+                           "final"]
+    cause_text = "".join(Parsed(source[source.index('id="cause"'):]).text)
+    assert f"call #{cause.index_a} {cause.op}" in cause_text and f"{r.downstream} later call(s) differed" in cause_text
+    assert r.final and r.final[0] in cause_text  # the spread ends at the final tensors that differ
 
 
 def _timed_report() -> Report:

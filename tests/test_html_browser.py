@@ -78,7 +78,7 @@ def test_the_checks_catch_a_request_and_a_console_error(chrome, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["report", "hostile report", "catalog", "hostile catalog", "diff", "prediction",
-                                  "replay", "hostile replay"])
+                                  "replay", "hostile replay", "compare", "hostile compare"])
 def test_a_page_opens_offline_without_errors_and_injected_names_stay_text(chrome, docs, name):
     url = _open(chrome, docs.pages[name])
     assert chrome.title
@@ -95,13 +95,13 @@ def test_a_page_opens_offline_without_errors_and_injected_names_stay_text(chrome
     if name == "report":
         assert SCRIPT_NAME in text and MODULE_NAME in chrome.execute_script(
             "return document.querySelector('table.data.main').textContent")
-    if name == "replay":
+    if name in ("replay", "compare"):
         assert SCRIPT_NAME in text
     if name.startswith("hostile") or name == "prediction":
         assert HOSTILE_TEXT.replace("\x07", "\\x07") in chrome.execute_script("return document.title") + text
 
 
-SORTS = {"report": "first", "catalog": "op", "diff": "op", "prediction": "op", "replay": "op"}
+SORTS = {"report": "first", "catalog": "op", "diff": "op", "prediction": "op", "replay": "op", "compare": "op"}
 """A column per page kind whose order differs from the page's own (worst first)."""
 
 
@@ -126,7 +126,7 @@ def test_sorting_a_column_reorders_the_rows(chrome, docs, name):
     assert f"sort={key}" in chrome.execute_script("return location.hash")
 
 
-@pytest.mark.parametrize("name", ["report", "catalog", "diff", "prediction", "replay"])
+@pytest.mark.parametrize("name", ["report", "catalog", "diff", "prediction", "replay", "compare"])
 def test_a_verdict_chip_shows_only_its_rows_and_the_link_keeps_the_view(chrome, docs, name):
     url = _open(chrome, docs.pages[name])
     every = _verdicts(chrome)
@@ -232,5 +232,35 @@ def test_the_replay_page_shows_the_environment_difference_above_its_rows_and_a_r
     body = chrome.find_element("css selector", f"tbody[data-id='{linear.finding.id}']")
     body.find_element("css selector", "tr").click()
     assert MODULE_NAME in body.find_elements("css selector", "tr")[1].text
+    assert chrome.execute_script("return [document.images.length, typeof window.pwned]") == [0, "undefined"]
+    assert browser.console_errors(chrome) == []
+
+
+@pytest.mark.skipif(not has_avx2(), reason="this CPU lacks AVX2: both traces ran the same kernels")
+def test_the_compare_page_opens_its_root_cause_and_a_hostile_structural_difference_stays_text(chrome, docs):
+    """What differs between the runs is on screen above the table; the root cause's row opens to its op, line,
+    phase, step and call; in the hostile copy a structural difference's calls open as text."""
+    from opaudit.flows.trace.compare import compare_traces
+
+    (r,) = compare_traces(*docs.traces).ranks
+    _open(chrome, docs.compare_html)
+    lead = chrome.find_element("id", "differences")
+    table = chrome.find_element("css selector", "table.data.main")
+    assert lead.is_displayed() and lead.location["y"] < table.location["y"]
+    assert "environment cpu_capability AVX2 DEFAULT" in [row.text for row in lead.find_elements("css selector", "tbody tr")]
+    assert _verdicts(chrome)[0] == "root_cause"
+    body = chrome.find_elements("css selector", "table.data.main > tbody")[0]
+    body.find_element("css selector", "tr").click()
+    text = body.find_elements("css selector", "tr")[1].text
+    for needle in (r.root_cause.op, r.root_cause.where, "setup", f"call #{r.root_cause.index_a}",
+                   "identical in both runs"):
+        assert needle in text
+    assert chrome.find_element("id", "cause").find_elements("css selector", "svg")
+    _open(chrome, docs.hostile_compare_html)
+    chrome.find_element("css selector", ".chip[data-verdict='structural']").click()
+    (body,) = [b for b in chrome.find_elements("css selector", "table.data.main > tbody") if b.is_displayed()]
+    body.find_element("css selector", "tr").click()
+    detail = body.find_elements("css selector", "tr")[1].text
+    assert HOSTILE_TEXT.replace("\x07", "") in detail.replace("\x07", "")
     assert chrome.execute_script("return [document.images.length, typeof window.pwned]") == [0, "undefined"]
     assert browser.console_errors(chrome) == []

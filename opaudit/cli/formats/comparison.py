@@ -1,4 +1,5 @@
-"""The comparison of two traces (``opaudit compare``) as a terminal table, Markdown, CSV and HTML.
+"""The comparison of two traces (``opaudit compare``) as a terminal table, Markdown and CSV (HTML:
+:mod:`~opaudit.cli.formats.html_compare`).
 
 Reads only the record (:class:`~opaudit.data.comparison.TraceComparison`); YAML and
 JSON are its dict form. Each process's section says, in this order: the verdict,
@@ -9,7 +10,6 @@ update that differed, the final tensors), then the structural differences.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from opaudit.cli.formats.escape import csv_text, md_table, md_text
@@ -190,26 +190,3 @@ def rows(c: TraceComparison) -> list[dict[str, Any]]:
 def csv_form(c: TraceComparison) -> str:
     """The comparison as CSV (formula-looking cells neutralised)."""
     return csv_text(CSV_FIELDS, rows(c))
-
-
-def html(c: TraceComparison) -> str:
-    """The comparison as one HTML page: the outcome first, then what differs, then each process."""
-    from opaudit.cli.formats.html_page import Page, badge, code, esc, plain_table, section
-
-    fields: Sequence[Any] = list(c.environment) + list(c.settings)
-    env = plain_table(("field", "A", "B"), [(esc(f.name), code(_value(f.before)), code(_value(f.after)))
-                                            for f in fields]) if fields else \
-        "<p>Same environment fingerprint, variables and settings.</p>"
-    sections = [section("What differs between the two runs", env)]
-    for r in c.ranks:
-        title = f"rank {r.rank}" if r.rank is not None else "The run"
-        if c.first_rank is not None and r.rank == c.first_rank:
-            title += " (diverged first)"
-        body = "".join(f"<p>{esc(line)}</p>" if not line.startswith(" ") else f"<p class=\"sub\">{esc(line)}</p>"
-                       for line in cause_lines(r))
-        sections.append(section(f"{title}: {'identical' if r.identical else 'diverged'}", body))
-    verdict = "identical" if c.identical else "diverged"
-    page = Page("comparison", f"opaudit trace comparison: {verdict}", f"A: {c.a}  B: {c.b}",
-                [f"{badge('stable' if c.identical else 'diverges', verdict)} {esc(c.script)} ({esc(c.window)})"],
-                sections=sections, meta={"verdict": verdict, "a": c.a, "b": c.b})
-    return page.html()

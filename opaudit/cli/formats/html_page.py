@@ -72,9 +72,13 @@ COLOURS = {
     "batch_variant": "#ea580c", "batch_invariant": "#15803d", "not_comparable": "#6b7280",
     "unknown": "#64748b", "missing": "#cbd5e1",
     "same": "#15803d", "differs": "#7e22ce", "differs_default": "#ea580c", "unsupported": "#b91c1c",
+    "identical": "#15803d", "diverged": "#b91c1c", "root_cause": "#b91c1c", "first_difference": "#ea580c",
+    "first_loss": "#7e22ce", "first_update": "#2563eb", "structural": "#b58105", "parted": "#6b7280",
+    "final": "#0e7490",
 }
 """The colour of every verdict a page shows (determinism, batch invariance, predicted ``unknown``, a diff's
-``missing``, a capsule replay's ``across``); each also has a CSS class ``v-<name>``. Text always says the verdict too."""
+``missing``, a capsule replay's ``across``, a trace comparison's verdict and events); each also has a CSS class
+``v-<name>``. Text always says the verdict too."""
 
 PHASE_COLOURS = {"setup": "#e5e7eb", "data": "#dbeafe", "forward": "#fef3c7", "backward": "#fce7f3",
                  "optimizer": "#dcfce7"}

@@ -246,3 +246,32 @@ def spread(cause: Sequence[str], middle: Sequence[str], ends: Sequence[str], lab
         parts.append(arrow(src, cy, col[2], ey + end_h / 2))
         parts.append(box(col[2], ey, widths[2], [text], "#f9fafb", "#9ca3af"))
     return _svg(WIDTH, height, label, "".join(parts))
+
+
+def timeline(rows: Sequence[tuple[str, int, Sequence[tuple[int, str, str]]]], label: str) -> str:
+    """One line per process, as long as its calls: ``rows`` ``(name, calls, marks)``, each mark ``(call number,
+    kind, tooltip)`` drawn at its call and coloured by its kind (a verdict name), the later kinds over the
+    earlier ones."""
+    if not rows:
+        return ""
+    left, right, row, top = 90.0, 60.0, 26.0, 6.0
+    longest = max(max(n for _, n, _ in rows), 1)
+    plot = WIDTH - left - right
+    height = top + row * len(rows) + 16
+
+    def x(call: int) -> float:
+        return left + plot * (min(max(call, 1), longest) - 1) / max(longest - 1, 1)
+
+    parts = []
+    for i, (name, calls, marks) in enumerate(rows):
+        y = top + i * row + row / 2
+        parts.append(_text(left - 8, y + 4, _fit(name, 13), "end"))
+        parts.append(f'<g><title>{esc(name)}: {calls} calls</title><rect x="{left:.1f}" y="{y - 2:.1f}" '
+                     f'width="{max(x(calls) - left, 1.0):.1f}" height="4" fill="#d1d5db"/></g>')
+        parts.append(_text(x(calls) + 6, y + 4, f"{calls} calls"))
+        for call, kind, tip in marks:
+            parts.append(f'<rect x="{x(call) - 2:.1f}" y="{y - 9:.1f}" width="4" height="18" '
+                         f'fill="{colour(kind)}"><title>{esc(tip)}</title></rect>')
+    parts.append(_text(left, height - 4, "call 1"))
+    parts.append(_text(left + plot, height - 4, f"call {longest}", "end"))
+    return _svg(WIDTH, height, label, "".join(parts))

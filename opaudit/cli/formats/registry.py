@@ -12,7 +12,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from opaudit.cli.formats import comparison, csv_, html, html_replay, markdown, replay, sarif, table
+from opaudit.cli.formats import comparison, csv_, html, html_compare, html_replay, markdown, replay, sarif, table
 from opaudit.cli.formats.choice import Format, Kind, check_kind
 from opaudit.cli.formats.escape import json_text, visible
 from opaudit.data.files import dump_yaml
@@ -68,7 +68,7 @@ RENDERERS: dict[tuple[Kind, Format], Renderer] = {
     (Kind.COMPARISON, Format.CSV): comparison.csv_form,
     (Kind.COMPARISON, Format.MARKDOWN): comparison.markdown,
     (Kind.COMPARISON, Format.TABLE): comparison.table,
-    (Kind.COMPARISON, Format.HTML): comparison.html,
+    (Kind.COMPARISON, Format.HTML): html_compare.page,
     (Kind.COMPARISON, Format.SARIF): sarif.comparison,
 }
 """Every (kind, format) pair: each document kind is written in every format but the
