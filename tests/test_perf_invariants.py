@@ -222,8 +222,8 @@ def test_a_compiled_function_run_while_recording_is_recorded_op_by_op():
 # -- comparing outputs: memcmp where the tensors allow it, the same answers as torch.equal --
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64, torch.bool, torch.complex64])
 def test_same_bits_compares_contiguous_cpu_memory_and_finds_one_changed_element(dtype):
+    from opaudit.aten.bitwise import same_bits
     from opaudit.aten.memory import same_memory
-    from opaudit.aten.tensors import same_bits
 
     a = (torch.arange(4096) % 7).to(dtype)
     assert same_memory(a, a.clone())  # the memcmp path is the one taken
@@ -235,8 +235,8 @@ def test_same_bits_compares_contiguous_cpu_memory_and_finds_one_changed_element(
 
 
 def test_same_bits_outside_memcmp_falls_back_to_the_exact_comparison():
+    from opaudit.aten.bitwise import same_bits
     from opaudit.aten.memory import same_memory
-    from opaudit.aten.tensors import same_bits
 
     t = torch.arange(16.0).reshape(4, 4).t()  # not contiguous
     assert not same_memory(t, t.clone()) and same_bits(t, t.clone())

@@ -39,7 +39,7 @@ _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 def same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether ``a`` and ``b`` (same shape and dtype) hold the same bytes, when that is cheap to tell by
     comparing their memory: both plain, dense, contiguous CPU tensors. ``False`` also means "not known"
-    (:func:`~opaudit.aten.tensors.same_bits` then compares them exactly, NaN payloads included)."""
+    (:func:`~opaudit.aten.bitwise.same_bits` then compares them exactly, NaN payloads included)."""
     if (type(a) not in _PLAIN_TENSORS or type(b) not in _PLAIN_TENSORS or a.device.type != "cpu"
             or b.device.type != "cpu" or a.layout != torch.strided or b.layout != torch.strided or a.is_quantized
             or a.is_conj() or b.is_conj() or a.is_neg() or b.is_neg()

@@ -25,19 +25,8 @@ from typing import Any
 
 import torch
 
-from opaudit.aten.tensors import (
-    Snapshot,
-    _GeneratorSlot,
-    _Leaf,
-    _OpaqueSlot,
-    _Seq,
-    _ShapeSlot,
-    bits,
-    difference,
-    differing_mask,
-    same_bits,
-    ulp_distance,
-)
+from opaudit.aten.bitwise import bits, difference, differing_mask, same_bits, ulp_distance
+from opaudit.aten.tensors import Snapshot, _GeneratorSlot, _Leaf, _OpaqueSlot, _Seq, _ShapeSlot
 from opaudit.data.capsule import DTYPE_SIZES, Capture, GeneratorArg, TensorArg
 from opaudit.data.errors import OpauditError
 from opaudit.data.observation import Crossing
@@ -285,7 +274,7 @@ def tensor_from_bytes(raw: torch.Tensor, dtype: str, shape: Sequence[int]) -> to
 
 def content_digest(x: Any) -> str:
     """32 hex digits naming an output's dtype, shape and bits, NaNs counted equal wherever they sit
-    (as :func:`~opaudit.aten.tensors.same_bits` counts them); a non-tensor output by its value."""
+    (as :func:`~opaudit.aten.bitwise.same_bits` counts them); a non-tensor output by its value."""
     h = hashlib.blake2b(digest_size=16)
     if isinstance(x, torch.Tensor):
         t = x.detach()

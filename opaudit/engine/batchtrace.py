@@ -34,9 +34,9 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.weak import WeakIdKeyDictionary
 
+from opaudit.aten.bitwise import difference, nested_leaves, same_bits
 from opaudit.aten.ops import OpKind, op_kind, written_args
 from opaudit.aten.signature import signature_text
-from opaudit.aten.tensors import difference, nested_leaves, same_bits
 from opaudit.engine.mode import Interception
 from opaudit.engine.sites import SiteTracker
 

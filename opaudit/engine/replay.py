@@ -33,9 +33,10 @@ import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
 from opaudit.aten import precision
+from opaudit.aten.bitwise import difference, differing_mask, fill_mask, flat_tensors, same_bits
 from opaudit.aten.ops import ALERT_TEXT, CUBLAS_TEXT
 from opaudit.aten.portable import Reference, compare_expected
-from opaudit.aten.tensors import Snapshot, difference, differing_mask, fill_mask, flat_tensors, same_bits
+from opaudit.aten.tensors import Snapshot
 from opaudit.data.errors import OpauditError
 from opaudit.data.observation import (
     CUBLAS_WORKSPACE,

@@ -19,7 +19,7 @@ The layout (little endian)::
 
 A digest's meta names what was digested (``torch.float32[8,128]``, with the strides
 of a tensor read in memory order; ``int``, ``float``... for other arguments); h1 and
-h2 are :func:`opaudit.aten.tensors.digest`'s two sums (a hash of its text for a
+h2 are :func:`opaudit.aten.bitwise.digest`'s two sums (a hash of its text for a
 non-tensor). The last ``written`` outputs are inputs the op wrote and did not return.
 
 Trace files are read as hostile input: the magic, the version, every frame's

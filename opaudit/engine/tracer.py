@@ -21,8 +21,8 @@ import torch
 from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.weak import WeakIdKeyDictionary
 
+from opaudit.aten.bitwise import digest, nested_leaves
 from opaudit.aten.ops import OpKind, is_collective, op_kind, written_args
-from opaudit.aten.tensors import digest, nested_leaves
 from opaudit.engine.mode import Interception
 from opaudit.engine.sites import SiteTracker
 
@@ -283,7 +283,7 @@ def storage_ptr(t: torch.Tensor) -> int | None:
 
 
 def safe_digest(t: torch.Tensor) -> tuple:
-    """:func:`~opaudit.aten.tensors.digest`, or what can be said of a tensor it cannot digest (meta, fake)."""
+    """:func:`~opaudit.aten.bitwise.digest`, or what can be said of a tensor it cannot digest (meta, fake)."""
     try:
         return digest(t)
     except Exception as e:  # meta, fake or exotic tensors: compare what can be compared

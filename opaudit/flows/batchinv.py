@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from opaudit.aten.bitwise import difference, same_bits
 from opaudit.aten.signature import signature_id
-from opaudit.aten.tensors import difference, same_bits
 from opaudit.data.errors import OpauditError
 from opaudit.data.invariance import (
     BATCH_INVARIANT,

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from opaudit.aten.bitwise import same_bits
 from opaudit.aten.ops import OpKind
 from opaudit.aten.portable import (
     NotPortable,
@@ -24,7 +25,7 @@ from opaudit.aten.portable import (
     scalar_json,
     tensor_bytes,
 )
-from opaudit.aten.tensors import Snapshot, same_bits
+from opaudit.aten.tensors import Snapshot
 from opaudit.data.capsule import (
     Blob,
     Buffer,

@@ -29,7 +29,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from opaudit.aten.tensors import Snapshot, difference, digest, flat_tensors, same_bits
+from opaudit.aten.bitwise import difference, digest, flat_tensors, same_bits
+from opaudit.aten.tensors import Snapshot
 from opaudit.engine.record import RecordedSignature
 from opaudit.engine.replay import set_deterministic
 from opaudit.flows.distributed.comm import Channel, RankTimeout

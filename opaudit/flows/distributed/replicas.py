@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
+from opaudit.aten.bitwise import digest
 from opaudit.aten.ops import written_args
 from opaudit.aten.signature import signature_text
-from opaudit.aten.tensors import digest
 from opaudit.engine.mode import skip_dynamo
 from opaudit.engine.sites import SiteTracker
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from opaudit.aten.tensors import difference, flat_tensors, same_bits
+from opaudit.aten.bitwise import difference, flat_tensors, same_bits
 from opaudit.engine.tracer import Tracer, storage_ptr
 from opaudit.flows.runcheck.compiled import Untraced
 
