@@ -9,6 +9,7 @@ worker sends it to its parent as it starts a task. No sleeps decide when.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -19,10 +20,18 @@ from conftest import EXAMPLES, ROOT
 HOOK = os.path.join(ROOT, "tests", "fixtures", "signals")
 
 
+def _default_dispositions():
+    # A shell without job control starts a background job (`pytest &`, a CI runner's
+    # script) with SIGINT ignored, and Python then keeps ignoring it: the signal the
+    # test sends before opaudit's handlers are in place would be lost, not tested.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 def _opaudit(args, env, timeout=240):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([HOOK, ROOT, os.environ.get("PYTHONPATH", "")]), **env)
     return subprocess.run([sys.executable, "-m", "opaudit", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, preexec_fn=_default_dispositions)
 
 
 @pytest.mark.parametrize(("module", "signame", "code", "said"), [
