@@ -9,7 +9,7 @@ from conftest import ROOT
 from opaudit.cli.main import main
 from opaudit.data.report import load
 from opaudit.data.site import Site
-from opaudit.engine.sites import is_generated, is_internal
+from opaudit.engine.sourcefiles import is_generated, is_internal
 
 SCRIPT = os.path.join(ROOT, "tests", "fixtures", "scripts", "generated_code.py")
 HERE = "tests/fixtures/scripts/generated_code.py"

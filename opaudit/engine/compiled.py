@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from opaudit.data.report import CompiledCode
-from opaudit.engine.sites import is_internal, relative_path
+from opaudit.engine.sourcefiles import is_internal, relative_path
 
 _EVAL_FRAME = "torch._dynamo.eval_frame"
 _WRAPPER = "compile_wrapper"

@@ -48,7 +48,7 @@ def capturing_atexit(hooks: list) -> tuple[Callable[..., Any], Callable[..., Any
     ``atexit``.
     """
     real_register, real_unregister = atexit.register, atexit.unregister
-    from opaudit.engine.sites import is_internal
+    from opaudit.engine.sourcefiles import is_internal
 
     def register(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Callable[..., Any]:
         if is_internal(sys._getframe(1).f_code.co_filename):

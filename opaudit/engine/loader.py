@@ -328,7 +328,7 @@ def _compile(target: Target) -> types.CodeType:
 
 def _user_traceback(exc: BaseException) -> str:
     """The traceback of ``exc`` keeping only the user's own frames."""
-    from opaudit.engine.sites import is_internal
+    from opaudit.engine.sourcefiles import is_internal
 
     frames = [fs for fs in traceback.extract_tb(exc.__traceback__) if not is_internal(fs.filename)]
     lines = ["Traceback (most recent call last):\n"] + traceback.format_list(frames)

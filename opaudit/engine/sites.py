@@ -1,53 +1,34 @@
 """Where an op came from: the user's source line, the module running, and the phase.
 
 Shared by the recorder and the whole-step run-check: both ask :class:`SiteTracker`
-for the site of the op being dispatched.
-
-Phases are what a user would call the part of the run an op belongs to:
-
-* ``setup``: everything before the first forward: inputs and datasets made up
-  front, the model's construction (its parameters' initialisation), whether or
-  not a module has been built yet;
-* ``data``: in a ``DataLoader`` (creating its iterator, ``next()`` on it: sampler,
-  dataset ``__getitem__``, collate), and everything its worker processes run;
-* ``forward``: from the first op inside an ``nn.Module`` call or recording an
-  autograd node on, everything no other phase claims;
-* ``backward``: run by the autograd engine, and the gradient seed ``backward()`` makes for it;
-* ``optimizer``: inside ``optimizer.step()`` but not inside its closure (a closure's
-  forward and backward are forward and backward: Lightning and LBFGS pass one).
-
-Which ops came before the first forward is known only once it comes: until then
-they carry a provisional bit, named ``setup`` if a forward came and ``forward``
-if none did (plain tensor code that calls no module and records no autograd
-node: its ops are its forward). A recording that opens mid-run (inside an
-optimizer step: a window after ``--start-step K``; a training framework's
-callback) did not see the run start: there only a module's construction is ``setup``.
+for the site of the op being dispatched. What the phases are, and what they are read
+from, is :mod:`opaudit.engine.phases`; which files are the user's is
+:mod:`opaudit.engine.sourcefiles`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import sys
-import sysconfig
-import tempfile
-import threading
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from opaudit.data.site import Site
-
-SETUP, DATA, FORWARD, BACKWARD, OPTIMIZER = "setup", "data", "forward", "backward", "optimizer"
-FORWARD_BIT, BACKWARD_BIT, OPTIMIZER_BIT, SETUP_BIT, DATA_BIT = 1, 2, 4, 8, 16
-BEFORE_FORWARD_BIT = 32
-"""Provisional: before the first forward, outside a module's construction (see :meth:`SiteTracker.phase_names`)."""
-# The hot path keeps phases as bits of one int; ``phase_names()`` turns them into
-# names, in the order of a step.
-PHASE_BITS = ((SETUP, SETUP_BIT), (DATA, DATA_BIT), (FORWARD, FORWARD_BIT), (BACKWARD, BACKWARD_BIT),
-              (OPTIMIZER, OPTIMIZER_BIT))
+from opaudit.engine.phases import (
+    BACKWARD_BIT,
+    BEFORE_FORWARD_BIT,
+    DATA_BIT,
+    FORWARD_BIT,
+    OPTIMIZER_BIT,
+    SETUP_BIT,
+    PhaseTracker,
+    constructing,
+)
+from opaudit.engine.phases import phase_names as phase_names  # re-exported: flows/trace/compare.py imports it from here
+from opaudit.engine.sourcefiles import is_generated, is_internal, relative_path
 
 _get_seq_nr: Callable[[], int] | None = getattr(torch._C._autograd, "_get_sequence_nr", None)
 _graph_task_id = torch._C._current_graph_task_id
@@ -60,65 +41,6 @@ _ENGINE_ENTRY = frozenset(id(fn.__code__) for fn in (
     getattr(torch.autograd.graph, "_engine_run_backward", None), torch.autograd.backward, torch.autograd.grad)
     if fn is not None)
 _CHECKPOINT_FILE = os.path.join(os.path.dirname(torch.__file__), "utils", "checkpoint.py")
-
-
-def _site_packages() -> set[str]:
-    """Every folder installed packages live in: this environment's and any other on ``sys.path``."""
-    import site
-
-    dirs = {sysconfig.get_paths()[k] for k in ("purelib", "platlib")}
-    try:
-        dirs.update(site.getsitepackages())
-        dirs.add(site.getusersitepackages())
-    except AttributeError:  # an old virtualenv's site module
-        pass
-    dirs.update(p for p in sys.path if os.path.basename(p.rstrip(os.sep)) in ("site-packages", "dist-packages"))
-    return {os.path.abspath(d) + os.sep for d in dirs if d}
-
-
-def _internal_roots() -> tuple[tuple[str, ...], str]:
-    torch_dir = os.path.dirname(torch.__file__) + os.sep
-    # This file is opaudit/engine/sites.py: the package root is two levels up.
-    pkg_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
-    stdlib = {sysconfig.get_paths()[k] + os.sep for k in ("stdlib", "platstdlib")}
-    # Installed libraries (transformers, lightning...) are not the user's code wherever the
-    # environment puts them. (Inside a virtual environment ``platstdlib`` already covers its
-    # own site-packages; one shared through a ``.pth`` file or ``PYTHONPATH`` needs naming.)
-    return (torch_dir, pkg_dir, *sorted(stdlib | _site_packages())), os.path.join(pkg_dir, "examples") + os.sep
-
-
-_INTERNAL_PREFIXES, _EXAMPLES_DIR = _internal_roots()
-_TORCH_GENERATED = ("<frozen", "<eval_with_key")
-"""Code objects with these names are Python's frozen modules and ``torch.fx``'s generated forwards."""
-_INTERACTIVE = ("<stdin", "<console", "<ipython-input")
-_TEMP_DIRS = tuple(sorted({os.path.join(d, "") for d in (tempfile.gettempdir(), os.path.realpath(tempfile.gettempdir()))}))
-
-
-def is_internal(filename: str) -> bool:
-    """Whether ``filename`` is torch's, opaudit's (not its examples), the stdlib's or an installed
-    library's: never a user site."""
-    if filename.startswith("<"):
-        return filename.startswith(_TORCH_GENERATED)
-    if filename.startswith(_EXAMPLES_DIR):
-        return False
-    return filename.startswith(_INTERNAL_PREFIXES)
-
-
-def is_generated(filename: str, homes: tuple[str, ...] = ()) -> bool:
-    """Whether user-side code from ``filename`` was generated at run time rather than written by the user.
-
-    ``exec``/``compile()``d source (``<string>``), a file that no longer exists,
-    or one in the temp folder (torch_geometric writes its ``propagate`` functions
-    there and imports them) — unless it lies under one of ``homes`` (the audited
-    script's folder, the working directory), which hold the user's own files
-    even when those are in the temp folder themselves.
-    """
-    if filename.startswith("<"):
-        return not filename.startswith(_INTERACTIVE)
-    path = os.path.abspath(filename)
-    if any(h and path.startswith(os.path.join(h, "")) for h in homes):
-        return False
-    return path.startswith(_TEMP_DIRS) or not os.path.exists(path)
 
 
 # Whether a code object belongs to torch, opaudit or the stdlib, by ``id(code)``:
@@ -155,85 +77,7 @@ _CHECKPOINT_CODE: set[int] = set()
 """Ids of ``torch.utils.checkpoint``'s code objects met so far (kept alive by ``_KEPT_CODE``)."""
 
 
-# The ``data`` phase. ``DataLoader`` has no hook to say "loading now", so while a
-# tracker is started, its two entry points are wrapped: creating the iterator
-# (which draws the loader's base seed and forks the workers) and ``next()`` on it
-# (sampler, fetch, collate). The originals are put back when the last tracker stops.
-_DATA_TRACKERS: list["SiteTracker"] = []
-_DATA_ORIGINALS: list[tuple[type, str, Any]] = []
-
-
-def _data_entry(original: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(original)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        me = threading.get_ident()
-        mine = [t for t in _DATA_TRACKERS if t._thread == me]
-        for t in mine:
-            t.in_data += 1
-        try:
-            return original(*args, **kwargs)
-        finally:
-            for t in mine:
-                t.in_data = max(0, t.in_data - 1)
-    return wrapper
-
-
-def _watch_data(tracker: "SiteTracker") -> None:
-    if not _DATA_TRACKERS:
-        from torch.utils.data import dataloader
-
-        for cls, name in ((dataloader.DataLoader, "__iter__"), (dataloader._BaseDataLoaderIter, "__next__")):
-            original = cls.__dict__[name]
-            _DATA_ORIGINALS.append((cls, name, original))
-            setattr(cls, name, _data_entry(original))
-    _DATA_TRACKERS.append(tracker)
-
-
-def _unwatch_data(tracker: "SiteTracker") -> None:
-    if tracker in _DATA_TRACKERS:
-        _DATA_TRACKERS.remove(tracker)
-    if not _DATA_TRACKERS:
-        while _DATA_ORIGINALS:
-            cls, name, original = _DATA_ORIGINALS.pop()
-            setattr(cls, name, original)
-
-
-def relative_path(filename: str, root: str | None, cwd: str | None = None) -> str:
-    """``filename`` as reports show it: never absolute.
-
-    Relative to the working directory when the file is under it (clickable in a
-    terminal or IDE), else to ``root`` (the audited script's folder), else to the
-    ``sys.path`` entry holding it, else just its name.
-    """
-    if filename.startswith(_EXAMPLES_DIR):
-        return "opaudit/examples/" + filename[len(_EXAMPLES_DIR):].replace(os.sep, "/")
-    if not os.path.isabs(filename):
-        return filename.replace(os.sep, "/")
-    for base in (cwd or os.getcwd(), root):
-        if base:
-            base = os.path.abspath(base) + os.sep
-            if filename.startswith(base):
-                return filename[len(base):].replace(os.sep, "/")
-    best = ""
-    for entry in sys.path:
-        if entry:
-            base = os.path.abspath(entry) + os.sep
-            if filename.startswith(base) and len(base) > len(best):
-                best = base
-    if best:
-        return filename[len(best):].replace(os.sep, "/")
-    return os.path.basename(filename)
-
-
-def phase_names(bits: int, forward_seen: bool) -> tuple[str, ...]:
-    """The phases in ``bits``, in step order, for a run that did (``forward_seen``) or did not reach a forward
-    (see :meth:`SiteTracker.phase_names`)."""
-    if bits & BEFORE_FORWARD_BIT:
-        bits = (bits & ~BEFORE_FORWARD_BIT) | (SETUP_BIT if forward_seen else FORWARD_BIT)
-    return tuple(name for name, bit in PHASE_BITS if bits & bit)
-
-
-class SiteTracker:
+class SiteTracker(PhaseTracker):
     """Resolves the user's source site and module of a call.
 
     A forward op's site is the innermost user frame on the stack, and its module
@@ -249,6 +93,7 @@ class SiteTracker:
     """
 
     def __init__(self, root: str | None = None) -> None:
+        super().__init__()
         self.root = os.path.abspath(root) if root else None
         # Fixed at start: the user's code may chdir while it runs.
         self.cwd = os.getcwd()
@@ -268,24 +113,6 @@ class SiteTracker:
         """``(id(code), line)`` → the module a forward op on that line ran in (its first), for checkpointing's
         recomputation, which calls the wrapped function without the module that called ``checkpoint()``."""
         self._last_nr = _get_seq_nr() if _get_seq_nr else -1
-        self.in_optimizer = 0
-        """``optimizer.step()`` calls under way, less those whose closure is running."""
-        self.in_data = 0
-        """``DataLoader`` calls under way (see :func:`_watch_data`); inherited by forked workers."""
-        self.forward_seen = False
-        """Whether an op has run inside an ``nn.Module`` call or recorded an autograd node
-        (outside model construction): from then on nothing is ``setup``."""
-        self.built = False
-        """Whether an op has run while an ``nn.Module`` was being constructed: from then
-        until the first forward, the ops are ``setup`` (in a recording that opened mid-run)."""
-        self.opens_mid_run = False
-        """Set by whoever starts the recording in the middle of a run (a training framework's callback):
-        the run's start, and its first forward, are not recorded."""
-        self.mid_run = False
-        """This recording opened mid-run: :attr:`opens_mid_run`, or inside an optimizer step (a step
-        window's post hook) (see :meth:`start`)."""
-        self._handles: list[Any] = []
-        self._thread: int | None = None
         # The last forward lookup: nearest Python frame, its line (-1 when that
         # frame is internal) and the site found. Holding the frame keeps it alive,
         # so ``is`` on the next call means the same activation, whose callers (and
@@ -325,51 +152,15 @@ class SiteTracker:
         """``(qualified name, module)`` of every module named while recording (until :meth:`stop`)."""
         return [(name, mod) for mod, name in self._names.values()]
 
-    def _opt_pre(self, _opt: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        if threading.get_ident() != self._thread:
-            return None
-        self.in_optimizer += 1
-        # ``step(closure)``: the closure runs the step's forward and backward, which
-        # are labelled as such, so it runs with the optimizer phase suspended.
-        if callable(kwargs.get("closure")):
-            return args, {**kwargs, "closure": self._outside_optimizer(kwargs["closure"])}
-        if len(args) > 1 and callable(args[1]):
-            return (args[0], self._outside_optimizer(args[1]), *args[2:]), kwargs
-        return None
-
-    def _outside_optimizer(self, closure: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(closure)
-        def run(*a: Any, **k: Any) -> Any:
-            saved, self.in_optimizer = self.in_optimizer, 0
-            try:
-                return closure(*a, **k)
-            finally:
-                self.in_optimizer = saved
-        return run
-
-    def _opt_post(self, *_: Any) -> None:
-        if threading.get_ident() == self._thread:
-            self.in_optimizer = max(0, self.in_optimizer - 1)
-
     def start(self) -> None:
         """Install the global optimizer hooks and the ``DataLoader`` wrappers (for the phases)."""
-        from torch.optim import optimizer as optim_module
-
-        self._thread = threading.get_ident()
-        self.forward_seen = self.built = False
-        self.mid_run = self.opens_mid_run or _inside_optimizer_step(sys._getframe(1))
+        super().start()
         # Nodes the code made before the recording started are not this recording's.
         self._last_nr = _get_seq_nr() if _get_seq_nr else -1
-        _watch_data(self)
-        self._handles.append(optim_module.register_optimizer_step_pre_hook(self._opt_pre))
-        self._handles.append(optim_module.register_optimizer_step_post_hook(self._opt_post))
 
     def stop(self) -> None:
         """Remove every hook installed by :meth:`start`."""
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        _unwatch_data(self)
+        super().stop()
         self._names.clear()
         self._last = self._last_bare = (None, -1, -1)
         self._last_node = (None, -1)
@@ -577,7 +368,7 @@ class SiteTracker:
         if not self.forward_seen:
             # Before the first forward (only then: the stack walk is not free). Whether the
             # rest is setup is known when a forward comes (see ``phase_names``).
-            if _constructing(sys._getframe(3)):
+            if constructing(sys._getframe(3)):
                 self.built = True
                 return SETUP_BIT, site_id
             if node or self._site_list[site_id].module:
@@ -587,35 +378,3 @@ class SiteTracker:
             elif self.built:
                 return SETUP_BIT, site_id
         return FORWARD_BIT, site_id
-
-    def phase_names(self, bits: int) -> tuple[str, ...]:
-        """The phases in ``bits`` (from :meth:`current`), in step order.
-
-        The ops before the first forward are ``setup`` once a forward has run, and
-        ``forward`` in a run that had none.
-        """
-        return phase_names(bits, self.forward_seen)
-
-
-_CONSTRUCTION = frozenset({"__init__", "reset_parameters", "_reset_parameters"})
-
-
-def _inside_optimizer_step(f: Any) -> bool:
-    """Whether frame ``f`` runs inside ``optimizer.step()`` (a step window opens in its post hook)."""
-    from torch.optim import optimizer as optim_module
-
-    optimizer_file = optim_module.__file__
-    while f is not None:
-        if f.f_code.co_filename == optimizer_file:
-            return True
-        f = f.f_back
-    return False
-
-
-def _constructing(f: Any) -> bool:
-    """Whether frame ``f`` runs inside an ``nn.Module``'s ``__init__`` (or ``reset_parameters``)."""
-    while f is not None:
-        if f.f_code.co_name in _CONSTRUCTION and isinstance(f.f_locals.get("self"), torch.nn.Module):
-            return True
-        f = f.f_back
-    return False

@@ -287,7 +287,7 @@ def _safe_to_stop(frame: Any) -> bool:
     """
     if torch._C._current_graph_task_id() != -1:
         return False
-    from opaudit.engine.sites import is_internal
+    from opaudit.engine.sourcefiles import is_internal
 
     decided: bool | None = None
     while frame is not None:
