@@ -12,7 +12,18 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from opaudit.cli.formats import comparison, csv_, html, html_compare, html_replay, markdown, replay, sarif, table
+from opaudit.cli.formats import (
+    comparison,
+    csv_,
+    html,
+    html_catalog,
+    html_compare,
+    html_replay,
+    markdown,
+    replay,
+    sarif,
+    table,
+)
 from opaudit.cli.formats.choice import Format, Kind, check_kind
 from opaudit.cli.formats.escape import json_text, visible
 from opaudit.data.files import dump_yaml
@@ -43,19 +54,19 @@ RENDERERS: dict[tuple[Kind, Format], Renderer] = {
     (Kind.CATALOG, Format.CSV): csv_.catalog,
     (Kind.CATALOG, Format.MARKDOWN): markdown.catalog,
     (Kind.CATALOG, Format.TABLE): table.catalog,
-    (Kind.CATALOG, Format.HTML): html.catalog,
+    (Kind.CATALOG, Format.HTML): html_catalog.catalog,
     (Kind.DIFF, Format.YAML): as_yaml,
     (Kind.DIFF, Format.JSON): as_json,
     (Kind.DIFF, Format.CSV): csv_.diff,
     (Kind.DIFF, Format.MARKDOWN): markdown.diff,
     (Kind.DIFF, Format.TABLE): table.diff,
-    (Kind.DIFF, Format.HTML): html.diff,
+    (Kind.DIFF, Format.HTML): html_catalog.diff,
     (Kind.PREDICTION, Format.YAML): as_yaml,
     (Kind.PREDICTION, Format.JSON): as_json,
     (Kind.PREDICTION, Format.CSV): csv_.prediction,
     (Kind.PREDICTION, Format.MARKDOWN): markdown.prediction,
     (Kind.PREDICTION, Format.TABLE): table.prediction,
-    (Kind.PREDICTION, Format.HTML): html.prediction,
+    (Kind.PREDICTION, Format.HTML): html_catalog.prediction,
     (Kind.REPLAY, Format.YAML): as_yaml,
     (Kind.REPLAY, Format.JSON): as_json,
     (Kind.REPLAY, Format.CSV): replay.csv,
