@@ -198,7 +198,9 @@ def test_hostile_trace_files_are_refused_in_one_line(tmp_path, capsys):
     huge = tmp_path / "huge.optrace"
     with open(huge, "wb") as f:
         f.truncate(tracefile.MAX_TRACE_BYTES + 1)  # sparse: nothing written
-    _expect_error(capsys, good, str(huge), "larger than")
+    # Its size in bytes: rounded to MiB it would read as the limit itself.
+    _expect_error(capsys, good, str(huge), f"too large ({tracefile.MAX_TRACE_BYTES + 1} bytes; opaudit reads traces "
+                  "up to 64 GiB)")
     _expect_error(capsys, good, str(tmp_path), "no rank")  # a folder without rank traces
 
 

@@ -263,25 +263,30 @@ def read_input(path: str, limit: int = MAX_INPUT_BYTES) -> str:
         raise FileError(f"{path}: not UTF-8 text") from None
 
 
-def open_regular(path: str, limit: int, what: str = "input files") -> BinaryIO:
+def open_regular(path: str, limit: int, what: str = "input files", label: str | None = None) -> BinaryIO:
     """The regular file ``path`` open for reading, checked to be at most ``limit`` bytes; :class:`FileError`
-    otherwise (a directory, a device, a FIFO, a larger file: ``what`` names what opaudit reads up to ``limit``)."""
+    otherwise (a directory, a device, a FIFO, a larger file: ``what`` names what opaudit reads up to ``limit``).
+    ``label`` names the file in the messages (default: ``path``)."""
+    name = label or path
     try:
         # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer.
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
-        raise FileError(f"{path}: no such file") from None
+        raise FileError(f"{name}: no such file") from None
     except OSError as e:
-        raise FileError(f"{path}: cannot read ({e.strerror or e})") from None
+        raise FileError(f"{name}: cannot read ({e.strerror or e})") from None
     try:
         st = os.fstat(fd)
         # Before fdopen, which refuses a directory with "Is a directory: <fd>".
         if stat.S_ISDIR(st.st_mode):
-            raise FileError(f"{path}: is a directory, not a file")
+            raise FileError(f"{name}: is a directory, not a file")
         if not stat.S_ISREG(st.st_mode):
-            raise FileError(f"{path}: not a regular file (a device, FIFO or socket); opaudit reads files only")
+            raise FileError(f"{name}: not a regular file (a device, FIFO or socket); opaudit reads files only")
         if st.st_size > limit:
-            raise FileError(f"{path}: too large ({_mib(st.st_size)}; opaudit reads {what} up to {_mib(limit)})")
+            size = _mib(st.st_size)
+            if round(st.st_size / 2**20) <= limit / 2**20:  # rounded, it would read as no more than the limit
+                size = f"{st.st_size} bytes"
+            raise FileError(f"{name}: too large ({size}; opaudit reads {what} up to {_mib(limit)})")
     except BaseException:
         os.close(fd)
         raise
@@ -301,4 +306,6 @@ def read_bytes(path: str, limit: int = MAX_INPUT_BYTES, what: str = "input files
 
 
 def _mib(n: int) -> str:
+    if n >= 2**30 and n % 2**30 == 0:
+        return f"{n >> 30} GiB"
     return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n} bytes"

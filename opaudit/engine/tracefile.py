@@ -41,6 +41,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any, BinaryIO, NamedTuple
 
 from opaudit.data.errors import OpauditError
+from opaudit.data.fileio import FileError, open_regular
 from opaudit.data.site import Site, parse_site
 
 FORMAT = "opaudit-trace"
@@ -275,6 +276,8 @@ class TraceReader:
         self._f = _open_input(path, self.label)
         try:
             head = self._f.read(len(MAGIC) + _PREAMBLE.size)
+            if not head:
+                raise TraceError(f"{self.label}: empty, not a trace")
             if head[:len(MAGIC)] != MAGIC:
                 raise TraceError(f"{self.label}: not an opaudit trace (no {FORMAT} header)")
             if len(head) < len(MAGIC) + _PREAMBLE.size:
@@ -414,26 +417,11 @@ class TraceReader:
 
 
 def _open_input(path: str, label: str) -> BinaryIO:
+    """``path`` open for reading: a regular file of at most :data:`MAX_TRACE_BYTES`; :class:`TraceError` otherwise."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    except OSError as e:
-        raise TraceError(f"{label}: {e.strerror or e}") from None
-    try:
-        st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode):
-            raise TraceError(f"{label}: is a directory, not a trace file (a folder of rank traces holds rank*.optrace)")
-        if not stat.S_ISREG(st.st_mode):
-            raise TraceError(f"{label}: not a regular file")
-        if st.st_size > MAX_TRACE_BYTES:
-            raise TraceError(f"{label}: {st.st_size} bytes, larger than the {MAX_TRACE_BYTES >> 30} GiB a trace "
-                             "may be")
-        if st.st_size == 0:
-            raise TraceError(f"{label}: empty, not a trace")
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb", buffering=1 << 20)
-    except BaseException:
-        os.close(fd)
-        raise
+        return open_regular(path, MAX_TRACE_BYTES, "traces", label)
+    except FileError as e:
+        raise TraceError(str(e)) from None
 
 
 def _json(raw: bytes, label: str, what: str) -> dict[str, Any]:
