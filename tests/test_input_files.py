@@ -283,12 +283,16 @@ def test_a_script_larger_than_any_script_is_refused(tmp_path, capsys):
     (["catalog", "--max-samples", "99999999999"], "argument --max-samples: must be at most 1,000,000,000"),
     (["catalog", "--from", ""], "argument --from: expected a file name, got ''"),
     (["diff", "", "b.yaml"], "argument A: expected a file name, got ''"),
+    # -o of every other command: one helper adds it (cli/options.py: add_output_options)
+    *[([*cmd, "-o", ""], "argument -o/--output: expected a file name, got ''") for cmd in (
+        ["catalog"], ["diff", "a.yaml", "b.yaml"], ["capture", "train.py"], ["replay", "step.opcap"],
+        ["trace", "train.py"], ["compare", "a.optrace", "b.optrace"])],
 ])
 def test_numeric_options_are_bounded_and_empty_paths_refused(tmp_path, capsys, argv, message):
     marker = tmp_path / "ran"
     script = tmp_path / "train.py"
     script.write_text(f"open({str(marker)!r}, 'w').close()\nraise SystemExit(3)\n")
-    full = argv if argv[0] in ("catalog", "diff") else [str(script), *argv]
+    full = argv if argv[0] in ("catalog", "diff", "capture", "replay", "trace", "compare") else [str(script), *argv]
     assert _refused(capsys, full, message).startswith(f"opaudit: error: {message}")
     assert not marker.exists()
 

@@ -23,6 +23,7 @@ from opaudit.cli.options import (
     MAX_REPS,
     MAX_THREADS,
     Parser,
+    add_output_options,
     bounded,
     check_output,
     file_name,
@@ -50,7 +51,6 @@ def _capture_parser() -> Parser:
                            "for 'opaudit replay' on another machine.",
                epilog="Arguments after '--' are passed to the script as sys.argv[1:].")
     p.add_argument("script", type=file_name, help="Python script to record (runs as __main__, or its opaudit_step() is called)")
-    p.add_argument("-o", "--output", type=file_name, metavar="PATH", required=True, help="the capsule file to write (step.opcap)")
     p.add_argument("--entry", metavar="NAME", help="function of the script to record instead of opaudit_step")
     steps.add_arguments(p)
     p.add_argument("--seed", type=integer, default=0, metavar="S",
@@ -64,8 +64,8 @@ def _capture_parser() -> Parser:
                    help="keep only digests of the outputs (a small capsule: a replay then says whether an op's "
                         "bits differ, not how far)")
     p.add_argument("--threads", type=bounded(MAX_THREADS), metavar="N", help="torch.set_num_threads(N) before running")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress and no summary on stderr")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    add_output_options(p, "the capsule file to write (step.opcap)", required=True,
+                       quiet="no progress and no summary on stderr")
     return p
 
 
@@ -183,8 +183,6 @@ def _replay_parser() -> Parser:
     p.add_argument("--reps", type=bounded(MAX_REPS), default=5, metavar="N", help="replays per mode (default 5)")
     p.add_argument("--threads", type=bounded(MAX_THREADS), metavar="N",
                    help="torch.set_num_threads(N) before replaying")
-    p.add_argument("-o", "--output", type=file_name, metavar="PATH", help="write the document here (format from the extension)")
-    p.add_argument("--format", metavar="FMT", help="yaml, json, csv, md, html, sarif or table (default: from -o, else table)")
     p.add_argument("--fail-on", type=parse_fail_on, default=parse_fail_on(DEFAULT_FAIL_ON), metavar="LIST",
                    help=f"across values and local verdicts that make the exit code 1 (default {DEFAULT_FAIL_ON}; "
                         "'none' for never)")
@@ -199,8 +197,9 @@ def _replay_parser() -> Parser:
                         "larger (default: this machine's memory)")
     p.add_argument("--no-timing", action="store_true", help="leave timings out (byte-stable output)")
     p.add_argument("--show-all", action="store_true", help="list every op in the terminal table, 'same' ones too")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress and no summary on stderr")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    add_output_options(p, "write the document here (format from the extension)",
+                       formats=("yaml", "json", "csv", "md", "html", "sarif", "table"),
+                       quiet="no progress and no summary on stderr")
     return p
 
 

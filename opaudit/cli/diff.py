@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from opaudit.cli.options import EXIT_FINDINGS, EXIT_OK, Parser, check_output, file_name
+from opaudit.cli.options import EXIT_FINDINGS, EXIT_OK, Parser, add_output_options, check_output, file_name
 from opaudit.cli.output import check_format, emit
 
 
@@ -16,15 +16,12 @@ def _diff_parser() -> Parser:
                             "the ops present on one side only, and the fingerprint fields that differ.")
     p.add_argument("a", type=file_name, metavar="A", help="first catalog or report (YAML or JSON)")
     p.add_argument("b", type=file_name, metavar="B", help="second catalog or report, of the same kind")
-    p.add_argument("-o", "--output", type=file_name, metavar="PATH",
-                   help="write the diff here (format from the extension)")
-    p.add_argument("--format", metavar="FMT", help="table, md, html, csv, yaml or json (default: from -o, else table)")
     p.add_argument("--fail-on", default=DIFF_FAIL_ON, metavar="RULES",
                    help=f"transitions FROM->TO (globs; 'missing' for an op on one side only) that make the exit "
                         f"code 1 (default {DIFF_FAIL_ON}; 'none' for never)")
     p.add_argument("--exit-zero", action="store_true", help="exit 0 even when a transition matches --fail-on")
-    p.add_argument("-q", "--quiet", action="store_true", help="no summary on stderr")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    add_output_options(p, "write the diff here (format from the extension)",
+                       formats=("table", "md", "html", "csv", "yaml", "json"))
     return p
 
 

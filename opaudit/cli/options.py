@@ -1,5 +1,5 @@
 """What every ``opaudit`` command shares: exit codes, the one-line usage error, argument types, the
-output check, and SIGINT, SIGTERM and SIGHUP raised as interrupts.
+output options and their check, and SIGINT, SIGTERM and SIGHUP raised as interrupts.
 
 The bottom of :mod:`opaudit.cli`: it imports no other module of it.
 """
@@ -12,7 +12,7 @@ import math
 import os
 import signal
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from opaudit.data.errors import EXIT_ERROR as EXIT_ERROR  # re-exported: the exit codes live here
@@ -195,6 +195,20 @@ def file_name(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError(f"expected a file name, got {text!r}")
     return text
+
+
+def add_output_options(p: argparse.ArgumentParser, output: str, *, formats: Sequence[str] = (),
+                       default: str = "table", required: bool = False, quiet: str = "no summary on stderr") -> None:
+    """Add the options every command shares, as the "output" group of its ``--help``: ``-o/--output`` (``output``
+    is its help), ``--format`` when the command writes a document in one of ``formats`` (to stdout in ``default``
+    without ``-o``), ``-q/--quiet`` (``quiet`` says what it silences) and ``--debug``."""
+    group = p.add_argument_group("output")
+    group.add_argument("-o", "--output", type=file_name, metavar="PATH", required=required, help=output)
+    if formats:
+        group.add_argument("--format", metavar="FMT", help=f"{', '.join(formats[:-1])} or {formats[-1]} "
+                                                            f"(default: from -o, else {default})")
+    group.add_argument("-q", "--quiet", action="store_true", help=quiet)
+    group.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
 
 
 def check_output(path: str | None, inputs: Mapping[str, str | None] | None = None) -> str | None:

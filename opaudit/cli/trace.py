@@ -18,6 +18,7 @@ from opaudit.cli.options import (
     EXIT_FINDINGS,
     EXIT_OK,
     Parser,
+    add_output_options,
     check_output,
     integer,
     non_negative_int,
@@ -35,7 +36,6 @@ def _trace_parser() -> Parser:
                            "Under torchrun each rank writes OUTPUT/rankN.optrace.",
                epilog="Arguments after '--' are passed to the script as sys.argv[1:].")
     p.add_argument("script", help="Python script to trace (runs as __main__, or its opaudit_step() is called)")
-    p.add_argument("-o", "--output", required=True, metavar="PATH", help="the trace file to write (.optrace)")
     p.add_argument("--entry", metavar="NAME", help="function of the script to trace instead of opaudit_step")
     p.add_argument("--steps", type=step_options.steps, default=argparse.SUPPRESS, metavar="N",
                    help="optimizer steps to trace, then stop the script (default: all, the whole script from its "
@@ -48,8 +48,7 @@ def _trace_parser() -> Parser:
     p.add_argument("--deterministic", action="store_true",
                    help="run under torch.use_deterministic_algorithms(True, warn_only=True)")
     p.add_argument("--threads", type=positive_int, metavar="N", help="torch.set_num_threads(N) before running")
-    p.add_argument("-q", "--quiet", action="store_true", help="nothing on stderr but errors")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    add_output_options(p, "the trace file to write (.optrace)", required=True, quiet="nothing on stderr but errors")
     return p
 
 
@@ -90,10 +89,8 @@ def _compare_parser() -> Parser:
                            "comparable.")
     p.add_argument("a", metavar="A", help="first trace (.optrace), or a folder of rank traces from torchrun")
     p.add_argument("b", metavar="B", help="second trace, of the same script and window")
-    p.add_argument("-o", "--output", metavar="PATH", help="write the comparison here (format from the extension)")
-    p.add_argument("--format", metavar="FMT", help="table, md, html, csv, yaml, json or sarif (default: from -o, else table)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no summary on stderr")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    add_output_options(p, "write the comparison here (format from the extension)",
+                       formats=("table", "md", "html", "csv", "yaml", "json", "sarif"))
     return p
 
 
