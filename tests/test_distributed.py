@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import ROOT
+from conftest import ROOT, default_signals
 
 from opaudit.cli.main import main
 from opaudit.data.report import Finding, RankOutcome, Report, RunCheck, load
@@ -185,7 +185,8 @@ def test_run_check_counts_a_processs_collectives_and_the_one_that_differed(tmp_p
 def _torchrun(*args: str, timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            "--monitor-interval", "0.2", "-m", "opaudit", *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+                          preexec_fn=default_signals)  # a rank's SIGINT must not be ignored (STOP_ENV)
 
 
 def test_torchrun_ddp_step_merged_report(tmp_path):

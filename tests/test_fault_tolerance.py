@@ -22,7 +22,7 @@ import time
 import pytest
 import torch
 import yaml
-from conftest import ROOT
+from conftest import ROOT, default_signals
 
 import opaudit
 from opaudit import Verdict
@@ -199,7 +199,7 @@ def _cli(args, **kw):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.update(kw.pop("env", {}))
     return subprocess.Popen([sys.executable, "-m", "opaudit.cli", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kw)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=default_signals, **kw)
 
 
 MISBEHAVING = """

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import ROOT, default_signals
 
 from opaudit.cli.main import main
 from opaudit.data.report import load
@@ -148,7 +148,7 @@ def _start(argv: list[str], started) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                TRAINING_STARTED=str(started))
     return subprocess.Popen([sys.executable, "-m", "opaudit.cli", *argv], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=default_signals)
 
 
 def _wait_for_file(path, proc, limit: float = 240.0) -> None:

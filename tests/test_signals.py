@@ -15,23 +15,15 @@ import sys
 
 import pytest
 import yaml
-from conftest import EXAMPLES, ROOT
+from conftest import EXAMPLES, ROOT, default_signals
 
 HOOK = os.path.join(ROOT, "tests", "fixtures", "signals")
-
-
-def _default_dispositions():
-    # A shell without job control starts a background job (`pytest &`, a CI runner's
-    # script) with SIGINT ignored, and Python then keeps ignoring it: the signal the
-    # test sends before opaudit's handlers are in place would be lost, not tested.
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, signal.SIG_DFL)
 
 
 def _opaudit(args, env, timeout=240):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([HOOK, ROOT, os.environ.get("PYTHONPATH", "")]), **env)
     return subprocess.run([sys.executable, "-m", "opaudit", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout, preexec_fn=_default_dispositions)
+                          timeout=timeout, preexec_fn=default_signals)
 
 
 @pytest.mark.parametrize(("module", "signame", "code", "said"), [
@@ -81,3 +73,25 @@ def test_a_signal_the_script_swallows_still_ends_the_audit_without_a_complete_re
     assert main([str(script), "--reps", "1", "-o", str(out)]) == 143
     assert capsys.readouterr().err.endswith("opaudit: terminated\n")
     assert not out.exists()
+
+
+def _ignore_sigint_and_sighup():
+    # What a shell without job control (SIGINT) and nohup (SIGHUP) give a background job.
+    default_signals()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+def test_signals_the_audit_started_with_ignored_stay_ignored(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text("import os, signal, torch\n"
+                      "x = torch.ones(3)\n"
+                      "os.kill(os.getpid(), signal.SIGINT)  # a Ctrl-C meant for the foreground job\n"
+                      "os.kill(os.getpid(), signal.SIGHUP)  # the terminal closing under nohup\n"
+                      "(x * 2).sum()\n")
+    out = tmp_path / "r.yaml"
+    done = subprocess.run([sys.executable, "-m", "opaudit", str(script), "--reps", "1", "-q", "-o", str(out)],
+                          capture_output=True, text=True, timeout=240, preexec_fn=_ignore_sigint_and_sighup)
+    assert done.returncode == 0, done.stderr
+    assert yaml.safe_load(out.read_text())["complete"] is True
+

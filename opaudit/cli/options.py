@@ -48,12 +48,19 @@ def _on_signal(signum: int, frame: Any) -> None:
 @contextlib.contextmanager
 def interrupts() -> Any:
     """While a command runs (main thread only): SIGINT, SIGTERM and SIGHUP raise :class:`KeyboardInterrupt`,
-    :class:`Terminated` and :class:`HungUp`, and each is remembered (see :func:`raise_if_signalled`)."""
+    :class:`Terminated` and :class:`HungUp`, and each is remembered (see :func:`raise_if_signalled`).
+
+    A signal the process started with ignored stays ignored (the Unix convention, which
+    Python follows for SIGINT at startup): ``nohup`` ignores SIGHUP, and a shell without
+    job control starts a background job with SIGINT ignored, so that a Ctrl-C meant for
+    the foreground does not stop it.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     _received.clear()
-    previous = {signum: signal.signal(signum, _on_signal) for signum in _RAISED}
+    previous = {signum: signal.signal(signum, _on_signal) for signum in _RAISED
+                if signal.getsignal(signum) is not signal.SIG_IGN}
     try:
         yield
     finally:
