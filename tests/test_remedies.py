@@ -13,6 +13,7 @@ from opaudit.data.verdict import Verdict
 from opaudit.engine.record import Recorder
 from opaudit.engine.remedies import KnowledgeBase, KnowledgeBaseError, documented_ops, parse_determinism_doc
 from opaudit.engine.replay import replay
+from opaudit.flows.pipeline import make_finding
 
 
 def test_installed_torch_documents_both_lists():
@@ -104,6 +105,33 @@ def test_cublas_error_gets_the_environment_remedy():
     assert "CUBLAS_WORKSPACE_CONFIG=:4096:8" in kb.remedy(f) and "before the process starts" in kb.remedy(f)
 
 
+def test_deterministic_runs_are_strict_unless_strict_mode_refuses_the_op():
+    """The deterministic-mode runs are what ``use_deterministic_algorithms(True)`` runs, the strict run
+    first; an op strict mode refuses runs them with ``warn_only``. A CPU op gets no extra ``warn_only`` run."""
+    with Recorder() as rec:
+        torch.randn(8, 8) @ torch.randn(8, 8)
+        zoo.put_no_accumulate()
+    items = {sig.op: (func, snap) for sig, func, snap in rec.items()}
+    modes = {}
+    for op in ("aten.mm.default", "aten.put_.default"):
+        func, snap = items[op]
+        seen = modes.setdefault(op, [])
+
+        def observed(*args, func=func, seen=seen, **kwargs):
+            seen.append((torch.are_deterministic_algorithms_enabled(),
+                         torch.is_deterministic_algorithms_warn_only_enabled()))
+            return func(*args, **kwargs)
+
+        obs = replay(observed, snap, 3)
+        assert obs.deterministic.runs == 3 and obs.default.runs == 3
+        if op == "aten.mm.default":
+            assert obs.strict_kind is None
+    strict, warn_only, default = (True, False), (True, True), (False, False)
+    assert modes["aten.mm.default"] == [strict] * 3 + [default] * 3
+    # Refused once by strict mode, then 3 warn_only runs (its nondeterministic kernel), then default mode.
+    assert modes["aten.put_.default"] == [strict] + [warn_only] * 3 + [default] * 3
+
+
 def test_cudnn_settings_are_replayed_and_reported():
     """Each cuDNN setting really runs the op ``reps`` times under that setting (the flags
     are read inside the op's call), and the finding carries each setting's k/N."""
@@ -122,17 +150,17 @@ def test_cudnn_settings_are_replayed_and_reported():
     before = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
     obs = replay(observed, snap, 3, cudnn_variants=True)
     assert obs.error is None
-    # 1 strict run, 3 deterministic-mode runs, 3 default runs, then 3 runs under each cuDNN setting.
+    # 3 deterministic-mode runs (the strict run first), 3 default runs, then 3 runs under each cuDNN setting.
     settings = [(False, True, False, False), (False, True, False, True), (False, True, True, False),
                 (False, True, True, True)]
-    assert seen[:7] == [(True,) + seen[0][1:]] * 4 + [(False,) + seen[0][1:]] * 3
-    assert seen[7:] == [s for s in settings for _ in range(3)]
+    assert seen[:6] == [(True,) + seen[0][1:]] * 3 + [(False,) + seen[0][1:]] * 3
+    assert seen[6:] == [s for s in settings for _ in range(3)]
     assert (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) == before
     names = ["cudnn.deterministic=False,benchmark=False", "cudnn.deterministic=False,benchmark=True",
              "cudnn.deterministic=True,benchmark=False", "cudnn.deterministic=True,benchmark=True"]
     assert [name for name, _ in obs.variants] == names
     assert all(stats.median_s is not None and stats.median_s > 0 for _, stats in obs.variants)
-    f = opaudit.flows.pipeline.make_finding(sig, obs)
+    f = make_finding(sig, obs)
     assert dict(f.cudnn) == dict.fromkeys(names, "0/3")  # a CPU convolution is deterministic
     kb = KnowledgeBase.load_default()
     assert "cudnn.deterministic=True" in kb.remedy(dataclasses.replace(f, verdict=Verdict.DIVERGES))

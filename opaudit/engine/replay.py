@@ -4,10 +4,17 @@ For one signature, on fresh clones of its captured inputs every time and with
 the same RNG state restored before every run:
 
 * **strict**: once under ``use_deterministic_algorithms(True)``: does it raise?
+* **deterministic**: ``reps`` times with the setting on, the strict run first. An
+  op that does not raise runs every time as ``use_deterministic_algorithms(True)``
+  runs it; one that raises runs with ``warn_only=True`` (its nondeterministic
+  kernel, as ``warn_only`` users get it). The bits are compared run to run.
+* **warn_only**: the determinism warnings these runs raise. An op on an
+  accelerator that did not raise also runs once with ``warn_only=True``: CUDA's
+  attention kernels read that flag and take their nondeterministic branch under it
+  (with a warning), the deterministic one under strict mode. On the CPU no kernel
+  reads it but the alerts that strict mode raises, so that run would repeat a
+  deterministic run and is not made.
 * **default**: ``reps`` times with the setting off: do the bits differ run to run?
-* **deterministic**: ``reps`` times with the setting on and ``warn_only=True`` (so ops
-  without a deterministic implementation still run): the warnings these runs raise
-  are the **warn_only** observation, and the bits are compared the same way.
 * on CUDA, cuDNN-backed ops also run under each ``cudnn.deterministic`` /
   ``cudnn.benchmark`` setting.
 
@@ -377,7 +384,7 @@ def _more_runs(det: _Series, default: _Series, more: MoreRuns, sink: list[str]) 
             while default.runs < more.runs:
                 if more.seconds is not None and time.perf_counter() - start >= more.seconds:
                     break
-                set_deterministic(True, warn_only=True)
+                set_deterministic(True)  # only ops that did not raise get here
                 det_differs = det.run()
                 set_deterministic(False)
                 if default.run() or det_differs:
@@ -429,7 +436,7 @@ def _filled_run(func: Any, snap: Snapshot, rng: _Rng) -> list[Any] | None:
     from torch.utils import deterministic as det_utils
 
     det_utils.fill_uninitialized_memory = True
-    set_deterministic(True, warn_only=True)
+    set_deterministic(True)  # only ops that did not raise get here
     try:
         args, kwargs, written = snap.materialize()
         rng.restore()
@@ -438,6 +445,15 @@ def _filled_run(func: Any, snap: Snapshot, rng: _Rng) -> list[Any] | None:
             return _outputs(func(*args, **kwargs), written)
     except _OP_FAILURES:  # no filled run, no excuse: a divergence stands
         return None
+
+
+def _warn_only_run(func: Any, snap: Snapshot, rng: _Rng, timer: _Timer) -> None:
+    """One run under the flags in force, for the warnings it raises (the caller collects them); its bits are not
+    compared: they are the ``warn_only`` branch's, not the deterministic series'. Its failure fails the replay."""
+    args, kwargs, _ = snap.materialize()
+    rng.restore()
+    func(*args, **kwargs)
+    timer.sync()
 
 
 def replay(func: Any, snap: Snapshot, reps: int = 5, *, cudnn_variants: bool = False,
@@ -456,26 +472,28 @@ def replay(func: Any, snap: Snapshot, reps: int = 5, *, cudnn_variants: bool = F
         rng = _Rng(devices)
         timer = _Timer(devices)
         strict_kind = strict_error = None
-        set_deterministic(True)
-        try:
-            args, kwargs, _ = snap.materialize()
-            rng.restore()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                func(*args, **kwargs)
-            timer.sync()
-        except _OP_FAILURES as e:  # an op's own failure is an observation
-            strict_kind = _alert_kind(str(e))
-            strict_error = str(e).strip() if isinstance(e, Exception) else _failure_text(e)
         sink: list[str] = []
         from torch.utils import deterministic as det_utils
 
         fill_on = bool(det_utils.fill_uninitialized_memory)
         try:
-            set_deterministic(True, warn_only=True)
+            det = _Series(func, snap, rng, timer)
             with _stderr_captured(sink), warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                det = _runs(func, snap, reps, rng, timer)
+                set_deterministic(True)
+                try:
+                    det.run()
+                except _OP_FAILURES as e:  # an op's own failure is an observation
+                    strict_kind = _alert_kind(str(e))
+                    strict_error = str(e).strip() if isinstance(e, Exception) else _failure_text(e)
+                    det = _Series(func, snap, rng, timer)
+                strict = strict_kind is None
+                set_deterministic(True, warn_only=not strict)
+                while det.runs < reps:
+                    det.run()
+                if strict and any(d.type != "cpu" for d in devices):
+                    set_deterministic(True, warn_only=True)
+                    _warn_only_run(func, snap, rng, timer)
             for w in caught:
                 msg = str(w.message)
                 if _is_determinism_warning(msg) and msg not in sink:
@@ -483,7 +501,7 @@ def replay(func: Any, snap: Snapshot, reps: int = 5, *, cudnn_variants: bool = F
             set_deterministic(False)
             default = _runs(func, snap, reps, rng, timer)
             across = _across(reference, {"deterministic": det, "default": default})
-            if (more is not None and strict_kind is None and not sink and not det.diverges and not default.diverges
+            if (more is not None and strict and not sink and not det.diverges and not default.diverges
                     and not det.rng_used and not default.rng_used):
                 _more_runs(det, default, more, sink)
             variants: list[tuple[str, RunStats]] = []
@@ -532,25 +550,30 @@ class ModeRun:
 
 
 def run_in_modes(func: Any, snap: Snapshot) -> tuple[dict[str, ModeRun], bool]:
-    """One run of ``func`` on a fresh copy of ``snap`` in deterministic mode (``warn_only``) and one in
-    default mode, under the conditions :func:`replay` runs its runs in; and whether it drew from an RNG.
+    """One run of ``func`` on a fresh copy of ``snap`` in deterministic mode and one in default mode, as
+    the first run of each of :func:`replay`'s series runs; and whether it drew from an RNG.
 
-    What a capsule stores as the source's outputs: a replay elsewhere compares its own
-    first run of each mode with these. The global RNG state each run starts from is the
-    one in force when this is called.
+    Deterministic mode is strict, or ``warn_only`` for an op that raises under strict
+    mode, as :func:`replay` runs it. What a capsule stores as the source's outputs: a
+    replay elsewhere compares its own first run of each mode with these. The global RNG
+    state each run starts from is the one in force when this is called.
     """
     runs: dict[str, ModeRun] = {}
     rng_used = False
     with preserved_state(), _disable_current_modes(), torch.no_grad():
         rng = _Rng(snap.devices)
         timer = _Timer(snap.devices)
-        for mode in ("deterministic", "default"):
-            set_deterministic(mode == "deterministic", warn_only=True)
+        for mode, warn_only in (("deterministic", False), ("deterministic", True), ("default", True)):
+            if mode in runs:
+                continue
+            set_deterministic(mode == "deterministic", warn_only=warn_only)
             try:
                 with _stderr_captured([]), warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     r = _runs(func, snap, 1, rng, timer)
             except Exception as e:  # an op's own failure is what the capsule says
+                if not warn_only:
+                    continue  # strict mode refused it: its deterministic-mode run is warn_only's
                 runs[mode] = ModeRun([], [], error_text(e))
                 continue
             rng_used = rng_used or r.rng_used
