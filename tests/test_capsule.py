@@ -620,3 +620,23 @@ def test_an_index_op_keeps_its_further_captures(tmp_path, capsys):
     with zipfile.ZipFile(one) as z:
         manifest = json.loads(z.read("manifest.json"))
     assert [len(e["captures"]) for e in manifest["signatures"] if e["op"] == "aten.index_add_.default"] == [1]
+
+
+def test_arrays_alike_in_their_sampled_bytes_are_kept_apart_and_copies_are_stored_once():
+    """The capsule's arrays are matched by a checksum of samples, then byte for byte: arrays that differ only
+    between the samples stay distinct (past the compared candidates too), and a copy of one is stored once."""
+    from opaudit.flows.capsule.capture import _CANDIDATES, _Blobs
+
+    blobs = _Blobs()
+    arrays = []
+    for i in range(_CANDIDATES + 4):
+        a = torch.zeros(64 * 1024, dtype=torch.uint8)
+        a[20_000] = i + 1  # between the first, middle and last 4 KiB
+        arrays.append(a)
+    added = [blobs.add(a) for a in arrays]
+    assert len({b.name for b in added}) == len(arrays)
+    stored = dict(blobs.stream())
+    for a, b in zip(arrays, added):
+        assert bytes(stored[b.name]) == bytes(a.numpy())
+    assert blobs.add(arrays[3].clone()) == added[3]  # a copy elsewhere in memory: the same blob
+    assert len(blobs.items) == len(arrays)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from opaudit.aten.bitwise import same_bits
+from opaudit.aten.memory import same_memory
 from opaudit.aten.ops import OpKind
 from opaudit.aten.portable import (
     NotPortable,
@@ -66,12 +67,22 @@ class Captured:
     """What the default-mode run recorded (``None`` if only the deterministic one did, or not from a script)."""
 
 
+_SAMPLE = 4096
+_CANDIDATES = 16
+"""Arrays of one size and sample checksum compared byte for byte, at most."""
+
+
 class _Blobs:
     """Names and keeps the byte arrays of one capsule, each content once.
 
     A step's tensors repeat: an op's output is the next op's input, an output is the
     same in both modes, several ops read one activation. Arrays are matched by size
-    and CRC-32, then compared byte for byte.
+    and a CRC-32 of their first, middle and last 4 KiB, then compared byte for byte
+    (a comparison of arrays that differ ends at their first differing byte: for two
+    activations, in the first few). Checksumming every byte cost more than the
+    capture's file writes. At most :data:`_CANDIDATES` arrays are compared per key:
+    past them (arrays alike in those samples, differing elsewhere) an array is stored
+    again rather than compared without bound.
     """
 
     def __init__(self) -> None:
@@ -89,16 +100,20 @@ class _Blobs:
         known = self._by_address.get(at)
         if known is not None:
             return known
-        key = (data.numel(), zlib.crc32(memoryview(data.numpy())))
-        same = self._by_content.setdefault(key, [])
+        n = data.numel()
+        raw = memoryview(data.numpy())
+        sample = raw if n <= 3 * _SAMPLE else b"".join((raw[:_SAMPLE], raw[n // 2:n // 2 + _SAMPLE], raw[-_SAMPLE:]))
+        same = self._by_content.setdefault((n, zlib.crc32(sample)), [])
         for blob in same:
-            if torch.equal(self._data[blob.name], data):
+            held = self._data[blob.name]
+            if same_memory(held, data) or torch.equal(held, data):
                 return blob
-        blob = Blob(f"b/{len(self.items)}", data.numel())
+        blob = Blob(f"b/{len(self.items)}", n)
         self.items.append((blob.name, data))
         self._data[blob.name] = data
         self._by_address[at] = blob
-        same.append(blob)
+        if len(same) < _CANDIDATES:
+            same.append(blob)
         return blob
 
     def stream(self) -> Iterator[tuple[str, memoryview]]:
