@@ -154,7 +154,6 @@ class CapsuleFile:
 
 def _zip(f: BinaryIO, path: str) -> zipfile.ZipFile:
     try:
-        # The end record says how many entries the directory lists: read before zipfile parses them all.
         # The end record says how long the directory is: read before zipfile parses every entry of it.
         end = zipfile._EndRecData(f)  # type: ignore[attr-defined]
         directory = end[zipfile._ECD_SIZE] if end is not None else 0  # type: ignore[attr-defined]
