@@ -12,6 +12,7 @@ from opaudit.cli.options import (
     MAX_THREADS,
     Parser,
     UsageError,
+    add_output_options,
     bounded,
     check_output,
     file_name,
@@ -37,10 +38,10 @@ def _catalog_parser() -> Parser:
     p.add_argument("--dtypes", metavar="LIST", default=",".join(c.DEFAULT_DTYPES),
                    help=f"comma-separated dtypes, or all: every dtype each op supports on the device (default "
                         f"{','.join(c.DEFAULT_DTYPES)})")
-    p.add_argument("-o", "--output", type=file_name, metavar="PATH",
-                   help="write the catalog here (format from the extension; a partial file PATH.partial is kept "
-                        "while the sweep runs)")
-    p.add_argument("--format", metavar="FMT", help="yaml, json, csv, md, html or table (default: from -o, else yaml)")
+    add_output_options(p, "write the catalog here (format from the extension; a partial file PATH.partial is kept "
+                          "while the sweep runs)", formats=("yaml", "json", "csv", "md", "html", "table"),
+                       default="yaml", quiet="no progress bar and no summary on stderr",
+                       debug="show full tracebacks, and the worker's stderr")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep from -o's partial file")
     p.add_argument("--from", dest="source", type=file_name, metavar="CATALOG",
                    help="no sweep: convert an existing catalog file to -o / --format (e.g. the Markdown export)")
@@ -64,8 +65,6 @@ def _catalog_parser() -> Parser:
     p.add_argument("--batch-invariance", action="store_true",
                    help="after the sweep, check the matmul family, reductions, normalisations, softmax and attention "
                         "(those --ops selects) for batch invariance over 1..128 rows of 256")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary on stderr")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks, and the worker's stderr")
     return p
 
 

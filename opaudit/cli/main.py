@@ -44,6 +44,7 @@ from opaudit.cli.options import (
     MAX_THREADS,
     Parser,
     UsageError,
+    add_output_options,
     bounded,
     check_output,
     file_name,
@@ -132,9 +133,9 @@ def _audit_parser() -> Parser:
     p.add_argument("--batch-sizes", type=batch.row_counts, metavar="LIST",
                    help="row counts checked with --batch-invariance (default 1,2,3)")
     p.add_argument("--batch-dim", type=non_negative_int, metavar="N", help="the batch dim for --batch-invariance (default 0)")
-    p.add_argument("-o", "--output", type=file_name, metavar="PATH",
-                   help="write the report here (format from the extension)")
-    p.add_argument("--format", metavar="FMT", help="yaml, json, csv, md, html, sarif or table (default: from -o, else table)")
+    add_output_options(p, "write the report here (format from the extension)",
+                       formats=("yaml", "json", "csv", "md", "html", "sarif", "table"),
+                       quiet="no progress bar and no summary on stderr")
     p.add_argument("--fail-on", type=parse_verdicts, default=parse_verdicts(DEFAULT_FAIL_ON), metavar="LIST",
                    help=f"verdicts that make the exit code 1 (default {DEFAULT_FAIL_ON}; 'none' for never); with "
                         f"--run-check also '{NOT_REPRODUCIBLE}' (either mode) or '{NOT_REPRODUCIBLE_DETERMINISTIC}'")
@@ -168,8 +169,6 @@ def _audit_parser() -> Parser:
     p.add_argument("--show-all", action="store_true",
                    help="list every finding in the terminal table (random and uninitialized ones are otherwise "
                         "summarised in one line, and the table stops at 40 rows); files keep every row anyway")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary on stderr")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     p.add_argument("--version", action="version", version=f"opaudit {__version__}")
     return p
 

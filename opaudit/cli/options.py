@@ -205,7 +205,8 @@ def file_name(text: str) -> str:
 
 
 def add_output_options(p: argparse.ArgumentParser, output: str, *, formats: Sequence[str] = (),
-                       default: str = "table", required: bool = False, quiet: str = "no summary on stderr") -> None:
+                       default: str = "table", required: bool = False, quiet: str = "no summary on stderr",
+                       debug: str = "show full tracebacks on errors") -> None:
     """Add the options every command shares, as the "output" group of its ``--help``: ``-o/--output`` (``output``
     is its help), ``--format`` when the command writes a document in one of ``formats`` (to stdout in ``default``
     without ``-o``), ``-q/--quiet`` (``quiet`` says what it silences) and ``--debug``."""
@@ -215,7 +216,7 @@ def add_output_options(p: argparse.ArgumentParser, output: str, *, formats: Sequ
         group.add_argument("--format", metavar="FMT", help=f"{', '.join(formats[:-1])} or {formats[-1]} "
                                                             f"(default: from -o, else {default})")
     group.add_argument("-q", "--quiet", action="store_true", help=quiet)
-    group.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    group.add_argument("--debug", action="store_true", help=debug)
 
 
 def check_output(path: str | None, inputs: Mapping[str, str | None] | None = None) -> str | None:
