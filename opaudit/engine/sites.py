@@ -27,7 +27,6 @@ from opaudit.engine.phases import (
     PhaseTracker,
     constructing,
 )
-from opaudit.engine.phases import phase_names as phase_names  # re-exported: flows/trace/compare.py imports it from here
 from opaudit.engine.sourcefiles import is_generated, is_internal, relative_path
 
 _get_seq_nr: Callable[[], int] | None = getattr(torch._C._autograd, "_get_sequence_nr", None)

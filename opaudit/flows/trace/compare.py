@@ -34,7 +34,7 @@ from typing import Any
 from opaudit.data.comparison import RankComparison, Structural, TraceComparison, TracedCall
 from opaudit.data.diff import FieldChange
 from opaudit.data.errors import OpauditError
-from opaudit.engine.sites import OPTIMIZER_BIT, phase_names
+from opaudit.engine.phases import OPTIMIZER_BIT, phase_names
 from opaudit.engine.tracefile import (
     FLAG_COLLECTIVE,
     FLAG_LOSS,
