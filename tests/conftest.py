@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 
 import pytest
@@ -33,3 +34,30 @@ def _two_threads():
     torch.set_num_threads(2)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _no_orphans(monkeypatch):
+    """Processes a test started and left running (an assertion failed first, a wait timed out) are killed when
+    it ends, with their process group when they lead one (``start_new_session``): an orphaned audit keeps a core
+    busy for every test after it, and the races those tests measure need both."""
+    started: list[subprocess.Popen] = []
+
+    class Tracked(subprocess.Popen):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            started.append(self)
+
+    monkeypatch.setattr(subprocess, "Popen", Tracked)
+    yield
+    for proc in started:
+        if proc.poll() is not None:
+            continue
+        try:
+            if os.getpgid(proc.pid) == proc.pid:
+                os.killpg(proc.pid, signal.SIGKILL)
+            else:
+                proc.kill()
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.wait()
