@@ -39,24 +39,24 @@ def _two_threads():
 @pytest.fixture(autouse=True)
 def _no_orphans(monkeypatch):
     """Processes a test started and left running (an assertion failed first, a wait timed out) are killed when
-    it ends, with their process group when they lead one (``start_new_session``): an orphaned audit keeps a core
-    busy for every test after it, and the races those tests measure need both."""
-    started: list[subprocess.Popen] = []
+    it ends, with their whole process group when they were started in one of their own (``start_new_session``):
+    the group outlives its leader, an opaudit's worker or ranks too. An orphaned audit keeps a core busy for
+    every test after it, and the races those tests measure need both."""
+    started: list[tuple[subprocess.Popen, bool]] = []
 
     class Tracked(subprocess.Popen):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            started.append(self)
+            started.append((self, bool(kwargs.get("start_new_session")) or kwargs.get("process_group") is not None))
 
     monkeypatch.setattr(subprocess, "Popen", Tracked)
     yield
-    for proc in started:
-        if proc.poll() is not None:
-            continue
+    for proc, own_group in started:
         try:
-            if os.getpgid(proc.pid) == proc.pid:
+            if own_group:
+                # A group's id is not reused while any process is in it: this reaches only what the test started.
                 os.killpg(proc.pid, signal.SIGKILL)
-            else:
+            elif proc.poll() is None:
                 proc.kill()
         except (ProcessLookupError, PermissionError):
             pass

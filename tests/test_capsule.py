@@ -624,7 +624,7 @@ def test_an_index_op_keeps_its_further_captures(tmp_path, capsys):
 
 def test_arrays_alike_in_their_sampled_bytes_are_kept_apart_and_copies_are_stored_once():
     """The capsule's arrays are matched by a checksum of samples, then byte for byte: arrays that differ only
-    between the samples stay distinct (past the compared candidates too), and a copy of one is stored once."""
+    between the samples stay distinct, and a copy of one is stored once, past the compared candidates too."""
     from opaudit.flows.capsule.capture import _CANDIDATES, _Blobs
 
     blobs = _Blobs()
@@ -639,4 +639,5 @@ def test_arrays_alike_in_their_sampled_bytes_are_kept_apart_and_copies_are_store
     for a, b in zip(arrays, added):
         assert bytes(stored[b.name]) == bytes(a.numpy())
     assert blobs.add(arrays[3].clone()) == added[3]  # a copy elsewhere in memory: the same blob
+    assert blobs.add(arrays[-1].clone()) == added[-1]  # past the candidates, keyed by every byte's checksum
     assert len(blobs.items) == len(arrays)

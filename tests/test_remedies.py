@@ -12,7 +12,7 @@ import opaudit
 from opaudit.data.verdict import Verdict
 from opaudit.engine.record import Recorder
 from opaudit.engine.remedies import KnowledgeBase, KnowledgeBaseError, documented_ops, parse_determinism_doc
-from opaudit.engine.replay import replay
+from opaudit.engine.replay import replay, run_in_modes
 from opaudit.flows.pipeline import make_finding
 
 
@@ -119,17 +119,25 @@ def test_deterministic_runs_are_strict_unless_strict_mode_refuses_the_op():
 
         def observed(*args, func=func, seen=seen, **kwargs):
             seen.append((torch.are_deterministic_algorithms_enabled(),
-                         torch.is_deterministic_algorithms_warn_only_enabled()))
+                         torch.is_deterministic_algorithms_warn_only_enabled(), torch.is_warn_always_enabled()))
             return func(*args, **kwargs)
 
         obs = replay(observed, snap, 3)
         assert obs.deterministic.runs == 3 and obs.default.runs == 3
         if op == "aten.mm.default":
             assert obs.strict_kind is None
-    strict, warn_only, default = (True, False), (True, True), (False, False)
-    assert modes["aten.mm.default"] == [strict] * 3 + [default] * 3
+        # What a capsule stores as the source's outputs: the first run of each series.
+        seen.append("capsule")
+        runs, _ = run_in_modes(observed, snap)
+        assert set(runs) == {"deterministic", "default"} and not any(r.error for r in runs.values())
+    # Deterministic mode warns every time (TORCH_WARN_ONCE included), and the setting is put back after.
+    strict, warn_only, default = (True, False, True), (True, True, True), (False, False, False)
+    assert not torch.is_warn_always_enabled()
+    off = (False, True, False)  # run_in_modes leaves warn_only on with the setting off: nothing reads it then
+    assert modes["aten.mm.default"] == [strict] * 3 + [default] * 3 + ["capsule", strict[:2] + (False,), off]
     # Refused once by strict mode, then 3 warn_only runs (its nondeterministic kernel), then default mode.
-    assert modes["aten.put_.default"] == [strict] + [warn_only] * 3 + [default] * 3
+    assert modes["aten.put_.default"] == [strict] + [warn_only] * 3 + [default] * 3 + [
+        "capsule", strict[:2] + (False,), warn_only[:2] + (False,), off]
 
 
 def test_cudnn_settings_are_replayed_and_reported():

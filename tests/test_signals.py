@@ -95,3 +95,21 @@ def test_signals_the_audit_started_with_ignored_stay_ignored(tmp_path):
     assert done.returncode == 0, done.stderr
     assert yaml.safe_load(out.read_text())["complete"] is True
 
+
+
+def test_a_distributed_audit_started_with_signals_ignored_keeps_them_ignored(tmp_path):
+    """``--nproc-per-node``: torchrun's launcher installs its own handlers; the signals the audit started with
+    ignored stay ignored there too (rank 0 sends them to the launcher, its parent)."""
+    script = tmp_path / "train.py"
+    script.write_text("import os, signal, torch\n"
+                      "x = torch.ones(3)\n"
+                      "if os.environ.get('RANK') == '0':\n"
+                      "    os.kill(os.getppid(), signal.SIGINT)\n"
+                      "    os.kill(os.getppid(), signal.SIGHUP)\n"
+                      "(x * 2).sum()\n")
+    out = tmp_path / "r.yaml"
+    done = subprocess.run([sys.executable, "-m", "opaudit", "--nproc-per-node", "2", str(script), "--reps", "1",
+                           "-q", "-o", str(out), "--dist-timeout", "60"],
+                          capture_output=True, text=True, timeout=240, preexec_fn=_ignore_sigint_and_sighup)
+    assert done.returncode == 0, done.stderr
+    assert yaml.safe_load(out.read_text())["complete"] is True

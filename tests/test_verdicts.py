@@ -92,6 +92,35 @@ def test_silent_nondeterminism_in_an_extension_op_is_diverges_deterministic():
     assert f.max_abs_diff > 0 and f.frac_differing > 0
 
 
+def test_an_op_deterministic_only_under_strict_mode_is_measured_as_strict_mode_runs_it():
+    """Deterministic mode is measured as ``use_deterministic_algorithms(True)`` runs an op: this one (shaped like
+    CUDA's attention backward) takes a deterministic branch under strict mode and keeps its nondeterministic one,
+    with a warning, under ``warn_only``. Measured with ``warn_only``, it would be ``warns``, 5/6 in both modes."""
+    report = opaudit.audit(zoo.branching_extension_op, reps=6)
+    (f,) = _only(report, "opaudit_zoo.branching_sum.default")
+    assert f.verdict is Verdict.DIVERGES
+    assert (f.default_diverged, f.deterministic_diverged) == ("5/6", "0/6")
+    assert not f.strict_error and not f.warnings  # a CPU op gets no warn_only run: nothing on the CPU branches so
+
+
+def test_a_divergence_outranks_a_warning():
+    """An op that diverges by default, is fixed by strict mode and warns under ``warn_only`` (CUDA's flash
+    attention backward) is ``diverges``: its warnings stay on the finding. Without a divergence: ``warns``."""
+    from opaudit.data.observation import Observation, RunStats
+    from opaudit.engine.classify import classify
+    from opaudit.engine.record import Recorder
+
+    with Recorder() as rec:
+        zoo.warning_extension_op()
+    (sig, _, _), = [i for i in rec.items() if i[0].op == "opaudit_zoo.warn_nondet_add.default"]
+    warned = ("opaudit_zoo::warn_nondet_add does not have a deterministic implementation",)
+    stable, differing = RunStats(5, 0, 0.0, 0.0, 1e-6), RunStats(5, 3, 1e-7, 0.5, 1e-6)
+    assert classify(sig, Observation(None, None, warned, differing, stable, False))[0] is Verdict.DIVERGES
+    assert classify(sig, Observation(None, None, warned, differing, differing, False))[0] \
+        is Verdict.DIVERGES_DETERMINISTIC
+    assert classify(sig, Observation(None, None, warned, stable, stable, False))[0] is Verdict.WARNS
+
+
 def test_op_that_only_warns_is_warns():
     report = opaudit.audit(zoo.warning_extension_op, reps=2)
     (f,) = _only(report, "opaudit_zoo.warn_nondet_add.default")

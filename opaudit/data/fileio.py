@@ -283,10 +283,10 @@ def open_regular(path: str, limit: int, what: str = "input files", label: str | 
         if not stat.S_ISREG(st.st_mode):
             raise FileError(f"{name}: not a regular file (a device, FIFO or socket); opaudit reads files only")
         if st.st_size > limit:
-            size = _mib(st.st_size)
+            size = _size_text(st.st_size)
             if round(st.st_size / 2**20) <= limit / 2**20:  # rounded, it would read as no more than the limit
                 size = f"{st.st_size} bytes"
-            raise FileError(f"{name}: too large ({size}; opaudit reads {what} up to {_mib(limit)})")
+            raise FileError(f"{name}: too large ({size}; opaudit reads {what} up to {_size_text(limit)})")
     except BaseException:
         os.close(fd)
         raise
@@ -301,11 +301,11 @@ def read_bytes(path: str, limit: int = MAX_INPUT_BYTES, what: str = "input files
         except OSError as e:
             raise FileError(f"{path}: cannot read ({e.strerror or e})") from None
     if len(raw) > limit:
-        raise FileError(f"{path}: too large (over {_mib(limit)}; opaudit reads {what} up to {_mib(limit)})")
+        raise FileError(f"{path}: too large (over {_size_text(limit)}; opaudit reads {what} up to {_size_text(limit)})")
     return raw
 
 
-def _mib(n: int) -> str:
+def _size_text(n: int) -> str:
     if n >= 2**30 and n % 2**30 == 0:
         return f"{n >> 30} GiB"
     return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n} bytes"

@@ -88,7 +88,7 @@ class Observation:
     """``no_deterministic_impl``, ``cublas_workspace``, ``error`` or ``None`` when strict ran."""
     strict_error: str | None
     warnings: tuple[str, ...]
-    """Determinism warnings raised under ``warn_only=True``, deduplicated, in order."""
+    """Determinism warnings the deterministic-mode runs raised (``warn_only`` runs included), deduplicated, in order."""
     default: RunStats | None
     deterministic: RunStats | None
     rng_used: bool

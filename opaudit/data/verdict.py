@@ -47,7 +47,7 @@ MEANINGS = {
     Verdict.RAISES: "raises under use_deterministic_algorithms(True): no deterministic implementation",
     Verdict.DIVERGES_DETERMINISTIC: "bits differ run to run even in deterministic mode, and no alert fires",
     Verdict.DIVERGES: "bits differ run to run; deterministic mode makes them identical",
-    Verdict.WARNS: "warns under warn_only=True but strict mode does not raise",
+    Verdict.WARNS: "warns under warn_only=True but strict mode does not raise, and no run diverged",
     Verdict.RANDOM: "draws from the RNG; identical when the RNG is seeded (seed it to reproduce)",
     Verdict.UNINITIALIZED: "returns uninitialized memory; its bits mean nothing",
     Verdict.SKIPPED: "not replayed; the reason says why",

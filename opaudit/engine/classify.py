@@ -27,8 +27,6 @@ def classify(sig: RecordedSignature, obs: Observation | None) -> tuple[Verdict, 
         return Verdict.RAISES, ""
     if obs.error is not None or obs.default is None or obs.deterministic is None:
         return Verdict.SKIPPED, f"replay failed: {obs.error or obs.strict_error}"
-    if obs.warnings:
-        return Verdict.WARNS, ""
     # Observed, not taken from the op's ``nondeterministic_seeded`` tag: its arguments
     # can switch the randomness off (SDPA or dropout with p=0, dropout in eval mode).
     random = obs.rng_used
@@ -38,6 +36,11 @@ def classify(sig: RecordedSignature, obs: Observation | None) -> tuple[Verdict, 
         return Verdict.DIVERGES, ""
     if obs.deterministic.diverges:
         return Verdict.DIVERGES_DETERMINISTIC, ""
+    # After the divergences: CUDA's flash attention backward diverges by default, runs
+    # deterministically under strict mode and only warns under ``warn_only``: ``diverges``
+    # (deterministic mode fixes it) says more than ``warns``; its warnings stay on the finding.
+    if obs.warnings:
+        return Verdict.WARNS, ""
     if random:
         return Verdict.RANDOM, ""
     if obs.unwritten:

@@ -1,8 +1,5 @@
 """The phase of an op: the part of the run a user would say it belongs to.
 
-
-Phases are what a user would call the part of the run an op belongs to:
-
 * ``setup``: everything before the first forward: inputs and datasets made up
   front, the model's construction (its parameters' initialisation), whether or
   not a module has been built yet;

@@ -10,8 +10,9 @@ the same RNG state restored before every run:
   kernel, as ``warn_only`` users get it). The bits are compared run to run.
 * **warn_only**: the determinism warnings these runs raise. An op on an
   accelerator that did not raise also runs once with ``warn_only=True``: CUDA's
-  attention kernels read that flag and take their nondeterministic branch under it
-  (with a warning), the deterministic one under strict mode. On the CPU no kernel
+  flash and memory-efficient attention backward read that flag and take their
+  nondeterministic branch under it (with a warning), the deterministic one under
+  strict mode. On the CPU no kernel
   reads it but the alerts that strict mode raises, so that run would repeat a
   deterministic run and is not made.
 * **default**: ``reps`` times with the setting off: do the bits differ run to run?
@@ -19,7 +20,7 @@ the same RNG state restored before every run:
   ``cudnn.benchmark`` setting.
 
 Global state (determinism flags, ``fill_uninitialized_memory``, RNG states, grad
-mode, threads, cuDNN and TF32 flags) is restored after every replay.
+mode, threads, cuDNN and TF32 flags, ``warn_always``) is restored after every replay.
 """
 
 from __future__ import annotations
@@ -148,9 +149,11 @@ def preserved_state() -> Iterator[None]:
     cuda_rng = torch.cuda.get_rng_state_all() if _cuda_ready() else None
     cudnn = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
     tf32 = precision.snapshot()
+    warn_always = torch.is_warn_always_enabled()
     try:
         yield
     finally:
+        torch.set_warn_always(warn_always)
         set_deterministic(det, warn_only)
         if inductor is not None:
             # Inductor's flag may differ from ATen's (set on its own): put back its own value.
@@ -449,11 +452,64 @@ def _filled_run(func: Any, snap: Snapshot, rng: _Rng) -> list[Any] | None:
 
 def _warn_only_run(func: Any, snap: Snapshot, rng: _Rng, timer: _Timer) -> None:
     """One run under the flags in force, for the warnings it raises (the caller collects them); its bits are not
-    compared: they are the ``warn_only`` branch's, not the deterministic series'. Its failure fails the replay."""
-    args, kwargs, _ = snap.materialize()
-    rng.restore()
-    func(*args, **kwargs)
-    timer.sync()
+    compared: they are the ``warn_only`` branch's, not the deterministic series'.
+
+    If it fails (the nondeterministic branch can need more memory than the deterministic
+    one), the runs that did succeed still stand: it adds nothing but its warnings.
+    """
+    try:
+        args, kwargs, _ = snap.materialize()
+        rng.restore()
+        func(*args, **kwargs)
+        timer.sync()
+    except Exception:  # see the docstring; SystemExit and Ctrl-C still end the replay
+        pass
+
+
+@dataclass
+class _Strict:
+    """What the strict run raised, if it raised: kept when a later run fails the replay."""
+
+    kind: str | None = None
+    error: str | None = None
+
+
+def _deterministic_series(func: Any, snap: Snapshot, reps: int, rng: _Rng, timer: _Timer,
+                          sink: list[str], strict: _Strict) -> _Series:
+    """The strict run (its failure goes to ``strict``), then the rest of the deterministic-mode series (see
+    the module's docstring); the determinism warnings they raise are added to ``sink``."""
+    det = _Series(func, snap, rng, timer)
+    # TORCH_WARN_ONCE warns once per process (CUDA attention's warn_only warning): the step,
+    # or an earlier replay, may have used it up.
+    warn_always = torch.is_warn_always_enabled()
+    torch.set_warn_always(True)
+    try:
+        with _stderr_captured(sink), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            set_deterministic(True)
+            try:
+                det.run()
+            except _OP_FAILURES as e:  # an op's own failure is an observation
+                strict.kind = _alert_kind(str(e))
+                strict.error = str(e).strip() if isinstance(e, Exception) else _failure_text(e)
+                det = _Series(func, snap, rng, timer)
+            set_deterministic(True, warn_only=strict.kind is not None)
+            while det.runs < reps:
+                det.run()
+            if len(det.times) > 1:
+                # The series' first run is the op's first here (caches, allocator, lazy init): its time
+                # would weigh on the cost of deterministic mode against default runs that all come after.
+                det.times.pop(0)
+            if strict.kind is None and any(d.type != "cpu" for d in snap.devices):
+                set_deterministic(True, warn_only=True)
+                _warn_only_run(func, snap, rng, timer)
+    finally:
+        torch.set_warn_always(warn_always)
+    for w in caught:
+        msg = str(w.message)
+        if _is_determinism_warning(msg) and msg not in sink:
+            sink.append(msg)
+    return det
 
 
 def replay(func: Any, snap: Snapshot, reps: int = 5, *, cudnn_variants: bool = False,
@@ -471,41 +527,17 @@ def replay(func: Any, snap: Snapshot, reps: int = 5, *, cudnn_variants: bool = F
     with preserved_state(), _disable_current_modes(), torch.no_grad(), _exits_fail_the_op():
         rng = _Rng(devices)
         timer = _Timer(devices)
-        strict_kind = strict_error = None
+        strict = _Strict()
         sink: list[str] = []
         from torch.utils import deterministic as det_utils
 
         fill_on = bool(det_utils.fill_uninitialized_memory)
         try:
-            det = _Series(func, snap, rng, timer)
-            with _stderr_captured(sink), warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                set_deterministic(True)
-                try:
-                    det.run()
-                except _OP_FAILURES as e:  # an op's own failure is an observation
-                    strict_kind = _alert_kind(str(e))
-                    strict_error = str(e).strip() if isinstance(e, Exception) else _failure_text(e)
-                    det = _Series(func, snap, rng, timer)
-                strict = strict_kind is None
-                set_deterministic(True, warn_only=not strict)
-                while det.runs < reps:
-                    det.run()
-                if strict and len(det.times) > 1:
-                    # The strict run is the op's first here (caches, allocator, lazy init): its time would
-                    # weigh on the cost of deterministic mode against default runs that all come after.
-                    det.times.pop(0)
-                if strict and any(d.type != "cpu" for d in devices):
-                    set_deterministic(True, warn_only=True)
-                    _warn_only_run(func, snap, rng, timer)
-            for w in caught:
-                msg = str(w.message)
-                if _is_determinism_warning(msg) and msg not in sink:
-                    sink.append(msg)
+            det = _deterministic_series(func, snap, reps, rng, timer, sink, strict)
             set_deterministic(False)
             default = _runs(func, snap, reps, rng, timer)
             across = _across(reference, {"deterministic": det, "default": default})
-            if (more is not None and strict and not sink and not det.diverges and not default.diverges
+            if (more is not None and strict.kind is None and not sink and not det.diverges and not default.diverges
                     and not det.rng_used and not default.rng_used):
                 _more_runs(det, default, more, sink)
             variants: list[tuple[str, RunStats]] = []
@@ -517,7 +549,7 @@ def replay(func: Any, snap: Snapshot, reps: int = 5, *, cudnn_variants: bool = F
                         variants.append((f"cudnn.deterministic={d},benchmark={b}", stats))
             unwritten: tuple[Unwritten, ...] = ()
             default_stats = default.stats
-            if strict_kind is None and not det.stats.diverges:
+            if strict.kind is None and not det.stats.diverges:
                 # The deterministic runs filled never-written memory unless the user turned that off.
                 filled = det.first if fill_on else (_filled_run(func, snap, rng) if default_stats.diverges else None)
                 if filled is not None:
@@ -526,8 +558,8 @@ def replay(func: Any, snap: Snapshot, reps: int = 5, *, cudnn_variants: bool = F
                     # Everything that differed is memory the kernel never wrote: the rest is identical.
                     default_stats = RunStats(default_stats.runs, 0, 0.0, 0.0, default_stats.median_s)
         except _OP_FAILURES as e:
-            return Observation(strict_kind, strict_error, tuple(sink), None, None, False, error=_failure_text(e))
-        return Observation(strict_kind, strict_error, tuple(sink), default_stats, det.stats,
+            return Observation(strict.kind, strict.error, tuple(sink), None, None, False, error=_failure_text(e))
+        return Observation(strict.kind, strict.error, tuple(sink), default_stats, det.stats,
                            default.rng_used or det.rng_used, variants=tuple(variants), unwritten=unwritten,
                            across=across)
 

@@ -68,8 +68,9 @@ class Captured:
 
 
 _SAMPLE = 4096
+"""Bytes checksummed at each of an array's start, middle and end to key it."""
 _CANDIDATES = 16
-"""Arrays of one size and sample checksum compared byte for byte, at most."""
+"""Arrays of one size and sample checksum compared byte for byte before the key takes every byte's checksum."""
 
 
 class _Blobs:
@@ -81,13 +82,15 @@ class _Blobs:
     (a comparison of arrays that differ ends at their first differing byte: for two
     activations, in the first few). Checksumming every byte cost more than the
     capture's file writes. At most :data:`_CANDIDATES` arrays are compared per key:
-    past them (arrays alike in those samples, differing elsewhere) an array is stored
-    again rather than compared without bound.
+    past them (arrays alike in those samples, differing elsewhere: sparse gradients,
+    padded batches) a CRC-32 of every byte is added to the key.
     """
 
     def __init__(self) -> None:
         self.items: list[tuple[str, torch.Tensor]] = []
         self._by_content: dict[tuple[int, int], list[Blob]] = {}
+        self._by_checksum: dict[tuple[int, int, int], list[Blob]] = {}
+        """Arrays past the candidates of their sample key, by a checksum of every byte too."""
         self._data: dict[str, torch.Tensor] = {}
         """Blob name → its bytes: held until written, so no address below is reused meanwhile."""
         self._by_address: dict[tuple[int, int], Blob] = {}
@@ -103,18 +106,27 @@ class _Blobs:
         n = data.numel()
         raw = memoryview(data.numpy())
         sample = raw if n <= 3 * _SAMPLE else b"".join((raw[:_SAMPLE], raw[n // 2:n // 2 + _SAMPLE], raw[-_SAMPLE:]))
-        same = self._by_content.setdefault((n, zlib.crc32(sample)), [])
-        for blob in same:
-            held = self._data[blob.name]
-            if same_memory(held, data) or torch.equal(held, data):
-                return blob
+        key = (n, zlib.crc32(sample))
+        same = self._by_content.setdefault(key, [])
+        found = self._match(same, data)
+        if found is None and len(same) >= _CANDIDATES:
+            same = self._by_checksum.setdefault((*key, zlib.crc32(raw)), [])
+            found = self._match(same, data)
+        if found is not None:
+            return found
         blob = Blob(f"b/{len(self.items)}", n)
         self.items.append((blob.name, data))
         self._data[blob.name] = data
         self._by_address[at] = blob
-        if len(same) < _CANDIDATES:
-            same.append(blob)
+        same.append(blob)
         return blob
+
+    def _match(self, candidates: list[Blob], data: torch.Tensor) -> Blob | None:
+        for blob in candidates:
+            held = self._data[blob.name]
+            if same_memory(held, data) or torch.equal(held, data):
+                return blob
+        return None
 
     def stream(self) -> Iterator[tuple[str, memoryview]]:
         for name, data in self.items:

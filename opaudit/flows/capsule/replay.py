@@ -1,7 +1,7 @@
 """Replay: a capsule's calls rebuilt and replayed here, each compared with the bits its source computed.
 
-Every call is replayed as the audit replays (strict once, ``reps`` runs per mode:
-the local verdict), and the first run of each mode is compared with the source's
+Every call is replayed as the audit replays (``reps`` runs per mode, the strict run
+the first of deterministic mode's: the local verdict), and the first run of each mode is compared with the source's
 outputs of that mode: ``across`` (:class:`~opaudit.data.across.Across`). Nothing in
 a capsule decides what runs here beyond its calls: op names are looked up among the
 operators this process has, and whether an op is replayed at all is decided from

@@ -10,6 +10,7 @@ exits 0; real failures keep their exit codes and torchrun's fail-fast.
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import sys
@@ -38,6 +39,10 @@ def _describe(failure: object) -> str:
     return f"exited with code {code}"
 
 
+def _accepts(parser: argparse.ArgumentParser, option: str) -> bool:
+    return any(option in a.option_strings for a in parser._actions)
+
+
 def launch(nproc: int, argv: list[str], monitor_interval: float = 0.2) -> int:
     """Run ``opaudit argv`` on ``nproc`` local ranks; rank 0's exit code, or :class:`LaunchError`."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -46,9 +51,15 @@ def launch(nproc: int, argv: list[str], monitor_interval: float = 0.2) -> int:
 
     fd, status = tempfile.mkstemp(prefix="opaudit-status-", suffix=".txt")
     os.close(fd)
-    args = get_args_parser().parse_args([
+    parser = get_args_parser()
+    # torchrun installs its handler for each signal it is told to handle, whatever this process inherited: a
+    # signal it started with ignored (a background job's SIGINT, nohup's SIGHUP) stays ignored, as it does in a
+    # single-process audit. (A torch without --signals-to-handle handles all four whatever they were.)
+    kept = [s.name for s in _HANDLED_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN]
+    handled = ["--signals-to-handle", ",".join(kept or ["SIGTERM"])] if _accepts(parser, "--signals-to-handle") else []
+    args = parser.parse_args([
         "--standalone", "--nnodes", "1", "--nproc-per-node", str(nproc),
-        "--monitor-interval", str(monitor_interval), "--max-restarts", "0",
+        "--monitor-interval", str(monitor_interval), "--max-restarts", "0", *handled,
         "-m", "opaudit", *argv,
     ])
     # torchrun writes OMP_NUM_THREADS into this process's environment and installs its
