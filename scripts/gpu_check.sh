@@ -41,6 +41,14 @@ step "segmenter" 120 env CUBLAS_WORKSPACE_CONFIG=:4096:8 OPAUDIT_DEVICE=cuda \
   python3 -m opaudit opaudit/examples/segmenter.py --exit-zero -q -o "$OUT/h100-segmenter.yaml"
 step "mlp" 60 env OPAUDIT_DEVICE=cuda \
   python3 -m opaudit opaudit/examples/mlp.py --exit-zero -q -o "$OUT/h100-mlp.md"
+# Attention: scaled_dot_product_attention's backward reads warn_only (flash and
+# memory-efficient take their deterministic branch only under strict mode), and the
+# replay runs the deterministic series strict plus one warn_only run for the warning:
+# expected 'diverges' with 0/N deterministic-mode runs differing and the warning on
+# the finding. If the machine picks cuDNN attention, that backward can instead come
+# out 'diverges_deterministic': strict mode would not have chosen cuDNN (docs/limits.md).
+step "decoder (attention backward)" 60 env CUBLAS_WORKSPACE_CONFIG=:4096:8 OPAUDIT_DEVICE=cuda \
+  python3 -m opaudit opaudit/examples/decoder.py --exit-zero -q -o "$OUT/h100-decoder.yaml"
 
 # --- catalog: the CUDA catalog, checked against torch's documented list ---------
 # Restricted to stay under 8 minutes on one H100 (the step's timeout is 330 s): the
