@@ -81,6 +81,30 @@ def test_the_python_api_records_deterministic_mode_when_asked():
     assert "deterministic_pass" not in report.settings
 
 
+def test_deterministic_mode_is_recorded_as_strict_mode_runs_it():
+    """Code can read ``warn_only`` too (on CUDA, ``scaled_dot_product_attention`` choosing its kernel): the
+    deterministic-mode recording runs what ``use_deterministic_algorithms(True)`` runs, and an op strict mode
+    refuses there still runs, and is recorded as called."""
+    import opaudit
+
+    def step():
+        x = torch.arange(12.0)
+        if torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled():
+            torch.cumsum(x, 0)
+        else:
+            x.sum()
+        torch.zeros(100).put_(torch.tensor([3, 3]), torch.tensor([1.0, 2.0]))  # strict mode refuses it
+
+    report = opaudit.audit(step, reps=1, deterministic_pass=True)
+    assert report.finding("aten.cumsum.default").recorded_in == ("deterministic",)
+    assert report.finding("aten.sum.default").recorded_in == ("default",)
+    put = report.finding("aten.put_.default")
+    assert put.recorded_in == ("default", "deterministic") and put.verdict is Verdict.RAISES
+    assert [f.op for f in report.crashes()] == ["aten.put_.default"]
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert not any("turned on torch.use_deterministic_algorithms" in w for w in report.env_warnings)
+
+
 DET_BRANCH_TRAIN = os.path.join(ROOT, "tests", "fixtures", "scripts", "det_branch_train.py")
 
 

@@ -27,9 +27,10 @@ def _dispatch(self: "RecordingMode", func: Any, types: Any, args: tuple = (), kw
     except RuntimeError as e:
         if self.on_alert is None or not _strict_alert(e):
             raise
-    # The user's code turned strict deterministic mode on itself (Lightning's
-    # ``Trainer(deterministic=True)`` does): the op's refusal is a finding (the
-    # replay classifies it ``raises``), not the end of the run. The setting stays
+    # Strict deterministic mode is on: the user's code turned it on itself
+    # (Lightning's ``Trainer(deterministic=True)`` does), or this is opaudit's own
+    # deterministic-mode recording. The op's refusal is a finding (the replay
+    # classifies it ``raises``), not the end of the run. The setting stays
     # on; only this call runs as ``warn_only`` would run it (its nondeterministic
     # kernel), but with the setting off: under ``warn_only`` the alert is a C++
     # warning, which reaches Python only at the boundary of the user's call,

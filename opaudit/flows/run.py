@@ -82,7 +82,7 @@ class RunOptions:
     captures_per_signature: int = DEFAULT_CAPTURES_PER_SIGNATURE
     """Captures kept per signature of a value-dependent op (see :class:`~opaudit.engine.record.Recorder`)."""
     deterministic_pass: bool = True
-    """Also record what ``use_deterministic_algorithms(True, warn_only=True)`` runs (see
+    """Also record what ``use_deterministic_algorithms(True)`` runs (see
     :func:`~opaudit.flows.pipeline.merge_recordings`). Never under torchrun: collectives would run twice."""
     run_check: int | None = None
     """Runs per mode of the whole-step check (:mod:`opaudit.flows.runcheck`); ``None``: no check."""
@@ -269,7 +269,7 @@ class AuditRun:
         """Record one call of ``fn(*args, **kwargs)`` (and, with the deterministic pass, one more); its result.
 
         The deterministic-mode call comes second, under
-        ``use_deterministic_algorithms(True, warn_only=True)``, recorded light
+        ``use_deterministic_algorithms(True)``, recorded light
         (see :class:`~opaudit.engine.detpath.PathRecorder`); the global RNG states
         are put back after it as the first call left them.
         """
@@ -403,7 +403,7 @@ def audit(fn: Callable[..., Any], *args: Any, reps: int = DEFAULT_REPS, seed: in
     ``captures_per_signature`` are opaudit's own options; every other keyword goes to ``fn``.
 
     With ``deterministic_pass=True``, ``fn`` is **called twice**: as usual, then
-    once more under ``torch.use_deterministic_algorithms(True, warn_only=True)``,
+    once more under ``torch.use_deterministic_algorithms(True)``,
     where only what it calls, and from where, is recorded (the global RNG states
     are put back after it as the first call left them). As the command line
     does, the report then says which recording called each op (``recorded_in``),
@@ -424,10 +424,17 @@ def audit(fn: Callable[..., Any], *args: Any, reps: int = DEFAULT_REPS, seed: in
 
 @contextmanager
 def _in_deterministic_mode(rec: Recorder) -> Iterator[Recorder]:
-    """``rec`` recording under ``use_deterministic_algorithms(True, warn_only=True)``, its warnings
-    silenced; every flag (and the RNG states) put back afterwards."""
+    """``rec`` recording under ``use_deterministic_algorithms(True)``, its warnings silenced; every flag (and
+    the RNG states) put back afterwards.
+
+    Strict, not ``warn_only``: code reads that flag too (on CUDA, which attention kernel
+    ``scaled_dot_product_attention`` chooses), and what deterministic mode calls is what
+    ``use_deterministic_algorithms(True)`` calls. An op strict mode refuses does not end the
+    run: ``rec``'s dispatch mode, entered with the flag, runs that call with the setting off
+    (:mod:`opaudit.engine.mode`), and records it as called.
+    """
     with preserved_state(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        set_deterministic(True, warn_only=True)
+        set_deterministic(True)
         with rec:
             yield rec
