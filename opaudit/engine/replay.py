@@ -12,9 +12,8 @@ the same RNG state restored before every run:
   accelerator that did not raise also runs once with ``warn_only=True``: CUDA's
   flash and memory-efficient attention backward read that flag and take their
   nondeterministic branch under it (with a warning), the deterministic one under
-  strict mode. On the CPU no kernel
-  reads it but the alerts that strict mode raises, so that run would repeat a
-  deterministic run and is not made.
+  strict mode. On the CPU no kernel reads it but the alerts that strict mode
+  raises, so that run would repeat a deterministic run and is not made.
 * **default**: ``reps`` times with the setting off: do the bits differ run to run?
 * on CUDA, cuDNN-backed ops also run under each ``cudnn.deterministic`` /
   ``cudnn.benchmark`` setting.
