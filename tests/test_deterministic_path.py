@@ -176,3 +176,55 @@ def test_a_script_without_steps_that_defines_its_own_ops_is_audited_without_the_
     report = load(str(out))
     assert report.settings["deterministic_pass"] is False
     assert report.finding("opaudit_lib_once.shift.default").recorded_in == ()
+
+
+CUSTOM_OP = """
+import torch
+
+@torch.library.custom_op("{ns}::halve", mutates_args=())
+def halve(x: torch.Tensor) -> torch.Tensor:
+    return x * 0.5
+
+torch.manual_seed(0)
+print(float(torch.ops.{ns}.halve(torch.randn(64)).sum()))
+"""
+
+
+def test_a_script_without_steps_that_defines_a_custom_op_is_loaded_twice_and_its_op_replayed(tmp_path, capsys):
+    # custom_op lets the second load register the op again: the deterministic pass runs, and the
+    # replay calls the op's live registration (the recorded overload's schema is freed).
+    script = tmp_path / "custom.py"
+    script.write_text(CUSTOM_OP.format(ns="opaudit_twice_script"))
+    out = tmp_path / "r.yaml"
+    code = main([str(script), "--reps", "2", "-o", str(out)])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    report = load(str(out))
+    assert report.settings["deterministic_pass"] is True
+    halve = report.finding("opaudit_twice_script.halve.default")
+    assert halve.recorded_in == ("default", "deterministic") and halve.verdict is Verdict.STABLE
+
+
+def test_an_op_registered_again_is_replayed_through_its_live_registration():
+    from opaudit.aten.tensors import Snapshot
+    from opaudit.engine.optraits import live_op
+    from opaudit.engine.replay import replay
+
+    def define(scale: float):
+        @torch.library.custom_op("opaudit_twice::scale", mutates_args=())
+        def scale_op(x: torch.Tensor) -> torch.Tensor:
+            return x * scale
+
+        return torch.ops.opaudit_twice.scale.default
+
+    first = define(2.0)
+    assert live_op(first) is first and live_op(torch.ops.aten.mm.default) is torch.ops.aten.mm.default
+    second = define(3.0)  # destroys the first registration
+    assert second is not first and live_op(first) is second
+    x = torch.arange(4.0)
+    observed = replay(first, Snapshot((x,), {}), reps=1)
+    assert observed.error is None and observed.default is not None and not observed.default.diverges
+    from opaudit.engine.replay import run_in_modes
+
+    runs, _ = run_in_modes(first, Snapshot((x,), {}))
+    assert torch.equal(runs["default"].outputs[0], x * 3.0)

@@ -266,7 +266,7 @@ def test_parameters_are_found_through_containers_and_user_objects(tmp_path):
         heads["a"](torch.ones(1, 2)).sum().backward()
         trainer.opt.step()
     """)
-    from opaudit.engine.replay import preserved_state
+    from opaudit.engine.globalstate import preserved_state
     from opaudit.flows.runcheck.check import _execute  # the state a run leaves is what gets compared
 
     with preserved_state():

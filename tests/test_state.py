@@ -18,8 +18,9 @@ from fixtures import models as zoo
 from torch.utils import deterministic as det_utils
 
 import opaudit
+from opaudit.engine.globalstate import preserved_state, set_deterministic
 from opaudit.engine.record import Recorder
-from opaudit.engine.replay import preserved_state, replay, set_deterministic
+from opaudit.engine.replay import replay
 from opaudit.flows.pipeline import build_report
 
 INDUCTOR_CONFIG = "torch._inductor.config"

@@ -51,7 +51,8 @@ from opaudit.aten.portable import Reference
 from opaudit.aten.tensors import Snapshot
 from opaudit.data.errors import OpauditError
 from opaudit.data.observation import CRASHED, TIMEOUT, NotReplayed, Observation, error_text
-from opaudit.engine.replay import MoreRuns, replay, set_deterministic
+from opaudit.engine.globalstate import set_deterministic
+from opaudit.engine.replay import MoreRuns, replay
 from opaudit.engine.worker import TIMED_OUT, Worker, WorkerStartError, exit_reason
 
 if TYPE_CHECKING:

@@ -91,3 +91,22 @@ def op_by_name(name: str) -> Any:
         return getattr(getattr(getattr(torch.ops, namespace), packet), overload)
     except (AttributeError, ValueError, RuntimeError):
         return None
+
+
+_STABLE_NAMESPACES = frozenset({"aten", "prims", "prim", "quantized", "_c10d_functional", "c10d"})
+
+
+def live_op(func: Any) -> Any:
+    """``func`` as torch registers it now: the overload to call at replay.
+
+    A script's own ops can be registered again after they were recorded: a
+    step-less script runs a second time for the deterministic-mode recording,
+    and ``torch.library.custom_op`` then destroys the first registration, which
+    leaves the recorded overload pointing at a freed schema. Such an op is looked
+    up again by name; torch's own namespaces are never re-registered.
+    """
+    namespace = getattr(func, "namespace", None)
+    if namespace is None or namespace in _STABLE_NAMESPACES:
+        return func
+    current = op_by_name(f"{namespace}.{func._schema.name.split('::', 1)[1]}.{func._overloadname}")
+    return func if current is None else current

@@ -24,151 +24,35 @@ mode, threads, cuDNN and TF32 flags, ``warn_always``) is restored after every re
 
 from __future__ import annotations
 
-import contextlib
-import os
-import re
 import statistics
-import sys
-import tempfile
 import time
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
-from opaudit.aten import precision
 from opaudit.aten.bitwise import difference, differing_mask, fill_mask, flat_tensors, same_bits
-from opaudit.aten.ops import ALERT_TEXT, CUBLAS_TEXT
 from opaudit.aten.portable import Reference, compare_expected
 from opaudit.aten.tensors import Snapshot
 from opaudit.data.errors import OpauditError
-from opaudit.data.observation import (
-    CUBLAS_WORKSPACE,
-    NO_DETERMINISTIC_IMPL,
-    OTHER_ERROR,
-    Crossing,
-    Observation,
-    RunStats,
-    Unwritten,
-    error_text,
+from opaudit.data.observation import Crossing, Observation, RunStats, Unwritten, error_text
+from opaudit.engine.globalstate import (
+    OP_FAILURES,
+    alert_kind,
+    exits_fail_the_op,
+    failure_text,
+    is_determinism_warning,
+    preserved_state,
+    set_deterministic,
+    stderr_captured,
 )
-
-_ALERT_TEXT = ALERT_TEXT
-_CUBLAS_TEXT = CUBLAS_TEXT
+from opaudit.engine.optraits import live_op
 
 
 class ReplayError(OpauditError):
     """A replay could not be set up (not raised for ops that fail: those are observations)."""
-
-
-class _ExitCalled(SystemExit):
-    """``os._exit(status)`` called by a replayed op's Python code (a ``torch.library`` op), raised in its place."""
-
-
-@contextlib.contextmanager
-def _exits_fail_the_op() -> Iterator[None]:
-    """While ops replay, ``os._exit`` in this process raises :class:`_ExitCalled` instead of ending it.
-
-    With ``sys.exit`` (:class:`SystemExit`) it is then the op's failure (``replay
-    failed: the op called ...``), not the end of opaudit with that status and no
-    report. An op that ends the process from C (``abort``, ``_exit`` in C++)
-    cannot be stopped here: ``--isolate`` replays it in a worker, and reports it
-    ``crashed``.
-    """
-    real, owner = os._exit, os.getpid()
-
-    def _exit(status: int) -> None:
-        if os.getpid() != owner:
-            real(status)  # a process the op forked: exactly what it asked for
-        raise _ExitCalled(status)
-
-    os._exit = _exit  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        os._exit = real  # type: ignore[assignment]
-
-
-_OP_FAILURES = (Exception, SystemExit)
-"""What an op's call can raise that is its own failure, an observation; Ctrl-C (``KeyboardInterrupt``) is not."""
-
-
-def _failure_text(e: BaseException) -> str:
-    if isinstance(e, _ExitCalled):
-        return f"the op called os._exit({e.code!r})"
-    if isinstance(e, SystemExit):
-        return f"the op called sys.exit({'' if e.code is None else repr(e.code)})"
-    return error_text(e)
-
-
-# -- global state -----------------------------------------------------------
-def _cuda_ready() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_initialized()
-
-
-def _cudnn_mutation_allowed() -> contextlib.AbstractContextManager[Any]:
-    allow = getattr(torch.backends, "__allow_nonbracketed_mutation", None)
-    return allow() if allow is not None else contextlib.nullcontext()
-
-
-_INDUCTOR_CONFIG = "torch._inductor.config"
-
-
-def set_deterministic(mode: bool, warn_only: bool = False) -> None:
-    """``torch.use_deterministic_algorithms(mode, warn_only=...)`` for eager ops.
-
-    The public function also sets ``torch._inductor.config.deterministic``, and
-    the first call imports that module, which imports Dynamo: about 1.7 s of a
-    CLI run on 2 cores, for a flag eager replay never reads. This sets ATen's
-    flag only, and Inductor's too when its config is already imported (so the
-    two never disagree while it is loaded). :func:`preserved_state` restores both.
-    """
-    torch._C._set_deterministic_algorithms(mode, warn_only=warn_only)
-    inductor = sys.modules.get(_INDUCTOR_CONFIG)
-    if inductor is not None:
-        inductor.deterministic = mode
-
-
-@contextlib.contextmanager
-def preserved_state() -> Iterator[None]:
-    """Restore every global flag a replay can touch, whatever happens inside."""
-    from torch.utils import deterministic as det_utils
-
-    det = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    inductor = sys.modules.get(_INDUCTOR_CONFIG)
-    inductor_det = inductor.deterministic if inductor is not None else None
-    fill = det_utils.fill_uninitialized_memory
-    grad = torch.is_grad_enabled()
-    threads = torch.get_num_threads()
-    cpu_rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if _cuda_ready() else None
-    cudnn = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
-    tf32 = precision.snapshot()
-    warn_always = torch.is_warn_always_enabled()
-    try:
-        yield
-    finally:
-        torch.set_warn_always(warn_always)
-        set_deterministic(det, warn_only)
-        if inductor is not None:
-            # Inductor's flag may differ from ATen's (set on its own): put back its own value.
-            inductor.deterministic = inductor_det
-        det_utils.fill_uninitialized_memory = fill
-        torch.set_grad_enabled(grad)
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
-        torch.set_rng_state(cpu_rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
-        # torch.testing's common_utils (imported by catalog sweeps) forbids setting
-        # the cuDNN flags outside a ``with`` block; restoring them is always allowed.
-        with _cudnn_mutation_allowed():
-            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn
-        precision.restore(tf32)
 
 
 class _Rng:
@@ -199,53 +83,6 @@ class _Timer:
     def sync(self) -> None:
         for i in self.cuda:
             torch.cuda.synchronize(i)
-
-
-def _alert_kind(message: str) -> str:
-    if _ALERT_TEXT in message:
-        return NO_DETERMINISTIC_IMPL
-    if _CUBLAS_TEXT in message:
-        return CUBLAS_WORKSPACE
-    return OTHER_ERROR
-
-
-def _is_determinism_warning(message: str) -> bool:
-    m = message.lower()
-    return "determinis" in m or _CUBLAS_TEXT.lower() in m
-
-
-_CPP_WARNING = re.compile(r"Warning: (.*?)(?: \(function [\w:~<>]+\))?$")
-
-
-@contextlib.contextmanager
-def _stderr_captured(sink: list[str]) -> Iterator[None]:
-    """Collect C++ ``TORCH_WARN`` lines written to fd 2.
-
-    Ops called through ``torch.ops`` overloads report warnings through c10's default
-    handler, which writes to the process's stderr rather than Python's
-    ``warnings``; the ``warn_only`` alert is one of them.
-    """
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError):
-        yield
-        return
-    with tempfile.TemporaryFile(mode="w+b") as tmp:
-        os.dup2(tmp.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            tmp.seek(0)
-            for line in tmp.read().decode("utf-8", "replace").splitlines():
-                m = _CPP_WARNING.search(line)
-                if m is None:
-                    continue
-                msg = m.group(1).strip()
-                if _is_determinism_warning(msg) and msg not in sink:
-                    sink.append(msg)
 
 
 def _outputs(result: Any, written: list[torch.Tensor]) -> list[Any]:
@@ -380,7 +217,7 @@ def _runs(func: Any, snap: Snapshot, reps: int, rng: _Rng, timer: _Timer) -> _Se
 def _more_runs(det: _Series, default: _Series, more: MoreRuns, sink: list[str]) -> None:
     """Pairs of runs (deterministic mode, then default mode) until one differs or ``more`` says stop."""
     start = time.perf_counter()
-    with _stderr_captured(sink), warnings.catch_warnings():
+    with stderr_captured(sink), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             while default.runs < more.runs:
@@ -445,7 +282,7 @@ def _filled_run(func: Any, snap: Snapshot, rng: _Rng) -> list[Any] | None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return _outputs(func(*args, **kwargs), written)
-    except _OP_FAILURES:  # no filled run, no excuse: a divergence stands
+    except OP_FAILURES:  # no filled run, no excuse: a divergence stands
         return None
 
 
@@ -483,14 +320,14 @@ def _deterministic_series(func: Any, snap: Snapshot, reps: int, rng: _Rng, timer
     warn_always = torch.is_warn_always_enabled()
     torch.set_warn_always(True)
     try:
-        with _stderr_captured(sink), warnings.catch_warnings(record=True) as caught:
+        with stderr_captured(sink), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             set_deterministic(True)
             try:
                 det.run()
-            except _OP_FAILURES as e:  # an op's own failure is an observation
-                strict.kind = _alert_kind(str(e))
-                strict.error = str(e).strip() if isinstance(e, Exception) else _failure_text(e)
+            except OP_FAILURES as e:  # an op's own failure is an observation
+                strict.kind = alert_kind(str(e))
+                strict.error = str(e).strip() if isinstance(e, Exception) else failure_text(e)
                 det = _Series(func, snap, rng, timer)
             set_deterministic(True, warn_only=strict.kind is not None)
             while det.runs < reps:
@@ -506,7 +343,7 @@ def _deterministic_series(func: Any, snap: Snapshot, reps: int, rng: _Rng, timer
         torch.set_warn_always(warn_always)
     for w in caught:
         msg = str(w.message)
-        if _is_determinism_warning(msg) and msg not in sink:
+        if is_determinism_warning(msg) and msg not in sink:
             sink.append(msg)
     return det
 
@@ -522,8 +359,9 @@ def replay(func: Any, snap: Snapshot, reps: int = 5, *, cudnn_variants: bool = F
     """
     if reps < 1:
         raise ReplayError("reps must be at least 1")
+    func = live_op(func)
     devices = snap.devices
-    with preserved_state(), _disable_current_modes(), torch.no_grad(), _exits_fail_the_op():
+    with preserved_state(), _disable_current_modes(), torch.no_grad(), exits_fail_the_op():
         rng = _Rng(devices)
         timer = _Timer(devices)
         strict = _Strict()
@@ -556,8 +394,8 @@ def replay(func: Any, snap: Snapshot, reps: int = 5, *, cudnn_variants: bool = F
                 if unwritten and default_stats.diverges:
                     # Everything that differed is memory the kernel never wrote: the rest is identical.
                     default_stats = RunStats(default_stats.runs, 0, 0.0, 0.0, default_stats.median_s)
-        except _OP_FAILURES as e:
-            return Observation(strict.kind, strict.error, tuple(sink), None, None, False, error=_failure_text(e))
+        except OP_FAILURES as e:
+            return Observation(strict.kind, strict.error, tuple(sink), None, None, False, error=failure_text(e))
         return Observation(strict.kind, strict.error, tuple(sink), default_stats, det.stats,
                            default.rng_used or det.rng_used, variants=tuple(variants), unwritten=unwritten,
                            across=across)
@@ -595,6 +433,7 @@ def run_in_modes(func: Any, snap: Snapshot) -> tuple[dict[str, ModeRun], bool]:
     """
     runs: dict[str, ModeRun] = {}
     rng_used = False
+    func = live_op(func)
     with preserved_state(), _disable_current_modes(), torch.no_grad():
         rng = _Rng(snap.devices)
         timer = _Timer(snap.devices)
@@ -603,7 +442,7 @@ def run_in_modes(func: Any, snap: Snapshot) -> tuple[dict[str, ModeRun], bool]:
                 continue
             set_deterministic(mode == "deterministic", warn_only=warn_only)
             try:
-                with _stderr_captured([]), warnings.catch_warnings():
+                with stderr_captured([]), warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     r = _runs(func, snap, 1, rng, timer)
             except Exception as e:  # an op's own failure is what the capsule says
@@ -629,7 +468,8 @@ def time_fill(func: Any, snap: Snapshot, reps: int = 5) -> tuple[float, float] |
     from torch.utils import deterministic as det_utils
 
     best = [float("inf"), float("inf")]
-    with preserved_state(), _disable_current_modes(), torch.no_grad(), _exits_fail_the_op():
+    func = live_op(func)
+    with preserved_state(), _disable_current_modes(), torch.no_grad(), exits_fail_the_op():
         timer = _Timer(snap.devices)
         det_utils.fill_uninitialized_memory = True
         for _ in range(max(reps, 5)):
@@ -640,7 +480,7 @@ def time_fill(func: Any, snap: Snapshot, reps: int = 5) -> tuple[float, float] |
                 t0 = time.perf_counter()
                 try:
                     func(*args, **kwargs)
-                except _OP_FAILURES:  # timing is best effort
+                except OP_FAILURES:  # timing is best effort
                     return None
                 timer.sync()
                 best[i] = min(best[i], time.perf_counter() - t0)

@@ -41,8 +41,8 @@ from opaudit.data.invariance import (
 )
 from opaudit.data.site import Site
 from opaudit.engine.batchtrace import DIFFERS, INPUTS_DIFFER, MIXES, NOT_COMPARED, SAME, Pairing, Split, Tracer
+from opaudit.engine.globalstate import preserved_state
 from opaudit.engine.record import MAX_SITES
-from opaudit.engine.replay import preserved_state
 
 DEFAULT_ROWS = (1, 2, 3)
 """Row counts checked by default."""

@@ -21,8 +21,9 @@ from opaudit.data.verdict import Verdict
 from opaudit.engine.classify import classify
 from opaudit.engine.detpath import PathRecorder
 from opaudit.engine.environment import environment_warnings, fingerprint
+from opaudit.engine.globalstate import preserved_state
 from opaudit.engine.record import DEFAULT_CAPTURES_PER_SIGNATURE, RecordedSignature, Recorder
-from opaudit.engine.replay import MoreRuns, preserved_state, replay, time_fill
+from opaudit.engine.replay import MoreRuns, replay, time_fill
 from opaudit.flows.races import RaceReplay
 
 DEFAULT_REPS = 5

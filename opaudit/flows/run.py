@@ -37,9 +37,9 @@ from opaudit.engine import loader
 from opaudit.engine.contention import CpuWatch
 from opaudit.engine.detpath import PathRecorder
 from opaudit.engine.environment import fingerprint
+from opaudit.engine.globalstate import preserved_state, set_deterministic
 from opaudit.engine.loader import Target
 from opaudit.engine.record import DEFAULT_CAPTURE_BUDGET, DEFAULT_CAPTURES_PER_SIGNATURE, Recorder
-from opaudit.engine.replay import preserved_state, set_deterministic
 from opaudit.engine.window import Recorded, Window, WindowError, run_target
 from opaudit.flows.pipeline import DEFAULT_REPS, Progress, build_report
 from opaudit.flows.races import DEFAULT_SECONDS as DEFAULT_RACE_SECONDS

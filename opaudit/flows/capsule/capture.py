@@ -41,9 +41,10 @@ from opaudit.data.capsule import (
 )
 from opaudit.data.capsule_file import write_capsule
 from opaudit.engine.environment import fingerprint
+from opaudit.engine.globalstate import preserved_state
 from opaudit.engine.loader import Target
 from opaudit.engine.record import DEFAULT_CAPTURES_PER_SIGNATURE, RecordedSignature, Recorder
-from opaudit.engine.replay import ModeRun, preserved_state, run_in_modes
+from opaudit.engine.replay import ModeRun, run_in_modes
 from opaudit.engine.window import Recorded, Window, WindowError
 from opaudit.flows.pipeline import Progress, merge_recordings
 from opaudit.flows.run import AuditRun, Hooks, RunOptions

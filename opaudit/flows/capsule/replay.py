@@ -28,8 +28,9 @@ from opaudit.data.errors import OpauditError
 from opaudit.data.observation import CRASHED, NotReplayed, Observation
 from opaudit.data.report import Finding
 from opaudit.engine.environment import fingerprint
+from opaudit.engine.globalstate import preserved_state
 from opaudit.engine.record import RecordedSignature
-from opaudit.engine.replay import preserved_state, replay
+from opaudit.engine.replay import replay
 from opaudit.flows.capsule.capture import CAPTURED_KINDS
 from opaudit.flows.pipeline import DEFAULT_REPS, Progress, make_finding, over_calls
 

@@ -168,7 +168,7 @@ def probe_batch_invariance(device: str, dtypes: Iterable[str], patterns: Iterabl
     """
     import torch
 
-    from opaudit.engine.replay import preserved_state
+    from opaudit.engine.globalstate import preserved_state
     from opaudit.flows.batchinv import batch_invariance
 
     found: dict[tuple[str, str], BatchEntry] = {}

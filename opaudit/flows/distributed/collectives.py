@@ -31,8 +31,8 @@ import torch.distributed as dist
 
 from opaudit.aten.bitwise import difference, digest, flat_tensors, same_bits
 from opaudit.aten.tensors import Snapshot
+from opaudit.engine.globalstate import set_deterministic
 from opaudit.engine.record import RecordedSignature
-from opaudit.engine.replay import set_deterministic
 from opaudit.flows.distributed.comm import Channel, RankTimeout
 
 STALL_ENV = "OPAUDIT_TEST_STALL_RANK"

@@ -14,7 +14,7 @@ from opaudit.data.errors import OpauditError
 from opaudit.data.report import RunCheck
 from opaudit.engine import loader
 from opaudit.engine.compiled import compiles_so_far
-from opaudit.engine.replay import preserved_state, set_deterministic
+from opaudit.engine.globalstate import preserved_state, set_deterministic
 from opaudit.engine.sites import SiteTracker
 from opaudit.engine.tracer import Step, Tracer
 from opaudit.engine.window import DEFAULT as WINDOW_DEFAULT

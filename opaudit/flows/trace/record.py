@@ -30,8 +30,8 @@ from opaudit.aten.ops import is_collective
 from opaudit.data.errors import OpauditError
 from opaudit.engine import loader
 from opaudit.engine.environment import fingerprint, variables
+from opaudit.engine.globalstate import preserved_state, set_deterministic
 from opaudit.engine.phases import BACKWARD_BIT
-from opaudit.engine.replay import preserved_state, set_deterministic
 from opaudit.engine.sourcefiles import relative_path
 from opaudit.engine.tracefile import FLAG_COLLECTIVE, FLAG_LOSS, SUFFIX, TraceWriter
 from opaudit.engine.tracer import Step, Tracer, safe_digest
