@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import torch
 from conftest import ROOT
 
+from opaudit.aten.tensors import Snapshot
 from opaudit.cli.main import main
 from opaudit.data.report import load
 from opaudit.data.verdict import Verdict
+from opaudit.engine.optraits import live_op
+from opaudit.engine.replay import NOT_REGISTERED, replay, run_in_modes
 
 DET_BRANCH = os.path.join(ROOT, "tests", "fixtures", "scripts", "det_branch.py")
 
@@ -205,11 +210,23 @@ def test_a_script_without_steps_that_defines_a_custom_op_is_loaded_twice_and_its
     assert halve.recorded_in == ("default", "deterministic") and halve.verdict is Verdict.STABLE
 
 
-def test_an_op_registered_again_is_replayed_through_its_live_registration():
-    from opaudit.aten.tensors import Snapshot
-    from opaudit.engine.optraits import live_op
-    from opaudit.engine.replay import replay
+class _Stale:
+    """What a recorded overload is once its registration was destroyed: calling it is a bug."""
 
+    namespace = "opaudit_twice"
+    _overloadname = "default"
+
+    def __init__(self, schema) -> None:
+        self._schema = schema
+
+    def __str__(self) -> str:
+        return "opaudit_twice.scale.default"
+
+    def __call__(self, *args, **kwargs):
+        raise AssertionError("the recorded overload was called, not the live one")
+
+
+def test_an_op_registered_again_is_replayed_through_its_live_registration():
     def define(scale: float):
         @torch.library.custom_op("opaudit_twice::scale", mutates_args=())
         def scale_op(x: torch.Tensor) -> torch.Tensor:
@@ -222,9 +239,36 @@ def test_an_op_registered_again_is_replayed_through_its_live_registration():
     second = define(3.0)  # destroys the first registration
     assert second is not first and live_op(first) is second
     x = torch.arange(4.0)
-    observed = replay(first, Snapshot((x,), {}), reps=1)
-    assert observed.error is None and observed.default is not None and not observed.default.diverges
-    from opaudit.engine.replay import run_in_modes
+    stale = _Stale(first._schema)
+    observed = replay(stale, Snapshot((x,), {}), reps=2)
+    assert observed.error is None and observed.default.runs == 2 and not observed.default.diverges
+    runs, _ = run_in_modes(stale, Snapshot((x,), {}))
+    assert torch.equal(runs["default"].outputs[0], x * 3.0) and torch.equal(runs["deterministic"].outputs[0], x * 3.0)
 
-    runs, _ = run_in_modes(first, Snapshot((x,), {}))
-    assert torch.equal(runs["default"].outputs[0], x * 3.0)
+
+LET_GO = """
+import torch
+
+def main():
+    lib = torch.library.Library("opaudit_let_go", "DEF")
+    lib.define("shift(Tensor x) -> Tensor")
+    lib.impl("shift", lambda x: x + 0.5, "CPU")
+    return torch.ops.opaudit_let_go.shift(torch.ones(8)).sum() + torch.ones(3).sum()
+
+print(float(main()))
+"""
+
+
+def test_an_op_whose_library_the_script_let_go_of_is_skipped_not_called(tmp_path):
+    # The library lives in main()'s frame only: by replay time its op is gone, and calling the
+    # recorded overload would run freed memory (a segfault before live_op).
+    script = tmp_path / "let_go.py"
+    script.write_text(LET_GO)
+    out = tmp_path / "r.yaml"
+    proc = subprocess.run([sys.executable, "-m", "opaudit.cli", str(script), "--reps", "1", "-o", str(out)],
+                          capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    report = load(str(out))
+    shift = report.finding("opaudit_let_go.shift.default")
+    assert shift.verdict is Verdict.SKIPPED and NOT_REGISTERED in shift.reason
+    assert report.finding("aten.sum.default").verdict is Verdict.STABLE

@@ -28,12 +28,13 @@ class ProcessExit(BaseException):
         self.status = status
 
 
-def exit_for(owner: int) -> Callable[[int], Any]:
-    """``os._exit`` for the user's code: :class:`ProcessExit` in process ``owner``, the real exit elsewhere."""
+def exit_for(owner: int, raised: Callable[[int], BaseException] = ProcessExit) -> Callable[[int], Any]:
+    """``os._exit`` for the user's code: ``raised(status)`` (:class:`ProcessExit`) in process ``owner``,
+    the real exit elsewhere."""
     def _exit(status: int) -> None:
         if os.getpid() != owner:
-            REAL_EXIT(status)  # a child the script forked: exactly what it asked for
-        raise ProcessExit(status)
+            REAL_EXIT(status)  # a child the script (or the op) forked: exactly what it asked for
+        raise raised(status)
 
     _exit.__doc__ = REAL_EXIT.__doc__
     _exit.__qualname__ = "os._exit"  # what a note about an atexit hook calls it

@@ -20,6 +20,7 @@ import torch
 from opaudit.aten import precision
 from opaudit.aten.ops import ALERT_TEXT, CUBLAS_TEXT
 from opaudit.data.observation import CUBLAS_WORKSPACE, NO_DETERMINISTIC_IMPL, OTHER_ERROR, error_text
+from opaudit.engine.exits import exit_for
 
 
 class _ExitCalled(SystemExit):
@@ -36,14 +37,8 @@ def exits_fail_the_op() -> Iterator[None]:
     cannot be stopped here: ``--isolate`` replays it in a worker, and reports it
     ``crashed``.
     """
-    real, owner = os._exit, os.getpid()
-
-    def _exit(status: int) -> None:
-        if os.getpid() != owner:
-            real(status)  # a process the op forked: exactly what it asked for
-        raise _ExitCalled(status)
-
-    os._exit = _exit  # type: ignore[assignment]
+    real = os._exit
+    os._exit = exit_for(os.getpid(), _ExitCalled)  # type: ignore[assignment]
     try:
         yield
     finally:
@@ -55,6 +50,7 @@ OP_FAILURES = (Exception, SystemExit)
 
 
 def failure_text(e: BaseException) -> str:
+    """How a report says what an op's call raised (a call of ``os._exit`` or ``sys.exit`` by name)."""
     if isinstance(e, _ExitCalled):
         return f"the op called os._exit({e.code!r})"
     if isinstance(e, SystemExit):
@@ -129,6 +125,7 @@ def preserved_state() -> Iterator[None]:
 
 
 def alert_kind(message: str) -> str:
+    """Which refusal a strict deterministic-mode error is: no deterministic implementation, cuBLAS's workspace, other."""
     if ALERT_TEXT in message:
         return NO_DETERMINISTIC_IMPL
     if CUBLAS_TEXT in message:
@@ -137,6 +134,7 @@ def alert_kind(message: str) -> str:
 
 
 def is_determinism_warning(message: str) -> bool:
+    """Whether a warning an op raised is about determinism (``warn_only``'s alert, cuBLAS's workspace)."""
     m = message.lower()
     return "determinis" in m or CUBLAS_TEXT.lower() in m
 

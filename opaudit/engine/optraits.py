@@ -93,20 +93,21 @@ def op_by_name(name: str) -> Any:
         return None
 
 
-_STABLE_NAMESPACES = frozenset({"aten", "prims", "prim", "quantized", "_c10d_functional", "c10d"})
+_TORCH_NAMESPACES = frozenset({"aten", "prims", "quantized", "_c10d_functional", "c10d"})
+"""Namespaces only torch registers, once: :func:`live_op` takes them as they are (a fast path)."""
 
 
 def live_op(func: Any) -> Any:
-    """``func`` as torch registers it now: the overload to call at replay.
+    """``func`` as torch registers it now, the overload to call at replay; ``None`` if it is no longer registered.
 
     A script's own ops can be registered again after they were recorded: a
     step-less script runs a second time for the deterministic-mode recording,
     and ``torch.library.custom_op`` then destroys the first registration, which
-    leaves the recorded overload pointing at a freed schema. Such an op is looked
-    up again by name; torch's own namespaces are never re-registered.
+    leaves the recorded overload pointing at a freed schema. A library the
+    script let go of (one made inside a function) took its ops with it. So such
+    an op is looked up again by name, and never called through what was recorded.
     """
     namespace = getattr(func, "namespace", None)
-    if namespace is None or namespace in _STABLE_NAMESPACES:
+    if namespace is None or namespace in _TORCH_NAMESPACES:
         return func
-    current = op_by_name(f"{namespace}.{func._schema.name.split('::', 1)[1]}.{func._overloadname}")
-    return func if current is None else current
+    return op_by_name(str(func))

@@ -50,6 +50,9 @@ from opaudit.engine.globalstate import (
 )
 from opaudit.engine.optraits import live_op
 
+NOT_REGISTERED = "the op is no longer registered (the script let go of the library that defined it)"
+"""Why an op the script defined and then let go of cannot be replayed (see :func:`~opaudit.engine.optraits.live_op`)."""
+
 
 class ReplayError(OpauditError):
     """A replay could not be set up (not raised for ops that fail: those are observations)."""
@@ -360,6 +363,8 @@ def replay(func: Any, snap: Snapshot, reps: int = 5, *, cudnn_variants: bool = F
     if reps < 1:
         raise ReplayError("reps must be at least 1")
     func = live_op(func)
+    if func is None:
+        return Observation(None, None, (), None, None, False, error=NOT_REGISTERED)
     devices = snap.devices
     with preserved_state(), _disable_current_modes(), torch.no_grad(), exits_fail_the_op():
         rng = _Rng(devices)
@@ -434,6 +439,8 @@ def run_in_modes(func: Any, snap: Snapshot) -> tuple[dict[str, ModeRun], bool]:
     runs: dict[str, ModeRun] = {}
     rng_used = False
     func = live_op(func)
+    if func is None:
+        return {mode: ModeRun([], [], NOT_REGISTERED) for mode in ("deterministic", "default")}, False
     with preserved_state(), _disable_current_modes(), torch.no_grad():
         rng = _Rng(snap.devices)
         timer = _Timer(snap.devices)
@@ -469,6 +476,8 @@ def time_fill(func: Any, snap: Snapshot, reps: int = 5) -> tuple[float, float] |
 
     best = [float("inf"), float("inf")]
     func = live_op(func)
+    if func is None:
+        return None
     with preserved_state(), _disable_current_modes(), torch.no_grad(), exits_fail_the_op():
         timer = _Timer(snap.devices)
         det_utils.fill_uninitialized_memory = True
