@@ -210,17 +210,11 @@ def test_a_script_without_steps_that_defines_a_custom_op_is_loaded_twice_and_its
     assert halve.recorded_in == ("default", "deterministic") and halve.verdict is Verdict.STABLE
 
 
-class _Stale:
+class _Stale(torch._ops.OpOverload):
     """What a recorded overload is once its registration was destroyed: calling it is a bug."""
 
-    namespace = "opaudit_twice"
-    _overloadname = "default"
-
-    def __init__(self, schema) -> None:
-        self._schema = schema
-
-    def __str__(self) -> str:
-        return "opaudit_twice.scale.default"
+    def __init__(self, recorded) -> None:
+        self._schema, self._overloadname, self._name = recorded._schema, recorded._overloadname, recorded._name
 
     def __call__(self, *args, **kwargs):
         raise AssertionError("the recorded overload was called, not the live one")
@@ -239,7 +233,8 @@ def test_an_op_registered_again_is_replayed_through_its_live_registration():
     second = define(3.0)  # destroys the first registration
     assert second is not first and live_op(first) is second
     x = torch.arange(4.0)
-    stale = _Stale(first._schema)
+    stale = _Stale(first)
+    assert str(stale) == str(first) and live_op(stale) is second
     observed = replay(stale, Snapshot((x,), {}), reps=2)
     assert observed.error is None and observed.default.runs == 2 and not observed.default.diverges
     runs, _ = run_in_modes(stale, Snapshot((x,), {}))

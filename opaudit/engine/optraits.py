@@ -93,6 +93,7 @@ def op_by_name(name: str) -> Any:
         return None
 
 
+_OpOverload = torch._ops.OpOverload
 _TORCH_NAMESPACES = frozenset({"aten", "prims", "quantized", "_c10d_functional", "c10d"})
 """Namespaces only torch registers, once: :func:`live_op` takes them as they are (a fast path)."""
 
@@ -107,7 +108,6 @@ def live_op(func: Any) -> Any:
     script let go of (one made inside a function) took its ops with it. So such
     an op is looked up again by name, and never called through what was recorded.
     """
-    namespace = getattr(func, "namespace", None)
-    if namespace is None or namespace in _TORCH_NAMESPACES:
-        return func
+    if not isinstance(func, _OpOverload) or func.namespace in _TORCH_NAMESPACES:
+        return func  # a higher-order operator, or another callable: not a dispatcher registration
     return op_by_name(str(func))
