@@ -1,7 +1,8 @@
 """Replay: run one captured op under each determinism mode and compare the bits.
 
-For one signature, on fresh clones of its captured inputs every time and with
-the same RNG state restored before every run:
+For one signature, on its captured inputs (those the op writes cloned afresh for
+every run; it cannot change the others) and with the same RNG state restored
+before every run:
 
 * **strict**: once under ``use_deterministic_algorithms(True)``: does it raise?
 * **deterministic**: ``reps`` times with the setting on, the strict run first. An
@@ -19,7 +20,9 @@ the same RNG state restored before every run:
   ``cudnn.benchmark`` setting.
 
 Global state (determinism flags, ``fill_uninitialized_memory``, RNG states, grad
-mode, threads, cuDNN and TF32 flags, ``warn_always``) is restored after every replay.
+mode, threads, cuDNN and TF32 flags, ``warn_always``) is restored after every replay
+(:mod:`opaudit.engine.globalstate`). A script's own op is called through its live
+registration (:func:`~opaudit.engine.optraits.live_op`).
 """
 
 from __future__ import annotations
@@ -353,7 +356,8 @@ def _deterministic_series(func: Any, snap: Snapshot, reps: int, rng: _Rng, timer
 
 def replay(func: Any, snap: Snapshot, reps: int = 5, *, cudnn_variants: bool = False,
            reference: Reference | None = None, more: MoreRuns | None = None) -> Observation:
-    """Replay ``func`` on fresh copies of ``snap`` under every mode. Never raises for op failures.
+    """Replay ``func`` on ``snap`` (written inputs cloned afresh each run) under every mode. Never raises for op
+    failures.
 
     With ``reference`` (what a capsule's source computed for this call), the first run of
     each mode is also compared with the source's outputs of that mode (``Observation.across``).
