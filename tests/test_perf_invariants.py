@@ -260,6 +260,16 @@ def _half_written_cpu(x: torch.Tensor) -> torch.Tensor:
 
 
 _lib.impl("half_written", _half_written_cpu, "CPU")
+_lib.define("nan_tail(Tensor x) -> Tensor")
+
+
+def _nan_tail_cpu(x: torch.Tensor) -> torch.Tensor:
+    out = _half_written_cpu(x)
+    out[x.numel() // 2:] = float("nan")  # computed: written, and NaN in every mode
+    return out
+
+
+_lib.impl("nan_tail", _nan_tail_cpu, "CPU")
 
 
 def test_an_output_partly_never_written_is_still_found_when_default_runs_agree():
@@ -276,6 +286,21 @@ def test_an_output_partly_never_written_is_still_found_when_default_runs_agree()
     assert f.verdict.value == "uninitialized", (f.verdict, f.default_diverged)
     assert f.reason == f"output: {2**22} of {2**23} elements never written by the kernel", f.reason
 
+
+
+def test_a_small_output_handed_the_filled_runs_memory_is_still_found_uninitialized():
+    """The default runs come after the deterministic ones, and glibc hands a small output the block a
+    filled run freed, NaN and all: the default runs then hold NaN where the filled run does. One default
+    run more, on memory zeroed first, tells that garbage from a NaN the op computes."""
+    from opaudit.aten.tensors import Snapshot
+    from opaudit.data.observation import Unwritten
+    from opaudit.engine.replay import replay
+
+    snap = Snapshot((torch.arange(1.0, 65.0),), {})
+    found = [replay(torch.ops.opaudit_perf.half_written.default, snap, reps=5).unwritten for _ in range(20)]
+    assert found == [(Unwritten("output", 32, 64),)] * 20, found
+    computed = [replay(torch.ops.opaudit_perf.nan_tail.default, snap, reps=5).unwritten for _ in range(20)]
+    assert computed == [()] * 20, computed
 
 def test_the_command_line_runs_the_script_with_torch_and_opaudit_frozen_and_the_collector_on(tmp_path):
     """``python -m opaudit`` loads opaudit with the garbage collector paused and freezes what is loaded

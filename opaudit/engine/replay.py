@@ -238,7 +238,8 @@ def _more_runs(det: _Series, default: _Series, more: MoreRuns, sink: list[str]) 
             set_deterministic(False)
 
 
-def _never_written(filled_outs: list[Any], default: _Series, floating_only: bool) -> tuple[Unwritten, ...]:
+def _never_written(filled_outs: list[Any], default: _Series, floating_only: bool,
+                   ref_outs: list[Any] | None = None) -> tuple[Unwritten, ...]:
     """The outputs' never-written regions, if they hold every element that differed between default runs.
 
     ``filled_outs`` are the outputs of a deterministic-mode run with
@@ -249,14 +250,16 @@ def _never_written(filled_outs: list[Any], default: _Series, floating_only: bool
     ``()``. With ``floating_only``, an output counts as partly unwritten also when
     its default runs agreed (the garbage happened to repeat) but it holds NaN only
     in ``filled_outs``: NaN is a fill nobody computes by accident; an integer
-    maximum could be.
+    maximum could be. ``ref_outs`` (default: the first default run's outputs) are what
+    the NaNs are looked for in.
     """
     if any(m is None for m in default.masks.values()):
         return ()
+    refs = default.first if ref_outs is None else ref_outs
     found = []
     for i, out in enumerate(filled_outs):
         mask = default.masks.get(i)
-        ref = default.first[i] if i < len(default.first) else None
+        ref = refs[i] if i < len(refs) else None
         if not isinstance(out, torch.Tensor) or not isinstance(ref, torch.Tensor) or out.shape != ref.shape:
             if mask is not None:
                 return ()
@@ -274,6 +277,39 @@ def _never_written(filled_outs: list[Any], default: _Series, floating_only: bool
     if any(i >= len(filled_outs) for i in default.masks):
         return ()
     return tuple(found)
+
+
+def _fill_repeated(filled_outs: list[Any], default: _Series) -> bool:
+    """Whether a floating output the default runs agreed on holds NaN wherever the filled run does."""
+    for i, out in enumerate(filled_outs):
+        ref = default.first[i] if i < len(default.first) else None
+        if (default.masks.get(i) is None and isinstance(out, torch.Tensor) and isinstance(ref, torch.Tensor)
+                and out.shape == ref.shape and (out.is_floating_point() or out.is_complex())):
+            filled = fill_mask(out)
+            if bool(filled.any()) and not bool((filled & ~fill_mask(ref)).any()):
+                return True
+    return False
+
+
+def _scrubbed_run(func: Any, snap: Snapshot, rng: _Rng, like: list[Any], copies: int) -> list[Any] | None:
+    """One default-mode run after the freed memory of blocks the size of ``like``'s storages was zeroed.
+
+    The allocator hands a new block of a size the block freed last of that size
+    (glibc's bins, the CUDA caching allocator): taking ``copies`` blocks of each
+    size, zeroing them and freeing them leaves that many of the most recent ones
+    holding zeros, not what earlier runs left there.
+    """
+    sizes = [(t.untyped_storage().nbytes(), t.device) for t in like if isinstance(t, torch.Tensor)
+             and t.layout == torch.strided]
+    scratch = [torch.zeros(n, dtype=torch.uint8, device=d) for n, d in sizes for _ in range(copies)]
+    del scratch
+    set_deterministic(False)
+    try:
+        args, kwargs, written = snap.materialize()
+        rng.restore()
+        return _outputs(func(*args, **kwargs), written)
+    except OP_FAILURES:  # no second look: the first stands
+        return None
 
 
 def _filled_run(func: Any, snap: Snapshot, rng: _Rng) -> list[Any] | None:
@@ -399,7 +435,13 @@ def replay(func: Any, snap: Snapshot, reps: int = 5, *, cudnn_variants: bool = F
                 # The deterministic runs filled never-written memory unless the user turned that off.
                 filled = det.first if fill_on else (_filled_run(func, snap, rng) if default_stats.diverges else None)
                 if filled is not None:
-                    unwritten = _never_written(filled, default, floating_only=fill_on)
+                    ref_outs = None
+                    if fill_on and _fill_repeated(filled, default):
+                        # The default runs came after the deterministic ones and may have been handed
+                        # their freed memory, fill and all: NaN there says nothing. A default run on
+                        # memory zeroed first tells never-written memory from a NaN the op computes.
+                        ref_outs = _scrubbed_run(func, snap, rng, filled, 2 * reps + 2)
+                    unwritten = _never_written(filled, default, floating_only=fill_on, ref_outs=ref_outs)
                 if unwritten and default_stats.diverges:
                     # Everything that differed is memory the kernel never wrote: the rest is identical.
                     default_stats = RunStats(default_stats.runs, 0, 0.0, 0.0, default_stats.median_s)
