@@ -291,17 +291,25 @@ def _fill_repeated(filled_outs: list[Any], default: _Series) -> bool:
     return False
 
 
-def _scrubbed_run(func: Any, snap: Snapshot, rng: _Rng, like: list[Any], copies: int) -> list[Any] | None:
-    """One default-mode run after the freed memory of blocks the size of ``like``'s storages was zeroed.
+_SCRUB_BYTES = 256 * 2**20
+"""The most memory :func:`_scrubbed_run` takes at once."""
 
-    The allocator hands a new block of a size the block freed last of that size
-    (glibc's bins, the CUDA caching allocator): taking ``copies`` blocks of each
-    size, zeroing them and freeing them leaves that many of the most recent ones
-    holding zeros, not what earlier runs left there.
+
+def _scrubbed_run(func: Any, snap: Snapshot, rng: _Rng, like: list[Any], copies: int) -> list[Any] | None:
+    """One default-mode run after freed blocks the size of ``like``'s storages were zeroed.
+
+    For a new block the allocator hands back the one of that size freed last
+    (glibc's bins, the CUDA caching allocator): taking, zeroing and freeing
+    ``copies`` blocks of each size (fewer if that would pass :data:`_SCRUB_BYTES`)
+    leaves the most recently freed ones holding zeros, not what earlier runs left.
     """
     sizes = [(t.untyped_storage().nbytes(), t.device) for t in like if isinstance(t, torch.Tensor)
              and t.layout == torch.strided]
-    scratch = [torch.zeros(n, dtype=torch.uint8, device=d) for n, d in sizes for _ in range(copies)]
+    copies = min(copies, _SCRUB_BYTES // max(1, sum(n for n, _ in sizes)))
+    try:
+        scratch = [torch.zeros(n, dtype=torch.uint8, device=d) for n, d in sizes for _ in range(copies)]
+    except (RuntimeError, MemoryError):  # out of memory: the run goes on unscrubbed
+        scratch = []
     del scratch
     set_deterministic(False)
     try:
