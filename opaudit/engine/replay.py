@@ -312,12 +312,7 @@ def _scrubbed_run(func: Any, snap: Snapshot, rng: _Rng, like: list[Any], copies:
         scratch = []
     del scratch
     set_deterministic(False)
-    try:
-        args, kwargs, written = snap.materialize()
-        rng.restore()
-        return _outputs(func(*args, **kwargs), written)
-    except OP_FAILURES:  # no second look: the first stands
-        return None
+    return _one_run(func, snap, rng)  # ``None``: no second look, the first stands
 
 
 def _filled_run(func: Any, snap: Snapshot, rng: _Rng) -> list[Any] | None:
@@ -326,13 +321,18 @@ def _filled_run(func: Any, snap: Snapshot, rng: _Rng) -> list[Any] | None:
 
     det_utils.fill_uninitialized_memory = True
     set_deterministic(True)  # only ops that did not raise get here
+    return _one_run(func, snap, rng)  # ``None``: no filled run, no excuse, a divergence stands
+
+
+def _one_run(func: Any, snap: Snapshot, rng: _Rng) -> list[Any] | None:
+    """The outputs of one run in the mode set now, its warnings ignored; ``None`` if the op fails."""
     try:
         args, kwargs, written = snap.materialize()
         rng.restore()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return _outputs(func(*args, **kwargs), written)
-    except OP_FAILURES:  # no filled run, no excuse: a divergence stands
+    except OP_FAILURES:
         return None
 
 
