@@ -559,8 +559,8 @@ def bench_capsule(args: argparse.Namespace, res: Results) -> None:
           f" {row['size_ratio']:.2f}x")
     print(f"  ({len(rounds)} rounds, every other one in reverse order; ratios are medians of each round's ratio,"
           " of CPU seconds (process time: run with --threads 1), wall beside. Capture = the recording(s) plus one"
-          " run of each captured call per mode, digests and the file; the default also records the step's next"
-          " call in deterministic mode, light, as the audit does)")
+          " run of each captured call per mode and the file (a digest only for an output whose bytes it does not"
+          " keep); the default also records the step's next call in deterministic mode, light, as the audit does)")
 
 
 def shape_inputs(path: str) -> int:

@@ -23,6 +23,7 @@ import torch
 import yaml
 from conftest import ROOT
 
+from opaudit.aten.portable import content_digest, tensor_from_bytes
 from opaudit.cli.main import main
 from opaudit.data import across as across_doc
 
@@ -361,8 +362,8 @@ def test_empty_truncated_and_corrupt_capsules_are_refused(small_capsule, tmp_pat
 
 
 def test_future_version_and_lying_sizes_are_refused(small_capsule, tmp_path, capsys):
-    future = _rewrite(small_capsule, tmp_path / "future.opcap", lambda m: m.update(version=2))
-    assert "version 2 is not supported (this opaudit reads version 1)" in _refused(future, capsys)
+    future = _rewrite(small_capsule, tmp_path / "future.opcap", lambda m: m.update(version=3))
+    assert "version 3 is not supported (this opaudit reads version 1 or 2)" in _refused(future, capsys)
 
     def grow(m):
         t = next(t for e in m["signatures"] for c in e["captures"] for t in c["tensors"] if "buffer" in t)
@@ -390,6 +391,39 @@ def test_future_version_and_lying_sizes_are_refused(small_capsule, tmp_path, cap
     with open(sparse, "wb") as f:
         f.truncate(2**40)  # a 1 TiB file that takes no disk
     assert "too large" in _refused(sparse, capsys)
+
+
+def _stored_outputs(manifest):
+    return [o for e in manifest["signatures"] for c in e["captures"] for m in c["outputs"].values()
+            for o in m.get("outputs", ())]
+
+
+def test_stored_outputs_carry_no_digest_and_a_version_1_capsule_still_replays(small_capsule, tmp_path, capsys):
+    with zipfile.ZipFile(small_capsule) as z:
+        manifest = json.loads(z.read("manifest.json"))
+        members = {n: z.read(n) for n in z.namelist()}
+    outputs = _stored_outputs(manifest)
+    assert manifest["version"] == 2 and outputs
+    # The bytes are what a replay compares: hashing them too was a fifth of a capture's own time.
+    assert all("blob" in o and "digest" not in o for o in outputs)
+
+    def version_1(m):  # as opaudit wrote capsules before: a digest beside every output's bytes
+        m["version"] = 1
+        for o in _stored_outputs(m):
+            raw = torch.frombuffer(bytearray(members[o["blob"]]), dtype=torch.uint8)
+            o["digest"] = content_digest(tensor_from_bytes(raw, o["dtype"], o["shape"]))
+
+    old = _rewrite(small_capsule, tmp_path / "v1.opcap", version_1)
+    code, out, err = _run(["replay", old, "--reps", "1", "--format", "json", "-q"], capsys)
+    assert code == 0, err
+    rows = json.loads(out)["ops"]
+    assert rows and {r["across"] for r in rows} == {"same"}
+
+    def bare(m):  # an output with neither its bytes nor a digest says nothing
+        o = _stored_outputs(m)[0]
+        del o["blob"], o["nbytes"]
+
+    assert "digest" in _refused(_rewrite(small_capsule, tmp_path / "bare.opcap", bare), capsys)
 
 
 def test_a_small_memory_limit_refuses_before_allocating(tmp_path, capsys):

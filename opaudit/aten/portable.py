@@ -315,9 +315,10 @@ class Expected:
     """The outputs one mode gave where a capsule was captured."""
 
     names: tuple[str, ...] = ()
-    digests: tuple[str, ...] = ()
+    digests: tuple[str | None, ...] = ()
+    """Per output: its digest, where its bytes were not kept (``None`` where they were)."""
     values: tuple[Any, ...] = ()
-    """Per output: its value (a CPU tensor or a number), or ``None`` where only its digest was kept."""
+    """Per output: its bytes as a CPU tensor, or ``None`` where only its digest was kept (numbers too)."""
     error: str = ""
     """Why the source could not run the op in this mode (nothing to compare)."""
 
@@ -333,7 +334,7 @@ def compare_expected(expected: Expected, outputs: Sequence[Any], names: Sequence
     """How far ``outputs`` (one run here, named ``names``) are from what the source computed."""
     if expected.error:
         return Crossing(False, error=f"the source could not run it: {expected.error}")
-    if len(outputs) != len(expected.digests):
+    if len(outputs) != len(expected.names):
         return Crossing(True, math.inf, None, 1.0, tuple(names) or expected.names)
     differing: list[str] = []
     changed = total = 0

@@ -5,7 +5,8 @@ member of raw bytes per stored array (``b/0``, ``b/1``...: :class:`Blob`). The
 manifest says, for each unique op signature of the recorded window, how to rebuild
 the arguments of its captured calls (dtypes, shapes, strides, storage offsets,
 which arguments share a buffer) and what the source machine computed: the outputs
-in default and in deterministic mode, as bytes and digests, or digests only.
+in default and in deterministic mode, as bytes (or, past the budget and with
+``--digests-only``, as digests).
 
 Reading is strict and happens before anything is allocated: every field is
 type-checked, every tensor's span must fit in the bytes its buffer declares, every
@@ -27,7 +28,11 @@ from opaudit.data.files import check_environment, check_header, check_settings
 from opaudit.data.site import Site, parse_site
 
 FORMAT = "opaudit-capsule"
-VERSION = 1
+VERSION = 2
+"""Version 2 gives an output whose bytes are stored no digest (the bytes say more, and hashing them cost a
+capture a fifth of its own time); version 1 gave every output one."""
+READABLE = (1, 2)
+"""The versions this opaudit reads: a version 1 capsule is a version 2 one whose stored outputs also have digests."""
 
 MODES = ("default", "deterministic")
 """The determinism settings the source's outputs were computed under."""
@@ -119,8 +124,9 @@ class Output:
 
     name: str
     """``output``, ``output 1``, ``input self``..."""
-    digest: str
-    """Digest of its bits (:func:`opaudit.aten.portable.content_digest`)."""
+    digest: str | None
+    """Digest of its bits (:func:`opaudit.aten.portable.content_digest`), for an output whose bytes are not
+    stored (a number, ``--digests-only``, past the budget); ``None`` when :attr:`blob` holds them."""
     dtype: str = ""
     """Empty for a non-tensor output (a Python number)."""
     shape: tuple[int, ...] = ()
@@ -300,7 +306,9 @@ def _mode_dict(m: ModeOutputs) -> dict[str, Any]:
         return {"error": m.error}
     out = []
     for o in m.outputs:
-        d: dict[str, Any] = {"name": o.name, "digest": o.digest}
+        d: dict[str, Any] = {"name": o.name}
+        if o.digest is not None:
+            d["digest"] = o.digest
         if o.dtype:
             d.update(dtype=o.dtype, shape=list(o.shape))
         else:
@@ -359,7 +367,9 @@ def _blob(d: Any, where: str, limit: int | None = None) -> Blob:
     return Blob(name, n)
 
 
-def _digest(d: Any, where: str) -> str:
+def _digest(d: Any, where: str) -> str | None:
+    if "blob" in d and "digest" not in d:
+        return None  # the bytes are stored: they are what a replay compares
     v = _need(d, "digest", str, where)
     if not _DIGEST.fullmatch(v):
         raise _fail(where, "digest must be 32 hex digits")
@@ -514,7 +524,7 @@ def from_dict(data: Any, path: str) -> Manifest:
 
 
 def _manifest(data: Any, path: str) -> Manifest:
-    data = check_header(data, FORMAT, VERSION, path)
+    data = check_header(data, FORMAT, READABLE, path)
     environment = check_environment(_need(data, "environment", Mapping, path), path)
     settings = check_settings(_need(data, "settings", Mapping, path), path)
     view_calls = _opt(data, "view_calls", Mapping, path, {})

@@ -169,7 +169,8 @@ def _portable_capture(call: int, snap: Snapshot, blobs: _Blobs) -> Capture:
 
 
 def _outputs(run: ModeRun, blobs: _Blobs | None, other: tuple[ModeRun, ModeOutputs] | None) -> ModeOutputs:
-    """One mode's outputs for the manifest: digests, and the bytes unless ``blobs`` is ``None``.
+    """One mode's outputs for the manifest: the bytes, or (``blobs`` is ``None``) their digests; a number's value
+    and digest.
 
     ``other``: the other mode's run and record; an output with the same bits there shares
     its digest and bytes (the usual case: most ops ignore the determinism setting).
@@ -184,8 +185,10 @@ def _outputs(run: ModeRun, blobs: _Blobs | None, other: tuple[ModeRun, ModeOutpu
         elif not isinstance(value, torch.Tensor):
             out.append(Output(name, content_digest(value), value=scalar_json(value)))
         else:
-            blob = blobs.add(tensor_bytes(value)) if blobs is not None else None
-            out.append(Output(name, content_digest(value), dtype_name(value.dtype), tuple(value.shape), blob))
+            if blobs is not None:
+                out.append(Output(name, None, dtype_name(value.dtype), tuple(value.shape), blobs.add(tensor_bytes(value))))
+            else:
+                out.append(Output(name, content_digest(value), dtype_name(value.dtype), tuple(value.shape)))
     return ModeOutputs(tuple(out))
 
 
