@@ -184,11 +184,11 @@ def _outputs(run: ModeRun, blobs: _Blobs | None, other: tuple[ModeRun, ModeOutpu
             out.append(replace(other[1].outputs[i], name=name))
         elif not isinstance(value, torch.Tensor):
             out.append(Output(name, content_digest(value), value=scalar_json(value)))
+        elif blobs is None:
+            out.append(Output(name, content_digest(value), dtype_name(value.dtype), tuple(value.shape)))
         else:
-            if blobs is not None:
-                out.append(Output(name, None, dtype_name(value.dtype), tuple(value.shape), blobs.add(tensor_bytes(value))))
-            else:
-                out.append(Output(name, content_digest(value), dtype_name(value.dtype), tuple(value.shape)))
+            blob = blobs.add(tensor_bytes(value))
+            out.append(Output(name, None, dtype_name(value.dtype), tuple(value.shape), blob))
     return ModeOutputs(tuple(out))
 
 
