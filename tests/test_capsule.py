@@ -179,11 +179,11 @@ def small_capsule(tmp_path_factory):
     return path
 
 
-def test_self_check_and_every_format(small_capsule, tmp_path, capsys):
+def test_self_check_and_every_format(small_capsule, tmp_path, capsys, monkeypatch):
     code, out, err = _run(["replay", small_capsule, "--reps", "2"], capsys)
     assert code == 0, err
     lines = out.splitlines()
-    assert lines[0].startswith(f"Capsule {small_capsule}: captured on ")
+    assert lines[0].startswith("Capsule small.opcap: captured on ")  # no absolute path
     assert lines[1] == "Environment difference: none (same fingerprint: expect every op to be 'same')"
     assert lines[-1].startswith("Across: ") and "same" in lines[-1]
     written = {}
@@ -197,10 +197,15 @@ def test_self_check_and_every_format(small_capsule, tmp_path, capsys):
     assert json.loads(written["json"])["summary"] == doc.summary
     assert written["csv"].splitlines()[0].startswith("across,verdict,op,")
     assert written["md"].startswith("# opaudit replay")
-    assert written["html"].startswith("<!DOCTYPE html>") and f"opaudit replay: {small_capsule}" in written["html"]
+    assert written["html"].startswith("<!DOCTYPE html>") and "opaudit replay: small.opcap" in written["html"]
     # Byte-stable: the same capsule replayed again writes the same file.
     again = tmp_path / "again.yaml"
     assert _run(["replay", small_capsule, "--reps", "1", "--no-timing", "-o", str(again)], capsys)[0] == 0
+    assert again.read_text() == written["yaml"]
+    # Named from its own folder rather than by its absolute path, it writes the same bytes too.
+    assert not any(small_capsule in text for text in written.values())
+    monkeypatch.chdir(os.path.dirname(small_capsule))
+    assert _run(["replay", "small.opcap", "--reps", "1", "--no-timing", "-o", str(again)], capsys)[0] == 0
     assert again.read_text() == written["yaml"]
 
 
@@ -424,6 +429,48 @@ def test_stored_outputs_carry_no_digest_and_a_version_1_capsule_still_replays(sm
         del o["blob"], o["nbytes"]
 
     assert "digest" in _refused(_rewrite(small_capsule, tmp_path / "bare.opcap", bare), capsys)
+
+
+LEFTOVERS = """
+    import torch
+
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+
+
+    def opaudit_step():
+        total = torch.sum(x, 0, out=torch.full((8,), 3.0))  # bytes the op overwrites without reading them
+        kept = torch.full((8,), 2.0).add_(total)            # read, then written: these bytes matter
+        noise = torch.empty(4096).uniform_()                # whatever the allocator held, then filled
+        return torch.nn.functional.dropout(x, 0.5).sum() + kept.sum() + noise.sum()
+"""
+
+
+def test_bytes_an_op_overwrites_without_reading_are_stored_as_zeros(tmp_path, capsys):
+    script = tmp_path / "leftovers.py"
+    script.write_text(textwrap.dedent(LEFTOVERS))
+    paths = [tmp_path / f"{i}.opcap" for i in (1, 2)]
+    for p in paths:
+        assert main(["capture", str(script), "-o", str(p), "-q", "--threads", "1"]) == 0
+    # Leftover memory would differ from one capture to the next: zeros do not.
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+    with zipfile.ZipFile(paths[0]) as z:
+        manifest = json.loads(z.read("manifest.json"))
+
+        def written(op):
+            entry = next(e for e in manifest["signatures"] if e["op"] == op)
+            c = entry["captures"][0]
+            blobs = [c["buffers"][t["buffer"]]["blob"] for t in c["tensors"] if t.get("written")]
+            assert blobs, op
+            return b"".join(z.read(b) for b in blobs)
+
+        assert not any(written("aten.sum.IntList_out"))  # was 3.0 eight times
+        assert not any(written("aten.uniform_.default"))
+        assert not any(written("aten.bernoulli_.float"))  # dropout's mask, drawn into empty_like's memory
+        assert torch.equal(torch.frombuffer(bytearray(written("aten.add_.Tensor")), dtype=torch.float32),
+                           torch.full((8,), 2.0))
+    code, out, err = _run(["replay", str(paths[0]), "--reps", "1", "--format", "json", "-q"], capsys)
+    assert code == 0, err
+    assert {r["across"] for r in json.loads(out)["ops"]} - {"skipped"} == {"same"}
 
 
 def test_a_small_memory_limit_refuses_before_allocating(tmp_path, capsys):

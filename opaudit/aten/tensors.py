@@ -376,11 +376,25 @@ class Snapshot:
         self._storages[b], self._bases[b] = copy
         self._shared.remove(b)
 
-
     def own_all(self) -> None:
         """Copy every held buffer (see :meth:`own`): before the snapshot leaves this process."""
         for b in list(self._shared):
             self.own(b)
+
+    def writes_zeroed(self) -> Snapshot | None:
+        """A copy of this snapshot whose buffers the op writes hold zeros (the other buffers shared with this
+        one); ``None`` when the op writes none."""
+        if not self._written_buffers:
+            return None
+        other = Snapshot.__new__(Snapshot)
+        for name in self.__slots__:
+            setattr(other, name, getattr(self, name))
+        other._storages, other._bases, other._shared = list(self._storages), list(self._bases), list(self._shared)
+        for b in self._written_buffers:  # written buffers are always copies, never held: their base stands
+            st = self._storages[b]
+            other._storages[b] = torch.zeros(st.nbytes(), dtype=torch.uint8, device=st.device).untyped_storage()
+        return other
+
     def _values(self, fresh: set[int] | None, fresh_opaque: bool) -> tuple[list[Any], list[torch.Tensor]]:
         storages = self._storages
         if fresh:

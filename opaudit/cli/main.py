@@ -60,6 +60,7 @@ from opaudit.cli.options import (
 from opaudit.cli.output import check_format, emit, emit_partial, plain_progress, progress, run_check_progress
 from opaudit.cli.trace import compare_main, trace_main
 from opaudit.data.errors import OpauditError, interruption
+from opaudit.data.fileio import shown_path
 from opaudit.data.version import __version__
 
 DEFAULT_FAIL_ON = "raises,diverges,diverges_deterministic"
@@ -375,7 +376,7 @@ def _load_against(path: str) -> Any:
 def _emit_prediction(report: Any, catalog: Any, args: argparse.Namespace, output: str | None) -> int:
     from opaudit.flows.predict import predict
 
-    prediction = predict(report, catalog, args.against)
+    prediction = predict(report, catalog, shown_path(args.against))
     emit(prediction, "prediction", args.format, output, args.quiet)
     if prediction.failing(_verdicts_only(args.fail_on)) and not args.exit_zero:
         return EXIT_FINDINGS

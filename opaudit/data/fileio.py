@@ -45,6 +45,19 @@ class FileError(OpauditError):
     """A file cannot be written or read; the message names it and says why, in one line."""
 
 
+def shown_path(path: str) -> str:
+    """How a document names a file the user gave (a capsule, the two sides of a diff, a catalog): a relative
+    path as given (normalized); an absolute one relative to the working directory when it lies inside it, else
+    by its base name. Never an absolute path, which would make the bytes depend on where the files sit."""
+    if not os.path.isabs(path):
+        return os.path.normpath(path)
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:  # another drive (Windows)
+        return os.path.basename(path) or path
+    return rel if rel != os.pardir and not rel.startswith(os.pardir + os.sep) else (os.path.basename(path) or path)
+
+
 def _own_fd(path: str) -> int | None:
     """The descriptor of this process that ``path`` (or a symlink chain from it) names, if any."""
     seen = 0

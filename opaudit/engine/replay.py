@@ -481,9 +481,11 @@ class ModeRun:
     error: str = ""
 
 
-def run_in_modes(func: Any, snap: Snapshot) -> tuple[dict[str, ModeRun], bool]:
-    """One run of ``func`` on a fresh copy of ``snap`` in deterministic mode and one in default mode, as
-    the first run of each of :func:`replay`'s series runs; and whether it drew from an RNG.
+def run_in_modes(func: Any, snap: Snapshot, modes: tuple[str, ...] = ("deterministic", "default")
+                 ) -> tuple[dict[str, ModeRun], bool]:
+    """One run of ``func`` on a fresh copy of ``snap`` in deterministic mode and one in default mode (or in
+    the ``modes`` named), as the first run of each of :func:`replay`'s series runs; and whether it drew from an
+    RNG.
 
     Deterministic mode is strict, or ``warn_only`` for an op that raises under strict
     mode, as :func:`replay` runs it. What a capsule stores as the source's outputs: a
@@ -494,12 +496,12 @@ def run_in_modes(func: Any, snap: Snapshot) -> tuple[dict[str, ModeRun], bool]:
     rng_used = False
     func = live_op(func)
     if func is None:
-        return {mode: ModeRun([], [], NOT_REGISTERED) for mode in ("deterministic", "default")}, False
+        return {mode: ModeRun([], [], NOT_REGISTERED) for mode in modes}, False
     with preserved_state(), _disable_current_modes(), torch.no_grad():
         rng = _Rng(snap.devices)
         timer = _Timer(snap.devices)
         for mode, warn_only in (("deterministic", False), ("deterministic", True), ("default", True)):
-            if mode in runs:
+            if mode in runs or mode not in modes:
                 continue
             set_deterministic(mode == "deterministic", warn_only=warn_only)
             try:

@@ -22,6 +22,7 @@ from typing import Any
 from opaudit.data.catalog import Catalog, catalog_from_dict
 from opaudit.data.diff import BATCH_FIELD, MISSING, VERDICT, Change, Diff, FieldChange
 from opaudit.data.errors import OpauditError
+from opaudit.data.fileio import shown_path
 from opaudit.data.files import ReportError, read_document
 from opaudit.data.findings import Finding
 from opaudit.data.invariance import BATCH_INVARIANT, BATCH_VARIANT, NOT_COMPARABLE
@@ -217,4 +218,4 @@ def diff_files(path_a: str, path_b: str) -> Diff:
     """Load and diff two files (catalogs or reports); refuses mismatched kinds before anything else."""
     ka, da = load_document(path_a)
     kb, db = load_document(path_b)
-    return diff_documents(da, db, path_a, path_b)
+    return diff_documents(da, db, shown_path(path_a), shown_path(path_b))

@@ -192,6 +192,29 @@ def _outputs(run: ModeRun, blobs: _Blobs | None, other: tuple[ModeRun, ModeOutpu
     return ModeOutputs(tuple(out))
 
 
+def _leftovers_zeroed(func: Any, snap: Snapshot, runs: dict[str, ModeRun], states: dict[str, torch.Tensor]
+                      ) -> Snapshot:
+    """``snap``, or a copy whose buffers the op writes hold zeros, when their bytes do not change what it computes.
+
+    An ``out=`` buffer, the tensor ``bernoulli_`` or ``uniform_`` fills: the op
+    writes it whole without reading it, and its bytes are whatever the allocator
+    handed out, often another tensor's freed memory. Stored, they would make two
+    captures of one step differ and carry that memory to another machine. A run on
+    zeros that gives the default run's bits exactly shows that they do not matter
+    (the capsule's outputs are the same either way); an op that reads them
+    (``add_``), or whose default runs vary, keeps them.
+    """
+    zeroed = snap.writes_zeroed()
+    default = runs.get("default")
+    if zeroed is None or default is None or default.error:
+        return snap
+    _restore_rng(states)
+    again = run_in_modes(func, zeroed, modes=("default",))[0]["default"]
+    if again.error or len(again.outputs) != len(default.outputs):
+        return snap
+    return zeroed if all(same_bits(a, b) for a, b in zip(default.outputs, again.outputs)) else snap
+
+
 def _output_nbytes(runs: dict[str, ModeRun]) -> int:
     total = 0
     for run in runs.values():
@@ -264,6 +287,11 @@ def write_recording(rec: Recorder, path: str, *, deterministic: Recorder | None 
             extra = (det_further if paths == ("deterministic",) else further).get(sig.id, ())
             captures, drew = [], False
             for call, s in ((1, snap), *extra):
+                runs, used = None, False
+                if sig.kind is not OpKind.UNINITIALIZED:
+                    _restore_rng(states)
+                    runs, used = run_in_modes(func, s)
+                    s = _leftovers_zeroed(func, s, runs, states)
                 try:
                     before = len(blobs.items)
                     c = _portable_capture(call, s, blobs)
@@ -273,9 +301,7 @@ def write_recording(rec: Recorder, path: str, *, deterministic: Recorder | None 
                         break
                     continue
                 input_bytes += sum(data.numel() for _, data in blobs.items[before:])
-                if sig.kind is not OpKind.UNINITIALIZED:
-                    _restore_rng(states)
-                    runs, used = run_in_modes(func, s)
+                if runs is not None:
                     drew = drew or used
                     keep = not digests_only
                     need = _output_nbytes(runs)

@@ -25,6 +25,7 @@ from opaudit.data.across import Across, CapsuleReplay, Crossed, sort_rows
 from opaudit.data.capsule import CapsuleEntry, ModeOutputs
 from opaudit.data.capsule_file import CapsuleFile
 from opaudit.data.errors import OpauditError
+from opaudit.data.fileio import shown_path
 from opaudit.data.observation import CRASHED, NotReplayed, Observation
 from opaudit.data.report import Finding
 from opaudit.engine.environment import fingerprint
@@ -368,7 +369,7 @@ def replay_capsule(path: str, *, reps: int = DEFAULT_REPS, device: torch.device 
         all_settings["isolate"] = isolator.start_method
     all_settings.update(settings or {})
     doc = CapsuleReplay(
-        capsule=path, source=manifest.environment, here=here, settings=all_settings,
+        capsule=shown_path(path), source=manifest.environment, here=here, settings=all_settings,
         rows=sort_rows(rows), complete=interrupted is None,
         left_out=tuple({"id": x.id, "op": x.op, "what": x.what, "nbytes": x.nbytes} for x in manifest.left_out))
     if interrupted is not None:

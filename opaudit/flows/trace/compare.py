@@ -34,6 +34,7 @@ from typing import Any
 from opaudit.data.comparison import RankComparison, Structural, TraceComparison, TracedCall
 from opaudit.data.diff import FieldChange
 from opaudit.data.errors import OpauditError
+from opaudit.data.fileio import shown_path
 from opaudit.engine.phases import OPTIMIZER_BIT, phase_names
 from opaudit.engine.tracefile import (
     FLAG_COLLECTIVE,
@@ -429,5 +430,5 @@ def compare_traces(a: str, b: str) -> TraceComparison:
     first = _first_rank(ranks) if len(ranks) > 1 else None
     head = ha[0][1]
     return TraceComparison(
-        a=a, b=b, script=head["target"]["script"], window=_window_text(head["window"], head["target"].get("entry")),
+        a=shown_path(a), b=shown_path(b), script=head["target"]["script"], window=_window_text(head["window"], head["target"].get("entry")),
         environment=tuple(environment), settings=_settings(head, hb[0][1]), ranks=tuple(ranks), first_rank=first)
