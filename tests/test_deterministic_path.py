@@ -40,6 +40,8 @@ def test_the_crash_list_comes_from_what_deterministic_mode_runs(tmp_path, capsys
     assert report.finding("aten.randperm.default").recorded_in == ("default", "deterministic")
     assert "Not crashes: aten.put_.default" in err
     assert report.settings["deterministic_pass"] is True
+    # The calls of signatures only the deterministic path made are counted too.
+    assert report.total_calls == sum(f.calls for f in report.all_findings)
     assert not torch.are_deterministic_algorithms_enabled()
 
 

@@ -95,6 +95,12 @@ def merge_recordings(default: Recorder, deterministic: PathRecorder | None) -> l
     return out
 
 
+def recorded_calls(default: Recorder, items: list[Item]) -> int:
+    """Op calls recorded (view and metadata calls are counted apart): the default-mode recording's, and those of
+    the signatures only deterministic mode called (the two recordings' shared calls counted once)."""
+    return default.total_calls + sum(sig.calls for sig, _, _, paths in items if paths == (DETERMINISTIC_PATH,))
+
+
 def make_finding(sig: RecordedSignature, obs: Observation | None, remedy: str = "",
                  recorded_in: tuple[str, ...] = ()) -> Finding:
     """Combine a recorded signature and its replay into a :class:`Finding`."""
@@ -242,7 +248,8 @@ def build_report(
         except KeyboardInterrupt as e:
             interrupted = e
     report = assemble(rec, findings, reps=reps, seed=seed, settings=settings, devices=devices,
-                      complete=complete and interrupted is None, run_checks=tuple(run_checks))
+                      complete=complete and interrupted is None, run_checks=tuple(run_checks),
+                      total_calls=recorded_calls(rec, items))
     if interrupted is not None:
         interrupted.report = report  # type: ignore[attr-defined]
         raise interrupted
@@ -250,8 +257,10 @@ def build_report(
 
 
 def assemble(rec: Recorder, findings: list[Finding], *, reps: int, seed: int, settings: dict | None,
-             devices: set[str], complete: bool = True, run_checks: tuple[RunCheck, ...] = ()) -> Report:
-    """Build the :class:`Report` around classified findings."""
+             devices: set[str], complete: bool = True, run_checks: tuple[RunCheck, ...] = (),
+             total_calls: int | None = None) -> Report:
+    """Build the :class:`Report` around classified findings (``total_calls``: :func:`recorded_calls`, else the
+    recording's own count)."""
     accel = sorted(d for d in devices if d != "cpu")
     env = fingerprint(accel[0] if accel else "cpu")
     uninit = [f for f in findings if f.verdict is Verdict.UNINITIALIZED]
@@ -280,6 +289,7 @@ def assemble(rec: Recorder, findings: list[Finding], *, reps: int, seed: int, se
     all_settings.update(settings or {})
     return Report(
         environment=env, settings=all_settings, all_findings=sort_findings(findings),
-        view_calls=rec.view_calls, total_calls=rec.total_calls, complete=complete,
+        view_calls=rec.view_calls, total_calls=rec.total_calls if total_calls is None else total_calls,
+        complete=complete,
         env_warnings=tuple(warnings), run_checks=run_checks, compiled=rec.compiled(),
     )

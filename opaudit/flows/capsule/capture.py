@@ -46,7 +46,7 @@ from opaudit.engine.loader import Target
 from opaudit.engine.record import DEFAULT_CAPTURES_PER_SIGNATURE, RecordedSignature, Recorder
 from opaudit.engine.replay import ModeRun, run_in_modes
 from opaudit.engine.window import Recorded, Window, WindowError
-from opaudit.flows.pipeline import Progress, merge_recordings
+from opaudit.flows.pipeline import Progress, merge_recordings, recorded_calls
 from opaudit.flows.run import AuditRun, Hooks, RunOptions
 
 CAPTURED_KINDS = (OpKind.COMPUTE, OpKind.RANDOM, OpKind.UNINITIALIZED)
@@ -322,7 +322,7 @@ def write_recording(rec: Recorder, path: str, *, deterministic: Recorder | None 
     accel = sorted(d for d in devices if d != "cpu")
     manifest = Manifest(environment=fingerprint(accel[0] if accel else "cpu"), settings=all_settings,
                         entries=tuple(entries), rng=rng, left_out=tuple(left_out),
-                        total_calls=rec.total_calls, view_calls=rec.view_calls)
+                        total_calls=recorded_calls(rec, items), view_calls=rec.view_calls)
     size = write_capsule(path, manifest, blobs.stream())
     return Captured(manifest, size, input_bytes, output_bytes, None)
 
