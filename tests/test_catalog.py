@@ -338,3 +338,22 @@ def test_cli_converts_an_existing_catalog(documented, tmp_path, capsys):
     bad.write_text("format: opaudit-catalog\nversion: 1\nentries: [")
     code, out, err = _cli(["catalog", "--from", str(bad)], capsys)
     assert code == 2 and out == "" and "truncated" in err and err.count("\n") == 1
+    # A sweep's options beside --from would be ignored: refused instead.
+    for flag in (["--device", "cuda"], ["--ops", "sum"], ["--resume"], ["--threads", "2"]):
+        code, out, err = _cli(["catalog", "--from", str(src), *flag], capsys)
+        assert code == 2 and out == "", flag
+        assert err == f"opaudit: error: {flag[0]} steers a sweep, and --from runs none (it converts {src})\n"
+
+
+@pytest.mark.parametrize("ops", ["", ",", " , ,"])
+def test_an_empty_op_selection_is_refused_not_taken_for_all(ops, tmp_path, capsys, monkeypatch):
+    import opaudit.flows.catalog as flows_catalog
+
+    def sweep(*args, **kwargs):  # were it taken for "every op", a whole sweep would start here
+        raise AssertionError("a sweep started")
+
+    monkeypatch.setattr(flows_catalog, "build_catalog", sweep)
+    out_path = tmp_path / "c.yaml"
+    code, out, err = _cli(["catalog", "--ops", ops, "--in-process", "-o", str(out_path)], capsys)
+    assert code == 2 and out == "" and not out_path.exists()
+    assert err == "opaudit: error: --ops: no op given (leave --ops out to sweep every op)\n"

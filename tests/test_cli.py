@@ -270,6 +270,38 @@ def test_user_exception_shows_their_frames_only(tmp_path, capsys):
     assert err.strip().splitlines()[-1].startswith("opaudit: error: the script raised RuntimeError")
 
 
+@pytest.mark.parametrize("where", ["module", "step"])
+def test_a_base_exception_the_script_raises_is_its_failure_not_opaudits(tmp_path, capsys, where):
+    """Not an Exception (a BaseException subclass, GeneratorExit...), and a message that cannot be made."""
+    body = """
+        import torch
+
+        class Stop(BaseException):
+            def __str__(self):
+                raise ValueError("no message either")
+
+        def opaudit_step():
+            torch.ones(2).sum()
+            raise Stop()
+    """ + ("" if where == "step" else "\n        raise Stop()\n")
+    code, out, err = _run([_script(tmp_path, body), "-q"], capsys)
+    assert code == 2 and out == ""
+    assert "opaudit/" not in err and "internal error" not in err
+    assert err.strip().splitlines()[-1] == ("opaudit: error: the script raised Stop: "
+                                            "(its message could not be made: ValueError)")
+
+
+@pytest.mark.parametrize("command", [["AUDIT"], ["diff", "A", "A"], ["replay", "A"]])
+@pytest.mark.parametrize("fail_on", ["", ",", " , "])
+def test_an_empty_fail_on_is_refused_not_taken_for_never(tmp_path, capsys, command, fail_on):
+    """``--fail-on "$GATE"`` with GATE unset must not turn the CI gate off: 'none' says never."""
+    script = _script(tmp_path, "import torch\ntorch.ones(2).sum()\n")
+    argv = [script if a == "AUDIT" else str(tmp_path / "nothing.yaml") if a == "A" else a for a in command]
+    code, out, err = _run([*argv, "--fail-on", fail_on], capsys)
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert "'none' never fails (an empty list is refused" in err
+
+
 def test_debug_shows_the_traceback(tmp_path):
     with pytest.raises(ModelLoadError, match="no such file"):
         main([str(tmp_path / "nope.py"), "--debug"])

@@ -220,6 +220,9 @@ def test_an_output_that_is_one_of_the_inputs_is_refused_before_anything_runs(tmp
             "-o cat.yaml is the same file as the --against catalog (cat.yaml)")
     refused(["train.py", "-o", "train.py", "--format", "yaml"], "the script (train.py)")
     refused(["capture", "train.py", "-o", "train.py"], "-o train.py is the same file as the script (train.py)")
+    refused(["trace", "train.py", "-o", "./train.py"], "-o ./train.py is the same file as the script (train.py)")
+    refused(["compare", "r.yaml", "link.yaml", "-o", "r.yaml", "--format", "yaml"],
+            "-o r.yaml is the same file as trace A (r.yaml)")
     refused(["replay", "r.yaml", "-o", "link.yaml", "--format", "yaml"], "the same file as the capsule (r.yaml)")
     refused(["catalog", "--ops", "abs", "-o", "sweep.yaml", "--resume"],
             "-o sweep.yaml is the same file as the --resume partial file")

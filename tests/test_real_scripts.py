@@ -123,6 +123,13 @@ def test_run_check_exit_code_is_gated_only_when_asked(tmp_path, capsys):
     assert not report["run_checks"][0]["reproducible"] and code == 0
     code, _, err = _audit(capsys, _script("main_style.py"), "--fail-on", "not_reproducible")
     assert code == 2 and "needs --run-check" in err
+    # A prediction has no place for the run check's result: refused rather than dropped.
+    catalog = os.path.join(ROOT, "catalogs", "cpu-x86_64-torch2.13.0.yaml")
+    code, out, err = _audit(capsys, _script("main_style.py"), "--run-check", "--fail-on", "not_reproducible",
+                            "--against", catalog)
+    assert code == 2 and out == ""
+    assert err.strip() == ("opaudit: error: --run-check cannot be combined with --against "
+                           "(audit with --run-check, then predict)")
 
 
 def test_nothing_to_compare_is_said(tmp_path, capsys):

@@ -16,6 +16,7 @@ from typing import Any
 
 from opaudit.cli import steps
 from opaudit.cli.options import (
+    EMPTY_FAIL_ON,
     EXIT_FINDINGS,
     EXIT_OK,
     MAX_BUDGET_MIB,
@@ -152,12 +153,15 @@ def _progress(quiet: bool, desc: str) -> tuple[Any, Any]:
 
 
 def parse_fail_on(text: str) -> tuple:
-    """``differs,raises`` → ``across`` values and verdicts; ``none`` or empty → nothing fails."""
+    """``differs,raises`` → ``across`` values and verdicts; ``none`` → nothing fails (an empty list is refused, see
+    :data:`~opaudit.cli.options.EMPTY_FAIL_ON`)."""
     from opaudit.data.across import Across
     from opaudit.data.verdict import Verdict
 
-    if text.strip().lower() in ("", "none"):
+    if text.strip().lower() == "none":
         return ()
+    if not text.replace(",", "").strip():
+        raise argparse.ArgumentTypeError(EMPTY_FAIL_ON)
     out: list[Any] = []
     for t in (t.strip() for t in text.split(",")):
         if not t:

@@ -68,16 +68,31 @@ def _catalog_parser() -> Parser:
     return p
 
 
+SWEEP_ONLY = ("device", "ops", "dtypes", "resume", "no_stress", "stress_elements", "reps", "max_samples",
+              "op_timeout", "threads", "no_modules", "dist_timeout", "in_process", "batch_invariance")
+"""Options that steer a sweep, which ``--from`` does not run: refused beside it rather than ignored."""
+
+
 def catalog_main(argv: list[str]) -> int:
     """``opaudit catalog [options]``."""
-    args = _catalog_parser().parse_args(argv)
+    parser = _catalog_parser()
+    args = parser.parse_args(argv)
     output = check_output(args.output, {"the --from catalog": args.source})
     check_format(args.format, output, "catalog")
     from opaudit.flows.catalog import CatalogRequest, SweepConfig, build_catalog, load_catalog, partial_path
 
     if args.source:
+        given = [name for name in SWEEP_ONLY if getattr(args, name) != parser.get_default(name)]
+        if given:
+            flag = "--" + given[0].replace("_", "-")
+            raise UsageError(f"{flag} steers a sweep, and --from runs none (it converts {args.source})")
         emit(load_catalog(args.source), "catalog", args.format, output, args.quiet, default="yaml")
         return EXIT_OK
+    ops = ()
+    if args.ops is not None:
+        ops = tuple(g.strip() for g in args.ops.split(",") if g.strip())
+        if not ops:
+            raise UsageError("--ops: no op given (leave --ops out to sweep every op)")
     if args.resume and not output:
         raise UsageError("--resume needs -o PATH: the sweep resumes from PATH.partial")
     from opaudit.data.fileio import is_replaced
@@ -110,7 +125,7 @@ def catalog_main(argv: list[str]) -> int:
                              op_timeout=args.op_timeout, max_samples=args.max_samples,
                              stress_elements=args.stress_elements)
         request = CatalogRequest(
-            config, ops=tuple(args.ops.split(",")) if args.ops else (), dtypes=args.dtypes,
+            config, ops=ops, dtypes=args.dtypes,
             modules=not args.no_modules, resume=partial if args.resume else None, partial=partial,
             isolate=not args.in_process, threads=args.threads, quiet_worker=not args.debug,
             batch_invariance=args.batch_invariance and (world is None or world.rank == 0),

@@ -35,6 +35,7 @@ from opaudit.cli.catalog import catalog_main
 from opaudit.cli.diff import diff_main
 from opaudit.cli.formats.escape import visible
 from opaudit.cli.options import (
+    EMPTY_FAIL_ON,
     EXIT_ERROR,
     EXIT_FINDINGS,
     EXIT_OK,
@@ -77,11 +78,14 @@ that is NOT reproducible makes the exit code 1."""
 
 
 def parse_verdicts(text: str) -> tuple:
-    """``raises,diverges`` → verdicts (and run-check keywords); ``none`` or empty → nothing fails."""
+    """``raises,diverges`` → verdicts (and run-check keywords); ``none`` → nothing fails (an empty list is
+    refused, see :data:`~opaudit.cli.options.EMPTY_FAIL_ON`)."""
     from opaudit.data.verdict import Verdict
 
-    if text.strip().lower() in ("", "none"):
+    if text.strip().lower() == "none":
         return ()
+    if not text.replace(",", "").strip():
+        raise argparse.ArgumentTypeError(EMPTY_FAIL_ON)
     out: list = []
     for t in (t.strip() for t in text.split(",")):
         if not t:
@@ -248,6 +252,9 @@ def _audit(argv: list[str]) -> int:
         args.run_check = args.fresh_processes
     if keywords and not args.run_check:
         raise UsageError(f"--fail-on {keywords[0]} needs --run-check")
+    if args.run_check and args.against:
+        # The prediction is a document of its own: it has no place for the run check's result.
+        raise UsageError("--run-check cannot be combined with --against (audit with --run-check, then predict)")
     against = _load_against(args.against) if args.against else None
 
     import torch

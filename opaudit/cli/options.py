@@ -219,6 +219,10 @@ def add_output_options(p: argparse.ArgumentParser, output: str, *, formats: Sequ
     group.add_argument("--debug", action="store_true", help=debug)
 
 
+EMPTY_FAIL_ON = "empty: 'none' never fails (an empty list is refused: an unset variable would turn the gate off)"
+"""Why ``--fail-on ''`` is refused."""
+
+
 def check_output(path: str | None, inputs: Mapping[str, str | None] | None = None) -> str | None:
     """Absolute output path, checked writable before any work is done; refused when it is one of ``inputs``.
 

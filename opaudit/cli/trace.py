@@ -59,7 +59,7 @@ def trace_main(argv: list[str]) -> int:
     from opaudit.flows.trace.record import rank_from_env
 
     rank = rank_from_env()
-    output = check_output(args.output) if rank is None else args.output
+    output = check_output(args.output, {"the script": args.script}) if rank is None else args.output
     import torch
 
     raise_if_signalled()
@@ -97,7 +97,7 @@ def _compare_parser() -> Parser:
 def compare_main(argv: list[str]) -> int:
     """``opaudit compare A B [options]``."""
     args = _compare_parser().parse_args(argv)
-    output = check_output(args.output)
+    output = check_output(args.output, {"trace A": args.a, "trace B": args.b})
     check_format(args.format, output, "comparison")
     from opaudit.flows.trace.compare import compare_traces
 

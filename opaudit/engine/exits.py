@@ -20,6 +20,11 @@ REAL_EXIT = os._exit
 """``os._exit`` itself, for a forked child and to put back."""
 
 
+class Interjection(BaseException):
+    """Raised by opaudit through the user's code to stop it (the recording window's end): passed on as it
+    is, never taken for the script's own failure (any other ``BaseException`` the script raises is)."""
+
+
 class ProcessExit(BaseException):
     """``os._exit`` called by the user's code in the process running the audit."""
 

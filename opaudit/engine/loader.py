@@ -33,7 +33,15 @@ from typing import Any
 from opaudit.data.errors import OpauditError
 from opaudit.data.fileio import MAX_SCRIPT_BYTES, FileError, read_bytes
 from opaudit.engine import forks
-from opaudit.engine.exits import REAL_EXIT, ProcessExit, capturing_atexit, exit_for, leave_child, run_hooks
+from opaudit.engine.exits import (
+    REAL_EXIT,
+    Interjection,
+    ProcessExit,
+    capturing_atexit,
+    exit_for,
+    leave_child,
+    run_hooks,
+)
 from opaudit.engine.scriptio import restore_stdout, script_streams, stdout_to_stderr
 
 DEFAULT_ENTRY = "opaudit_step"
@@ -378,10 +386,18 @@ def _failure(e: BaseException) -> None:
         raise ScriptExitError(e.code) from None
     if isinstance(e, ProcessExit):
         raise ScriptExitError(e.status, "os._exit") from None
-    if isinstance(e, KeyboardInterrupt) or not isinstance(e, Exception):
+    if isinstance(e, (KeyboardInterrupt, Interjection)):
         raise e
-    msg = f"{type(e).__name__}: {e}".rstrip(": ")
+    msg = f"{type(e).__name__}: {_text(e)}".rstrip(": ")
     raise UserCodeError(f"the script raised {msg}", _user_traceback(e)) from e
+
+
+def _text(e: BaseException) -> str:
+    """``str(e)``, or a note where the exception's own ``__str__`` fails too."""
+    try:
+        return str(e)
+    except Exception as inner:  # the script's exception class is the script's code
+        return f"(its message could not be made: {type(inner).__name__})"
 
 
 def _inference_mode() -> bool:

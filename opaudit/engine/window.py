@@ -39,6 +39,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from opaudit.data.errors import OpauditError
+from opaudit.engine.exits import Interjection
 from opaudit.engine.loader import (
     Prepared,
     Sandbox,
@@ -181,7 +182,7 @@ def _plural(n: int, unit: str) -> str:
     return f"{n} {unit}" if n == 1 else f"{n} {unit}s"
 
 
-class _StopScript(BaseException):
+class _StopScript(Interjection):
     """Raised out of the hook that ends the window; caught by :func:`run_window`."""
 
 

@@ -46,13 +46,17 @@ _SIDES = tuple(v.value for v in Verdict) + tuple(_BATCH_SEVERITY) + (MISSING,)
 
 
 def parse_fail_on(text: str) -> tuple[tuple[str, str], ...]:
-    """``*->raises,stable->diverges*`` → glob pairs; ``none`` or empty → no rule.
+    """``*->raises,stable->diverges*`` → glob pairs; ``none`` → no rule.
 
     Each side is a glob over verdict names and ``missing``; a side that matches
-    none of them is refused, so a typo cannot silently disable the check.
+    none of them is refused, so a typo cannot silently disable the check, and so is
+    an empty list (an unset variable in a CI script).
     """
-    if text.strip().lower() in ("", "none"):
+    if text.strip().lower() == "none":
         return ()
+    if not text.replace(",", "").strip():
+        raise DiffError("--fail-on is empty: 'none' never fails (an empty list is refused: an unset variable "
+                        "would turn the gate off)")
     rules = []
     for part in text.split(","):
         part = part.strip()
