@@ -37,6 +37,7 @@ import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
 from opaudit.aten.bitwise import difference, differing_mask, fill_mask, flat_tensors, same_bits
+from opaudit.aten.memory import zeroed_allocations
 from opaudit.aten.portable import Reference, compare_expected
 from opaudit.aten.tensors import Snapshot
 from opaudit.data.errors import OpauditError
@@ -296,12 +297,15 @@ _SCRUB_BYTES = 256 * 2**20
 
 
 def _scrubbed_run(func: Any, snap: Snapshot, rng: _Rng, like: list[Any], copies: int) -> list[Any] | None:
-    """One default-mode run after freed blocks the size of ``like``'s storages were zeroed.
+    """One default-mode run on zeroed memory, as far as the allocator lets that be had.
 
-    For a new block the allocator hands back the one of that size freed last
-    (glibc's bins, the CUDA caching allocator): taking, zeroing and freeing
-    ``copies`` blocks of each size (fewer if that would pass :data:`_SCRUB_BYTES`)
-    leaves the most recently freed ones holding zeros, not what earlier runs left.
+    A new block is mostly the one of its size freed last (glibc's per-thread cache,
+    the CUDA caching allocator): taking, zeroing and freeing ``copies`` blocks of each
+    size of ``like``'s storages (fewer if that would pass :data:`_SCRUB_BYTES`) leaves
+    the most recently freed ones holding zeros, not what earlier runs left. A process
+    that replayed long (its heap split into many freed blocks of that size) can still
+    hand out another: on the CPU, glibc then carves it zeroed
+    (:func:`~opaudit.aten.memory.zeroed_allocations`).
     """
     sizes = [(t.untyped_storage().nbytes(), t.device) for t in like if isinstance(t, torch.Tensor)
              and t.layout == torch.strided]
@@ -312,7 +316,8 @@ def _scrubbed_run(func: Any, snap: Snapshot, rng: _Rng, like: list[Any], copies:
         scratch = []
     del scratch
     set_deterministic(False)
-    return _one_run(func, snap, rng)  # ``None``: no second look, the first stands
+    with zeroed_allocations():
+        return _one_run(func, snap, rng)  # ``None``: no second look, the first stands
 
 
 def _filled_run(func: Any, snap: Snapshot, rng: _Rng) -> list[Any] | None:
