@@ -53,7 +53,7 @@ def shown_path(path: str) -> str:
         return os.path.normpath(path)
     try:
         rel = os.path.relpath(path)
-    except ValueError:  # another drive (Windows)
+    except (ValueError, OSError):  # another drive (Windows), or the working directory is gone
         return os.path.basename(path) or path
     return rel if rel != os.pardir and not rel.startswith(os.pardir + os.sep) else (os.path.basename(path) or path)
 
