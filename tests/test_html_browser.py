@@ -44,7 +44,7 @@ def _open(driver, path: str, fragment: str = "") -> str:
     browser.console_errors(driver)
     browser.requests(driver)
     url = browser.file_url(path)
-    driver.get(url + fragment)
+    browser.load(driver, url + fragment)
     return url
 
 
@@ -143,8 +143,8 @@ def test_a_verdict_chip_shows_only_its_rows_and_the_link_keeps_the_view(chrome, 
     fragment = chrome.execute_script("return location.hash")
     assert "verdict=" in fragment
     # The same URL in a fresh load shows the same rows.
-    chrome.get("about:blank")
-    chrome.get(url + fragment)
+    browser.load(chrome, "about:blank")
+    browser.load(chrome, url + fragment)
     assert _verdicts(chrome) == shown
     chrome.find_element("id", "f-reset").click()
     assert _verdicts(chrome) == every
@@ -197,8 +197,8 @@ def test_a_finding_opens_to_its_detail(chrome, docs):
         assert needle in text
     fragment = chrome.execute_script("return location.hash")
     assert f"open={put.id}" in fragment
-    chrome.get("about:blank")
-    chrome.get(url + fragment)
+    browser.load(chrome, "about:blank")
+    browser.load(chrome, url + fragment)
     assert chrome.find_element("css selector", f"tbody[data-id='{put.id}'] tr + tr").is_displayed()
     # From the keyboard: a row takes the focus, Enter opens it.
     from selenium.webdriver.common.keys import Keys
